@@ -1,0 +1,5 @@
+import sys
+
+from idlebuf.cli import main
+
+sys.exit(main())

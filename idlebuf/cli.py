@@ -1,0 +1,51 @@
+"""The `idlebuf` command: a registry of subcommands, `main(argv) -> int`.
+
+Every expected failure is an IdlebufError (or a module's own one-line error), printed as one
+sentence with a non-zero exit; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from analysis.trace import TraceError
+from idlebuf.commands import demo, doctor, record, report
+from idlebuf.errors import IdlebufError
+from probes.recorder import RecordError
+from probes.trace_writer import OutputError
+
+COMMANDS = {"record": record, "report": report, "doctor": doctor, "demo": demo}
+_ONE_LINE_ERRORS = (IdlebufError, TraceError, RecordError, OutputError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idlebuf",
+        description="Trace the read buffers a process holds waiting for data (queued vs "
+        "readiness IO), and the memory behind them.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except _ONE_LINE_ERRORS as exc:
+        print(f"idlebuf {args.command}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        print(f"idlebuf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`idlebuf record`: attach the probes to processes or a command, write a trace directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from probes.recorder import Recorder, RecordConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "record",
+        help="record posted reads of processes into a trace directory (root)",
+        description="Record every socket read the kernel holds pending for the targets, with "
+        "its buffer, into a trace directory. Stops on --duration, Ctrl-C, SIGTERM, or when "
+        "the targets exit; the trace is finalized in every case.",
+        epilog="examples:\n  idlebuf record -o trace -p 1234 --duration 10\n"
+        "  idlebuf record -o trace -- python3 -m workloads.threaded_server",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, help="trace directory to create")
+    p.add_argument(
+        "-p", "--pid", dest="pids", type=int, action="append", default=[],
+        help="trace this process, all its threads (repeatable)",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--force", action="store_true", help="replace an existing trace directory")
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+        help="run COMMAND and trace it from its first instruction, children included",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.duration is not None and args.duration <= 0:
+        from idlebuf.errors import IdlebufError
+
+        raise IdlebufError("--duration must be positive")
+    config = RecordConfig(
+        output=args.output, pids=args.pids, command=command, duration=args.duration,
+        force=args.force,
+    )
+    interactive = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        if interactive:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+
+    summary = Recorder(config, progress=progress).run()
+    if interactive:
+        sys.stderr.write("\n")
+    drops = sum(summary.drops.values())
+    print(
+        f"idlebuf: recorded {summary.posts:,} posts and {summary.completions:,} completions "
+        f"in {summary.elapsed:.1f}s ({summary.stop_reason}) to {summary.output}"
+        + (f"; {drops:,} events DROPPED" if drops else ""),
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,32 @@
+"""`idlebuf report`: what a trace shows, per process, as a table or JSON (no root needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from analysis.summary import summarize
+from analysis.trace import open_trace
+from idlebuf.render import render_report
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="summarize a trace directory",
+        description="Per process: posted reads and pinned bytes (at the end of the recording "
+        "and at peak), reads completed, bytes received, breakdown by source, drops.",
+    )
+    p.add_argument("trace", type=Path, help="trace directory written by `idlebuf record`")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = summarize(open_trace(args.trace))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(render_report(summary, str(args.trace)))
+    return 0

@@ -1,0 +1,357 @@
+"""A recording session: attach the probes to target processes, stream records to a trace directory.
+
+Targets are live processes (`pids`, all their threads, including threads created later) or a
+command the recorder launches and traces from its first instruction, children included. The
+session stops on its duration, on SIGINT/SIGTERM or when every target has exited, and always
+finalizes the trace; records are flushed in bounded groups while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from probes import features, layout, scan
+from probes.loader import ProbeError, ReadProbeOptions, ReadProbes
+from probes.trace_writer import TraceWriter
+
+VERSION = "0.1.0"
+
+
+class RecordError(Exception):
+    """The recording cannot start; the message says why in one line."""
+
+
+@dataclass
+class RecordConfig:
+    output: Path
+    pids: list[int] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    duration: float | None = None
+    force: bool = False
+    flush_rows: int = 100_000  # a row group is written at least this often...
+    flush_interval: float = 1.0  # ...and at least every this many seconds
+    probe_options: ReadProbeOptions = field(default_factory=ReadProbeOptions)
+
+
+@dataclass
+class RecordSummary:
+    output: Path
+    posts: int
+    completions: int
+    drops: dict[str, int]
+    elapsed: float
+    stop_reason: str
+    exit_code: int | None = None  # the launched command's, if any
+
+
+def _now_ns() -> int:
+    return time.monotonic_ns()  # the clock of bpf_ktime_get_ns
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def check_targets(pids: list[int]) -> None:
+    for pid in pids:
+        if pid <= 0 or not _alive(pid):
+            raise RecordError(f"no process with PID {pid}")
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so the trace is always finalized."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Recorder:
+    def __init__(
+        self,
+        config: RecordConfig,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self._batches: list[np.ndarray] = []
+        self._buffered = 0
+        self._known_pids: set[int] = set()
+        self._processes: list[dict[str, Any]] = []
+        self._posts = 0
+        self._completions = 0
+
+    # --- set-up -------------------------------------------------------------------------
+    def _preflight(self) -> None:
+        cfg = self.config
+        if bool(cfg.pids) == bool(cfg.command):
+            raise RecordError("give either -p PID or -- COMMAND (not both, not neither)")
+        if not features.has_tracing_privileges():
+            raise RecordError("recording needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE)")
+        check_targets(cfg.pids)
+        if features.tracefs() is None:
+            raise RecordError("tracefs is not mounted: run scripts/bootstrap (or mount it)")
+        for name in features.REQUIRED_TRACEPOINTS:
+            if not features.tracepoint_present(name):
+                raise RecordError(f"this kernel has no tracepoint {name.replace('/', ':')}")
+        if features.kernel_version() < (5, 8):
+            raise RecordError(
+                f"kernel {features.platform.release()} is too old: idlebuf needs 5.8+"
+            )
+
+    def _meta(self, complete: bool, probes: ReadProbes | None, extra: dict[str, Any]) -> dict:
+        counters = probes.counter_values() if probes else {}
+        drops = {
+            "ringbuf_full": counters.get("ringbuf_full", 0),
+            "inflight_full": counters.get("inflight_full", 0),
+            "targets_full": counters.get("targets_full", 0),
+        }
+        return {
+            "format": layout.FORMAT_NAME,
+            "format_version": layout.FORMAT_VERSION,
+            "idlebuf_version": VERSION,
+            "host": features.host_facts(),
+            "clock": self._clock,
+            "targets": {"pids": self.config.pids, "command": self.config.command},
+            "probes": {
+                "reads": {
+                    "attached": probes is not None,
+                    "cflags": probes.cflags if probes else [],
+                    "events": {"posts": self._posts, "completions": self._completions},
+                    "kernel_counts": counters,
+                }
+            },
+            "drops": drops,
+            "rows": self._writer.rows,
+            "complete": complete,
+            **extra,
+        }
+
+    # --- the stream -----------------------------------------------------------------------
+    def _take(self, batch: np.ndarray) -> None:
+        if batch.size == 0:
+            return
+        self._batches.append(batch)
+        self._buffered += batch.size
+        for pid in np.unique(batch["pid"]).tolist():
+            self._note_process(int(pid), int(batch["ts_ns"][0]))
+
+    def _note_process(self, pid: int, ts: int) -> None:
+        if pid in self._known_pids:
+            return
+        self._known_pids.add(pid)
+        comm = _proc_text(pid, "comm")
+        self._processes.append(
+            {
+                "pid": pid,
+                "comm": comm,
+                "cmdline": _proc_text(pid, "cmdline")[:4096],
+                "first_seen_ns": ts,
+            }
+        )
+
+    def _flush(self) -> None:
+        if self._batches:
+            records = np.concatenate(self._batches)
+            self._batches, self._buffered = [], 0
+            for kind, table in layout.TABLE_OF_KIND.items():
+                rows = records[records["kind"] == kind]
+                if rows.size:
+                    columns = {c.name: rows[c.wire] for c in table.columns if c.wire}
+                    self._writer.append(table, pa.table(columns))
+            self._posts += int(np.count_nonzero(records["kind"] == layout.Kind.POST))
+            self._completions += int(np.count_nonzero(records["kind"] == layout.Kind.COMPLETE))
+        if self._processes:
+            self._writer.append(layout.PROCESSES, pa.Table.from_pylist(self._processes))
+            self._processes = []
+
+    def _scan_blocked(self, probes: ReadProbes, pid: int) -> None:
+        """Seed the in-flight table and the trace with reads blocked before tracing began."""
+        found = []
+        for read in scan.blocked_reads(pid, probes.options.max_iov):
+            ts = _now_ns()
+            flags = read.flags | layout.PostFlag.SCANNED
+            if not probes.track_inflight(
+                read.tid, read.fd, read.addr, read.length, read.op, flags, read.nvec, ts
+            ):
+                continue  # the probes saw this read enter: they already have it
+            if scan.syscall_of(pid, read.tid) != read.call:
+                # It returned while we looked: undo, unless the probes already replaced it.
+                if (probes.inflight_flags(read.tid) or 0) & layout.PostFlag.SCANNED:
+                    probes.forget_inflight(read.tid)
+                continue
+            found.append(
+                (ts, read.tid, read.addr, read.length, pid, read.tid, read.fd, flags,
+                 read.nvec, read.op, layout.Kind.POST, layout.Source.SYSCALL)
+            )
+        if found:
+            self._take(np.array(found, dtype=layout.READ_EVENT.dtype))
+
+    # --- the session ------------------------------------------------------------------------
+    def run(self) -> RecordSummary:
+        cfg = self.config
+        self._preflight()
+        self._clock = {"monotonic_ns": _now_ns(), "realtime_ns": time.time_ns()}
+        self._writer = TraceWriter(cfg.output, cfg.force)
+        try:
+            return self._run()
+        finally:
+            self._writer.close()
+
+    def _run(self) -> RecordSummary:
+        cfg = self.config
+        self._writer.write_meta(self._meta(False, None, {}))
+        options = cfg.probe_options
+        if cfg.command:
+            options = ReadProbeOptions(**{**options.__dict__, "follow_children": True})
+        try:
+            probes = ReadProbes(options)
+        except ProbeError as exc:
+            raise RecordError(str(exc)) from None
+
+        child: subprocess.Popen[bytes] | None = None
+        started = time.monotonic()
+        stop_reason = "all targets exited"
+        try:
+            with _Stop() as stop:
+                if cfg.command:
+                    child = _launch_paused(cfg.command, probes)
+                    self._note_process(child.pid, _now_ns())
+                else:
+                    for pid in cfg.pids:
+                        probes.add_target(pid)
+                        self._note_process(pid, _now_ns())
+                    for pid in cfg.pids:
+                        self._scan_blocked(probes, pid)
+                self._writer.write_meta(self._meta(False, probes, {}))
+                last_flush = time.monotonic()
+                while True:
+                    probes.wait(0.1)
+                    self._take(probes.drain())
+                    now = time.monotonic()
+                    if self._buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_interval:
+                        self._flush()
+                        self._writer.write_meta(self._meta(False, probes, {}))
+                        last_flush = now
+                        if self.progress:
+                            self.progress(self._status(now - started, probes))
+                    if stop.reason:
+                        stop_reason = stop.reason
+                        break
+                    if cfg.duration is not None and now - started >= cfg.duration:
+                        stop_reason = "duration"
+                        break
+                    if child is not None and child.poll() is not None:
+                        break
+                    if child is None and not any(_alive(p) for p in cfg.pids):
+                        break
+            # A final drain after the loop: what the kernel emitted up to the stop.
+            self._take(probes.drain())
+            self._flush()
+            exit_code = _finish_child(child)
+            elapsed = time.monotonic() - started
+            meta = self._meta(
+                True, probes, {"stop_reason": stop_reason, "elapsed_s": round(elapsed, 3)}
+            )
+            self._writer.write_meta(meta)
+            return RecordSummary(
+                cfg.output, self._posts, self._completions, meta["drops"], elapsed,
+                stop_reason, exit_code,
+            )
+        finally:
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+            probes.close()
+
+    def _status(self, elapsed: float, probes: ReadProbes) -> str:
+        drops = sum(
+            v for k, v in probes.counter_values().items() if k.endswith("_full")
+        )
+        return (
+            f"{elapsed:6.1f}s  posts {self._posts:,}  completions {self._completions:,}  "
+            f"drops {drops:,}"
+        )
+
+
+def _launch_paused(command: list[str], probes: ReadProbes) -> subprocess.Popen[bytes]:
+    """Start `command` stopped before exec, make it a target, then let it run.
+
+    The child blocks reading a pipe until its pid is in the target table, so the probes see
+    its very first instruction after exec.
+    """
+    gate_r, gate_w = os.pipe()
+
+    def wait_for_gate() -> None:
+        os.close(gate_w)
+        os.read(gate_r, 1)
+        os.close(gate_r)
+
+    try:
+        child = subprocess.Popen(  # noqa: S603 - the user's own command
+            command, preexec_fn=wait_for_gate, pass_fds=(gate_r,), close_fds=True
+        )
+    except OSError as exc:
+        os.close(gate_r)
+        os.close(gate_w)
+        raise RecordError(f"cannot run {command[0]}: {exc.strerror}") from None
+    os.close(gate_r)
+    probes.add_target(child.pid)
+    os.write(gate_w, b"go")
+    os.close(gate_w)
+    return child
+
+
+def _finish_child(child: subprocess.Popen[bytes] | None, grace: float = 3.0) -> int | None:
+    if child is None:
+        return None
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return child.returncode
+
+
+def main_stderr_progress(line: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line)
+        sys.stderr.flush()

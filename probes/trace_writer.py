@@ -1,0 +1,137 @@
+"""Writes a trace directory (format version 1, DESIGN.md) safely and incrementally.
+
+Safety: the directory is created owner-only (0700, files 0600) with mkdir, which never follows
+a symlink planted at the output path, and every file is then opened relative to that directory's
+descriptor with O_NOFOLLOW. Under sudo the trace is handed to the invoking user, so it can be
+analysed later without root.
+
+Durability: each flush writes one Parquet part (written to a hidden temporary name, then renamed),
+and meta.json is rewritten atomically, so a recorder killed at any instant leaves a readable
+prefix of the trace, marked incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from probes import layout
+
+META = "meta.json"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class OutputError(Exception):
+    """The output directory cannot be used; the message says why in one line."""
+
+
+def _owner() -> tuple[int, int] | None:
+    """The user who ran sudo, who should own the trace."""
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if os.geteuid() == 0 and uid and gid and uid.isdigit() and gid.isdigit():
+        return int(uid), int(gid)
+    return None
+
+
+def _is_trace_dir(path: Path) -> bool:
+    try:
+        with open(path / META, encoding="utf-8") as f:
+            return json.load(f).get("format") == layout.FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class TraceWriter:
+    def __init__(self, path: Path, force: bool = False) -> None:
+        self.path = path
+        self._owner = _owner()
+        self._parts: dict[str, int] = {}
+        self._table_fds: dict[str, int] = {}
+        self.rows: dict[str, int] = {name: 0 for name in layout.TABLES}
+        parent = path.parent if str(path.parent) else Path(".")
+        try:
+            parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise OutputError(f"cannot use {parent} for the output: {exc.strerror}") from None
+        try:
+            self._fd = self._create(parent_fd, path, force)
+        finally:
+            os.close(parent_fd)
+
+    def _create(self, parent_fd: int, path: Path, force: bool) -> int:
+        name = path.name
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        except FileExistsError:
+            if not force:
+                raise OutputError(f"{path} exists; use --force to replace it") from None
+            st = os.lstat(name, dir_fd=parent_fd)
+            if not stat.S_ISDIR(st.st_mode) or not _is_trace_dir(path):
+                raise OutputError(
+                    f"{path} exists and is not an idlebuf trace; refusing to replace it"
+                ) from None
+            shutil.rmtree(path)
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        except OSError as exc:
+            raise OutputError(f"cannot create {path}: {exc.strerror}") from None
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        os.fchmod(fd, 0o700)  # mkdir's mode is filtered by the umask
+        self._chown(fd)
+        return fd
+
+    def _chown(self, fd: int) -> None:
+        if self._owner:
+            os.fchown(fd, *self._owner)
+
+    def _write_file(self, dir_fd: int, name: str, data: bytes | pa.Table) -> None:
+        """Write a file under a temporary name, then rename it into place."""
+        tmp = f".{name}.tmp"
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd)
+        self._chown(fd)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, pa.Table):
+                pq.write_table(data, f, compression="zstd")
+            else:
+                f.write(data)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        body = json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
+        self._write_file(self._fd, META, body)
+
+    def append(self, table: layout.Table, rows: pa.Table) -> None:
+        """Write one row group of `table` as the next part file."""
+        if rows.num_rows == 0:
+            return
+        rows = rows.select(table.column_names()).cast(table.arrow_schema())
+        dir_fd = self._table_fds.get(table.name)
+        if dir_fd is None:
+            os.mkdir(table.name, 0o700, dir_fd=self._fd)
+            dir_fd = os.open(table.name, _DIR_FLAGS, dir_fd=self._fd)
+            os.fchmod(dir_fd, 0o700)
+            self._chown(dir_fd)
+            self._table_fds[table.name] = dir_fd
+        part = self._parts.get(table.name, 0)
+        self._write_file(dir_fd, f"part-{part:06d}.parquet", rows)
+        self._parts[table.name] = part + 1
+        self.rows[table.name] += rows.num_rows
+
+    def close(self) -> None:
+        for fd in self._table_fds.values():
+            os.close(fd)
+        self._table_fds.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

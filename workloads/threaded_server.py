@@ -1,0 +1,134 @@
+"""Queued model, threads: one thread per connection, blocked in recv() into its own buffer.
+
+Speaks the load generator's echo protocol: whatever a connection sends is sent back. Prints
+{"event": "listening", ...} when ready and its ground truth as JSON on SIGUSR1 and at exit
+(SIGTERM/SIGINT): connections, buffers (address and size), reads completed, bytes received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+
+from workloads.common import emit, raise_fd_limit
+
+
+class Server:
+    def __init__(self, buffer_size: int) -> None:
+        self.buffer_size = buffer_size
+        self.lock = threading.Lock()
+        self.buffers: dict[int, int] = {}  # fd -> buffer address, for open connections
+        self.accepted = 0
+        self.reads_completed = 0
+        self.bytes_received = 0
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        buf = bytearray(self.buffer_size)
+        addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        fd = conn.fileno()
+        with self.lock:
+            self.buffers[fd] = addr
+        view = memoryview(buf)
+        try:
+            while True:
+                n = conn.recv_into(buf)  # blocks in recvfrom(fd, buf, buffer_size)
+                if n == 0:
+                    break
+                with self.lock:
+                    self.reads_completed += 1
+                    self.bytes_received += n
+                conn.sendall(view[:n])
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.buffers.pop(fd, None)
+            view.release()
+            conn.close()
+
+    def ground_truth(self) -> dict:
+        with self.lock:
+            return {
+                "event": "ground_truth",
+                "model": "queued-threads",
+                "pid": os.getpid(),
+                "connections_accepted": self.accepted,
+                "connections_open": len(self.buffers),
+                "buffer_size": self.buffer_size,
+                "buffers": [{"fd": fd, "addr": a, "len": self.buffer_size}
+                            for fd, a in sorted(self.buffers.items())],
+                "pinned_bytes": len(self.buffers) * self.buffer_size,
+                "reads_completed": self.reads_completed,
+                "bytes_received": self.bytes_received,
+            }
+
+
+def start_noise(file_reads: int) -> None:
+    """Reads that must NOT count: a thread blocked on a pipe and reads of a regular file."""
+    pipe_r, _pipe_w = os.pipe()
+    threading.Thread(target=os.read, args=(pipe_r, 4096), daemon=True).start()
+
+    def read_file() -> None:
+        with tempfile.TemporaryFile() as f:
+            f.write(b"x" * 4096)
+            for _ in range(file_reads):
+                os.pread(f.fileno(), 4096, 0)
+                f.seek(0)
+                f.read(4096)
+                time.sleep(0.001)
+
+    threading.Thread(target=read_file, daemon=True).start()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--buffer-size", type=int, default=16384)
+    parser.add_argument("--noise", action="store_true",
+                        help="also block a thread on a pipe and read a regular file")
+    args = parser.parse_args()
+
+    raise_fd_limit()
+    threading.stack_size(256 * 1024)
+    server = Server(args.buffer_size)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.host, args.port))
+    listener.listen(4096)
+
+    stopping = threading.Event()
+
+    def on_stop(_signum: int, _frame: object) -> None:
+        stopping.set()
+        try:
+            listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
+    if args.noise:
+        start_noise(file_reads=997)
+    emit({"event": "listening", "pid": os.getpid(), "host": args.host,
+          "port": listener.getsockname()[1], "buffer_size": args.buffer_size})
+    while not stopping.is_set():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            break
+        server.accepted += 1
+        threading.Thread(target=server.serve_connection, args=(conn,), daemon=True).start()
+    emit(server.ground_truth())
+
+
+if __name__ == "__main__":
+    main()
