@@ -13,8 +13,19 @@ from probes.layout import SYSCALL_NAMES, Source
 SOURCE_NAMES = {s.value: s.name.lower() for s in Source}
 
 _INTERVAL_COLUMNS = [
-    "pid", "tid", "fd", "source", "op", "key", "addr", "len", "flags",
-    "post_ns", "end_ns", "ret", "superseded",
+    "pid",
+    "tid",
+    "fd",
+    "source",
+    "op",
+    "key",
+    "addr",
+    "len",
+    "flags",
+    "post_ns",
+    "end_ns",
+    "ret",
+    "superseded",
 ]
 
 
@@ -32,7 +43,8 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     events = pd.concat([p, c], ignore_index=True, sort=False)
     # at equal timestamps a post comes before its completion
     events = events.sort_values(
-        ["pid", "source", "key", "ts_ns", "_is_post"], ascending=[True, True, True, True, False],
+        ["pid", "source", "key", "ts_ns", "_is_post"],
+        ascending=[True, True, True, True, False],
         kind="stable",
     )
     group = events.groupby(["pid", "source", "key"], sort=False)
@@ -55,13 +67,21 @@ def posted_timeline(intervals: pd.DataFrame) -> pd.DataFrame:
     if intervals.empty:
         return pd.DataFrame(columns=["pid", "ts_ns", "posted_reads", "pinned_bytes"])
     starts = pd.DataFrame(
-        {"pid": intervals["pid"], "ts_ns": intervals["post_ns"], "d_reads": 1,
-         "d_bytes": intervals["len"].astype("int64")}
+        {
+            "pid": intervals["pid"],
+            "ts_ns": intervals["post_ns"],
+            "d_reads": 1,
+            "d_bytes": intervals["len"].astype("int64"),
+        }
     )
     ended = intervals[intervals["end_ns"].notna()]
     ends = pd.DataFrame(
-        {"pid": ended["pid"], "ts_ns": ended["end_ns"].astype("int64"), "d_reads": -1,
-         "d_bytes": -ended["len"].astype("int64")}
+        {
+            "pid": ended["pid"],
+            "ts_ns": ended["end_ns"].astype("int64"),
+            "d_reads": -1,
+            "d_bytes": -ended["len"].astype("int64"),
+        }
     )
     steps = pd.concat([starts, ends], ignore_index=True)
     # at one instant, apply ends before starts so peaks are not overstated
@@ -80,8 +100,16 @@ def _label(source: int, op: int) -> str:
 
 def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per (pid, source, label): reads posted now, bytes pinned now, completed, received."""
-    cols = ["pid", "source", "label", "posted_reads", "pinned_bytes", "reads_completed",
-            "reads_failed", "bytes_received"]
+    cols = [
+        "pid",
+        "source",
+        "label",
+        "posted_reads",
+        "pinned_bytes",
+        "reads_completed",
+        "reads_failed",
+        "bytes_received",
+    ]
     if intervals.empty:
         return pd.DataFrame(columns=cols)
     df = intervals.assign(

@@ -57,6 +57,11 @@ def summarize(trace: Trace) -> dict[str, Any]:
 def _totals(rows: pd.DataFrame) -> dict[str, int]:
     return {
         k: int(rows[k].sum())
-        for k in ("posted_reads", "pinned_bytes", "reads_completed", "reads_failed",
-                  "bytes_received")
+        for k in (
+            "posted_reads",
+            "pinned_bytes",
+            "reads_completed",
+            "reads_failed",
+            "bytes_received",
+        )
     }

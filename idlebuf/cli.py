@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "readiness IO), and the memory behind them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in COMMANDS.items():
+    for _name, module in COMMANDS.items():
         module.add_parser(sub)
     return parser
 

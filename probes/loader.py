@@ -5,6 +5,7 @@ Options reach the C code as -D constants; kernel structure offsets come from BTF
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from dataclasses import dataclass
 from importlib import resources
@@ -117,10 +118,8 @@ class ReadProbes:
         return None if leaf is None else int(leaf.flags)
 
     def forget_inflight(self, tid: int) -> None:
-        try:
+        with contextlib.suppress(KeyError):
             del self.inflight[self.inflight.Key(tid)]
-        except KeyError:
-            pass
 
     def counter_values(self) -> dict[str, int]:
         return {c.name.lower(): int(sum(self.counters[c.value])) for c in layout.Counter}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,8 +215,20 @@ class Recorder:
                     probes.forget_inflight(read.tid)
                 continue
             found.append(
-                (ts, read.tid, read.addr, read.length, pid, read.tid, read.fd, flags,
-                 read.nvec, read.op, layout.Kind.POST, layout.Source.SYSCALL)
+                (
+                    ts,
+                    read.tid,
+                    read.addr,
+                    read.length,
+                    pid,
+                    read.tid,
+                    read.fd,
+                    flags,
+                    read.nvec,
+                    read.op,
+                    layout.Kind.POST,
+                    layout.Source.SYSCALL,
+                )
             )
         if found:
             self._take(np.array(found, dtype=layout.READ_EVENT.dtype))
@@ -245,7 +255,7 @@ class Recorder:
         except ProbeError as exc:
             raise RecordError(str(exc)) from None
 
-        child: subprocess.Popen[bytes] | None = None
+        child: Child | None = None
         started = time.monotonic()
         stop_reason = "all targets exited"
         try:
@@ -291,67 +301,97 @@ class Recorder:
             )
             self._writer.write_meta(meta)
             return RecordSummary(
-                cfg.output, self._posts, self._completions, meta["drops"], elapsed,
-                stop_reason, exit_code,
+                cfg.output,
+                self._posts,
+                self._completions,
+                meta["drops"],
+                elapsed,
+                stop_reason,
+                exit_code,
             )
         finally:
             if child is not None and child.poll() is None:
-                child.kill()
+                child.signal(signal.SIGKILL)
                 child.wait()
             probes.close()
 
     def _status(self, elapsed: float, probes: ReadProbes) -> str:
-        drops = sum(
-            v for k, v in probes.counter_values().items() if k.endswith("_full")
-        )
+        drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))
         return (
             f"{elapsed:6.1f}s  posts {self._posts:,}  completions {self._completions:,}  "
             f"drops {drops:,}"
         )
 
 
-def _launch_paused(command: list[str], probes: ReadProbes) -> subprocess.Popen[bytes]:
-    """Start `command` stopped before exec, make it a target, then let it run.
+class Child:
+    """A command the recorder launched (a forked process, so it can be held before exec)."""
 
-    The child blocks reading a pipe until its pid is in the target table, so the probes see
-    its very first instruction after exec.
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+def _launch_paused(command: list[str], probes: ReadProbes) -> Child:
+    """Start `command` held before exec, make it a target, then let it exec.
+
+    The forked child waits on a pipe until its pid is in the target table, so the probes see
+    the command from its first instruction. A second, close-on-exec pipe reports exec failure.
     """
     gate_r, gate_w = os.pipe()
-
-    def wait_for_gate() -> None:
-        os.close(gate_w)
-        os.read(gate_r, 1)
-        os.close(gate_r)
-
-    try:
-        child = subprocess.Popen(  # noqa: S603 - the user's own command
-            command, preexec_fn=wait_for_gate, pass_fds=(gate_r,), close_fds=True
-        )
-    except OSError as exc:
-        os.close(gate_r)
-        os.close(gate_w)
-        raise RecordError(f"cannot run {command[0]}: {exc.strerror}") from None
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child: wait for the gate, then become the command
+        try:
+            os.close(gate_w)
+            os.close(err_r)
+            os.read(gate_r, 1)
+            os.close(gate_r)
+            os.execvp(command[0], command)
+        except OSError as exc:
+            os.write(err_w, (exc.strerror or "exec failed").encode())
+        finally:
+            os._exit(127)
     os.close(gate_r)
-    probes.add_target(child.pid)
-    os.write(gate_w, b"go")
-    os.close(gate_w)
+    os.close(err_w)
+    child = Child(pid)
+    try:
+        probes.add_target(pid)
+    finally:
+        os.write(gate_w, b"g")
+        os.close(gate_w)
+    with os.fdopen(err_r, "rb") as err:
+        failure = err.read().decode(errors="replace")
+    if failure:
+        child.wait()
+        raise RecordError(f"cannot run {command[0]}: {failure}")
     return child
 
 
-def _finish_child(child: subprocess.Popen[bytes] | None, grace: float = 3.0) -> int | None:
+def _finish_child(child: Child | None, grace: float = 3.0) -> int | None:
     if child is None:
         return None
     if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(grace)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        child.signal(signal.SIGTERM)
+        if child.wait(grace) is None:
+            child.signal(signal.SIGKILL)
             child.wait()
     return child.returncode
-
-
-def main_stderr_progress(line: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()

@@ -63,9 +63,7 @@ class RingBufferConsumer:
             return np.empty(0, dtype=self._record)
         nslots = min((prod - cons) // self._slot, limit)
         start = cons & self._mask
-        slots = np.frombuffer(
-            self._data, dtype=self._slot_dtype, count=nslots, offset=start
-        )
+        slots = np.frombuffer(self._data, dtype=self._slot_dtype, count=nslots, offset=start)
         lengths = slots["len"]
         busy = np.flatnonzero(lengths & _BUSY)
         if busy.size:

@@ -12,6 +12,7 @@ prefix of the trace, marked incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,10 +95,8 @@ class TraceWriter:
     def _write_file(self, dir_fd: int, name: str, data: bytes | pa.Table) -> None:
         """Write a file under a temporary name, then rename it into place."""
         tmp = f".{name}.tmp"
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
         fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd)
         self._chown(fd)
         with os.fdopen(fd, "wb") as f:

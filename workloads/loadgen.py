@@ -2,8 +2,9 @@
 
 Each active connection sends `--messages` messages of `--size` bytes one at a time, waiting for
 each to be echoed in full before sending the next (at most `--rate` per second per connection).
-Then every connection is held open for `--hold` seconds (or until SIGTERM/SIGINT or stdin
-closes, with --hold-stdin) and closed. Prints its ground truth as JSON lines: "connected" when
+With --wait-start the exchanges begin only when a line arrives on stdin. Then every connection
+is held open for `--hold` seconds (or until SIGTERM/SIGINT or stdin closes, with --hold-stdin)
+and closed. Prints its ground truth as JSON lines: "connected" when
 all connections are open, "done" when every exchange finished.
 """
 
@@ -14,15 +15,21 @@ import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 
 from workloads.common import emit, raise_fd_limit
 
 
-def exchange(sock: socket.socket, messages: int, size: int, rate: float,
-             deadline: float, stats: dict, lock: threading.Lock) -> None:
+def exchange(
+    sock: socket.socket,
+    messages: int,
+    size: int,
+    rate: float,
+    deadline: float,
+    stats: dict,
+    lock: threading.Lock,
+) -> None:
     payload = b"i" * size
     interval = 1.0 / rate if rate > 0 else 0.0
     for _ in range(messages):
@@ -52,23 +59,45 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--active", type=int, help="number of active connections")
-    group.add_argument("--active-fraction", type=float, default=0.05,
-                       help="fraction of active connections (default 0.05)")
+    group.add_argument(
+        "--active-fraction",
+        type=float,
+        default=0.05,
+        help="fraction of active connections (default 0.05)",
+    )
     parser.add_argument("--messages", type=int, default=3, help="messages per active connection")
     parser.add_argument("--size", type=int, default=1000, help="bytes per message")
-    parser.add_argument("--rate", type=float, default=0.0,
-                        help="messages per second per active connection (0: back to back)")
-    parser.add_argument("--duration", type=float, default=60.0,
-                        help="stop exchanging after this many seconds")
-    parser.add_argument("--hold", type=float, default=0.0,
-                        help="keep the connections open this long after the exchanges")
-    parser.add_argument("--hold-stdin", action="store_true",
-                        help="keep them open until stdin closes (bounded by --hold if given)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="messages per second per active connection (0: back to back)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="stop exchanging after this many seconds"
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help="keep the connections open this long after the exchanges",
+    )
+    parser.add_argument(
+        "--wait-start",
+        action="store_true",
+        help="after connecting, wait for a line on stdin before the exchanges",
+    )
+    parser.add_argument(
+        "--hold-stdin",
+        action="store_true",
+        help="keep them open until stdin closes (bounded by --hold if given)",
+    )
     args = parser.parse_args()
 
     raise_fd_limit()
-    active = args.active if args.active is not None else round(
-        args.connections * args.active_fraction)
+    active = (
+        args.active if args.active is not None else round(args.connections * args.active_fraction)
+    )
     active = max(0, min(active, args.connections))
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     conns = []
@@ -77,23 +106,35 @@ def main() -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.connect((args.host, args.port))
         conns.append(s)
-    emit({"event": "connected", "pid": os.getpid(), "connections": len(conns),
-          "active": active})
+    emit({"event": "connected", "pid": os.getpid(), "connections": len(conns), "active": active})
 
+    if args.wait_start:
+        os.read(0, 64)  # "go\n" from whoever drives the experiment (or EOF)
     stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0}
     lock = threading.Lock()
     deadline = time.monotonic() + args.duration
     workers = [
-        threading.Thread(target=exchange, args=(s, args.messages, args.size, args.rate,
-                                                deadline, stats, lock), daemon=True)
+        threading.Thread(
+            target=exchange,
+            args=(s, args.messages, args.size, args.rate, deadline, stats, lock),
+            daemon=True,
+        )
         for s in conns[:active]
     ]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    emit({"event": "done", "connections": len(conns), "active": active,
-          "messages_per_active": args.messages, "size": args.size, **stats})
+    emit(
+        {
+            "event": "done",
+            "connections": len(conns),
+            "active": active,
+            "messages_per_active": args.messages,
+            "size": args.size,
+            **stats,
+        }
+    )
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,8 +142,8 @@ def main() -> None:
     hold_until = time.monotonic() + (args.hold if args.hold else (3600 if args.hold_stdin else 0))
     while not stop.is_set() and time.monotonic() < hold_until:
         if args.hold_stdin:
-            ready, _, _ = select.select([sys.stdin], [], [], 0.1)
-            if ready and not sys.stdin.buffer.read1(4096):
+            ready, _, _ = select.select([0], [], [], 0.1)
+            if ready and not os.read(0, 4096):
                 break
         else:
             stop.wait(0.1)

@@ -8,6 +8,7 @@ Speaks the load generator's echo protocol: whatever a connection sends is sent b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -61,8 +62,10 @@ class Server:
                 "connections_accepted": self.accepted,
                 "connections_open": len(self.buffers),
                 "buffer_size": self.buffer_size,
-                "buffers": [{"fd": fd, "addr": a, "len": self.buffer_size}
-                            for fd, a in sorted(self.buffers.items())],
+                "buffers": [
+                    {"fd": fd, "addr": a, "len": self.buffer_size}
+                    for fd, a in sorted(self.buffers.items())
+                ],
                 "pinned_bytes": len(self.buffers) * self.buffer_size,
                 "reads_completed": self.reads_completed,
                 "bytes_received": self.bytes_received,
@@ -91,8 +94,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--buffer-size", type=int, default=16384)
-    parser.add_argument("--noise", action="store_true",
-                        help="also block a thread on a pipe and read a regular file")
+    parser.add_argument(
+        "--noise", action="store_true", help="also block a thread on a pipe and read a regular file"
+    )
     args = parser.parse_args()
 
     raise_fd_limit()
@@ -108,18 +112,23 @@ def main() -> None:
 
     def on_stop(_signum: int, _frame: object) -> None:
         stopping.set()
-        try:
+        with contextlib.suppress(OSError):
             listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
     if args.noise:
         start_noise(file_reads=997)
-    emit({"event": "listening", "pid": os.getpid(), "host": args.host,
-          "port": listener.getsockname()[1], "buffer_size": args.buffer_size})
+    emit(
+        {
+            "event": "listening",
+            "pid": os.getpid(),
+            "host": args.host,
+            "port": listener.getsockname()[1],
+            "buffer_size": args.buffer_size,
+        }
+    )
     while not stopping.is_set():
         try:
             conn, _ = listener.accept()

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         missing = features.missing_required(checks)
         print(
-            "\nidlebuf can record here." if not missing
+            "\nidlebuf can record here."
+            if not missing
             else f"\nidlebuf cannot record here: {len(missing)} required check(s) failed."
         )
     return 1 if features.missing_required(checks) else 0

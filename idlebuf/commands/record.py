@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from probes.recorder import Recorder, RecordConfig
+from probes.recorder import RecordConfig, Recorder
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,13 +22,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", required=True, type=Path, help="trace directory to create")
     p.add_argument(
-        "-p", "--pid", dest="pids", type=int, action="append", default=[],
+        "-p",
+        "--pid",
+        dest="pids",
+        type=int,
+        action="append",
+        default=[],
         help="trace this process, all its threads (repeatable)",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--force", action="store_true", help="replace an existing trace directory")
     p.add_argument(
-        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ARGS",
         help="run COMMAND and trace it from its first instruction, children included",
     )
     p.set_defaults(run=run)
@@ -43,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
         raise IdlebufError("--duration must be positive")
     config = RecordConfig(
-        output=args.output, pids=args.pids, command=command, duration=args.duration,
+        output=args.output,
+        pids=args.pids,
+        command=command,
+        duration=args.duration,
         force=args.force,
     )
     interactive = sys.stderr.isatty()

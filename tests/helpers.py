@@ -1,0 +1,111 @@
+"""Running idlebuf and the workloads as real processes, for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from idlebuf.scenario import read_event
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def idlebuf(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "idlebuf", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        **kwargs,
+    )
+
+
+def report_json(trace: Path) -> dict[str, Any]:
+    done = idlebuf("report", "--json", str(trace))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def spawn_idlebuf(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "idlebuf", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+
+
+def spawn_workload(module: str, *args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        stdin=stdin,
+        cwd=ROOT,
+    )
+
+
+def threads_in_socket_reads(pid: int) -> int:
+    """Threads of `pid` now blocked in recvfrom on a socket (a precondition, read from /proc)."""
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            call = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            if call[0] == "45" and os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}").startswith(
+                "socket:"
+            ):
+                count += 1
+        except (OSError, IndexError, ValueError):
+            continue
+    return count
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_for_trace_started(trace: Path, timeout: float = 60.0) -> None:
+    """The recorder writes meta.json with attached probes once it is tracing."""
+
+    def attached() -> bool:
+        try:
+            meta = json.loads((trace / "meta.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(meta["probes"]["reads"]["attached"])
+
+    wait_until(attached, timeout, "the recorder to attach")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+__all__ = [
+    "read_event",
+    "idlebuf",
+    "report_json",
+    "spawn_idlebuf",
+    "spawn_workload",
+    "threads_in_socket_reads",
+    "wait_until",
+    "wait_for_trace_started",
+    "stop",
+]
