@@ -49,9 +49,9 @@ def is_socket(pid: int, fd: int) -> bool:
 
 def _sum_iov(mem: int, iov_addr: int, count: int, max_iov: int) -> tuple[int, int, int]:
     """(first buffer, total length, flags) of an iovec array in the target's memory."""
-    flags = PostFlag.VECTORED
+    flags = int(PostFlag.VECTORED)
     if count > max_iov:
-        count, flags = max_iov, flags | PostFlag.IOV_TRUNCATED
+        count, flags = max_iov, flags | int(PostFlag.IOV_TRUNCATED)
     raw = os.pread(mem, _IOV.size * count, iov_addr)
     vecs = [_IOV.unpack_from(raw, i * _IOV.size) for i in range(len(raw) // _IOV.size)]
     first = vecs[0][0] if vecs else 0

@@ -1,0 +1,61 @@
+"""Read lifetimes, timelines and summaries from small synthetic post/completion tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.reads import posted_timeline, process_peaks, read_intervals, read_summary
+
+RECVFROM = 45
+
+
+def posts(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["ts_ns", "pid", "tid", "fd", "source", "op", "key", "addr", "len", "nvec", "flags"]
+    return pd.DataFrame(
+        [(ts, pid, tid, 5, 1, RECVFROM, tid, 0x1000 * tid, n, 0, 0) for ts, pid, tid, n in rows],
+        columns=cols,
+    )
+
+
+def completions(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["ts_ns", "pid", "tid", "source", "key", "ret"]
+    return pd.DataFrame([(ts, pid, tid, 1, tid, ret) for ts, pid, tid, ret in rows], columns=cols)
+
+
+def test_completion_closes_the_post_before_it() -> None:
+    p = posts([(10, 1, 11, 100), (30, 1, 11, 100), (15, 1, 12, 200)])
+    c = completions([(20, 1, 11, 7)])
+    iv = read_intervals(p, c)
+    assert iv[["post_ns", "end_ns", "ret"]].fillna(-1).values.tolist() == [
+        [10, 20, 7],
+        [15, -1, -1],
+        [30, -1, -1],
+    ]
+
+
+def test_post_after_post_supersedes() -> None:
+    iv = read_intervals(posts([(10, 1, 11, 100), (20, 1, 11, 50)]), completions([]))
+    assert iv["superseded"].tolist() == [True, False]
+    assert iv["end_ns"].fillna(-1).tolist() == [20, -1]
+
+
+def test_orphan_completion_is_ignored() -> None:
+    iv = read_intervals(posts([(10, 1, 11, 100)]), completions([(5, 1, 11, 3)]))
+    assert iv["end_ns"].isna().tolist() == [True]
+
+
+def test_timeline_and_peaks() -> None:
+    p = posts([(10, 1, 11, 100), (12, 1, 12, 200), (40, 1, 11, 100)])
+    c = completions([(20, 1, 11, 9), (20, 1, 12, 4)])
+    tl = posted_timeline(read_intervals(p, c))
+    assert tl["posted_reads"].tolist() == [1, 2, 1, 0, 1]
+    peaks = process_peaks(tl)
+    assert peaks.loc[0, "posted_peak"] == 2 and peaks.loc[0, "pinned_peak"] == 300
+
+
+def test_summary_counts_bytes_and_failures() -> None:
+    p = posts([(10, 1, 11, 100), (12, 1, 12, 200), (13, 1, 13, 300)])
+    c = completions([(20, 1, 11, 9), (21, 1, 12, -11)])
+    s = read_summary(read_intervals(p, c)).iloc[0]
+    assert (s.label, s.posted_reads, s.pinned_bytes) == ("recvfrom", 1, 300)
+    assert (s.reads_completed, s.reads_failed, s.bytes_received) == (1, 1, 9)
