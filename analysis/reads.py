@@ -21,6 +21,7 @@ _INTERVAL_COLUMNS = [
     "key",
     "addr",
     "len",
+    "nvec",
     "flags",
     "post_ns",
     "end_ns",
@@ -38,27 +39,30 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     """
     if posts.empty:
         return pd.DataFrame(columns=_INTERVAL_COLUMNS)
-    p = posts.assign(_is_post=True, ret=np.nan)
-    c = completions.assign(_is_post=False)
-    events = pd.concat([p, c], ignore_index=True, sort=False)
+    p = posts.reset_index(drop=True)
+    keys = ["pid", "source", "key"]
+    events = pd.concat(
+        [
+            p[keys + ["ts_ns"]].assign(post_row=np.arange(len(p)), ret=np.nan),
+            completions[keys + ["ts_ns"]].assign(
+                post_row=-1, ret=completions["ret"].astype("float64")
+            ),
+        ],
+        ignore_index=True,
+    )
     # at equal timestamps a post comes before its completion
     events = events.sort_values(
-        ["pid", "source", "key", "ts_ns", "_is_post"],
-        ascending=[True, True, True, True, False],
-        kind="stable",
+        keys + ["ts_ns", "post_row"], ascending=[True, True, True, True, False], kind="stable"
     )
-    group = events.groupby(["pid", "source", "key"], sort=False)
-    next_ts = group["ts_ns"].shift(-1)
-    next_is_post = group["_is_post"].shift(-1)
-    next_ret = group["ret"].shift(-1)
-    is_post = events["_is_post"].to_numpy(bool)
-    out = events.loc[is_post, ["pid", "tid", "fd", "source", "op", "key", "addr", "len", "flags"]]
-    out = out.rename(columns={})
-    out["post_ns"] = events.loc[is_post, "ts_ns"].astype("int64")
-    follows = next_is_post[is_post]
-    out["end_ns"] = next_ts[is_post].astype("float64")
-    out["ret"] = next_ret[is_post].where(follows == False)  # noqa: E712 - object dtype
-    out["superseded"] = (follows == True).to_numpy(bool)  # noqa: E712
+    group = events.groupby(keys, sort=False)
+    is_post = (events["post_row"] >= 0).to_numpy()
+    next_row = group["post_row"].shift(-1)[is_post].to_numpy()  # NaN: none, -1: completion
+    rows = events["post_row"].to_numpy()[is_post]
+    out = p.iloc[rows].reset_index(drop=True)
+    out["post_ns"] = out["ts_ns"].astype("int64")
+    out["end_ns"] = group["ts_ns"].shift(-1)[is_post].to_numpy("float64")
+    out["ret"] = np.where(next_row == -1, group["ret"].shift(-1)[is_post].to_numpy(), np.nan)
+    out["superseded"] = next_row >= 0
     return out.sort_values("post_ns", kind="stable").reset_index(drop=True)[_INTERVAL_COLUMNS]
 
 

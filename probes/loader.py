@@ -95,6 +95,9 @@ class ReadProbes:
     def add_target(self, pid: int) -> None:
         self.targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
+    def target_pids(self) -> list[int]:
+        return [int(k.value) for k in self.targets]
+
     def track_inflight(
         self, tid: int, fd: int, addr: int, length: int, op: int, flags: int, nvec: int, ts: int
     ) -> bool:

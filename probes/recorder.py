@@ -8,6 +8,7 @@ finalizes the trace; records are flushed in bounded groups while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -294,7 +295,7 @@ class Recorder:
             # A final drain after the loop: what the kernel emitted up to the stop.
             self._take(probes.drain())
             self._flush()
-            exit_code = _finish_child(child)
+            exit_code = _finish_child(child, probes)
             elapsed = time.monotonic() - started
             meta = self._meta(
                 True, probes, {"stop_reason": stop_reason, "elapsed_s": round(elapsed, 3)}
@@ -386,12 +387,36 @@ def _launch_paused(command: list[str], probes: ReadProbes) -> Child:
     return child
 
 
-def _finish_child(child: Child | None, grace: float = 3.0) -> int | None:
+def _finish_child(child: Child | None, probes: ReadProbes, grace: float = 3.0) -> int | None:
+    """Stop a launched command that is still running, and the children it started."""
     if child is None:
         return None
-    if child.poll() is None:
+    others = [p for p in probes.target_pids() if p != child.pid and _is_process(p)]
+    if child.poll() is None or any(_alive(p) for p in others):
         child.signal(signal.SIGTERM)
-        if child.wait(grace) is None:
-            child.signal(signal.SIGKILL)
-            child.wait()
+        for pid in others:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        child.wait(grace)
+        while any(_alive(p) for p in others) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.signal(signal.SIGKILL)
+        for pid in others:
+            if _alive(pid):
+                _kill(pid, signal.SIGKILL)
+        child.wait()
     return child.returncode
+
+
+def _is_process(pid: int) -> bool:
+    """A thread-group leader (the target table also holds thread ids of followed children)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            return any(line.split() == ["Tgid:", str(pid)] for line in f)
+    except OSError:
+        return False
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

@@ -51,15 +51,18 @@ def spawn_workload(module: str, *args: str, stdin: int | None = None) -> subproc
     )
 
 
+# read, readv, recvfrom, recvmsg on x86_64
+_READ_SYSCALLS = {"0", "19", "45", "47"}
+
+
 def threads_in_socket_reads(pid: int) -> int:
-    """Threads of `pid` now blocked in recvfrom on a socket (a precondition, read from /proc)."""
+    """Threads of `pid` now blocked in a socket read (a test precondition, read from /proc)."""
     count = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             call = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
-            if call[0] == "45" and os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}").startswith(
-                "socket:"
-            ):
+            target = os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}")
+            if call[0] in _READ_SYSCALLS and target.startswith("socket:"):
                 count += 1
         except (OSError, IndexError, ValueError):
             continue

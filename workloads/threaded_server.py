@@ -10,19 +10,39 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import io
 import os
 import signal
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from workloads.common import emit, raise_fd_limit
 
 
+def reader(how: str, conn: socket.socket, buf: bytearray) -> Callable[[], int]:
+    """A function that blocks in the chosen read syscall, filling `buf` (split in two iovecs
+    for the vectored ones) and returning the byte count."""
+    view = memoryview(buf)
+    half = len(buf) // 2
+    if how == "recv":  # recvfrom(fd, buf, len)
+        return lambda: conn.recv_into(buf)
+    if how == "read":  # read(fd, buf, len)
+        raw = io.FileIO(conn.fileno(), closefd=False)
+        return lambda: raw.readinto(buf) or 0
+    if how == "readv":  # readv(fd, [2 iovecs])
+        return lambda: os.readv(conn.fileno(), [view[:half], view[half:]])
+    if how == "recvmsg":  # recvmsg(fd, {2 iovecs})
+        return lambda: conn.recvmsg_into([view[:half], view[half:]])[0]
+    raise ValueError(how)
+
+
 class Server:
-    def __init__(self, buffer_size: int) -> None:
+    def __init__(self, buffer_size: int, read_with: str = "recv") -> None:
         self.buffer_size = buffer_size
+        self.read_with = read_with
         self.lock = threading.Lock()
         self.buffers: dict[int, int] = {}  # fd -> buffer address, for open connections
         self.accepted = 0
@@ -36,9 +56,10 @@ class Server:
         with self.lock:
             self.buffers[fd] = addr
         view = memoryview(buf)
+        read = reader(self.read_with, conn, buf)
         try:
             while True:
-                n = conn.recv_into(buf)  # blocks in recvfrom(fd, buf, buffer_size)
+                n = read()
                 if n == 0:
                     break
                 with self.lock:
@@ -62,6 +83,7 @@ class Server:
                 "connections_accepted": self.accepted,
                 "connections_open": len(self.buffers),
                 "buffer_size": self.buffer_size,
+                "read_with": self.read_with,
                 "buffers": [
                     {"fd": fd, "addr": a, "len": self.buffer_size}
                     for fd, a in sorted(self.buffers.items())
@@ -95,13 +117,19 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--buffer-size", type=int, default=16384)
     parser.add_argument(
+        "--read-with",
+        choices=["recv", "read", "readv", "recvmsg"],
+        default="recv",
+        help="the blocking syscall each thread reads with (default recv)",
+    )
+    parser.add_argument(
         "--noise", action="store_true", help="also block a thread on a pipe and read a regular file"
     )
     args = parser.parse_args()
 
     raise_fd_limit()
     threading.stack_size(256 * 1024)
-    server = Server(args.buffer_size)
+    server = Server(args.buffer_size, args.read_with)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
