@@ -53,6 +53,10 @@ class Counter(IntEnum):
     TARGETS_FULL = 4  # a followed child could not be added to the target table
 
 
+# Counters that mean lost information; a figure from a trace with any of these non-zero says so.
+DROP_COUNTERS = (Counter.RINGBUF_FULL, Counter.INFLIGHT_FULL, Counter.TARGETS_FULL)
+
+
 class PostFlag(IntEnum):
     SCANNED = 1  # found already blocked by the /proc scan when tracing started
     VECTORED = 2  # readv/recvmsg-style: addr is the first iovec's base, len the total

@@ -66,6 +66,13 @@ def read_probe_cflags(options: ReadProbeOptions, offsets: dict[str, int]) -> lis
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
 
+def render_read_probe(options: ReadProbeOptions, btf: BTF | None = None) -> str:
+    """The final C text bcc compiles, with its -D constants as #defines (for debugging)."""
+    cflags = read_probe_cflags(options, kernel_offsets(btf or BTF.load()))
+    defines = [f"#define {flag[2:].replace('=', ' ', 1)}" for flag in cflags]
+    return "\n".join(["/* cflags: " + " ".join(cflags) + " */", *defines, read_probe_source()])
+
+
 class ReadProbes:
     """The loaded posted-read programs and their maps."""
 

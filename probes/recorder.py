@@ -136,18 +136,9 @@ class Recorder:
 
     def _meta(self, complete: bool, probes: ReadProbes | None, extra: dict[str, Any]) -> dict:
         counters = probes.counter_values() if probes else {}
-        drops = {
-            "ringbuf_full": counters.get("ringbuf_full", 0),
-            "inflight_full": counters.get("inflight_full", 0),
-            "targets_full": counters.get("targets_full", 0),
-        }
+        drops = {c.name.lower(): counters.get(c.name.lower(), 0) for c in layout.DROP_COUNTERS}
         return {
-            "format": layout.FORMAT_NAME,
-            "format_version": layout.FORMAT_VERSION,
-            "idlebuf_version": VERSION,
-            "host": features.host_facts(),
-            "clock": self._clock,
-            "targets": {"pids": self.config.pids, "command": self.config.command},
+            **self._static_meta,
             "probes": {
                 "reads": {
                     "attached": probes is not None,
@@ -238,14 +229,25 @@ class Recorder:
     def run(self) -> RecordSummary:
         cfg = self.config
         self._preflight()
-        self._clock = {"monotonic_ns": _now_ns(), "realtime_ns": time.time_ns()}
+        self._static_meta = {
+            "format": layout.FORMAT_NAME,
+            "format_version": layout.FORMAT_VERSION,
+            "idlebuf_version": VERSION,
+            "host": features.host_facts(),
+            "features": {c.name: c.ok for c in features.run_checks()},
+            "clock": {"monotonic_ns": _now_ns(), "realtime_ns": time.time_ns()},
+            "targets": {"pids": cfg.pids, "command": cfg.command},
+        }
         self._writer = TraceWriter(cfg.output, cfg.force)
+        # Signals are caught from here on: one that arrives while the probes compile ends
+        # the session as soon as they are loaded, with the trace finalized.
         try:
-            return self._run()
+            with _Stop() as stop:
+                return self._run(stop)
         finally:
             self._writer.close()
 
-    def _run(self) -> RecordSummary:
+    def _run(self, stop: _Stop) -> RecordSummary:
         cfg = self.config
         self._writer.write_meta(self._meta(False, None, {}))
         options = cfg.probe_options
@@ -258,40 +260,18 @@ class Recorder:
 
         child: Child | None = None
         started = time.monotonic()
-        stop_reason = "all targets exited"
         try:
-            with _Stop() as stop:
-                if cfg.command:
-                    child = _launch_paused(cfg.command, probes)
-                    self._note_process(child.pid, _now_ns())
-                else:
-                    for pid in cfg.pids:
-                        probes.add_target(pid)
-                        self._note_process(pid, _now_ns())
-                    for pid in cfg.pids:
-                        self._scan_blocked(probes, pid)
-                self._writer.write_meta(self._meta(False, probes, {}))
-                last_flush = time.monotonic()
-                while True:
-                    probes.wait(0.1)
-                    self._take(probes.drain())
-                    now = time.monotonic()
-                    if self._buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_interval:
-                        self._flush()
-                        self._writer.write_meta(self._meta(False, probes, {}))
-                        last_flush = now
-                        if self.progress:
-                            self.progress(self._status(now - started, probes))
-                    if stop.reason:
-                        stop_reason = stop.reason
-                        break
-                    if cfg.duration is not None and now - started >= cfg.duration:
-                        stop_reason = "duration"
-                        break
-                    if child is not None and child.poll() is not None:
-                        break
-                    if child is None and not any(_alive(p) for p in cfg.pids):
-                        break
+            if cfg.command:
+                child = _launch_paused(cfg.command, probes)
+                self._note_process(child.pid, _now_ns())
+            else:
+                for pid in cfg.pids:
+                    probes.add_target(pid)
+                    self._note_process(pid, _now_ns())
+                for pid in cfg.pids:
+                    self._scan_blocked(probes, pid)
+            self._writer.write_meta(self._meta(False, probes, {}))
+            stop_reason = self._stream(probes, stop, child, started)
             # A final drain after the loop: what the kernel emitted up to the stop.
             self._take(probes.drain())
             self._flush()
@@ -315,6 +295,29 @@ class Recorder:
                 child.signal(signal.SIGKILL)
                 child.wait()
             probes.close()
+
+    def _stream(self, probes: ReadProbes, stop: _Stop, child: Child | None, started: float) -> str:
+        """Drain and flush until a stop condition holds; returns why it stopped."""
+        cfg = self.config
+        last_flush = time.monotonic()
+        while True:
+            probes.wait(0.1)
+            self._take(probes.drain())
+            now = time.monotonic()
+            if self._buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_interval:
+                self._flush()
+                self._writer.write_meta(self._meta(False, probes, {}))
+                last_flush = now
+                if self.progress:
+                    self.progress(self._status(now - started, probes))
+            if stop.reason:
+                return stop.reason
+            if cfg.duration is not None and now - started >= cfg.duration:
+                return "duration"
+            if child is not None and child.poll() is not None:
+                return "all targets exited"
+            if child is None and not any(_alive(p) for p in cfg.pids):
+                return "all targets exited"
 
     def _status(self, elapsed: float, probes: ReadProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from idlebuf.errors import IdlebufError
 from probes.recorder import RecordConfig, Recorder
 
 
@@ -33,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--force", action="store_true", help="replace an existing trace directory")
     p.add_argument(
+        "--print-bpf",
+        action="store_true",
+        help="print the BPF C program as it would be compiled here, and exit",
+    )
+    p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
         metavar="-- COMMAND ARGS",
@@ -42,12 +48,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_bpf:
+        from probes.btf import BTFError
+        from probes.loader import ProbeError, ReadProbeOptions, render_read_probe
+
+        try:
+            print(render_read_probe(ReadProbeOptions(follow_children=bool(args.command))))
+        except (BTFError, ProbeError) as exc:
+            raise IdlebufError(str(exc)) from None
+        return 0
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if args.duration is not None and args.duration <= 0:
-        from idlebuf.errors import IdlebufError
-
         raise IdlebufError("--duration must be positive")
     config = RecordConfig(
         output=args.output,

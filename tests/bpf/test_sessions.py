@@ -1,0 +1,91 @@
+"""How recordings start and stop: doctor, the target's exit, SIGTERM, several PIDs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    idlebuf,
+    read_event,
+    report_json,
+    spawn_idlebuf,
+    spawn_workload,
+    stop,
+    threads_in_socket_reads,
+    wait_for_trace_started,
+    wait_until,
+)
+
+pytestmark = pytest.mark.bpf
+
+
+def test_doctor_finds_everything_required() -> None:
+    done = idlebuf("doctor", "--json")
+    assert done.returncode == 0, done.stdout
+    checks = {c["name"]: c for c in json.loads(done.stdout)}
+    assert checks["BTF"]["ok"] and checks["tracefs mounted"]["ok"]
+    assert checks["tracepoint syscalls:sys_enter_recvfrom"]["ok"]
+
+
+def test_target_exit_ends_the_recording(tmp_path: Path) -> None:
+    trace = tmp_path / "t"
+    done = idlebuf("record", "-o", str(trace), "--", sys.executable, "-c", "pass")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((trace / "meta.json").read_text())
+    assert meta["complete"] is True and meta["stop_reason"] == "all targets exited"
+    assert meta["features"]["BTF"] is True
+
+
+def test_sigterm_finalizes_and_several_pids(tmp_path: Path) -> None:
+    trace = tmp_path / "t"
+    servers = [
+        spawn_workload("workloads.threaded_server", "--buffer-size", str(n)) for n in (1031, 2053)
+    ]
+    loads = []
+    try:
+        for server, conns in zip(servers, (5, 7)):
+            port = read_event(server.stdout, "listening", 30)["port"]  # type: ignore[arg-type]
+            load = spawn_workload(
+                "workloads.loadgen",
+                "--port",
+                str(port),
+                "--connections",
+                str(conns),
+                "--active",
+                "0",
+                "--hold",
+                "60",
+            )
+            read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
+            loads.append(load)
+            wait_until(
+                lambda s=server, c=conns: threads_in_socket_reads(s.pid) == c, 30, "threads blocked"
+            )
+        recorder = spawn_idlebuf(
+            "record",
+            "-o",
+            str(trace),
+            "-p",
+            str(servers[0].pid),
+            "-p",
+            str(servers[1].pid),
+            "--duration",
+            "120",
+        )
+        wait_for_trace_started(trace)
+        recorder.send_signal(signal.SIGTERM)
+        assert recorder.wait(60) == 0
+    finally:
+        for p in loads + servers:
+            stop(p)
+    report = report_json(trace)
+    assert report["complete"] is True
+    got = {
+        p["pid"]: (p["posted_reads"]["now"], p["pinned_bytes"]["now"]) for p in report["processes"]
+    }
+    assert got == {servers[0].pid: (5, 5 * 1031), servers[1].pid: (7, 7 * 2053)}

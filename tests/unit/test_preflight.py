@@ -1,0 +1,70 @@
+"""The recorder refuses to start, with one sentence, when the machine cannot trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from probes import features
+from probes.recorder import RecordConfig, Recorder, RecordError
+
+
+@pytest.fixture
+def capable(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Pretend every check passes, so one test can break exactly one thing."""
+    monkeypatch.setattr(features, "has_tracing_privileges", lambda: True)
+    monkeypatch.setattr(features, "tracefs", lambda: Path("/sys/kernel/tracing"))
+    monkeypatch.setattr(features, "tracepoint_present", lambda name, root=None: True)
+    monkeypatch.setattr(features, "kernel_version", lambda: (6, 18))
+    return monkeypatch
+
+
+def preflight(tmp_path: Path, **kwargs: object) -> None:
+    config = RecordConfig(output=tmp_path / "t", command=["true"], **kwargs)  # type: ignore[arg-type]
+    Recorder(config)._preflight()
+
+
+def test_passes_when_capable(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    preflight(tmp_path)
+
+
+def test_missing_tracepoint(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    capable.setattr(features, "tracepoint_present", lambda name, root=None: "recvmsg" not in name)
+    with pytest.raises(RecordError, match="no tracepoint syscalls:sys_enter_recvmsg"):
+        preflight(tmp_path)
+
+
+def test_old_kernel(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    capable.setattr(features, "kernel_version", lambda: (5, 4))
+    with pytest.raises(RecordError, match="too old"):
+        preflight(tmp_path)
+
+
+def test_tracefs_not_mounted(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    capable.setattr(features, "tracefs", lambda: None)
+    with pytest.raises(RecordError, match="tracefs is not mounted"):
+        preflight(tmp_path)
+
+
+def test_not_privileged(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    capable.setattr(features, "has_tracing_privileges", lambda: False)
+    with pytest.raises(RecordError, match="needs root"):
+        preflight(tmp_path)
+
+
+def test_pid_and_command_together(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match="not both"):
+        preflight(tmp_path, pids=[1])
+
+
+def test_lockdown_parsing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    f = tmp_path / "lockdown"
+    f.write_text("none [integrity] confidentiality\n")
+    real = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: real(f if str(self).endswith("lockdown") else self, *a, **k),
+    )
+    assert features.lockdown_mode() == "integrity"
