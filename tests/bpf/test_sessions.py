@@ -42,30 +42,33 @@ def test_target_exit_ends_the_recording(tmp_path: Path) -> None:
 
 
 def test_sigterm_finalizes_and_several_pids(tmp_path: Path) -> None:
+    """Two servers; the second one's connections (and so its threads) appear after attaching."""
     trace = tmp_path / "t"
     servers = [
         spawn_workload("workloads.threaded_server", "--buffer-size", str(n)) for n in (1031, 2053)
     ]
+    ports = [read_event(s.stdout, "listening", 30)["port"] for s in servers]  # type: ignore[arg-type]
     loads = []
+    recorder = None
+
+    def connect(i: int, conns: int) -> None:
+        load = spawn_workload(
+            "workloads.loadgen",
+            "--port",
+            str(ports[i]),
+            "--connections",
+            str(conns),
+            "--active",
+            "0",
+            "--hold",
+            "60",
+        )
+        loads.append(load)
+        read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
+        wait_until(lambda: threads_in_socket_reads(servers[i].pid) == conns, 30, "blocked")
+
     try:
-        for server, conns in zip(servers, (5, 7)):
-            port = read_event(server.stdout, "listening", 30)["port"]  # type: ignore[arg-type]
-            load = spawn_workload(
-                "workloads.loadgen",
-                "--port",
-                str(port),
-                "--connections",
-                str(conns),
-                "--active",
-                "0",
-                "--hold",
-                "60",
-            )
-            read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
-            loads.append(load)
-            wait_until(
-                lambda s=server, c=conns: threads_in_socket_reads(s.pid) == c, 30, "threads blocked"
-            )
+        connect(0, 5)
         recorder = spawn_idlebuf(
             "record",
             "-o",
@@ -78,10 +81,11 @@ def test_sigterm_finalizes_and_several_pids(tmp_path: Path) -> None:
             "120",
         )
         wait_for_trace_started(trace)
+        connect(1, 7)  # threads created while tracing
         recorder.send_signal(signal.SIGTERM)
         assert recorder.wait(60) == 0
     finally:
-        for p in loads + servers:
+        for p in [*loads, *servers] + ([recorder] if recorder else []):
             stop(p)
     report = report_json(trace)
     assert report["complete"] is True
