@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from idlebuf.scenario import read_event
+from idlebuf.scenario import read_event, spawn, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,12 +42,7 @@ def spawn_idlebuf(*args: str) -> subprocess.Popen[bytes]:
 
 
 def spawn_workload(module: str, *args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stdin=stdin,
-        cwd=ROOT,
-    )
+    return spawn(module, *args, stdin=stdin)
 
 
 # read, readv, recvfrom, recvmsg on x86_64
@@ -89,16 +83,6 @@ def wait_for_trace_started(trace: Path, timeout: float = 60.0) -> None:
         return bool(meta["probes"]["reads"]["attached"])
 
     wait_until(attached, timeout, "the recorder to attach")
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 __all__ = [
