@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probes.layout import SYSCALL_NAMES, Source
+from probes.layout import SYSCALL_NAMES, URING_OP_NAMES, PostFlag, Source
 
 SOURCE_NAMES = {s.value: s.name.lower() for s in Source}
 
@@ -96,46 +96,83 @@ def posted_timeline(intervals: pd.DataFrame) -> pd.DataFrame:
     return steps[["pid", "ts_ns", "posted_reads", "pinned_bytes"]].reset_index(drop=True)
 
 
-def _label(source: int, op: int) -> str:
+def _source_and_label(source: int, op: int, flags: int) -> tuple[str, str]:
+    """Where a read counts: "syscall" and "uring" are network reads, "file" is not."""
     if source == Source.SYSCALL:
-        return SYSCALL_NAMES.get(op, f"syscall_{op}")
-    return f"op_{op}"
+        return "syscall", SYSCALL_NAMES.get(op, f"syscall_{op}")
+    if source == Source.URING:
+        name = URING_OP_NAMES.get(op, f"op_{op}")
+        if flags & PostFlag.SOCKET:
+            return "uring", name
+        if flags & PostFlag.FIXED_FILE:  # a registered file: not known to be a socket
+            return "uring", f"{name} (fixed file)"
+        return "file", f"uring {name}"
+    return SOURCE_NAMES.get(source, str(source)), f"op_{op}"
+
+
+def label_reads(intervals: pd.DataFrame) -> pd.DataFrame:
+    """`intervals` with where each read counts (`source_name`) and what it is (`label`)."""
+    pairs = [
+        _source_and_label(s, o, f)
+        for s, o, f in zip(intervals["source"], intervals["op"], intervals["flags"])
+    ]
+    return intervals.assign(source_name=[p[0] for p in pairs], label=[p[1] for p in pairs])
+
+
+def network_reads(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Only reads on sockets (reads of files through io_uring are left out)."""
+    if intervals.empty:
+        return intervals
+    return intervals[label_reads(intervals)["source_name"] != "file"]
+
+
+SUMMARY_COUNTS = [
+    "posted_reads",
+    "pinned_bytes",
+    "buffer_select_posted",
+    "multishot_posted",
+    "reads_completed",
+    "reads_failed",
+    "bytes_received",
+]
 
 
 def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
-    """Per (pid, source, label): reads posted now, bytes pinned now, completed, received."""
-    cols = [
-        "pid",
-        "source",
-        "label",
-        "posted_reads",
-        "pinned_bytes",
-        "reads_completed",
-        "reads_failed",
-        "bytes_received",
-    ]
+    """Per (pid, source, label): reads posted now, bytes pinned now, completed, received.
+
+    `buffer_select_posted` counts posted reads that pin no buffer of their own (they take one
+    from a provided-buffer group when data arrives); `multishot_posted` those that stay posted
+    across completions.
+    """
+    cols = ["pid", "source", "label", *SUMMARY_COUNTS]
     if intervals.empty:
         return pd.DataFrame(columns=cols)
-    df = intervals.assign(
-        source=intervals["source"].map(SOURCE_NAMES),
-        label=[_label(s, o) for s, o in zip(intervals["source"], intervals["op"])],
-        open=intervals["end_ns"].isna(),
-        ok=intervals["ret"] >= 0,
-        failed=intervals["ret"] < 0,
+    df = label_reads(intervals)
+    is_open = df["end_ns"].isna()
+    ok = df["ret"] >= 0
+    df = df.assign(
+        source=df["source_name"],
+        open=is_open,
+        ok=ok,
+        failed=df["ret"] < 0,
+        pinned=df["len"].where(is_open, 0),
+        received=df["ret"].where(ok, 0),
+        select_open=is_open & ((df["flags"] & PostFlag.BUFFER_SELECT) != 0),
+        multishot_open=is_open & ((df["flags"] & PostFlag.MULTISHOT) != 0),
     )
-    df["pinned"] = df["len"].where(df["open"], 0)
-    df["received"] = df["ret"].where(df["ok"], 0)
     g = df.groupby(["pid", "source", "label"], sort=True)
     out = pd.DataFrame(
         {
             "posted_reads": g["open"].sum(),
             "pinned_bytes": g["pinned"].sum(),
+            "buffer_select_posted": g["select_open"].sum(),
+            "multishot_posted": g["multishot_open"].sum(),
             "reads_completed": g["ok"].sum(),
             "reads_failed": g["failed"].sum(),
             "bytes_received": g["received"].sum(),
         }
     ).reset_index()
-    for c in cols[3:]:
+    for c in SUMMARY_COUNTS:
         out[c] = out[c].astype("int64")
     return out[cols]
 

@@ -6,17 +6,34 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.reads import posted_timeline, process_peaks, read_intervals, read_summary
+from analysis.buffers import buffer_group_summary
+from analysis.reads import (
+    SUMMARY_COUNTS,
+    network_reads,
+    posted_timeline,
+    process_peaks,
+    read_intervals,
+    read_summary,
+)
 from analysis.trace import Trace
+
+# Sources whose reads count in a process's totals (io_uring reads of files do not).
+NETWORK_SOURCES = ("syscall", "uring")
 
 
 def summarize(trace: Trace) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
     intervals = read_intervals(trace["posts"], trace["completions"])
     by_label = read_summary(intervals)
-    peaks = process_peaks(posted_timeline(intervals)).set_index("pid")
+    peaks = process_peaks(posted_timeline(network_reads(intervals))).set_index("pid")
+    groups = buffer_group_summary(
+        trace["buffer_groups"], trace["buffer_rings"], trace["buffer_uses"]
+    )
+    # multishot requests complete many times before their final completion; those
+    # intermediate completions are buffer uses without a request pointer
+    uses = trace["buffer_uses"]
     processes = trace["processes"].drop_duplicates("pid").set_index("pid")
-    pids = sorted(set(processes.index) | set(by_label["pid"]))
+    pids = sorted(set(processes.index) | set(by_label["pid"]) | set(groups["pid"]))
     out = []
     for pid in pids:
         rows = by_label[by_label["pid"] == pid]
@@ -26,7 +43,11 @@ def summarize(trace: Trace) -> dict[str, Any]:
                 **_totals(src_rows),
                 "by_op": {str(r.label): _totals(pd.DataFrame([r])) for r in src_rows.itertuples()},
             }
-        totals = _totals(rows)
+        totals = _totals(rows[rows["source"].isin(NETWORK_SOURCES)])
+        extra = _intermediate(uses[uses["pid"] == pid])
+        if "uring" in by_source:
+            for k in ("reads_completed", "bytes_received"):
+                by_source["uring"][k] += extra[k]
         out.append(
             {
                 "pid": int(pid),
@@ -39,10 +60,15 @@ def summarize(trace: Trace) -> dict[str, Any]:
                     "now": totals["pinned_bytes"],
                     "peak": int(peaks["pinned_peak"].get(pid, 0)),
                 },
+                "buffer_select_posted": totals["buffer_select_posted"],
                 "by_source": by_source,
-                "reads_completed": totals["reads_completed"],
+                "reads_completed": totals["reads_completed"] + extra["reads_completed"],
                 "reads_failed": totals["reads_failed"],
-                "bytes_received": totals["bytes_received"],
+                "bytes_received": totals["bytes_received"] + extra["bytes_received"],
+                "buffer_groups": [
+                    {k: (v if isinstance(v, str) else int(v)) for k, v in g.items() if k != "pid"}
+                    for g in groups[groups["pid"] == pid].to_dict("records")
+                ],
             }
         )
     return {
@@ -51,17 +77,17 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "complete": trace.complete,
         "duration_s": trace.meta.get("elapsed_s"),
         "stop_reason": trace.meta.get("stop_reason"),
+        "uring": trace.meta.get("probes", {}).get("reads", {}).get("uring"),
+        "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
     }
+
+
+def _intermediate(uses: pd.DataFrame) -> dict[str, int]:
+    """Data delivered by multishot completions other than the final one (which carry no
+    request pointer and are not in the completions table)."""
+    mid = uses[(uses["request"] == 0) & (uses["bytes"] > 0)]
+    return {"reads_completed": len(mid), "bytes_received": int(mid["bytes"].sum())}
 
 
 def _totals(rows: pd.DataFrame) -> dict[str, int]:
-    return {
-        k: int(rows[k].sum())
-        for k in (
-            "posted_reads",
-            "pinned_bytes",
-            "reads_completed",
-            "reads_failed",
-            "bytes_received",
-        )
-    }
+    return {k: int(rows[k].sum()) for k in SUMMARY_COUNTS}

@@ -7,6 +7,7 @@ sentence with a non-zero exit; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if os.environ.get("IDLEBUF_DEBUG"):
+            raise
+        print(
+            f"idlebuf {args.command}: internal error: {exc!r} (a bug; run again with "
+            "IDLEBUF_DEBUG=1 for the traceback; any trace written so far is kept, "
+            "marked incomplete)",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

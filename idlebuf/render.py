@@ -39,34 +39,75 @@ def render_report(summary: dict[str, Any], title: str) -> str:
         )
     if not summary["processes"]:
         out.append("no process of the targets made a socket read")
+    if summary.get("uring") and summary["uring"] != "traced":
+        out.append(f"note: io_uring was not traced: {summary['uring']}")
+    for pid in summary.get("uring_before_attach", []):
+        out.append(
+            f"note: pid {pid} had io_uring instances open before the recording: requests it "
+            "submitted earlier (and buffer rings it registered) are not visible"
+        )
     for proc in summary["processes"]:
         out.append("")
         out.append(f"pid {proc['pid']} ({proc['comm'] or '?'})")
-        rows = [
-            [
-                "all",
-                f"{proc['posted_reads']['now']:,}",
-                f"{proc['posted_reads']['peak']:,}",
-                human_bytes(proc["pinned_bytes"]["now"]),
-                human_bytes(proc["pinned_bytes"]["peak"]),
-                f"{proc['reads_completed']:,}",
-                human_bytes(proc["bytes_received"]),
-            ]
-        ]
+        rows = [_row("all", proc, peaks=True)]
         for source, s in proc["by_source"].items():
             for op, o in s["by_op"].items():
-                rows.append(
-                    [
-                        f"  {source}:{op}",
-                        f"{o['posted_reads']:,}",
-                        "",
-                        human_bytes(o["pinned_bytes"]),
-                        "",
-                        f"{o['reads_completed']:,}",
-                        human_bytes(o["bytes_received"]),
-                    ]
-                )
+                rows.append(_row(f"  {source}:{op}", o))
         out.append(
-            table(["", "posted now", "peak", "pinned now", "peak", "completed", "received"], rows)
+            table(
+                [
+                    "",
+                    "posted now",
+                    "peak",
+                    "pinned now",
+                    "peak",
+                    "buf-select",
+                    "completed",
+                    "received",
+                ],
+                rows,
+            )
         )
+        if proc.get("buffer_groups"):
+            out.append("")
+            out.append("provided-buffer groups (buffers taken only when data arrives)")
+            out.append(
+                table(
+                    ["ring", "group", "how", "buffers", "memory", "consumed", "available"],
+                    [
+                        [
+                            f"{g['ring']:#x}",
+                            str(g["group"]),
+                            g["how"],
+                            f"{g['buffers']:,}",
+                            human_bytes(g["bytes"]),
+                            f"{g['consumed']:,}",
+                            f"{g['available']:,}",
+                        ]
+                        for g in proc["buffer_groups"]
+                    ],
+                )
+            )
     return "\n".join(out)
+
+
+def _row(name: str, figures: dict[str, Any], peaks: bool = False) -> list[str]:
+    posted, pinned = figures["posted_reads"], figures["pinned_bytes"]
+    if peaks:  # process totals: {"now", "peak"}
+        cells = [
+            f"{posted['now']:,}",
+            f"{posted['peak']:,}",
+            human_bytes(pinned["now"]),
+            human_bytes(pinned["peak"]),
+        ]
+        select = figures.get("buffer_select_posted", 0)
+    else:
+        cells = [f"{posted:,}", "", human_bytes(pinned), ""]
+        select = figures.get("buffer_select_posted", 0)
+    return [
+        name,
+        *cells,
+        f"{select:,}" if select else "",
+        f"{figures['reads_completed']:,}",
+        human_bytes(figures["bytes_received"]),
+    ]

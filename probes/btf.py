@@ -82,6 +82,7 @@ class BTF:
             )
             pos += 12 + fixed + per_item * vlen
         self._by_name: dict[tuple[int, str], int] | None = None
+        self._enumerators: dict[str, int] | None = None
 
     @classmethod
     def load(cls, path: Path = VMLINUX) -> BTF:
@@ -155,6 +156,20 @@ class BTF:
 
     def sizeof(self, struct_name: str) -> int:
         return self._resolve(self.type_id(STRUCT, struct_name)).size_or_type
+
+    def enumerator(self, constant: str) -> int:
+        """The value of an enum constant wherever it is declared (anonymous enums included)."""
+        if self._enumerators is None:
+            self._enumerators = {}
+            for t in self._types:
+                if t is not None and t.kind == ENUM:
+                    for i in range(t.vlen):
+                        name_off, value = struct.unpack_from("<Ii", self._raw, t.data + 8 * i)
+                        self._enumerators.setdefault(self._str(name_off), value)
+        try:
+            return self._enumerators[constant]
+        except KeyError:
+            raise BTFError(f"no enum constant {constant} in BTF") from None
 
     def enum_value(self, enum_name: str, constant: str) -> int:
         t = self._resolve(self.type_id(ENUM, enum_name))

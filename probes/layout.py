@@ -33,6 +33,8 @@ class Kind(IntEnum):
 
     POST = 1  # a read took a buffer and waits for data
     COMPLETE = 2  # that read returned (bytes or -errno)
+    BUFFER_USED = 3  # the kernel filled a buffer taken from a provided-buffer group
+    BUFFER_GROUP = 4  # buffers were provided to a group (a registered ring or PROVIDE_BUFFERS)
 
 
 class Source(IntEnum):
@@ -51,16 +53,38 @@ class Counter(IntEnum):
     POSTS = 2
     COMPLETIONS = 3
     TARGETS_FULL = 4  # a followed child could not be added to the target table
+    SELECT_FULL = 5  # a multishot buffer-select request could not be remembered
+    URING_UNREADABLE = 6  # a request's buffer could not be read from the kernel
 
 
 # Counters that mean lost information; a figure from a trace with any of these non-zero says so.
-DROP_COUNTERS = (Counter.RINGBUF_FULL, Counter.INFLIGHT_FULL, Counter.TARGETS_FULL)
+DROP_COUNTERS = (
+    Counter.RINGBUF_FULL,
+    Counter.INFLIGHT_FULL,
+    Counter.TARGETS_FULL,
+    Counter.SELECT_FULL,
+    Counter.URING_UNREADABLE,
+)
 
 
 class PostFlag(IntEnum):
     SCANNED = 1  # found already blocked by the /proc scan when tracing started
     VECTORED = 2  # readv/recvmsg-style: addr is the first iovec's base, len the total
     IOV_TRUNCATED = 4  # more iovecs than the probe sums; len is a lower bound
+    SOCKET = 8  # uring: the target is a socket (syscall posts are sockets by construction)
+    FIXED_FILE = 16  # uring: a registered file; the kernel does not say yet if it is a socket
+    BUFFER_SELECT = 32  # uring: the buffer comes from a provided-buffer group on arrival
+    MULTISHOT = 64  # uring: stays posted across completions until the final one
+    FIXED_BUFFER = 128  # uring: READ_FIXED into a registered buffer
+    BUNDLE = 256  # uring: a recv bundle (several provided buffers per completion)
+
+
+class GroupKind(IntEnum):
+    """How buffers reached a provided-buffer group (BUFFER_GROUP records' `op`)."""
+
+    RING = 1  # IORING_REGISTER_PBUF_RING: addr = ring address, value = ring entries
+    PROVIDE = 2  # IORING_OP_PROVIDE_BUFFERS: addr = first buffer, value = bytes per buffer,
+    #              nvec = buffers
 
 
 @dataclass(frozen=True)
@@ -126,18 +150,31 @@ READ_EVENT = Record(
     (
         Field("ts_ns", "__u64"),  # bpf_ktime_get_ns (CLOCK_MONOTONIC)
         Field("key", "__u64"),  # identifies the read in flight: tid (syscall), req (uring)
-        Field("addr", "__u64"),  # buffer address (POST)
-        Field("value", "__s64"),  # POST: buffer length; COMPLETE: bytes returned or -errno
+        Field("addr", "__u64"),  # POST: buffer; BUFFER_USED: buffer id; BUFFER_GROUP: see GroupKind
+        Field("value", "__s64"),  # POST: length; COMPLETE, BUFFER_USED: bytes or -errno
+        Field("ring", "__u64"),  # uring: the ring (kernel io_ring_ctx address)
+        Field("aux", "__u64"),  # uring: the request's user_data
         Field("pid", "__u32"),
         Field("tid", "__u32"),
         Field("fd", "__s32"),
-        Field("flags", "__u32"),  # PostFlag bits
-        Field("nvec", "__u32"),  # iovec count for vectored reads, else 0
-        Field("op", "__u16"),  # syscall number (syscall), opcode (uring)
+        Field("flags", "__u32"),  # POST: PostFlag bits; COMPLETE: CQE flags
+        Field("nvec", "__u32"),  # POST: iovec count (vectored), BUFFER_GROUP: buffers
+        Field("op", "__u16"),  # syscall number (syscall), opcode (uring), GroupKind
+        Field("group", "__u16"),  # uring: provided-buffer group id
         Field("kind", "__u8"),  # Kind
         Field("source", "__u8"),  # Source
+        Field("reserved0", "__u16"),
+        Field("reserved1", "__u32"),
     ),
 )
+
+
+def wire_records(rows: list[dict[str, int]]) -> np.ndarray:
+    """READ_EVENT records made in user space (fields not given are zero)."""
+    out = np.zeros(len(rows), dtype=READ_EVENT.dtype)
+    for name in rows[0] if rows else ():
+        out[name] = [r[name] for r in rows]
+    return out
 
 
 @dataclass(frozen=True)
@@ -182,6 +219,9 @@ POSTS = Table(
         _wire("len", "value"),
         _wire("nvec"),
         _wire("flags"),
+        _wire("ring"),
+        _wire("user_data", "aux"),
+        _wire("group"),
     ),
 )
 
@@ -194,6 +234,52 @@ COMPLETIONS = Table(
         _wire("source"),
         _wire("key"),
         _wire("ret", "value"),
+        _wire("ring"),
+        _wire("cqe_flags", "flags"),
+    ),
+)
+
+BUFFER_USES = Table(
+    "buffer_uses",
+    (
+        _wire("ts_ns"),
+        _wire("pid"),
+        _wire("ring"),
+        _wire("group"),
+        _wire("buffer_id", "addr"),
+        _wire("bytes", "value"),
+        _wire("user_data", "aux"),
+        _wire("request", "key"),  # 0 for a multishot completion that is not the final one
+    ),
+)
+
+BUFFER_GROUPS = Table(
+    "buffer_groups",
+    (
+        _wire("ts_ns"),
+        _wire("pid"),
+        _wire("ring"),
+        _wire("group"),
+        _wire("how", "op"),
+        _wire("addr"),
+        _wire("entries_or_size", "value"),
+        _wire("buffers", "nvec"),
+    ),
+)
+
+# Registered buffer rings as the recorder read them from the process's memory: the kernel
+# never reports what user space adds to a ring, so the recorder looks.
+BUFFER_RINGS = Table(
+    "buffer_rings",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("ring", pa.uint64()),
+        Column("group", pa.uint16()),
+        Column("entries", pa.uint32()),
+        Column("tail", pa.uint16()),
+        Column("buffers", pa.uint32()),  # distinct buffer ids seen in the ring so far
+        Column("bytes", pa.uint64()),  # their total length
     ),
 )
 
@@ -207,8 +293,27 @@ PROCESSES = Table(
     ),
 )
 
-TABLES: dict[str, Table] = {t.name: t for t in (POSTS, COMPLETIONS, PROCESSES)}
-TABLE_OF_KIND: dict[Kind, Table] = {Kind.POST: POSTS, Kind.COMPLETE: COMPLETIONS}
+TABLES: dict[str, Table] = {
+    t.name: t for t in (POSTS, COMPLETIONS, BUFFER_USES, BUFFER_GROUPS, BUFFER_RINGS, PROCESSES)
+}
+TABLE_OF_KIND: dict[Kind, Table] = {
+    Kind.POST: POSTS,
+    Kind.COMPLETE: COMPLETIONS,
+    Kind.BUFFER_USED: BUFFER_USES,
+    Kind.BUFFER_GROUP: BUFFER_GROUPS,
+}
+
+# io_uring opcodes that read into a buffer (enum io_uring_op; values checked against BTF).
+URING_READ_OPS: dict[str, int] = {
+    "READV": 1,
+    "READ_FIXED": 4,
+    "RECVMSG": 10,
+    "READ": 22,
+    "RECV": 27,
+    "READ_MULTISHOT": 49,
+}
+URING_OP_NAMES: dict[int, str] = {nr: name for name, nr in URING_READ_OPS.items()}
+URING_PROVIDE_BUFFERS = 31
 
 # Syscalls whose posted reads are traced, x86_64 numbers (the tracepoint names carry them on
 # other architectures; numbers only label rows).
@@ -231,6 +336,9 @@ def c_header() -> str:
     consts += [f"#define N_COUNTERS {len(Counter)}"]
     consts += [f"#define FLAG_{p.name} {p.value}" for p in PostFlag]
     consts += [f"#define NR_{name} {nr}" for name, nr in SYSCALLS.items()]
+    consts += [f"#define URING_OP_{name} {nr}" for name, nr in URING_READ_OPS.items()]
+    consts += [f"#define URING_OP_PROVIDE_BUFFERS {URING_PROVIDE_BUFFERS}"]
+    consts += [f"#define GROUP_{g.name} {g.value}" for g in GroupKind]
     return "\n".join(
         [
             "/* Generated from probes/layout.py: do not edit. */",

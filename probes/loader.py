@@ -27,6 +27,41 @@ SOCKET_CHECK_OFFSETS = {
     "OFF_INODE_MODE": ("inode", "i_mode"),
 }
 
+# io_uring request layout, as (constant, struct, member path within the struct); op-specific
+# structures live in io_kiocb's `cmd` area, so their offsets add io_kiocb.cmd.
+URING_OFFSETS = {
+    "URING_OFF_CQE_FD": [("io_kiocb", "cqe"), ("io_cqe", "fd")],
+    "URING_OFF_ASYNC": [("io_kiocb", "async_data")],
+    "URING_OFF_BUF_INDEX": [("io_kiocb", "buf_index")],
+    "URING_OFF_SR_BUF": [("io_kiocb", "cmd"), ("io_sr_msg", "buf")],
+    "URING_OFF_SR_LEN": [("io_kiocb", "cmd"), ("io_sr_msg", "len")],
+    "URING_OFF_SR_FLAGS": [("io_kiocb", "cmd"), ("io_sr_msg", "flags")],
+    "URING_OFF_RW_ADDR": [("io_kiocb", "cmd"), ("io_rw", "addr")],
+    "URING_OFF_RW_LEN": [("io_kiocb", "cmd"), ("io_rw", "len")],
+    "URING_OFF_PB_ADDR": [("io_kiocb", "cmd"), ("io_provide_buf", "addr")],
+    "URING_OFF_PB_LEN": [("io_kiocb", "cmd"), ("io_provide_buf", "len")],
+    "URING_OFF_PB_BGID": [("io_kiocb", "cmd"), ("io_provide_buf", "bgid")],
+    "URING_OFF_PB_NBUFS": [("io_kiocb", "cmd"), ("io_provide_buf", "nbufs")],
+    "URING_OFF_ARW_ITER": [("io_async_rw", "iter")],
+    "URING_OFF_AMSG_ITER": [("io_async_msghdr", "msg"), ("msghdr", "msg_iter")],
+    "ITER_OFF_TYPE": [("iov_iter", "iter_type")],
+    "ITER_OFF_IOV": [("iov_iter", "__iov")],
+    "ITER_OFF_COUNT": [("iov_iter", "count")],
+    "ITER_OFF_NR_SEGS": [("iov_iter", "nr_segs")],
+}
+# request flag bits (anonymous enum in io_uring_types.h), passed as masks
+URING_FLAG_BITS = {
+    "REQ_F_FIXED_FILE_MASK": "REQ_F_FIXED_FILE_BIT",
+    "REQ_F_BUFFER_SELECT_MASK": "REQ_F_BUFFER_SELECT_BIT",
+    "REQ_F_APOLL_MULTISHOT_MASK": "REQ_F_APOLL_MULTISHOT_BIT",
+}
+URING_TRACEPOINTS = (
+    "io_uring/io_uring_submit_req",
+    "io_uring/io_uring_complete",
+    "io_uring/io_uring_register",
+    "syscalls/sys_enter_io_uring_register",
+)
+
 BPF_NOEXIST = 1
 
 
@@ -50,13 +85,30 @@ def kernel_offsets(btf: BTF) -> dict[str, int]:
         raise ProbeError(f"kernel BTF lacks what the socket check needs: {exc}") from None
 
 
+def uring_constants(btf: BTF) -> dict[str, int]:
+    """Offsets and constants the io_uring probes need; BTFError says what this kernel lacks."""
+    out = {name: sum(btf.offsetof(s, m) for s, m in path) for name, path in URING_OFFSETS.items()}
+    for mask, bit in URING_FLAG_BITS.items():
+        out[mask] = 1 << btf.enumerator(bit)
+    out["ITER_UBUF_VAL"] = btf.enum_value("iter_type", "ITER_UBUF")
+    out["ITER_IOVEC_VAL"] = btf.enum_value("iter_type", "ITER_IOVEC")
+    for name, value in layout.URING_READ_OPS.items():
+        if btf.enum_value("io_uring_op", f"IORING_OP_{name}") != value:
+            raise BTFError(f"IORING_OP_{name} is not {value} on this kernel")
+    return out
+
+
 def read_probe_source() -> str:
     return layout.c_header() + resources.files("probes").joinpath("reads.bpf.c").read_text()
 
 
-def read_probe_cflags(options: ReadProbeOptions, offsets: dict[str, int]) -> list[str]:
+def read_probe_cflags(
+    options: ReadProbeOptions, offsets: dict[str, int], uring: dict[str, int] | None = None
+) -> list[str]:
     consts = dict(offsets)
+    consts.update(uring or {})
     consts.update(
+        WITH_URING=int(uring is not None),
         MAX_TARGETS=options.max_targets,
         MAX_INFLIGHT=options.max_inflight,
         RINGBUF_PAGES=options.ringbuf_pages,
@@ -66,9 +118,23 @@ def read_probe_cflags(options: ReadProbeOptions, offsets: dict[str, int]) -> lis
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
 
+def uring_support(btf: BTF) -> tuple[dict[str, int] | None, str]:
+    """(constants, why) - constants is None when io_uring cannot be traced here."""
+    from probes import features  # noqa: PLC0415
+
+    missing = [t for t in URING_TRACEPOINTS if not features.tracepoint_present(t)]
+    if missing:
+        return None, "no tracepoint " + ", ".join(m.replace("/", ":") for m in missing)
+    try:
+        return uring_constants(btf), "traced"
+    except BTFError as exc:
+        return None, f"this kernel's io_uring layout is not understood: {exc}"
+
+
 def render_read_probe(options: ReadProbeOptions, btf: BTF | None = None) -> str:
     """The final C text bcc compiles, with its -D constants as #defines (for debugging)."""
-    cflags = read_probe_cflags(options, kernel_offsets(btf or BTF.load()))
+    btf = btf or BTF.load()
+    cflags = read_probe_cflags(options, kernel_offsets(btf), uring_support(btf)[0])
     defines = [f"#define {flag[2:].replace('=', ' ', 1)}" for flag in cflags]
     return "\n".join(["/* cflags: " + " ".join(cflags) + " */", *defines, read_probe_source()])
 
@@ -85,8 +151,9 @@ class ReadProbes:
                 "distribution's python3-bpfcc, not from pip)"
             ) from None
         self.options = options
-        offsets = kernel_offsets(btf or BTF.load())
-        self.cflags = read_probe_cflags(options, offsets)
+        btf = btf or BTF.load()
+        uring, self.uring_status = uring_support(btf)
+        self.cflags = read_probe_cflags(options, kernel_offsets(btf), uring)
         try:
             self.bpf: Any = BPF(text=read_probe_source(), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load failure

@@ -21,10 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from probes import features, layout, scan
+from probes.buffer_rings import BufferRingWatcher
 from probes.loader import ProbeError, ReadProbeOptions, ReadProbes
 from probes.trace_writer import TraceWriter
 
 VERSION = "0.1.0"
+EXIT_QUIET_S = 0.3  # after the targets exit: stop once no event came for this long...
+EXIT_GRACE_S = 3.0  # ...or after this long at most
 
 
 class RecordError(Exception):
@@ -115,6 +118,7 @@ class Recorder:
         self._processes: list[dict[str, Any]] = []
         self._posts = 0
         self._completions = 0
+        self._rings = BufferRingWatcher()
 
     # --- set-up -------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -143,6 +147,7 @@ class Recorder:
                 "reads": {
                     "attached": probes is not None,
                     "cflags": probes.cflags if probes else [],
+                    "uring": probes.uring_status if probes else "not loaded",
                     "events": {"posts": self._posts, "completions": self._completions},
                     "kernel_counts": counters,
                 }
@@ -180,6 +185,7 @@ class Recorder:
         if self._batches:
             records = np.concatenate(self._batches)
             self._batches, self._buffered = [], 0
+            self._rings.note(records)
             for kind, table in layout.TABLE_OF_KIND.items():
                 rows = records[records["kind"] == kind]
                 if rows.size:
@@ -187,8 +193,17 @@ class Recorder:
                     self._writer.append(table, pa.table(columns))
             self._posts += int(np.count_nonzero(records["kind"] == layout.Kind.POST))
             self._completions += int(np.count_nonzero(records["kind"] == layout.Kind.COMPLETE))
+        rings = self._rings.snapshot(_now_ns())
+        if rings:
+            self._writer.append(
+                layout.BUFFER_RINGS,
+                pa.Table.from_pylist(rings, schema=layout.BUFFER_RINGS.arrow_schema()),
+            )
         if self._processes:
-            self._writer.append(layout.PROCESSES, pa.Table.from_pylist(self._processes))
+            self._writer.append(
+                layout.PROCESSES,
+                pa.Table.from_pylist(self._processes, schema=layout.PROCESSES.arrow_schema()),
+            )
             self._processes = []
 
     def _scan_blocked(self, probes: ReadProbes, pid: int) -> None:
@@ -207,23 +222,23 @@ class Recorder:
                     probes.forget_inflight(read.tid)
                 continue
             found.append(
-                (
-                    ts,
-                    read.tid,
-                    read.addr,
-                    read.length,
-                    pid,
-                    read.tid,
-                    read.fd,
-                    flags,
-                    read.nvec,
-                    read.op,
-                    layout.Kind.POST,
-                    layout.Source.SYSCALL,
-                )
+                {
+                    "ts_ns": ts,
+                    "key": read.tid,
+                    "addr": read.addr,
+                    "value": read.length,
+                    "pid": pid,
+                    "tid": read.tid,
+                    "fd": read.fd,
+                    "flags": flags,
+                    "nvec": read.nvec,
+                    "op": read.op,
+                    "kind": layout.Kind.POST,
+                    "source": layout.Source.SYSCALL,
+                }
             )
         if found:
-            self._take(np.array(found, dtype=layout.READ_EVENT.dtype))
+            self._take(layout.wire_records(found))
 
     # --- the session ------------------------------------------------------------------------
     def run(self) -> RecordSummary:
@@ -244,8 +259,22 @@ class Recorder:
         try:
             with _Stop() as stop:
                 return self._run(stop)
+        except RecordError:
+            raise
+        except Exception as exc:
+            # A bug must not cost the user what was recorded: keep what is buffered and say
+            # in meta.json why the trace is incomplete.
+            self._salvage(exc)
+            raise
         finally:
             self._writer.close()
+
+    def _salvage(self, exc: Exception) -> None:
+        # the original error is the one to report, not one met while salvaging
+        with contextlib.suppress(Exception):
+            self._flush()
+        with contextlib.suppress(Exception):
+            self._writer.write_meta(self._meta(False, None, {"error": repr(exc)[:500]}))
 
     def _run(self, stop: _Stop) -> RecordSummary:
         cfg = self.config
@@ -270,6 +299,9 @@ class Recorder:
                     self._note_process(pid, _now_ns())
                 for pid in cfg.pids:
                     self._scan_blocked(probes, pid)
+                self._static_meta["uring_before_attach"] = [
+                    pid for pid in cfg.pids if scan.has_io_uring(pid)
+                ]
             self._writer.write_meta(self._meta(False, probes, {}))
             stop_reason = self._stream(probes, stop, child, started)
             # A final drain after the loop: what the kernel emitted up to the stop.
@@ -300,10 +332,15 @@ class Recorder:
         """Drain and flush until a stop condition holds; returns why it stopped."""
         cfg = self.config
         last_flush = time.monotonic()
+        exited_at: float | None = None
+        last_event = last_flush
         while True:
-            probes.wait(0.1)
-            self._take(probes.drain())
+            probes.wait(0.05 if exited_at else 0.1)
+            batch = probes.drain()
+            self._take(batch)
             now = time.monotonic()
+            if batch.size:
+                last_event = now
             if self._buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_interval:
                 self._flush()
                 self._writer.write_meta(self._meta(False, probes, {}))
@@ -314,9 +351,15 @@ class Recorder:
                 return stop.reason
             if cfg.duration is not None and now - started >= cfg.duration:
                 return "duration"
-            if child is not None and child.poll() is not None:
-                return "all targets exited"
-            if child is None and not any(_alive(p) for p in cfg.pids):
+            if exited_at is None and (
+                child.poll() is not None if child else not any(_alive(p) for p in cfg.pids)
+            ):
+                exited_at = now
+            # The kernel cancels an exited process's io_uring requests from a worker, a little
+            # later: keep draining until it has been quiet for a moment.
+            if exited_at is not None and (
+                now - last_event >= EXIT_QUIET_S or now - exited_at >= EXIT_GRACE_S
+            ):
                 return "all targets exited"
 
     def _status(self, elapsed: float, probes: ReadProbes) -> str:

@@ -97,3 +97,19 @@ def blocked_reads(pid: int, max_iov: int = 8) -> Iterator[BlockedRead]:
     finally:
         if mem is not None:
             os.close(mem)
+
+
+def has_io_uring(pid: int) -> bool:
+    """Whether the process has an io_uring instance open (requests it submitted before tracing
+    began cannot be seen: io_uring exposes no list of them)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]":
+                return True
+        except OSError:
+            continue
+    return False

@@ -9,7 +9,7 @@ from probes import layout
 
 def test_wire_record_has_no_holes_and_matches_dtype() -> None:
     rec = layout.READ_EVENT
-    assert rec.dtype.itemsize == rec.size == 56
+    assert rec.dtype.itemsize == rec.size == 80
     assert all(rec.dtype.fields[name][1] == off for name, off in rec.offsets().items())
 
 
@@ -17,7 +17,7 @@ def test_c_header_declares_the_struct_with_offset_asserts() -> None:
     header = layout.c_header()
     for name, off in layout.READ_EVENT.offsets().items():
         assert f"offsetof(struct read_event, {name}) == {off}" in header
-    assert "sizeof(struct read_event) == 56" in header
+    assert "sizeof(struct read_event) == 80" in header
 
 
 def test_tables_take_their_types_from_the_wire_record() -> None:

@@ -48,6 +48,9 @@ def write_trace(path: Path, complete: bool = True, version: int = 1) -> Path:
                 "len": [BUF] * n,
                 "nvec": [0] * n,
                 "flags": [0] * n,
+                "ring": [0] * n,
+                "user_data": [0] * n,
+                "group": [0] * n,
             }
         ),
     )
@@ -61,6 +64,8 @@ def write_trace(path: Path, complete: bool = True, version: int = 1) -> Path:
                 "source": [1, 1],
                 "key": [100, 101],
                 "ret": [1000, -11],
+                "ring": [0, 0],
+                "cqe_flags": [0, 0],
             }
         ),
     )

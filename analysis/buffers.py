@@ -1,0 +1,48 @@
+"""Provided-buffer groups: the memory io_uring takes read buffers from only when data arrives.
+
+Pure functions over the buffer_groups, buffer_rings and buffer_uses tables.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from probes.layout import GroupKind
+
+KEYS = ["pid", "ring", "group"]
+GROUP_COLUMNS = [*KEYS, "how", "buffers", "bytes", "consumed", "available"]
+
+
+def buffer_group_summary(
+    groups: pd.DataFrame, rings: pd.DataFrame, uses: pd.DataFrame
+) -> pd.DataFrame:
+    """Per (pid, ring, group): buffers and bytes provided, buffers consumed and available now.
+
+    A registered ring's buffers are those its memory showed (the recorder reads it); available
+    is the ring's tail minus the buffers the kernel took. PROVIDE_BUFFERS groups are the sum of
+    what was provided; each use consumes one buffer.
+    """
+    consumed = uses[uses["bytes"] >= 0].groupby(KEYS).size().rename("consumed").reset_index()
+
+    registered = groups[groups["how"] == GroupKind.RING][KEYS].drop_duplicates()
+    last = rings.sort_values("ts_ns").groupby(KEYS)[["tail", "buffers", "bytes"]].last()
+    ring_rows = registered.merge(last.reset_index(), on=KEYS, how="left")
+    ring_rows = ring_rows.merge(consumed, on=KEYS, how="left").fillna(0)
+    ring_rows["available"] = (ring_rows["tail"] - ring_rows["consumed"]) % 65536
+    ring_rows["how"] = "ring"
+
+    provided = groups[groups["how"] == GroupKind.PROVIDE]
+    provided = provided.assign(
+        bytes=provided["buffers"].astype("int64") * provided["entries_or_size"].astype("int64")
+    )
+    prov_rows = provided.groupby(KEYS)[["buffers", "bytes"]].sum().reset_index()
+    prov_rows = prov_rows.merge(consumed, on=KEYS, how="left").fillna(0)
+    prov_rows["available"] = (prov_rows["buffers"] - prov_rows["consumed"]).clip(lower=0)
+    prov_rows["how"] = "provide"
+
+    out = pd.concat([ring_rows, prov_rows], ignore_index=True)
+    if out.empty:
+        return pd.DataFrame(columns=GROUP_COLUMNS)
+    for c in ("buffers", "bytes", "consumed", "available"):
+        out[c] = out[c].astype("int64")
+    return out[GROUP_COLUMNS]

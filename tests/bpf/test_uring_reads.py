@@ -1,0 +1,180 @@
+"""io_uring posted reads on real probes, against servers using a real io_uring.
+
+211 connections with one read request of 16,411 bytes posted per connection; 11 of them receive
+one message of 1,000 bytes, which completes their request, and are not re-posted: exactly 200
+posted reads and 200 x 16,411 pinned bytes, each request's buffer as the server lists it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from analysis.reads import read_intervals
+from analysis.trace import open_trace
+from probes.layout import URING_OP_NAMES, PostFlag, Source
+from tests.helpers import read_event, report_json, spawn_idlebuf, spawn_workload, stop
+
+pytestmark = pytest.mark.bpf
+
+CONNECTIONS, ACTIVE, SIZE, BUFFER = 211, 11, 1000, 16411
+RING_BUFFERS, RING_BUFFER_SIZE = 67, 4099
+
+
+def server_truth(recorder: subprocess.Popen[bytes], pid: int) -> dict[str, Any]:
+    os.kill(pid, signal.SIGUSR1)
+    return read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
+
+
+def wait_for_truth(
+    recorder: subprocess.Popen[bytes], pid: int, ok: Any, timeout: float = 30
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    truth = server_truth(recorder, pid)
+    while not ok(truth):
+        assert time.monotonic() < deadline, truth
+        time.sleep(0.1)
+        truth = server_truth(recorder, pid)
+    return truth
+
+
+def run_uring(
+    tmp_path: Path, server_args: list[str], expect_posted: int, stop_server_first: bool = False
+) -> tuple[Path, int, dict[str, Any], dict[str, Any]]:
+    """Record a uring server under load; returns (trace, pid, ground truth, load summary)."""
+    trace = tmp_path / "trace"
+    recorder = spawn_idlebuf(
+        "record",
+        "-o",
+        str(trace),
+        "--",
+        sys.executable,
+        "-m",
+        "workloads.uring_server",
+        *server_args,
+    )
+    load = None
+    try:
+        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
+        pid = listening["pid"]
+        load = spawn_workload(
+            "workloads.loadgen",
+            "--port",
+            str(listening["port"]),
+            "--connections",
+            str(CONNECTIONS),
+            "--active",
+            str(ACTIVE),
+            "--messages",
+            "1",
+            "--size",
+            str(SIZE),
+            "--hold",
+            "60",
+            "--wait-start",
+            stdin=subprocess.PIPE,
+        )
+        # every connection's read is posted before any data is sent...
+        wait_for_truth(recorder, pid, lambda t: t["posted_reads"] == CONNECTIONS)
+        load.stdin.write(b"go\n")  # type: ignore[union-attr]
+        load.stdin.flush()  # type: ignore[union-attr]
+        done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+        truth = wait_for_truth(
+            recorder,
+            pid,
+            lambda t: t["posted_reads"] == expect_posted and t["reads_completed"] == ACTIVE,
+        )
+        if stop_server_first:
+            os.kill(pid, signal.SIGTERM)  # the recorder stops by itself when it exits
+        else:
+            recorder.send_signal(signal.SIGINT)
+        _, err = recorder.communicate(timeout=60)
+        assert recorder.returncode == 0, err.decode()
+    finally:
+        stop(recorder)
+        if load is not None:
+            stop(load)
+    return trace, pid, truth, done
+
+
+def posted_now(trace: Path, pid: int) -> Any:
+    t = open_trace(trace)
+    iv = read_intervals(t["posts"], t["completions"])
+    return iv[(iv["pid"] == pid) & iv["end_ns"].isna() & (iv["source"] == Source.URING)]
+
+
+@pytest.mark.parametrize(
+    ("op", "sqpoll"),
+    [("recv", False), ("read", False), ("readv", False), ("recvmsg", False), ("recv", True)],
+)
+def test_one_request_per_connection(tmp_path: Path, op: str, sqpoll: bool) -> None:
+    args = ["--op", op, "--buffer-size", str(BUFFER), "--no-repost"]
+    trace, pid, truth, done = run_uring(
+        tmp_path, args + (["--sqpoll"] if sqpoll else []), CONNECTIONS - ACTIVE
+    )
+    assert done["requests"] == ACTIVE
+    report = report_json(trace)
+    (proc,) = [p for p in report["processes"] if p["pid"] == pid]
+    assert all(v == 0 for v in report["drops"].values()), report["drops"]
+    assert proc["posted_reads"]["now"] == CONNECTIONS - ACTIVE == truth["posted_reads"]
+    assert proc["pinned_bytes"]["now"] == (CONNECTIONS - ACTIVE) * BUFFER
+    assert proc["posted_reads"]["peak"] == CONNECTIONS
+    assert proc["reads_completed"] == ACTIVE
+    assert proc["bytes_received"] == ACTIVE * SIZE == truth["bytes_received"]
+    opname = {"recv": "RECV", "read": "READ", "readv": "READV", "recvmsg": "RECVMSG"}[op]
+    assert list(proc["by_source"]) == ["uring"]
+    assert list(proc["by_source"]["uring"]["by_op"]) == [opname]
+
+    posted = posted_now(trace, pid)
+    assert sorted(zip(posted["fd"], posted["addr"], posted["len"])) == sorted(
+        (b["fd"], b["addr"], b["len"]) for b in truth["buffers"]
+    )
+    assert set(posted["flags"] & PostFlag.SOCKET) == {PostFlag.SOCKET}
+    assert set(URING_OP_NAMES[o] for o in posted["op"]) == {opname}
+    if op in ("readv", "recvmsg"):
+        assert set(posted["nvec"]) == {2}
+
+
+def test_buffer_ring_with_multishot_recv(tmp_path: Path) -> None:
+    args = ["--buffer-ring", str(RING_BUFFERS), "--buffer-size", str(RING_BUFFER_SIZE)]
+    trace, pid, truth, done = run_uring(tmp_path, args, CONNECTIONS)
+    report = report_json(trace)
+    (proc,) = [p for p in report["processes"] if p["pid"] == pid]
+    # every connection holds a posted multishot RECV, but none pins a buffer of its own
+    assert proc["posted_reads"]["now"] == CONNECTIONS
+    assert proc["pinned_bytes"]["now"] == 0
+    assert proc["buffer_select_posted"] == CONNECTIONS
+    assert proc["reads_completed"] == ACTIVE and proc["bytes_received"] == ACTIVE * SIZE
+    (group,) = proc["buffer_groups"]
+    ring = truth["buffer_ring"]
+    assert group["how"] == "ring" and group["group"] == ring["group"]
+    assert group["buffers"] == RING_BUFFERS == ring["buffers"]
+    assert group["bytes"] == RING_BUFFERS * RING_BUFFER_SIZE == ring["bytes"]
+    assert group["consumed"] == ACTIVE == ring["consumed"]
+    assert group["available"] == RING_BUFFERS  # the server gave each buffer back
+    posted = posted_now(trace, pid)
+    flags = PostFlag.BUFFER_SELECT | PostFlag.MULTISHOT
+    assert set(posted["flags"] & flags) == {flags}
+    assert set(posted["len"]) == {0}
+
+
+def test_nothing_stays_posted_after_the_process_exits(tmp_path: Path) -> None:
+    args = ["--op", "recv", "--buffer-size", str(BUFFER), "--no-repost"]
+    trace, pid, truth, _ = run_uring(tmp_path, args, CONNECTIONS - ACTIVE, stop_server_first=True)
+    report = report_json(trace)
+    (proc,) = [p for p in report["processes"] if p["pid"] == pid]
+    assert report["stop_reason"] == "all targets exited"
+    assert proc["posted_reads"]["now"] == 0 and proc["pinned_bytes"]["now"] == 0
+    assert proc["posted_reads"]["peak"] == CONNECTIONS
+    t = open_trace(trace)
+    cancelled = t["completions"][
+        (t["completions"]["source"] == Source.URING) & (t["completions"]["ret"] < 0)
+    ]
+    assert len(cancelled) == CONNECTIONS - ACTIVE
