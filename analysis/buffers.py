@@ -31,13 +31,18 @@ def buffer_group_summary(
     ring_rows["available"] = (ring_rows["tail"] - ring_rows["consumed"]) % 65536
     ring_rows["how"] = "ring"
 
+    # PROVIDE_BUFFERS: a group's buffers are the distinct ids ever provided (a server gives a
+    # used buffer back by providing its id again); each provide adds, each use takes one.
     provided = groups[groups["how"] == GroupKind.PROVIDE]
-    provided = provided.assign(
-        bytes=provided["buffers"].astype("int64") * provided["entries_or_size"].astype("int64")
-    )
-    prov_rows = provided.groupby(KEYS)[["buffers", "bytes"]].sum().reset_index()
+    prov = []
+    for key, part in provided.groupby(KEYS):
+        sizes: dict[int, int] = {}
+        for first, count, size in zip(part["first_id"], part["buffers"], part["entries_or_size"]):
+            sizes.update(dict.fromkeys(range(int(first), int(first) + int(count)), int(size)))
+        prov.append((*key, len(sizes), sum(sizes.values()), int(part["buffers"].sum())))
+    prov_rows = pd.DataFrame(prov, columns=[*KEYS, "buffers", "bytes", "provided"])
     prov_rows = prov_rows.merge(consumed, on=KEYS, how="left").fillna(0)
-    prov_rows["available"] = (prov_rows["buffers"] - prov_rows["consumed"]).clip(lower=0)
+    prov_rows["available"] = (prov_rows["provided"] - prov_rows["consumed"]).clip(lower=0)
     prov_rows["how"] = "provide"
 
     out = pd.concat([ring_rows, prov_rows], ignore_index=True)

@@ -164,7 +164,7 @@ READ_EVENT = Record(
         Field("kind", "__u8"),  # Kind
         Field("source", "__u8"),  # Source
         Field("reserved0", "__u16"),
-        Field("reserved1", "__u32"),
+        Field("first_id", "__u32"),  # BUFFER_GROUP (PROVIDE): id of the first buffer
     ),
 )
 
@@ -264,6 +264,7 @@ BUFFER_GROUPS = Table(
         _wire("addr"),
         _wire("entries_or_size", "value"),
         _wire("buffers", "nvec"),
+        _wire("first_id"),
     ),
 )
 

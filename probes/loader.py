@@ -42,6 +42,7 @@ URING_OFFSETS = {
     "URING_OFF_PB_LEN": [("io_kiocb", "cmd"), ("io_provide_buf", "len")],
     "URING_OFF_PB_BGID": [("io_kiocb", "cmd"), ("io_provide_buf", "bgid")],
     "URING_OFF_PB_NBUFS": [("io_kiocb", "cmd"), ("io_provide_buf", "nbufs")],
+    "URING_OFF_PB_BID": [("io_kiocb", "cmd"), ("io_provide_buf", "bid")],
     "URING_OFF_ARW_ITER": [("io_async_rw", "iter")],
     "URING_OFF_AMSG_ITER": [("io_async_msghdr", "msg"), ("msghdr", "msg_iter")],
     "ITER_OFF_TYPE": [("iov_iter", "iter_type")],

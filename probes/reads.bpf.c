@@ -141,7 +141,7 @@ static __always_inline void emit(u8 kind, u64 key, u32 pid, u32 tid, const struc
     e->aux = 0;
     e->group = 0;
     e->reserved0 = 0;
-    e->reserved1 = 0;
+    e->first_id = 0;
     events.ringbuf_submit(e, 0);
 }
 
@@ -342,7 +342,7 @@ static __always_inline struct read_event *uring_event(u8 kind, u64 key, u64 ring
     e->kind = kind;
     e->source = SOURCE_URING;
     e->reserved0 = 0;
-    e->reserved1 = 0;
+    e->first_id = 0;
     return e;
 }
 
@@ -387,6 +387,8 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     if (op == URING_OP_PROVIDE_BUFFERS) {
         u64 base = 0;
         u32 size = 0, bgid = 0, nbufs = 0;
+        u16 bid = 0;
+        bpf_probe_read_kernel(&bid, sizeof(bid), req + URING_OFF_PB_BID);
         bpf_probe_read_kernel(&base, sizeof(base), req + URING_OFF_PB_ADDR);
         bpf_probe_read_kernel(&size, sizeof(size), req + URING_OFF_PB_LEN);
         bpf_probe_read_kernel(&bgid, sizeof(bgid), req + URING_OFF_PB_BGID);
@@ -399,6 +401,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
         e->addr = base;
         e->value = size;
         e->nvec = nbufs;
+        e->first_id = bid;
         events.ringbuf_submit(e, 0);
         return 0;
     }

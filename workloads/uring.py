@@ -20,14 +20,14 @@ SYS_IO_URING_SETUP, SYS_IO_URING_ENTER, SYS_IO_URING_REGISTER = 425, 426, 427
 
 # opcodes (enum io_uring_op)
 OP_READV, OP_READ_FIXED, OP_RECVMSG, OP_ASYNC_CANCEL = 1, 4, 10, 14
-OP_READ, OP_RECV, OP_PROVIDE_BUFFERS = 22, 27, 31
+OP_READ, OP_RECV, OP_PROVIDE_BUFFERS, OP_READ_MULTISHOT = 22, 27, 31, 49
 IOSQE_BUFFER_SELECT = 1 << 5
 IORING_RECV_MULTISHOT = 1 << 1
 IORING_SETUP_SQPOLL = 1 << 1
 IORING_ENTER_GETEVENTS, IORING_ENTER_SQ_WAKEUP = 1, 2
 IORING_SQ_NEED_WAKEUP = 1
 IORING_CQE_F_BUFFER, IORING_CQE_F_MORE = 1, 2
-IORING_REGISTER_PBUF_RING = 22
+IORING_REGISTER_BUFFERS, IORING_REGISTER_EVENTFD, IORING_REGISTER_PBUF_RING = 0, 4, 22
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 
 _SQE = struct.Struct("<BBHiQQIIQHHIQQ")  # 64 bytes
@@ -188,6 +188,20 @@ class Ring:
         self._cq_head.value = head
         return out
 
+    def register(self, opcode: int, arg: object, nr_args: int) -> None:
+        _check(_libc.syscall(SYS_IO_URING_REGISTER, self.fd, opcode, ctypes.byref(arg), nr_args))  # type: ignore[arg-type]
+
+    def register_eventfd(self, efd: int) -> None:
+        """Have the kernel signal `efd` on every completion (so select() can wait on it)."""
+        self.register(IORING_REGISTER_EVENTFD, ctypes.c_int32(efd), 1)
+
+    def register_buffer(self, memory: bytearray) -> int:
+        """Register `memory` as fixed buffer 0 (for READ_FIXED); returns its address."""
+        addr = ctypes.addressof((ctypes.c_char * len(memory)).from_buffer(memory))
+        self.register(IORING_REGISTER_BUFFERS, (ctypes.c_uint64 * 2)(addr, len(memory)), 1)
+        self._keep.append(memory)
+        return addr
+
     def register_buffer_ring(self, group: int, count: int, size: int) -> BufferRing:
         return BufferRing(self, group, count, size)
 
@@ -222,11 +236,7 @@ class BufferRing:
         self.memory = bytearray(count * size)
         self.base = ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory))
         reg = _BufReg(ring_addr=self.ring_addr, ring_entries=entries, bgid=group)
-        _check(
-            _libc.syscall(
-                SYS_IO_URING_REGISTER, ring.fd, IORING_REGISTER_PBUF_RING, ctypes.byref(reg), 1
-            )
-        )
+        ring.register(IORING_REGISTER_PBUF_RING, reg, 1)
         # the ring's tail overlays the resv field of entry 0; store it as one 16-bit word
         self._tail_word = ctypes.c_uint16.from_buffer(self._ring_mem, 14)
         self._tail = 0
@@ -250,3 +260,35 @@ class BufferRing:
     def give_back(self, bid: int) -> None:
         self._add(bid)
         self._publish()
+
+
+class ProvidedBuffers:
+    """The older mechanism: buffers handed to a group with IORING_OP_PROVIDE_BUFFERS requests;
+    each use consumes one until it is provided again."""
+
+    USER_DATA = 1 << 63  # marks the PROVIDE_BUFFERS completions
+
+    def __init__(self, ring: Ring, group: int, count: int, size: int) -> None:
+        self.ring, self.group, self.count, self.size = ring, group, count, size
+        self.memory = bytearray(count * size)
+        self.base = ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory))
+        self.consumed = 0
+        self.provide(0, count)
+
+    def address(self, bid: int) -> int:
+        return self.base + bid * self.size
+
+    def provide(self, first: int, count: int) -> None:
+        # sqe: fd = number of buffers, addr = first buffer, len = size, off = first id
+        self.ring.prep(
+            OP_PROVIDE_BUFFERS,
+            count,
+            self.address(first),
+            self.size,
+            off=first,
+            user_data=self.USER_DATA,
+            buf_group=self.group,
+        )
+
+    def give_back(self, bid: int) -> None:
+        self.provide(bid, 1)

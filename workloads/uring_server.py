@@ -1,11 +1,12 @@
 """Queued model, io_uring: one read request with its own buffer posted per connection.
 
-Or, with --buffer-ring N, the mitigation: one multishot RECV per connection that takes a buffer
-from a registered provided-buffer ring of N buffers only when data arrives.
+Or, with --buffer-ring N or --provide N, the mitigation: each connection's request takes a
+buffer from a provided-buffer group (a registered ring, or the older PROVIDE_BUFFERS) only when
+data arrives. With a ring, RECV is multishot: one request serves every message.
 
 Speaks the load generator's echo protocol. Prints {"event": "listening", ...} when ready and its
 ground truth as JSON on SIGUSR1 and at exit: connections, the requests it holds posted (with
-their buffer addresses and lengths), reads completed, bytes received, and the buffer ring.
+their buffer addresses and lengths), reads completed, bytes received, and the buffer group.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ OPS = {
     "read": uring.OP_READ,
     "readv": uring.OP_READV,
     "recvmsg": uring.OP_RECVMSG,
+    "read_fixed": uring.OP_READ_FIXED,
+    "read_multishot": uring.OP_READ_MULTISHOT,
 }
 GROUP = 7
-IORING_REGISTER_EVENTFD = 4
+NO_OFFSET = (1 << 64) - 1  # -1: read at the file position (sockets have none)
 
 
 class _MsgHdr(ctypes.Structure):
@@ -50,73 +53,70 @@ class _MsgHdr(ctypes.Structure):
 @dataclass
 class Conn:
     sock: socket.socket
-    buf: bytearray
-    addr: int
+    addr: int  # its own buffer (0 with a buffer group)
+    size: int
     posted: bool = False
-    keep: list[Any] = field(default_factory=list)  # iovecs/msghdr the kernel reads
+    memory: list[Any] = field(default_factory=list)  # keeps its own buffer alive
+    request: list[Any] = field(default_factory=list)  # iovecs/msghdr the kernel reads later
 
 
 class Server:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.op = OPS[args.op]
         self.op_name = args.op
+        self.op = OPS[args.op]
         self.buffer_size = args.buffer_size
         self.repost = not args.no_repost
-        self.ring = uring.Ring(entries=4096, sqpoll=args.sqpoll)
         self.sqpoll = args.sqpoll
+        self.ring = uring.Ring(entries=4096, sqpoll=args.sqpoll)
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        efd = ctypes.c_int32(self.efd)
-        uring._check(
-            uring._libc.syscall(
-                uring.SYS_IO_URING_REGISTER,
-                self.ring.fd,
-                IORING_REGISTER_EVENTFD,
-                ctypes.byref(efd),
-                1,
-            )
-        )
-        self.pbuf = (
-            self.ring.register_buffer_ring(GROUP, args.buffer_ring, args.buffer_size)
-            if args.buffer_ring
-            else None
-        )
+        self.ring.register_eventfd(self.efd)
+        self.group: uring.BufferRing | uring.ProvidedBuffers | None = None
+        if args.buffer_ring:
+            self.group = self.ring.register_buffer_ring(GROUP, args.buffer_ring, args.buffer_size)
+        elif args.provide:
+            self.group = uring.ProvidedBuffers(self.ring, GROUP, args.provide, args.buffer_size)
+        if self.op == uring.OP_READ_MULTISHOT and self.group is None:
+            raise SystemExit("read_multishot needs --buffer-ring or --provide")
+        self.fixed: bytearray | None = None
+        self.free_slots: list[int] = []
+        if self.op == uring.OP_READ_FIXED:  # one registered region, a slot per connection
+            self.fixed = bytearray(args.fixed_slots * args.buffer_size)
+            self.fixed_base = self.ring.register_buffer(self.fixed)
+            self.free_slots = list(range(args.fixed_slots - 1, -1, -1))
         self.conns: dict[int, Conn] = {}
         self.unsubmitted: list[Conn] = []
         self.accepted = 0
         self.reads_completed = 0
         self.bytes_received = 0
 
+    # --- requests ---------------------------------------------------------------------
     def post(self, conn: Conn) -> None:
         fd = conn.sock.fileno()
-        if self.pbuf:
+        if self.group is not None:
+            multishot = self.op == uring.OP_READ_MULTISHOT or isinstance(
+                self.group, uring.BufferRing
+            )
+            op = uring.OP_READ_MULTISHOT if self.op == uring.OP_READ_MULTISHOT else uring.OP_RECV
             self.ring.prep(
-                uring.OP_RECV,
+                op,
                 fd,
                 user_data=fd,
                 flags=uring.IOSQE_BUFFER_SELECT,
-                ioprio=uring.IORING_RECV_MULTISHOT,
                 buf_group=GROUP,
+                ioprio=uring.IORING_RECV_MULTISHOT if multishot and op == uring.OP_RECV else 0,
             )
-        elif self.op in (uring.OP_RECV, uring.OP_READ):
-            self.ring.prep(
-                self.op,
-                fd,
-                conn.addr,
-                len(conn.buf),
-                user_data=fd,
-                off=(1 << 64) - 1 if self.op == uring.OP_READ else 0,
-            )
+        elif self.op in (uring.OP_RECV, uring.OP_READ, uring.OP_READ_FIXED):
+            off = 0 if self.op == uring.OP_RECV else NO_OFFSET
+            self.ring.prep(self.op, fd, conn.addr, conn.size, user_data=fd, off=off)
         else:  # two iovecs: the buffer's halves
-            half = len(conn.buf) // 2
-            iov = (ctypes.c_uint64 * 4)(conn.addr, half, conn.addr + half, len(conn.buf) - half)
-            conn.keep = [iov]
+            half = conn.size // 2
+            iov = (ctypes.c_uint64 * 4)(conn.addr, half, conn.addr + half, conn.size - half)
+            conn.request = [iov]
             if self.op == uring.OP_READV:
-                self.ring.prep(
-                    self.op, fd, ctypes.addressof(iov), 2, user_data=fd, off=(1 << 64) - 1
-                )
+                self.ring.prep(self.op, fd, ctypes.addressof(iov), 2, user_data=fd, off=NO_OFFSET)
             else:
                 msg = _MsgHdr(None, 0, ctypes.addressof(iov), 2, None, 0, 0)
-                conn.keep.append(msg)
+                conn.request.append(msg)
                 self.ring.prep(self.op, fd, ctypes.addressof(msg), 1, user_data=fd)
         self.unsubmitted.append(conn)
 
@@ -131,6 +131,16 @@ class Server:
             conn.posted = True
         self.unsubmitted.clear()
 
+    def own_buffer(self) -> tuple[int, int, list[Any]]:
+        """(address, size, memory to keep alive) of a new connection's buffer."""
+        if self.group is not None:
+            return 0, 0, []
+        if self.fixed is not None:
+            slot = self.free_slots.pop()
+            return self.fixed_base + slot * self.buffer_size, self.buffer_size, [slot]
+        buf = bytearray(self.buffer_size)
+        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)), len(buf), [buf]
+
     def accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -138,70 +148,74 @@ class Server:
             except BlockingIOError:
                 return
             sock.setblocking(True)
-            buf = bytearray(0 if self.pbuf else self.buffer_size)
-            addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) if buf else 0
-            conn = Conn(sock, buf, addr)
+            addr, size, memory = self.own_buffer()
+            conn = Conn(sock, addr, size, memory=memory)
             self.conns[sock.fileno()] = conn
             self.accepted += 1
             self.post(conn)
 
+    def close(self, fd: int) -> None:
+        conn = self.conns.pop(fd)
+        if self.fixed is not None:
+            self.free_slots.append((conn.addr - self.fixed_base) // self.buffer_size)
+        conn.sock.close()
+
     def complete(self, cqe: uring.Completion) -> None:
         conn = self.conns.get(cqe.user_data)
         if conn is None:
-            return
+            return  # PROVIDE_BUFFERS, or a connection already closed
         final = not cqe.more
         if final:
             conn.posted = False
         if cqe.res > 0:
             self.reads_completed += 1
             self.bytes_received += cqe.res
-            if self.pbuf and cqe.buffer_id is not None:
-                start = cqe.buffer_id * self.pbuf.size
-                data = bytes(self.pbuf.memory[start : start + cqe.res])
-                self.pbuf.consumed += 1
-                self.pbuf.give_back(cqe.buffer_id)
+            if self.group is not None and cqe.buffer_id is not None:
+                start = cqe.buffer_id * self.group.size
+                data = bytes(self.group.memory[start : start + cqe.res])
+                self.group.consumed += 1
+                self.group.give_back(cqe.buffer_id)
             else:
-                data = bytes(conn.buf[: cqe.res])
+                data = ctypes.string_at(conn.addr, cqe.res)
             conn.sock.sendall(data)
-            if final and (self.repost or self.pbuf):
+            if final and (self.repost or self.group is not None):
                 self.post(conn)
         elif cqe.res == -errno.ENOBUFS:
-            if final:  # the ring ran dry; a real server would add buffers, we re-arm
+            if final:  # the group ran dry; a real server would add buffers, this one re-arms
                 self.post(conn)
         elif final:  # end of stream (0) or an error: the connection is done
-            del self.conns[cqe.user_data]
-            conn.sock.close()
+            self.close(cqe.user_data)
 
+    # --- reporting and the loop -------------------------------------------------------
     def ground_truth(self) -> dict[str, Any]:
         posted = [c for c in self.conns.values() if c.posted]
         truth: dict[str, Any] = {
             "event": "ground_truth",
-            "model": "queued-uring" if not self.pbuf else "uring-buffer-ring",
+            "model": "queued-uring" if self.group is None else "uring-provided-buffers",
             "pid": os.getpid(),
-            "op": "recv-multishot" if self.pbuf else self.op_name,
+            "op": self.op_name,
             "sqpoll": self.sqpoll,
             "connections_accepted": self.accepted,
             "connections_open": len(self.conns),
             "posted_reads": len(posted),
             "buffer_size": self.buffer_size,
             "buffers": [
-                {"fd": fd, "addr": c.addr, "len": len(c.buf)}
+                {"fd": fd, "addr": c.addr, "len": c.size}
                 for fd, c in sorted(self.conns.items())
                 if c.posted
             ],
-            "pinned_bytes": sum(len(c.buf) for c in posted),
+            "pinned_bytes": sum(c.size for c in posted),
             "reads_completed": self.reads_completed,
             "bytes_received": self.bytes_received,
         }
-        if self.pbuf:
-            truth["buffer_ring"] = {
+        if self.group is not None:
+            truth["buffer_group"] = {
+                "how": "ring" if isinstance(self.group, uring.BufferRing) else "provide",
                 "group": GROUP,
-                "entries": self.pbuf.entries,
-                "buffers": self.pbuf.count,
-                "buffer_size": self.pbuf.size,
-                "bytes": self.pbuf.count * self.pbuf.size,
-                "consumed": self.pbuf.consumed,
-                "ring_addr": self.pbuf.ring_addr,
+                "buffers": self.group.count,
+                "buffer_size": self.group.size,
+                "bytes": self.group.count * self.group.size,
+                "consumed": self.group.consumed,
             }
         return truth
 
@@ -236,12 +250,26 @@ def main() -> None:
     parser.add_argument(
         "--no-repost", action="store_true", help="do not post a new read after one completes"
     )
-    parser.add_argument(
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--buffer-ring",
         type=int,
         metavar="N",
         default=0,
-        help="multishot RECV with a provided-buffer ring of N buffers",
+        help="take buffers from a registered provided-buffer ring of N buffers (multishot)",
+    )
+    group.add_argument(
+        "--provide",
+        type=int,
+        metavar="N",
+        default=0,
+        help="take buffers from a group of N given with IORING_OP_PROVIDE_BUFFERS",
+    )
+    parser.add_argument(
+        "--fixed-slots",
+        type=int,
+        default=1024,
+        help="connections that fit in the registered buffer (--op read_fixed)",
     )
     args = parser.parse_args()
 
@@ -268,7 +296,6 @@ def main() -> None:
             "host": args.host,
             "port": listener.getsockname()[1],
             "buffer_size": args.buffer_size,
-            "ring_fd": server.ring.fd,
         }
     )
     server.run(listener, stopping)

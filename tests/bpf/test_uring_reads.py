@@ -112,7 +112,14 @@ def posted_now(trace: Path, pid: int) -> Any:
 
 @pytest.mark.parametrize(
     ("op", "sqpoll"),
-    [("recv", False), ("read", False), ("readv", False), ("recvmsg", False), ("recv", True)],
+    [
+        ("recv", False),
+        ("read", False),
+        ("readv", False),
+        ("recvmsg", False),
+        ("read_fixed", False),
+        ("recv", True),
+    ],
 )
 def test_one_request_per_connection(tmp_path: Path, op: str, sqpoll: bool) -> None:
     args = ["--op", op, "--buffer-size", str(BUFFER), "--no-repost"]
@@ -128,7 +135,7 @@ def test_one_request_per_connection(tmp_path: Path, op: str, sqpoll: bool) -> No
     assert proc["posted_reads"]["peak"] == CONNECTIONS
     assert proc["reads_completed"] == ACTIVE
     assert proc["bytes_received"] == ACTIVE * SIZE == truth["bytes_received"]
-    opname = {"recv": "RECV", "read": "READ", "readv": "READV", "recvmsg": "RECVMSG"}[op]
+    opname = op.upper()
     assert list(proc["by_source"]) == ["uring"]
     assert list(proc["by_source"]["uring"]["by_op"]) == [opname]
 
@@ -140,29 +147,47 @@ def test_one_request_per_connection(tmp_path: Path, op: str, sqpoll: bool) -> No
     assert set(URING_OP_NAMES[o] for o in posted["op"]) == {opname}
     if op in ("readv", "recvmsg"):
         assert set(posted["nvec"]) == {2}
+    if op == "read_fixed":
+        assert set(posted["flags"] & PostFlag.FIXED_BUFFER) == {PostFlag.FIXED_BUFFER}
 
 
-def test_buffer_ring_with_multishot_recv(tmp_path: Path) -> None:
-    args = ["--buffer-ring", str(RING_BUFFERS), "--buffer-size", str(RING_BUFFER_SIZE)]
+@pytest.mark.parametrize(
+    ("how", "op", "multishot"),
+    [("ring", "recv", True), ("ring", "read_multishot", True), ("provide", "recv", False)],
+)
+def test_requests_taking_provided_buffers(
+    tmp_path: Path, how: str, op: str, multishot: bool
+) -> None:
+    """A group of 67 buffers of 4,099 bytes behind 211 connections' requests."""
+    args = [
+        f"--{'buffer-ring' if how == 'ring' else 'provide'}",
+        str(RING_BUFFERS),
+        "--buffer-size",
+        str(RING_BUFFER_SIZE),
+        "--op",
+        op,
+    ]
     trace, pid, truth, done = run_uring(tmp_path, args, CONNECTIONS)
     report = report_json(trace)
     (proc,) = [p for p in report["processes"] if p["pid"] == pid]
-    # every connection holds a posted multishot RECV, but none pins a buffer of its own
+    assert all(v == 0 for v in report["drops"].values()), report["drops"]
+    # every connection holds a posted request, but none pins a buffer of its own
     assert proc["posted_reads"]["now"] == CONNECTIONS
     assert proc["pinned_bytes"]["now"] == 0
     assert proc["buffer_select_posted"] == CONNECTIONS
     assert proc["reads_completed"] == ACTIVE and proc["bytes_received"] == ACTIVE * SIZE
     (group,) = proc["buffer_groups"]
-    ring = truth["buffer_ring"]
-    assert group["how"] == "ring" and group["group"] == ring["group"]
-    assert group["buffers"] == RING_BUFFERS == ring["buffers"]
-    assert group["bytes"] == RING_BUFFERS * RING_BUFFER_SIZE == ring["bytes"]
-    assert group["consumed"] == ACTIVE == ring["consumed"]
+    truth_group = truth["buffer_group"]
+    assert group["how"] == how and group["group"] == truth_group["group"]
+    assert group["buffers"] == RING_BUFFERS == truth_group["buffers"]
+    assert group["bytes"] == RING_BUFFERS * RING_BUFFER_SIZE == truth_group["bytes"]
+    assert group["consumed"] == ACTIVE == truth_group["consumed"]
     assert group["available"] == RING_BUFFERS  # the server gave each buffer back
     posted = posted_now(trace, pid)
-    flags = PostFlag.BUFFER_SELECT | PostFlag.MULTISHOT
-    assert set(posted["flags"] & flags) == {flags}
+    flags = PostFlag.BUFFER_SELECT | (PostFlag.MULTISHOT if multishot else 0)
+    assert set(posted["flags"] & (PostFlag.BUFFER_SELECT | PostFlag.MULTISHOT)) == {flags}
     assert set(posted["len"]) == {0}
+    assert set(URING_OP_NAMES[o] for o in posted["op"]) == {op.upper()}
 
 
 def test_nothing_stays_posted_after_the_process_exits(tmp_path: Path) -> None:
