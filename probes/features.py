@@ -160,6 +160,23 @@ def run_checks() -> list[Check]:
             "bcc cannot compile probes: run scripts/bootstrap",
         )
     )
+    if btf.exists():
+        from probes.btf import BTF, BTFError  # noqa: PLC0415 - loader imports this module
+        from probes.loader import uring_support  # noqa: PLC0415
+
+        try:
+            constants, why = uring_support(BTF.load())
+        except BTFError as exc:
+            constants, why = None, str(exc)
+        checks.append(
+            Check(
+                "io_uring request layout",
+                constants is not None,
+                "understood (offsets from BTF)" if constants else why,
+                "io_uring reads cannot be traced (syscall reads still are)",
+                required=False,
+            )
+        )
     ok, detail = bcc_importable()
     checks.append(Check("bcc", ok, detail, "cannot load probes: run scripts/bootstrap"))
     for name, cost in TRACEPOINTS.items():

@@ -67,6 +67,7 @@ class Server:
         self.buffer_size = args.buffer_size
         self.repost = not args.no_repost
         self.sqpoll = args.sqpoll
+        self.bundle = args.bundle
         self.ring = uring.Ring(entries=4096, sqpoll=args.sqpoll)
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ring.register_eventfd(self.efd)
@@ -103,7 +104,8 @@ class Server:
                 user_data=fd,
                 flags=uring.IOSQE_BUFFER_SELECT,
                 buf_group=GROUP,
-                ioprio=uring.IORING_RECV_MULTISHOT if multishot and op == uring.OP_RECV else 0,
+                ioprio=(uring.IORING_RECV_MULTISHOT if multishot and op == uring.OP_RECV else 0)
+                | (uring.IORING_RECVSEND_BUNDLE if self.bundle else 0),
             )
         elif self.op in (uring.OP_RECV, uring.OP_READ, uring.OP_READ_FIXED):
             off = 0 if self.op == uring.OP_RECV else NO_OFFSET
@@ -264,6 +266,11 @@ def main() -> None:
         metavar="N",
         default=0,
         help="take buffers from a group of N given with IORING_OP_PROVIDE_BUFFERS",
+    )
+    parser.add_argument(
+        "--bundle",
+        action="store_true",
+        help="recv bundles: one completion may fill several provided buffers",
     )
     parser.add_argument(
         "--fixed-slots",

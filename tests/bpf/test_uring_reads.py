@@ -152,11 +152,16 @@ def test_one_request_per_connection(tmp_path: Path, op: str, sqpoll: bool) -> No
 
 
 @pytest.mark.parametrize(
-    ("how", "op", "multishot"),
-    [("ring", "recv", True), ("ring", "read_multishot", True), ("provide", "recv", False)],
+    ("how", "op", "multishot", "bundle"),
+    [
+        ("ring", "recv", True, False),
+        ("ring", "recv", True, True),
+        ("ring", "read_multishot", True, False),
+        ("provide", "recv", False, False),
+    ],
 )
 def test_requests_taking_provided_buffers(
-    tmp_path: Path, how: str, op: str, multishot: bool
+    tmp_path: Path, how: str, op: str, multishot: bool, bundle: bool
 ) -> None:
     """A group of 67 buffers of 4,099 bytes behind 211 connections' requests."""
     args = [
@@ -166,6 +171,7 @@ def test_requests_taking_provided_buffers(
         str(RING_BUFFER_SIZE),
         "--op",
         op,
+        *(["--bundle"] if bundle else []),
     ]
     trace, pid, truth, done = run_uring(tmp_path, args, CONNECTIONS)
     report = report_json(trace)
@@ -188,6 +194,7 @@ def test_requests_taking_provided_buffers(
     assert set(posted["flags"] & (PostFlag.BUFFER_SELECT | PostFlag.MULTISHOT)) == {flags}
     assert set(posted["len"]) == {0}
     assert set(URING_OP_NAMES[o] for o in posted["op"]) == {op.upper()}
+    assert set(posted["flags"] & PostFlag.BUNDLE) == {PostFlag.BUNDLE if bundle else 0}
 
 
 def test_nothing_stays_posted_after_the_process_exits(tmp_path: Path) -> None:
