@@ -49,6 +49,27 @@ def spawn_workload(module: str, *args: str, stdin: int | None = None) -> subproc
 _READ_SYSCALLS = {"0", "19", "45", "47"}
 
 
+def start_loadgen(
+    port: int,
+    connections: int,
+    active: int,
+    messages: int,
+    size: int,
+    *extra: str,
+    stdin: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """The load generator: `active` of `connections` send `messages` of `size` bytes each."""
+    counts = {
+        "--port": port,
+        "--connections": connections,
+        "--active": active,
+        "--messages": messages,
+        "--size": size,
+    }
+    args = [str(a) for pair in counts.items() for a in pair]
+    return spawn_workload("workloads.loadgen", *args, *extra, stdin=stdin)
+
+
 def threads_in_socket_reads(pid: int) -> int:
     """Threads of `pid` now blocked in a socket read (a test precondition, read from /proc)."""
     count = 0
@@ -91,6 +112,7 @@ __all__ = [
     "report_json",
     "spawn_idlebuf",
     "spawn_workload",
+    "start_loadgen",
     "threads_in_socket_reads",
     "wait_until",
     "wait_for_trace_started",

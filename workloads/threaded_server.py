@@ -7,7 +7,6 @@ Speaks the load generator's echo protocol: whatever a connection sends is sent b
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import io
@@ -19,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from workloads.common import emit, raise_fd_limit
+from workloads.common import emit, listen, listening, raise_fd_limit, server_parser
 
 
 def reader(how: str, conn: socket.socket, buf: bytearray) -> Callable[[], int]:
@@ -112,10 +111,7 @@ def start_noise(file_reads: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--buffer-size", type=int, default=16384)
+    parser = server_parser(__doc__ or "")
     parser.add_argument(
         "--read-with",
         choices=["recv", "read", "readv", "recvmsg"],
@@ -130,11 +126,7 @@ def main() -> None:
     raise_fd_limit()
     threading.stack_size(256 * 1024)
     server = Server(args.buffer_size, args.read_with)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.host, args.port))
-    listener.listen(4096)
+    listener = listen(args.host, args.port)
 
     stopping = threading.Event()
 
@@ -148,15 +140,7 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
     if args.noise:
         start_noise(file_reads=997)
-    emit(
-        {
-            "event": "listening",
-            "pid": os.getpid(),
-            "host": args.host,
-            "port": listener.getsockname()[1],
-            "buffer_size": args.buffer_size,
-        }
-    )
+    listening(listener, buffer_size=args.buffer_size)
     while not stopping.is_set():
         try:
             conn, _ = listener.accept()

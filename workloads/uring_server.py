@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workloads import uring
-from workloads.common import emit, raise_fd_limit
+from workloads.common import emit, listen, listening, raise_fd_limit, server_parser
 
 OPS = {
     "recv": uring.OP_RECV,
@@ -238,10 +238,7 @@ class Server:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--buffer-size", type=int, default=16384)
+    parser = server_parser(__doc__ or "")
     parser.add_argument(
         "--op",
         choices=sorted(OPS),
@@ -282,11 +279,7 @@ def main() -> None:
 
     raise_fd_limit()
     server = Server(args)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.host, args.port))
-    listener.listen(4096)
+    listener = listen(args.host, args.port)
     listener.setblocking(False)
     stopping = [False]
 
@@ -296,15 +289,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
-    emit(
-        {
-            "event": "listening",
-            "pid": os.getpid(),
-            "host": args.host,
-            "port": listener.getsockname()[1],
-            "buffer_size": args.buffer_size,
-        }
-    )
+    listening(listener, buffer_size=args.buffer_size)
     server.run(listener, stopping)
     emit(server.ground_truth())
 

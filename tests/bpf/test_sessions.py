@@ -15,6 +15,7 @@ from tests.helpers import (
     report_json,
     spawn_idlebuf,
     spawn_workload,
+    start_loadgen,
     stop,
     threads_in_socket_reads,
     wait_for_trace_started,
@@ -52,17 +53,7 @@ def test_sigterm_finalizes_and_several_pids(tmp_path: Path) -> None:
     recorder = None
 
     def connect(i: int, conns: int) -> None:
-        load = spawn_workload(
-            "workloads.loadgen",
-            "--port",
-            str(ports[i]),
-            "--connections",
-            str(conns),
-            "--active",
-            "0",
-            "--hold",
-            "60",
-        )
+        load = start_loadgen(ports[i], conns, 0, 1, 1, "--hold", "60")
         loads.append(load)
         read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
         wait_until(lambda: threads_in_socket_reads(servers[i].pid) == conns, 30, "blocked")

@@ -22,6 +22,7 @@ from tests.helpers import (
     report_json,
     spawn_idlebuf,
     spawn_workload,
+    start_loadgen,
     stop,
     threads_in_socket_reads,
     wait_for_trace_started,
@@ -36,18 +37,12 @@ PAYLOAD_MARK = "Q7PAYLOADZ"
 
 
 def start_load(port: int, wait_start: bool = False) -> subprocess.Popen[bytes]:
-    load = spawn_workload(
-        "workloads.loadgen",
-        "--port",
-        str(port),
-        "--connections",
-        str(CONNECTIONS),
-        "--active",
-        str(ACTIVE),
-        "--messages",
-        str(MESSAGES),
-        "--size",
-        str(SIZE),
+    load = start_loadgen(
+        port,
+        CONNECTIONS,
+        ACTIVE,
+        MESSAGES,
+        SIZE,
         "--hold-stdin",
         "--hold",
         "120",

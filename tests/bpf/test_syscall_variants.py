@@ -20,7 +20,7 @@ from tests.helpers import (
     read_event,
     report_json,
     spawn_idlebuf,
-    spawn_workload,
+    start_loadgen,
     stop,
     threads_in_socket_reads,
     wait_until,
@@ -51,21 +51,7 @@ def test_each_syscall_in_a_followed_child(tmp_path: Path, read_with: str) -> Non
     try:
         listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
         server_pid = listening["pid"]
-        load = spawn_workload(
-            "workloads.loadgen",
-            "--port",
-            str(listening["port"]),
-            "--connections",
-            str(CONNECTIONS),
-            "--active",
-            str(ACTIVE),
-            "--messages",
-            str(MESSAGES),
-            "--size",
-            str(SIZE),
-            "--hold",
-            "60",
-        )
+        load = start_loadgen(listening["port"], CONNECTIONS, ACTIVE, MESSAGES, SIZE, "--hold", "60")
         done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
         wait_until(
             lambda: threads_in_socket_reads(server_pid) == CONNECTIONS, 30, "server threads blocked"

@@ -20,7 +20,7 @@ import pytest
 from analysis.reads import read_intervals
 from analysis.trace import open_trace
 from probes.layout import URING_OP_NAMES, PostFlag, Source
-from tests.helpers import read_event, report_json, spawn_idlebuf, spawn_workload, stop
+from tests.helpers import read_event, report_json, spawn_idlebuf, start_loadgen, stop
 
 pytestmark = pytest.mark.bpf
 
@@ -64,18 +64,12 @@ def run_uring(
     try:
         listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
         pid = listening["pid"]
-        load = spawn_workload(
-            "workloads.loadgen",
-            "--port",
-            str(listening["port"]),
-            "--connections",
-            str(CONNECTIONS),
-            "--active",
-            str(ACTIVE),
-            "--messages",
-            "1",
-            "--size",
-            str(SIZE),
+        load = start_loadgen(
+            listening["port"],
+            CONNECTIONS,
+            ACTIVE,
+            1,
+            SIZE,
             "--hold",
             "60",
             "--wait-start",
