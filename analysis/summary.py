@@ -7,6 +7,14 @@ from typing import Any
 import pandas as pd
 
 from analysis.buffers import buffer_group_summary
+from analysis.memory import (
+    allocation_intervals,
+    buffer_attribution,
+    connection_activity,
+    idle_reads,
+    live_at,
+    rss_now_and_peak,
+)
 from analysis.reads import (
     SUMMARY_COUNTS,
     network_reads,
@@ -21,9 +29,65 @@ from analysis.trace import Trace
 NETWORK_SOURCES = ("syscall", "uring")
 
 
-def summarize(trace: Trace) -> dict[str, Any]:
+def end_of_recording(trace: Trace) -> int:
+    """The instant "now" refers to: the recording's end (its last event if it was killed)."""
+    if "end_monotonic_ns" in trace.meta:
+        return int(trace.meta["end_monotonic_ns"])
+    stamps = [
+        int(df["ts_ns"].max()) for df in trace.tables.values() if "ts_ns" in df and not df.empty
+    ]
+    return max(stamps, default=0)
+
+
+def memory_by_process(
+    trace: Trace, intervals: pd.DataFrame, end_ns: int, idle_threshold_s: float
+) -> dict[int, dict[str, Any]]:
+    """Per pid: IO-buffer heap (all posted reads, and those of idle connections), the heap
+    tracked live, resident memory. Sampled allocation figures are scaled and flagged."""
+    memory_meta = trace.meta.get("memory")
+    if not memory_meta:
+        return {}
+    sample = int(memory_meta.get("sample_every", 1))
+    live = live_at(
+        allocation_intervals(trace["allocs"], trace["frees"]), end_ns, "alloc_ns", "free_ns"
+    )
+    reads = network_reads(intervals)
+    posted = reads[reads["end_ns"].isna()]
+    attributed = buffer_attribution(posted, live)
+    idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
+    rss = rss_now_and_peak(trace["rss"]).set_index("pid")
+    out = {}
+    for pid in set(live["pid"]) | set(attributed["pid"]) | set(rss.index):
+        mine = attributed[attributed["pid"] == pid]
+        mine_idle = mine[idle[mine.index]]
+        holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
+        heap = live[live["pid"] == pid]
+        out[int(pid)] = {
+            "io_buffer_heap": {
+                "bytes": int(mine["attributed_bytes"].sum()),
+                "idle_bytes": int(mine_idle["attributed_bytes"].sum()),
+                "allocations": len(holders),
+                "allocation_bytes": int(holders["alloc_size"].sum()),
+            },
+            "idle_posted_reads": int(len(mine_idle)),
+            "heap_live": {
+                "allocations": len(heap) * sample,
+                "bytes": int(heap["size"].sum()) * sample,
+                "estimated": sample > 1,
+            },
+            "rss": {
+                "now": int(rss["rss_now"].get(pid, 0)),
+                "peak": int(rss["rss_peak"].get(pid, 0)),
+            },
+        }
+    return out
+
+
+def summarize(trace: Trace, idle_threshold_s: float = 1.0) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
     intervals = read_intervals(trace["posts"], trace["completions"])
+    end_ns = end_of_recording(trace)
+    memory = memory_by_process(trace, intervals, end_ns, idle_threshold_s)
     by_label = read_summary(intervals)
     peaks = process_peaks(posted_timeline(network_reads(intervals))).set_index("pid")
     groups = buffer_group_summary(
@@ -33,7 +97,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
     # intermediate completions are buffer uses without a request pointer
     uses = trace["buffer_uses"]
     processes = trace["processes"].drop_duplicates("pid").set_index("pid")
-    pids = sorted(set(processes.index) | set(by_label["pid"]) | set(groups["pid"]))
+    pids = sorted(set(processes.index) | set(by_label["pid"]) | set(groups["pid"]) | set(memory))
     out = []
     for pid in pids:
         rows = by_label[by_label["pid"] == pid]
@@ -69,6 +133,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
                     {k: (v if isinstance(v, str) else int(v)) for k, v in g.items() if k != "pid"}
                     for g in groups[groups["pid"] == pid].to_dict("records")
                 ],
+                **({"memory": memory[int(pid)]} if int(pid) in memory else {}),
             }
         )
     return {
@@ -79,6 +144,8 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "stop_reason": trace.meta.get("stop_reason"),
         "uring": trace.meta.get("probes", {}).get("reads", {}).get("uring"),
         "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
+        "idle_threshold_s": idle_threshold_s,
+        "memory": trace.meta.get("memory"),
     }
 
 

@@ -35,6 +35,9 @@ class Kind(IntEnum):
     COMPLETE = 2  # that read returned (bytes or -errno)
     BUFFER_USED = 3  # the kernel filled a buffer taken from a provided-buffer group
     BUFFER_GROUP = 4  # buffers were provided to a group (a registered ring or PROVIDE_BUFFERS)
+    ALLOC = 5  # a heap allocation: addr, value = size, op = AllocFn
+    FREE = 6  # a tracked allocation was freed: addr
+    RSS = 7  # a resident-memory counter changed: op = RssMember, value = bytes
 
 
 class Source(IntEnum):
@@ -55,6 +58,7 @@ class Counter(IntEnum):
     TARGETS_FULL = 4  # a followed child could not be added to the target table
     SELECT_FULL = 5  # a multishot buffer-select request could not be remembered
     URING_UNREADABLE = 6  # a request's buffer could not be read from the kernel
+    ALLOCS_FULL = 7  # the live-allocation table was full: an allocation is not tracked
 
 
 # Counters that mean lost information; a figure from a trace with any of these non-zero says so.
@@ -64,7 +68,29 @@ DROP_COUNTERS = (
     Counter.TARGETS_FULL,
     Counter.SELECT_FULL,
     Counter.URING_UNREADABLE,
+    Counter.ALLOCS_FULL,
 )
+
+
+class AllocFn(IntEnum):
+    """The allocator function behind an ALLOC record (`op`); matches enum alloc_fn in C."""
+
+    MALLOC = 1
+    CALLOC = 2
+    REALLOC = 3
+    POSIX_MEMALIGN = 4
+    ALIGNED_ALLOC = 5
+    MEMALIGN = 6
+    VALLOC = 7
+
+
+class RssMember(IntEnum):
+    """kmem:rss_stat's `member` (enum of mm counters, include/linux/mm_types_task.h)."""
+
+    FILE = 0
+    ANON = 1
+    SWAP = 2
+    SHMEM = 3
 
 
 class PostFlag(IntEnum):
@@ -268,6 +294,31 @@ BUFFER_GROUPS = Table(
     ),
 )
 
+ALLOCS = Table(
+    "allocs",
+    (
+        _wire("ts_ns"),
+        _wire("pid"),
+        _wire("tid"),
+        _wire("addr"),
+        _wire("size", "value"),
+        _wire("fn", "op"),
+    ),
+)
+
+FREES = Table("frees", (_wire("ts_ns"), _wire("pid"), _wire("tid"), _wire("addr")))
+
+RSS = Table(
+    "rss",
+    (
+        _wire("ts_ns"),
+        _wire("pid"),
+        _wire("mm_id", "key"),  # the address space: a new one after exec
+        _wire("member", "op"),
+        _wire("bytes", "value"),
+    ),
+)
+
 # Registered buffer rings as the recorder read them from the process's memory: the kernel
 # never reports what user space adds to a ring, so the recorder looks.
 BUFFER_RINGS = Table(
@@ -295,13 +346,27 @@ PROCESSES = Table(
 )
 
 TABLES: dict[str, Table] = {
-    t.name: t for t in (POSTS, COMPLETIONS, BUFFER_USES, BUFFER_GROUPS, BUFFER_RINGS, PROCESSES)
+    t.name: t
+    for t in (
+        POSTS,
+        COMPLETIONS,
+        BUFFER_USES,
+        BUFFER_GROUPS,
+        BUFFER_RINGS,
+        ALLOCS,
+        FREES,
+        RSS,
+        PROCESSES,
+    )
 }
 TABLE_OF_KIND: dict[Kind, Table] = {
     Kind.POST: POSTS,
     Kind.COMPLETE: COMPLETIONS,
     Kind.BUFFER_USED: BUFFER_USES,
     Kind.BUFFER_GROUP: BUFFER_GROUPS,
+    Kind.ALLOC: ALLOCS,
+    Kind.FREE: FREES,
+    Kind.RSS: RSS,
 }
 
 # io_uring opcodes that read into a buffer (enum io_uring_op; values checked against BTF).

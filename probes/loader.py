@@ -75,8 +75,40 @@ class ReadProbeOptions:
     follow_children: bool = False
     max_targets: int = 4096
     max_inflight: int = 65536
-    ringbuf_pages: int = 4096  # 16 MiB: ~290k records of slack before a burst drops events
+    ringbuf_pages: int = 4096  # 16 MiB: ~200k records of slack before a burst drops events
     max_iov: int = 8
+    memory: bool = False  # allocation probes (uprobes on the allocator) and resident memory
+    min_alloc: int = 1024  # allocations smaller than this are not tracked
+    sample_every: int = 1  # track one allocation address in N (by a hash of the address)
+    max_allocs: int = 262144
+
+
+# Allocator entry points: symbol -> the BPF function run on entry (all share one on return).
+ALLOC_ENTRY = {
+    "malloc": "malloc_enter",
+    "calloc": "calloc_enter",
+    "realloc": "realloc_enter",
+    "posix_memalign": "posix_memalign_enter",
+    "aligned_alloc": "aligned_alloc_enter",
+    "memalign": "memalign_enter",
+    "valloc": "valloc_enter",
+}
+# Allocators that replace glibc's when a process maps them, most specific first.
+ALLOCATOR_LIBRARIES = ("libjemalloc", "libtcmalloc", "libmimalloc", "libc.so", "libc-")
+
+
+def allocator_of(pid: int) -> str | None:
+    """The shared library whose malloc the process uses, from its memory maps."""
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return None
+    for lib in ALLOCATOR_LIBRARIES:
+        for path in sorted(paths):
+            if lib in path.rsplit("/", 1)[-1]:
+                return path
+    return None
 
 
 def kernel_offsets(btf: BTF) -> dict[str, int]:
@@ -99,8 +131,11 @@ def uring_constants(btf: BTF) -> dict[str, int]:
     return out
 
 
-def read_probe_source() -> str:
-    return layout.c_header() + resources.files("probes").joinpath("reads.bpf.c").read_text()
+def read_probe_source(memory: bool = False) -> str:
+    files = ["reads.bpf.c"] + (["alloc.bpf.c"] if memory else [])
+    return layout.c_header() + "".join(
+        resources.files("probes").joinpath(f).read_text() for f in files
+    )
 
 
 def read_probe_cflags(
@@ -115,6 +150,9 @@ def read_probe_cflags(
         RINGBUF_PAGES=options.ringbuf_pages,
         FOLLOW_CHILDREN=int(options.follow_children),
         MAX_IOV=options.max_iov,
+        MIN_ALLOC=options.min_alloc,
+        SAMPLE_EVERY=options.sample_every,
+        MAX_ALLOCS=options.max_allocs,
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
@@ -137,7 +175,8 @@ def render_read_probe(options: ReadProbeOptions, btf: BTF | None = None) -> str:
     btf = btf or BTF.load()
     cflags = read_probe_cflags(options, kernel_offsets(btf), uring_support(btf)[0])
     defines = [f"#define {flag[2:].replace('=', ' ', 1)}" for flag in cflags]
-    return "\n".join(["/* cflags: " + " ".join(cflags) + " */", *defines, read_probe_source()])
+    source = read_probe_source(options.memory)
+    return "\n".join(["/* cflags: " + " ".join(cflags) + " */", *defines, source])
 
 
 class ReadProbes:
@@ -156,7 +195,7 @@ class ReadProbes:
         uring, self.uring_status = uring_support(btf)
         self.cflags = read_probe_cflags(options, kernel_offsets(btf), uring)
         try:
-            self.bpf: Any = BPF(text=read_probe_source(), cflags=self.cflags)
+            self.bpf: Any = BPF(text=read_probe_source(options.memory), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
             raise ProbeError(f"cannot load the read probes: {exc}") from None
         self.targets = self.bpf["targets"]
@@ -169,6 +208,27 @@ class ReadProbes:
 
     def add_target(self, pid: int) -> None:
         self.targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def attach_allocator(self, pid: int) -> dict[str, object]:
+        """Attach the allocation probes to the allocator `pid` uses (filtered to its memory).
+
+        Returns what was attached; functions the library lacks are listed, not fatal.
+        """
+        library = allocator_of(pid)
+        if library is None:
+            return {"pid": pid, "library": None, "missing": list(ALLOC_ENTRY)}
+        missing = []
+        for sym, fn in ALLOC_ENTRY.items():
+            try:
+                self.bpf.attach_uprobe(name=library, sym=sym, fn_name=fn, pid=pid)
+                self.bpf.attach_uretprobe(name=library, sym=sym, fn_name="alloc_exit", pid=pid)
+            except Exception:  # noqa: BLE001 - bcc raises bare Exception for a missing symbol
+                missing.append(sym)
+        try:
+            self.bpf.attach_uprobe(name=library, sym="free", fn_name="free_enter", pid=pid)
+        except Exception:  # noqa: BLE001
+            missing.append("free")
+        return {"pid": pid, "library": library, "missing": missing}
 
     def target_pids(self) -> list[int]:
         return [int(k.value) for k in self.targets]

@@ -117,31 +117,38 @@ static __always_inline void sum_iov(struct inflight *r, const struct iovec *iov,
     }
 }
 
-static __always_inline void emit(u8 kind, u64 key, u32 pid, u32 tid, const struct inflight *r,
-                                 s64 value)
+/* Reserve a record with every field zeroed but the common ones; NULL (counted) if full. */
+static __always_inline struct read_event *new_event(u8 kind, u8 source)
 {
     struct read_event *e = events.ringbuf_reserve(sizeof(struct read_event));
+    u64 id = bpf_get_current_pid_tgid();
     if (!e) {
         count(CNT_RINGBUF_FULL);
-        return;
+        return NULL;
     }
+    __builtin_memset(e, 0, sizeof(*e));
     e->ts_ns = bpf_ktime_get_ns();
+    e->pid = id >> 32;
+    e->tid = (u32)id;
+    e->fd = -1;
+    e->kind = kind;
+    e->source = source;
+    return e;
+}
+
+static __always_inline void emit(u8 kind, u64 key, u32 pid, const struct inflight *r, s64 value)
+{
+    struct read_event *e = new_event(kind, SOURCE_SYSCALL);
+    if (!e)
+        return;
     e->key = key;
     e->addr = r->addr;
     e->value = value;
     e->pid = pid;
-    e->tid = tid;
     e->fd = r->fd;
     e->flags = r->flags;
     e->nvec = r->nvec;
     e->op = r->op;
-    e->kind = kind;
-    e->source = SOURCE_SYSCALL;
-    e->ring = 0;
-    e->aux = 0;
-    e->group = 0;
-    e->reserved0 = 0;
-    e->first_id = 0;
     events.ringbuf_submit(e, 0);
 }
 
@@ -160,7 +167,7 @@ static __always_inline int read_posted(struct inflight *r)
         return 0;
     }
     count(CNT_POSTS);
-    emit(KIND_POST, key, tgid, tid, r, (s64)r->len);
+    emit(KIND_POST, key, tgid, r, (s64)r->len);
     return 0;
 }
 
@@ -177,7 +184,7 @@ static __always_inline int read_returned(long ret)
     r = *found;
     inflight.delete(&key);
     count(CNT_COMPLETIONS);
-    emit(KIND_COMPLETE, key, id >> 32, (u32)id, &r, ret);
+    emit(KIND_COMPLETE, key, id >> 32, &r, ret);
     return 0;
 }
 
@@ -320,29 +327,12 @@ BPF_HASH(pbuf_pending, u32, struct pbuf_reg, 1024);
 
 static __always_inline struct read_event *uring_event(u8 kind, u64 key, u64 ring, u64 user_data)
 {
-    struct read_event *e = events.ringbuf_reserve(sizeof(struct read_event));
-    u64 id = bpf_get_current_pid_tgid();
-    if (!e) {
-        count(CNT_RINGBUF_FULL);
-        return NULL;
+    struct read_event *e = new_event(kind, SOURCE_URING);
+    if (e) {
+        e->key = key;
+        e->ring = ring;
+        e->aux = user_data;
     }
-    e->ts_ns = bpf_ktime_get_ns();
-    e->key = key;
-    e->addr = 0;
-    e->value = 0;
-    e->ring = ring;
-    e->aux = user_data;
-    e->pid = id >> 32;
-    e->tid = (u32)id;
-    e->fd = -1;
-    e->flags = 0;
-    e->nvec = 0;
-    e->op = 0;
-    e->group = 0;
-    e->kind = kind;
-    e->source = SOURCE_URING;
-    e->reserved0 = 0;
-    e->first_id = 0;
     return e;
 }
 

@@ -244,7 +244,7 @@ class Recorder:
     def run(self) -> RecordSummary:
         cfg = self.config
         self._preflight()
-        self._static_meta = {
+        self._static_meta: dict[str, Any] = {
             "format": layout.FORMAT_NAME,
             "format_version": layout.FORMAT_VERSION,
             "idlebuf_version": VERSION,
@@ -291,11 +291,11 @@ class Recorder:
         started = time.monotonic()
         try:
             if cfg.command:
-                child = _launch_paused(cfg.command, probes)
+                child = _launch_paused(cfg.command, lambda pid: self._attach(probes, pid))
                 self._note_process(child.pid, _now_ns())
             else:
                 for pid in cfg.pids:
-                    probes.add_target(pid)
+                    self._attach(probes, pid)
                     self._note_process(pid, _now_ns())
                 for pid in cfg.pids:
                     self._scan_blocked(probes, pid)
@@ -310,7 +310,13 @@ class Recorder:
             exit_code = _finish_child(child, probes)
             elapsed = time.monotonic() - started
             meta = self._meta(
-                True, probes, {"stop_reason": stop_reason, "elapsed_s": round(elapsed, 3)}
+                True,
+                probes,
+                {
+                    "stop_reason": stop_reason,
+                    "elapsed_s": round(elapsed, 3),
+                    "end_monotonic_ns": _now_ns(),
+                },
             )
             self._writer.write_meta(meta)
             return RecordSummary(
@@ -327,6 +333,20 @@ class Recorder:
                 child.signal(signal.SIGKILL)
                 child.wait()
             probes.close()
+
+    def _attach(self, probes: ReadProbes, pid: int) -> None:
+        """Make `pid` a target; with the memory side, probe the allocator it uses."""
+        probes.add_target(pid)
+        if probes.options.memory:
+            memory = self._static_meta.setdefault(
+                "memory",
+                {
+                    "min_alloc": probes.options.min_alloc,
+                    "sample_every": probes.options.sample_every,
+                    "allocators": [],
+                },
+            )
+            memory["allocators"].append(probes.attach_allocator(pid))
 
     def _stream(self, probes: ReadProbes, stop: _Stop, child: Child | None, started: float) -> str:
         """Drain and flush until a stop condition holds; returns why it stopped."""
@@ -397,8 +417,8 @@ class Child:
             os.kill(self.pid, sig)
 
 
-def _launch_paused(command: list[str], probes: ReadProbes) -> Child:
-    """Start `command` held before exec, make it a target, then let it exec.
+def _launch_paused(command: list[str], attach: Callable[[int], None]) -> Child:
+    """Start `command` held before exec, `attach` the probes to it, then let it exec.
 
     The forked child waits on a pipe until its pid is in the target table, so the probes see
     the command from its first instruction. A second, close-on-exec pipe reports exec failure.
@@ -421,7 +441,7 @@ def _launch_paused(command: list[str], probes: ReadProbes) -> Child:
     os.close(err_w)
     child = Child(pid)
     try:
-        probes.add_target(pid)
+        attach(pid)
     finally:
         os.write(gate_w, b"g")
         os.close(gate_w)

@@ -17,11 +17,73 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from workloads.common import emit, listen, listening, raise_fd_limit, server_parser
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+_libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
 
-def reader(how: str, conn: socket.socket, buf: bytearray) -> Callable[[], int]:
+
+class Buffers:
+    """Where each connection's read buffer comes from (--alloc), as a real server would do it:
+
+    bytearray       Python's allocator (malloc underneath for buffers this size)
+    malloc          one malloc() per connection
+    posix_memalign  one posix_memalign(4096) per connection
+    pool            slices of one malloc()ed region sized for --pool-slots connections
+    """
+
+    def __init__(self, how: str, size: int, pool_slots: int) -> None:
+        self.how, self.size = how, size
+        self.lock = threading.Lock()
+        self.allocations: dict[int, int] = {}  # address -> size, of what this server allocated
+        self.free_slots: list[int] = []
+        if how == "pool":
+            self.pool = self._malloc(size * pool_slots)
+            self.free_slots = [self.pool + i * size for i in reversed(range(pool_slots))]
+
+    def _malloc(self, size: int) -> int:
+        addr = _libc.malloc(size)
+        if not addr:
+            raise MemoryError(size)
+        with self.lock:
+            self.allocations[addr] = size
+        return int(addr)
+
+    def take(self) -> tuple[Any, int]:
+        """(a writable buffer object, its address)."""
+        if self.how == "bytearray":
+            buf = bytearray(self.size)
+            return buf, ctypes.addressof((ctypes.c_char * self.size).from_buffer(buf))
+        if self.how == "malloc":
+            addr = self._malloc(self.size)
+        elif self.how == "posix_memalign":
+            out = ctypes.c_void_p()
+            if _libc.posix_memalign(ctypes.byref(out), 4096, self.size):
+                raise MemoryError(self.size)
+            addr = int(out.value or 0)
+            with self.lock:
+                self.allocations[addr] = self.size
+        else:
+            with self.lock:
+                addr = self.free_slots.pop()
+        return (ctypes.c_char * self.size).from_address(addr), addr
+
+    def give_back(self, addr: int) -> None:
+        if self.how == "pool":
+            with self.lock:
+                self.free_slots.append(addr)
+        elif self.how != "bytearray":
+            with self.lock:
+                self.allocations.pop(addr, None)
+            _libc.free(addr)
+
+
+def reader(how: str, conn: socket.socket, buf: Any) -> Callable[[], int]:
     """A function that blocks in the chosen read syscall, filling `buf` (split in two iovecs
     for the vectored ones) and returning the byte count."""
     view = memoryview(buf)
@@ -39,8 +101,10 @@ def reader(how: str, conn: socket.socket, buf: bytearray) -> Callable[[], int]:
 
 
 class Server:
-    def __init__(self, buffer_size: int, read_with: str = "recv") -> None:
-        self.buffer_size = buffer_size
+    def __init__(self, buffers: Buffers, read_with: str = "recv") -> None:
+        self.buffer_size = buffers.size
+        self.alloc = buffers
+        self.others: list[tuple[int, int]] = []  # (address, size) of non-buffer allocations
         self.read_with = read_with
         self.lock = threading.Lock()
         self.buffers: dict[int, int] = {}  # fd -> buffer address, for open connections
@@ -49,8 +113,7 @@ class Server:
         self.bytes_received = 0
 
     def serve_connection(self, conn: socket.socket) -> None:
-        buf = bytearray(self.buffer_size)
-        addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        buf, addr = self.alloc.take()
         fd = conn.fileno()
         with self.lock:
             self.buffers[fd] = addr
@@ -72,6 +135,7 @@ class Server:
                 self.buffers.pop(fd, None)
             view.release()
             conn.close()
+            self.alloc.give_back(addr)
 
     def ground_truth(self) -> dict:
         with self.lock:
@@ -83,6 +147,11 @@ class Server:
                 "connections_open": len(self.buffers),
                 "buffer_size": self.buffer_size,
                 "read_with": self.read_with,
+                "alloc": self.alloc.how,
+                "other_allocations": [{"addr": a, "size": n} for a, n in self.others],
+                "allocations": [
+                    {"addr": a, "size": n} for a, n in sorted(self.alloc.allocations.items())
+                ],
                 "buffers": [
                     {"fd": fd, "addr": a, "len": self.buffer_size}
                     for fd, a in sorted(self.buffers.items())
@@ -119,13 +188,32 @@ def main() -> None:
         help="the blocking syscall each thread reads with (default recv)",
     )
     parser.add_argument(
+        "--alloc",
+        choices=["bytearray", "malloc", "posix_memalign", "pool"],
+        default="bytearray",
+        help="where read buffers come from (see Buffers)",
+    )
+    parser.add_argument("--pool-slots", type=int, default=1024, help="with --alloc pool")
+    parser.add_argument(
+        "--other-allocs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also malloc N blocks that are not IO buffers",
+    )
+    parser.add_argument("--other-size", type=int, default=50021, help="bytes per other block")
+    parser.add_argument(
         "--noise", action="store_true", help="also block a thread on a pipe and read a regular file"
     )
     args = parser.parse_args()
 
     raise_fd_limit()
     threading.stack_size(256 * 1024)
-    server = Server(args.buffer_size, args.read_with)
+    server = Server(Buffers(args.alloc, args.buffer_size, args.pool_slots), args.read_with)
+    # other heap memory, which must not be taken for IO buffers
+    server.others = [
+        (_libc.malloc(args.other_size), args.other_size) for _ in range(args.other_allocs)
+    ]
     listener = listen(args.host, args.port)
 
     stopping = threading.Event()

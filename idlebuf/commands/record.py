@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from idlebuf.errors import IdlebufError
+from probes.loader import ReadProbeOptions
 from probes.recorder import RecordConfig, Recorder
 
 
@@ -34,6 +35,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--force", action="store_true", help="replace an existing trace directory")
     p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also trace heap allocations (uprobes on the allocator) and resident memory",
+    )
+    p.add_argument(
+        "--min-alloc",
+        type=int,
+        default=1024,
+        metavar="BYTES",
+        help="with --memory: ignore allocations smaller than this (default 1024)",
+    )
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --memory: track one allocation address in N (default 1: all); "
+        "allocator probes cost ~1 us per call",
+    )
+    p.add_argument(
         "--print-bpf",
         action="store_true",
         help="print the BPF C program as it would be compiled here, and exit",
@@ -50,10 +71,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.print_bpf:
         from probes.btf import BTFError
-        from probes.loader import ProbeError, ReadProbeOptions, render_read_probe
+        from probes.loader import ProbeError, render_read_probe
 
         try:
-            print(render_read_probe(ReadProbeOptions(follow_children=bool(args.command))))
+            options = ReadProbeOptions(
+                follow_children=bool(args.command),
+                memory=args.memory,
+                min_alloc=args.min_alloc,
+                sample_every=args.sample,
+            )
+            print(render_read_probe(options))
         except (BTFError, ProbeError) as exc:
             raise IdlebufError(str(exc)) from None
         return 0
@@ -62,12 +89,18 @@ def run(args: argparse.Namespace) -> int:
         command = command[1:]
     if args.duration is not None and args.duration <= 0:
         raise IdlebufError("--duration must be positive")
+    if args.min_alloc < 1 or args.sample < 1:
+        raise IdlebufError("--min-alloc and --sample must be at least 1")
+    options = ReadProbeOptions(
+        memory=args.memory, min_alloc=args.min_alloc, sample_every=args.sample
+    )
     config = RecordConfig(
         output=args.output,
         pids=args.pids,
         command=command,
         duration=args.duration,
         force=args.force,
+        probe_options=options,
     )
     interactive = sys.stderr.isatty()
 

@@ -20,11 +20,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("trace", type=Path, help="trace directory written by `idlebuf record`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument(
+        "--idle-threshold",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="a connection with no data for this long is idle (default 1)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = summarize(open_trace(args.trace))
+    summary = summarize(open_trace(args.trace), idle_threshold_s=args.idle_threshold)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

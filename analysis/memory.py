@@ -1,0 +1,110 @@
+"""The memory behind posted reads: heap allocations, IO-buffer heap, idle connections, RSS.
+
+Pure functions over the trace's tables (DataFrames in, DataFrames out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from probes.layout import RssMember
+
+ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "alloc_ns", "free_ns"]
+
+
+def allocation_intervals(allocs: pd.DataFrame, frees: pd.DataFrame) -> pd.DataFrame:
+    """One row per tracked allocation: when it was made and freed (`free_ns` NaN: live).
+
+    A free ends the allocation made before it at the same (pid, address).
+    """
+    if allocs.empty:
+        return pd.DataFrame(columns=ALLOCATION_COLUMNS)
+    a = allocs.reset_index(drop=True)
+    keys = ["pid", "addr"]
+    events = pd.concat(
+        [
+            a[[*keys, "ts_ns"]].assign(row=np.arange(len(a))),
+            frees[[*keys, "ts_ns"]].assign(row=-1),
+        ],
+        ignore_index=True,
+    ).sort_values([*keys, "ts_ns", "row"], ascending=[True, True, True, False], kind="stable")
+    group = events.groupby(keys, sort=False)
+    is_alloc = (events["row"] >= 0).to_numpy()
+    next_row = group["row"].shift(-1)[is_alloc].to_numpy()  # NaN: none, -1: a free
+    out = a.iloc[events["row"].to_numpy()[is_alloc]].reset_index(drop=True)
+    ends = group["ts_ns"].shift(-1)[is_alloc].to_numpy("float64")
+    out["alloc_ns"] = out["ts_ns"].astype("int64")
+    # the same address allocated again without a free seen: the first one ended unseen
+    out["free_ns"] = np.where(np.isnan(next_row), np.nan, ends)
+    return out[ALLOCATION_COLUMNS]
+
+
+def live_at(intervals: pd.DataFrame, at_ns: int, start: str, end: str) -> pd.DataFrame:
+    """Rows of `intervals` alive at `at_ns` (started at or before it, not ended by it)."""
+    return intervals[(intervals[start] <= at_ns) & ~(intervals[end] <= at_ns)]
+
+
+def buffer_attribution(reads: pd.DataFrame, allocations: pd.DataFrame) -> pd.DataFrame:
+    """Each read's buffer joined to the allocation that contains it (an interval join on
+    addresses, per process). `reads` and `allocations` must be those alive at one instant;
+    allocations of a process never overlap then.
+
+    Adds `alloc_addr`, `alloc_size` (0 when no tracked allocation contains the buffer) and
+    `attributed_bytes`: the bytes of the buffer inside that allocation.
+    """
+    out = reads.assign(alloc_addr=0, alloc_size=0, attributed_bytes=0).reset_index(drop=True)
+    for pid, idx in out.groupby("pid").groups.items():
+        heap = allocations[allocations["pid"] == pid].sort_values("addr")
+        if heap.empty:
+            continue
+        starts = heap["addr"].to_numpy(np.uint64)
+        sizes = heap["size"].to_numpy(np.uint64)
+        addrs = out.loc[idx, "addr"].to_numpy(np.uint64)
+        lens = out.loc[idx, "len"].to_numpy(np.uint64)
+        pos = np.searchsorted(starts, addrs, side="right") - 1  # last allocation at or below
+        found = pos >= 0
+        pos = np.where(found, pos, 0)
+        ends = starts[pos] + sizes[pos]
+        inside = found & (addrs < ends)
+        overlap = np.where(inside, np.minimum(addrs + lens, ends) - addrs, 0)
+        out.loc[idx, "alloc_addr"] = np.where(inside, starts[pos], 0).astype(np.uint64)
+        out.loc[idx, "alloc_size"] = np.where(inside, sizes[pos], 0).astype(np.uint64)
+        out.loc[idx, "attributed_bytes"] = overlap.astype(np.int64)
+    return out
+
+
+def connection_activity(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Per (pid, fd): when it was first seen and when data last arrived on it (NaN: never)."""
+    if intervals.empty:
+        return pd.DataFrame(columns=["pid", "fd", "first_ns", "last_data_ns"])
+    data = intervals[intervals["ret"] > 0]
+    first = intervals.groupby(["pid", "fd"])["post_ns"].min().rename("first_ns")
+    last = data.groupby(["pid", "fd"])["end_ns"].max().rename("last_data_ns")
+    return pd.concat([first, last], axis=1).reset_index()
+
+
+def idle_reads(
+    posted: pd.DataFrame, activity: pd.DataFrame, at_ns: int, idle_threshold_ns: int
+) -> pd.Series:
+    """For each posted read, whether its connection had no data for `idle_threshold_ns`."""
+    joined = posted[["pid", "fd"]].merge(activity, on=["pid", "fd"], how="left")
+    since = joined["last_data_ns"].fillna(joined["first_ns"])
+    return pd.Series((at_ns - since >= idle_threshold_ns).to_numpy(), index=posted.index)
+
+
+def rss_now_and_peak(rss: pd.DataFrame) -> pd.DataFrame:
+    """Per pid: resident bytes (anonymous + file + shared memory) at the end and at peak, of
+    the process's last address space (a launched command's pre-exec copy of the recorder is
+    not the command)."""
+    if rss.empty:
+        return pd.DataFrame(columns=["pid", "rss_now", "rss_peak"])
+    resident = (RssMember.ANON, RssMember.FILE, RssMember.SHMEM)
+    r = rss[rss["member"].isin(resident)].sort_values("ts_ns", kind="stable")
+    last_mm = r.groupby("pid")["mm_id"].transform("last")
+    r = r[r["mm_id"] == last_mm]
+    # each record gives one counter's new value: carry the others forward
+    wide = r.pivot_table(index=["pid", "ts_ns"], columns="member", values="bytes", aggfunc="last")
+    wide = wide.groupby(level="pid").ffill().fillna(0)
+    total = wide.sum(axis=1).groupby(level="pid")
+    return pd.DataFrame({"rss_now": total.last(), "rss_peak": total.max()}).reset_index()

@@ -1,0 +1,119 @@
+"""The memory side on real probes: read buffers joined to the heap allocations behind them.
+
+131 connections, each with a read buffer of 12,347 bytes; 4 of them exchange 2 messages just
+before the recording ends, the other 127 have been idle for longer than the idle threshold.
+Exactly 127 x 12,347 bytes are IO-buffer heap of idle connections, whether the buffers were
+malloc()ed, posix_memalign()ed or carved from one pool; other allocations are not attributed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.trace import open_trace
+from tests.helpers import (
+    idlebuf,
+    read_event,
+    spawn_idlebuf,
+    start_loadgen,
+    stop,
+    threads_in_socket_reads,
+    wait_until,
+)
+
+pytestmark = pytest.mark.bpf
+
+CONNECTIONS, ACTIVE, BUFFER, OTHERS, OTHER_SIZE, POOL_SLOTS = 131, 4, 12347, 13, 50021, 149
+IDLE_THRESHOLD = 1.0
+
+
+@pytest.mark.parametrize("alloc", ["malloc", "posix_memalign", "pool"])
+def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
+    trace = tmp_path / "trace"
+    recorder = spawn_idlebuf(
+        "record",
+        "-o",
+        str(trace),
+        "--memory",
+        "--",
+        sys.executable,
+        "-m",
+        "workloads.threaded_server",
+        "--alloc",
+        alloc,
+        "--buffer-size",
+        str(BUFFER),
+        "--other-allocs",
+        str(OTHERS),
+        "--other-size",
+        str(OTHER_SIZE),
+        "--pool-slots",
+        str(POOL_SLOTS),
+    )
+    load = None
+    try:
+        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
+        pid = listening["pid"]
+        load = start_loadgen(
+            listening["port"],
+            CONNECTIONS,
+            ACTIVE,
+            2,
+            1000,
+            "--wait-start",
+            "--hold",
+            "60",
+            stdin=subprocess.PIPE,
+        )
+        wait_until(lambda: threads_in_socket_reads(pid) == CONNECTIONS, 30, "threads blocked")
+        time.sleep(IDLE_THRESHOLD * 1.3)  # every connection is idle now...
+        load.stdin.write(b"go\n")  # type: ignore[union-attr]
+        load.stdin.flush()  # type: ignore[union-attr]
+        read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
+        wait_until(lambda: threads_in_socket_reads(pid) == CONNECTIONS, 30, "threads blocked")
+        os.kill(pid, signal.SIGUSR1)  # ...but these 4 just had data
+        truth = read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
+        recorder.send_signal(signal.SIGINT)
+        _, err = recorder.communicate(timeout=60)
+        assert recorder.returncode == 0, err.decode()
+    finally:
+        stop(recorder)
+        if load is not None:
+            stop(load)
+
+    done = idlebuf("report", "--json", "--idle-threshold", str(IDLE_THRESHOLD), str(trace))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    (proc,) = [p for p in report["processes"] if p["pid"] == pid]
+    assert all(v == 0 for v in report["drops"].values()), report["drops"]
+    memory = proc["memory"]
+    assert proc["posted_reads"]["now"] == CONNECTIONS
+    assert memory["idle_posted_reads"] == CONNECTIONS - ACTIVE
+    assert memory["io_buffer_heap"]["bytes"] == CONNECTIONS * BUFFER
+    assert memory["io_buffer_heap"]["idle_bytes"] == (CONNECTIONS - ACTIVE) * BUFFER
+
+    # which allocations hold the buffers: the server's own, and none of the others
+    t = open_trace(trace)
+    allocs = t["allocs"][t["allocs"]["pid"] == pid]
+    server_allocs = {(a["addr"], a["size"]) for a in truth["allocations"]}
+    traced = set(zip(allocs["addr"], allocs["size"]))
+    assert server_allocs <= traced
+    assert {(a["addr"], a["size"]) for a in truth["other_allocations"]} <= traced
+    if alloc == "pool":
+        assert memory["io_buffer_heap"]["allocations"] == 1
+        assert memory["io_buffer_heap"]["allocation_bytes"] == POOL_SLOTS * BUFFER
+    else:
+        assert memory["io_buffer_heap"]["allocations"] == CONNECTIONS
+        assert memory["io_buffer_heap"]["allocation_bytes"] == CONNECTIONS * BUFFER
+    assert memory["heap_live"]["bytes"] >= (
+        OTHERS * OTHER_SIZE + memory["io_buffer_heap"]["allocation_bytes"]
+    )
+    assert memory["rss"]["now"] > 0
