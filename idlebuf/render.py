@@ -68,6 +68,9 @@ def render_report(summary: dict[str, Any], title: str) -> str:
                 rows,
             )
         )
+        if proc.get("memory"):
+            out.append("")
+            out.append(render_memory(proc["memory"], summary.get("idle_threshold_s", 1.0)))
         if proc.get("buffer_groups"):
             out.append("")
             out.append("provided-buffer groups (buffers taken only when data arrives)")
@@ -89,6 +92,31 @@ def render_report(summary: dict[str, Any], title: str) -> str:
                 )
             )
     return "\n".join(out)
+
+
+def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:
+    io_heap, heap, rss = memory["io_buffer_heap"], memory["heap_live"], memory["rss"]
+    estimate = " (estimated from a sample)" if heap["estimated"] else ""
+    rows = [
+        [
+            "IO-buffer heap (posted reads' buffers)",
+            human_bytes(io_heap["bytes"]),
+            f"in {io_heap['allocations']:,} allocations of "
+            + human_bytes(io_heap["allocation_bytes"]),
+        ],
+        [
+            f"  of idle connections (no data for {idle_threshold_s:g}s)",
+            human_bytes(io_heap["idle_bytes"]),
+            f"{memory['idle_posted_reads']:,} posted reads",
+        ],
+        [
+            "heap live (tracked allocations)",
+            human_bytes(heap["bytes"]),
+            f"{heap['allocations']:,} allocations{estimate}",
+        ],
+        ["resident memory", human_bytes(rss["now"]), f"peak {human_bytes(rss['peak'])}"],
+    ]
+    return table(["memory", "now", ""], rows)
 
 
 def _row(name: str, figures: dict[str, Any], peaks: bool = False) -> list[str]:

@@ -1,0 +1,96 @@
+"""Memory analysis from synthetic tables: allocation lifetimes, the address join, idleness, RSS."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.memory import (
+    allocation_intervals,
+    buffer_attribution,
+    connection_activity,
+    idle_reads,
+    live_at,
+    rss_now_and_peak,
+)
+from probes.layout import RssMember
+
+
+def allocs(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [(ts, pid, 0, addr, size, 1) for ts, pid, addr, size in rows],
+        columns=["ts_ns", "pid", "tid", "addr", "size", "fn"],
+    )
+
+
+def frees(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [(ts, pid, 0, addr) for ts, pid, addr in rows], columns=["ts_ns", "pid", "tid", "addr"]
+    )
+
+
+def test_a_free_ends_the_allocation_before_it_and_addresses_are_reused() -> None:
+    iv = allocation_intervals(
+        allocs([(10, 1, 0x1000, 64), (30, 1, 0x1000, 128), (12, 1, 0x5000, 32)]),
+        frees([(20, 1, 0x1000)]),
+    )
+    assert iv[["addr", "size", "alloc_ns", "free_ns"]].fillna(-1).values.tolist() == [
+        [0x1000, 64, 10, 20],
+        [0x1000, 128, 30, -1],
+        [0x5000, 32, 12, -1],
+    ]
+    assert len(live_at(iv, 25, "alloc_ns", "free_ns")) == 1  # only 0x5000 at t=25
+
+
+def reads(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["pid", "fd", "addr", "len"])
+
+
+def test_buffers_join_the_allocation_containing_them_by_byte_ranges() -> None:
+    heap = pd.DataFrame(
+        [(1, 0x1000, 0x400), (1, 0x2000, 0x100), (2, 0x1000, 0x10)],
+        columns=["pid", "addr", "size"],
+    )
+    out = buffer_attribution(
+        reads(
+            [
+                (1, 5, 0x1100, 0x80),
+                (1, 6, 0x13C0, 0x80),
+                (1, 7, 0x1800, 0x10),
+                (2, 5, 0x1000, 0x10),
+                (3, 5, 0x1000, 0x10),
+            ]
+        ),
+        heap,
+    )
+    assert out["alloc_addr"].tolist() == [0x1000, 0x1000, 0, 0x1000, 0]
+    # the second buffer runs past its allocation's end: only its inside bytes count
+    assert out["attributed_bytes"].tolist() == [0x80, 0x40, 0, 0x10, 0]
+
+
+def test_idle_means_no_data_for_the_threshold() -> None:
+    intervals = pd.DataFrame(
+        [
+            (1, 5, 100, 200.0, 7.0),
+            (1, 5, 200, float("nan"), float("nan")),
+            (1, 6, 100, float("nan"), float("nan")),
+        ],
+        columns=["pid", "fd", "post_ns", "end_ns", "ret"],
+    )
+    posted = intervals[intervals["end_ns"].isna()]
+    idle = idle_reads(posted, connection_activity(intervals), at_ns=1000, idle_threshold_ns=850)
+    assert idle.tolist() == [False, True]  # fd 5 had data at 200, fd 6 never since 100
+
+
+def test_rss_sums_resident_counters_of_the_last_address_space() -> None:
+    rss = pd.DataFrame(
+        [
+            (1, 1, 7, RssMember.ANON, 900),
+            (2, 1, 8, RssMember.ANON, 100),
+            (3, 1, 8, RssMember.FILE, 50),
+            (4, 1, 8, RssMember.ANON, 300),
+            (5, 1, 8, RssMember.SWAP, 999),
+        ],
+        columns=["ts_ns", "pid", "mm_id", "member", "bytes"],
+    )
+    (row,) = rss_now_and_peak(rss).to_dict("records")
+    assert (row["rss_now"], row["rss_peak"]) == (350, 350)  # mm 7 was the pre-exec copy
