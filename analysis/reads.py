@@ -66,6 +66,59 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     return out.sort_values("post_ns", kind="stable").reset_index(drop=True)[_INTERVAL_COLUMNS]
 
 
+EAGAIN = 11
+
+
+def parked_reads(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Buffers held by threads parked on readiness after a non-blocking read (source `parked`).
+
+    A socket read that returned EAGAIN leaves its buffer with the program while it waits for
+    the socket to become readable; Go's netpoller, green threads and virtual threads then
+    retry with the same buffer. One row per such wait, in the shape of `read_intervals`:
+    posted when the EAGAIN returned, ended by the next read on the same fd (NaN: still
+    parked). A buffer that the program next reads into for another fd was a pool's, not a
+    parked thread's: such a wait is not counted.
+    """
+    if intervals.empty:
+        return intervals.iloc[0:0]
+    syscall = intervals[intervals["source"] == Source.SYSCALL]
+    waits = syscall[syscall["ret"] == -EAGAIN].sort_values("end_ns")
+    if waits.empty:
+        return intervals.iloc[0:0]
+    later = (
+        syscall[["pid", "fd", "addr", "post_ns"]]
+        .assign(at=syscall["post_ns"].astype("float64"))
+        .sort_values("at")
+    )
+    nxt_buf = pd.merge_asof(
+        waits[["pid", "fd", "addr", "end_ns"]].reset_index(),
+        later[["pid", "addr", "at", "fd"]],
+        left_on="end_ns",
+        right_on="at",
+        by=["pid", "addr"],
+        direction="forward",
+        allow_exact_matches=False,
+        suffixes=("", "_next"),
+    ).set_index("index")
+    nxt_fd = pd.merge_asof(
+        waits[["pid", "fd", "end_ns"]].reset_index(),
+        later[["pid", "fd", "at"]],
+        left_on="end_ns",
+        right_on="at",
+        by=["pid", "fd"],
+        direction="forward",
+        allow_exact_matches=False,
+    ).set_index("index")
+    same_owner = nxt_buf["fd_next"].isna() | (nxt_buf["fd_next"] == nxt_buf["fd"])
+    out = waits[same_owner.reindex(waits.index).to_numpy()].copy()
+    out["post_ns"] = out["end_ns"].astype("int64")
+    out["end_ns"] = nxt_fd["at"].reindex(out.index)
+    out["ret"] = np.nan
+    out["superseded"] = False
+    out["source"] = Source.PARKED
+    return out.reset_index(drop=True)
+
+
 def posted_timeline(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per pid, the number of posted reads and pinned bytes after every change."""
     if intervals.empty:
@@ -100,6 +153,8 @@ def _source_and_label(source: int, op: int, flags: int) -> tuple[str, str]:
     """Where a read counts: "syscall" and "uring" are network reads, "file" is not."""
     if source == Source.SYSCALL:
         return "syscall", SYSCALL_NAMES.get(op, f"syscall_{op}")
+    if source == Source.PARKED:
+        return "parked", SYSCALL_NAMES.get(op, f"syscall_{op}")
     if source == Source.URING:
         name = URING_OP_NAMES.get(op, f"op_{op}")
         if flags & PostFlag.SOCKET:

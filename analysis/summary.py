@@ -18,6 +18,7 @@ from analysis.memory import (
 from analysis.reads import (
     SUMMARY_COUNTS,
     network_reads,
+    parked_reads,
     posted_timeline,
     process_peaks,
     read_intervals,
@@ -26,7 +27,7 @@ from analysis.reads import (
 from analysis.trace import Trace
 
 # Sources whose reads count in a process's totals (io_uring reads of files do not).
-NETWORK_SOURCES = ("syscall", "uring")
+NETWORK_SOURCES = ("syscall", "uring", "parked")
 
 
 def end_of_recording(trace: Trace) -> int:
@@ -85,7 +86,8 @@ def memory_by_process(
 
 def summarize(trace: Trace, idle_threshold_s: float = 1.0) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
-    intervals = read_intervals(trace["posts"], trace["completions"])
+    completed = read_intervals(trace["posts"], trace["completions"])
+    intervals = pd.concat([completed, parked_reads(completed)], ignore_index=True)
     end_ns = end_of_recording(trace)
     memory = memory_by_process(trace, intervals, end_ns, idle_threshold_s)
     by_label = read_summary(intervals)

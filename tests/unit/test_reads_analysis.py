@@ -59,3 +59,20 @@ def test_summary_counts_bytes_and_failures() -> None:
     s = read_summary(read_intervals(p, c)).iloc[0]
     assert (s.label, s.posted_reads, s.pinned_bytes) == ("recvfrom", 1, 300)
     assert (s.reads_completed, s.reads_failed, s.bytes_received) == (1, 1, 9)
+
+
+def test_eagain_then_waiting_is_a_parked_read() -> None:
+    from analysis.reads import parked_reads
+
+    # tid 11 (fd 5): EAGAIN at 20, retried with the same buffer at 50, then EAGAIN again at 60
+    # tid 12: EAGAIN at 25 into a buffer that the next read uses for another fd (a pool)
+    p = posts([(10, 1, 11, 100), (50, 1, 11, 100), (15, 1, 12, 200)])
+    p.loc[2, "fd"] = 6
+    p = pd.concat([p, p.iloc[[2]].assign(ts_ns=70, tid=13, key=13, fd=7)], ignore_index=True)
+    c = completions([(20, 1, 11, -11), (60, 1, 11, -11), (25, 1, 12, -11)])
+    parked = parked_reads(read_intervals(p, c))
+    assert parked[["fd", "post_ns", "end_ns", "len"]].fillna(-1).values.tolist() == [
+        [5, 20, 50, 100],
+        [5, 60, -1, 100],
+    ]
+    assert set(parked["source"]) == {3}

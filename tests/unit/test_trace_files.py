@@ -63,7 +63,7 @@ def write_trace(path: Path, complete: bool = True, version: int = 1) -> Path:
                 "tid": [100, 101],
                 "source": [1, 1],
                 "key": [100, 101],
-                "ret": [1000, -11],
+                "ret": [1000, -104],
                 "ring": [0, 0],
                 "cqe_flags": [0, 0],
             }

@@ -1,0 +1,90 @@
+"""Parked reads on real probes: a server written like Go's runtime (green threads).
+
+127 connections, each served by a green thread with its own 8,191-byte buffer on a
+non-blocking socket; 5 of them exchange 2 messages. Every thread ends parked on readiness after
+an EAGAIN, holding its buffer: 127 parked reads, 127 x 8,191 pinned bytes, none in the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.reads import parked_reads, read_intervals
+from analysis.trace import open_trace
+from tests.helpers import read_event, report_json, spawn_idlebuf, start_loadgen, stop, wait_until
+
+pytestmark = pytest.mark.bpf
+
+CONNECTIONS, ACTIVE, MESSAGES, SIZE, BUFFER = 127, 5, 2, 1000, 8191
+
+
+def test_green_threads_park_their_buffers(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    recorder = spawn_idlebuf(
+        "record",
+        "-o",
+        str(trace),
+        "--",
+        sys.executable,
+        "-m",
+        "workloads.green_server",
+        "--buffer-size",
+        str(BUFFER),
+    )
+    load = None
+    try:
+        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
+        pid = listening["pid"]
+        load = start_loadgen(
+            listening["port"],
+            CONNECTIONS,
+            ACTIVE,
+            MESSAGES,
+            SIZE,
+            "--hold",
+            "60",
+            stdin=subprocess.PIPE,
+        )
+        done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+
+        def truth() -> dict:
+            os.kill(pid, signal.SIGUSR1)
+            return read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
+
+        state: dict = {}
+        wait_until(
+            lambda: state.update(truth()) or state["parked"] == CONNECTIONS,
+            30,
+            "every green thread parked",
+        )
+        recorder.send_signal(signal.SIGINT)
+        _, err = recorder.communicate(timeout=60)
+        assert recorder.returncode == 0, err.decode()
+    finally:
+        stop(recorder)
+        if load is not None:
+            stop(load)
+
+    report = report_json(trace)
+    (proc,) = [p for p in report["processes"] if p["pid"] == pid]
+    assert proc["posted_reads"]["now"] == CONNECTIONS == state["parked"]
+    assert proc["pinned_bytes"]["now"] == CONNECTIONS * BUFFER == state["pinned_bytes"]
+    parked = proc["by_source"]["parked"]
+    assert parked["posted_reads"] == CONNECTIONS
+    assert proc["by_source"]["syscall"]["posted_reads"] == 0  # the kernel holds none
+    assert proc["reads_completed"] == ACTIVE * MESSAGES == done["requests"]
+    assert proc["bytes_received"] == ACTIVE * MESSAGES * SIZE
+
+    t = open_trace(trace)
+    completed = read_intervals(t["posts"], t["completions"])
+    held = parked_reads(completed)
+    held = held[(held["pid"] == pid) & held["end_ns"].isna()]
+    assert sorted(zip(held["fd"], held["addr"], held["len"])) == sorted(
+        (b["fd"], b["addr"], b["len"]) for b in state["buffers"]
+    )
