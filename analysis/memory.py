@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.reads import next_user_of_buffer
 from probes.layout import RssMember
 
 ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "alloc_ns", "free_ns"]
@@ -91,6 +92,32 @@ def idle_reads(
     joined = posted[["pid", "fd"]].merge(activity, on=["pid", "fd"], how="left")
     since = joined["last_data_ns"].fillna(joined["first_ns"])
     return pd.Series((at_ns - since >= idle_threshold_ns).to_numpy(), index=posted.index)
+
+
+def retained_buffers(
+    intervals: pd.DataFrame, allocations: pd.DataFrame, at_ns: int, idle_threshold_ns: int
+) -> pd.DataFrame:
+    """Buffers a program keeps after reading into them, while their connection is idle.
+
+    Per connection, the buffer of the last read that received data, when the connection has
+    no read posted (or parked) now, has been idle for `idle_threshold_ns`, and the buffer is
+    still inside a live allocation and was not read into for another connection since (a
+    pool's buffer moves on; a pool buffer whose last use was this connection still counts,
+    so a pool can add at most its own size here). The readiness model's way to waste memory.
+    """
+    cols = [*intervals.columns, "alloc_addr", "alloc_size", "attributed_bytes"]
+    data = intervals[(intervals["ret"] > 0) & intervals["end_ns"].notna()]
+    if data.empty:
+        return pd.DataFrame(columns=cols)
+    last = data.sort_values("end_ns", kind="stable").groupby(["pid", "fd"]).tail(1)
+    waiting = intervals[intervals["end_ns"].isna()][["pid", "fd"]].drop_duplicates()
+    last = last.merge(waiting, on=["pid", "fd"], how="left", indicator=True)
+    last = last[(last["_merge"] == "left_only") & (at_ns - last["end_ns"] >= idle_threshold_ns)]
+    last = last.drop(columns="_merge")
+    moved_on = next_user_of_buffer(last, "end_ns", data)
+    last = last[(moved_on == -1) | (moved_on == last["fd"])]
+    held = buffer_attribution(last, allocations)
+    return held[held["attributed_bytes"] > 0].reset_index(drop=True)
 
 
 def rss_now_and_peak(rss: pd.DataFrame) -> pd.DataFrame:

@@ -69,6 +69,33 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
 EAGAIN = 11
 
 
+def _next_post(
+    rows: pd.DataFrame, time_col: str, reads: pd.DataFrame, by: list[str], value: str
+) -> pd.Series:
+    """For each row, `value` ("at" or "next_fd") of the first read in `reads` posted after
+    rows[time_col] with the same `by` columns; NaN if there is none."""
+    later = reads[[*by, "post_ns"]].assign(
+        at=reads["post_ns"].astype("float64"), next_fd=reads["fd"].astype("float64")
+    )
+    left = rows[by].assign(_t=rows[time_col].astype("float64")).reset_index()
+    merged = pd.merge_asof(
+        left.sort_values("_t"),
+        later.drop(columns="post_ns").sort_values("at"),
+        left_on="_t",
+        right_on="at",
+        by=by,
+        direction="forward",
+        allow_exact_matches=False,
+    ).set_index("index")
+    return merged[value].reindex(rows.index)
+
+
+def next_user_of_buffer(rows: pd.DataFrame, time_col: str, reads: pd.DataFrame) -> pd.Series:
+    """The fd of the next read into the same buffer (same pid and address) after each row's
+    time; -1 where the buffer is not read into again."""
+    return _next_post(rows, time_col, reads, ["pid", "addr"], "next_fd").fillna(-1)
+
+
 def parked_reads(intervals: pd.DataFrame) -> pd.DataFrame:
     """Buffers held by threads parked on readiness after a non-blocking read (source `parked`).
 
@@ -79,40 +106,15 @@ def parked_reads(intervals: pd.DataFrame) -> pd.DataFrame:
     parked). A buffer that the program next reads into for another fd was a pool's, not a
     parked thread's: such a wait is not counted.
     """
-    if intervals.empty:
-        return intervals.iloc[0:0]
-    syscall = intervals[intervals["source"] == Source.SYSCALL]
-    waits = syscall[syscall["ret"] == -EAGAIN].sort_values("end_ns")
+    syscall = intervals[intervals["source"] == Source.SYSCALL] if not intervals.empty else intervals
+    waits = syscall[syscall["ret"] == -EAGAIN] if not syscall.empty else syscall
     if waits.empty:
         return intervals.iloc[0:0]
-    later = (
-        syscall[["pid", "fd", "addr", "post_ns"]]
-        .assign(at=syscall["post_ns"].astype("float64"))
-        .sort_values("at")
-    )
-    nxt_buf = pd.merge_asof(
-        waits[["pid", "fd", "addr", "end_ns"]].reset_index(),
-        later[["pid", "addr", "at", "fd"]],
-        left_on="end_ns",
-        right_on="at",
-        by=["pid", "addr"],
-        direction="forward",
-        allow_exact_matches=False,
-        suffixes=("", "_next"),
-    ).set_index("index")
-    nxt_fd = pd.merge_asof(
-        waits[["pid", "fd", "end_ns"]].reset_index(),
-        later[["pid", "fd", "at"]],
-        left_on="end_ns",
-        right_on="at",
-        by=["pid", "fd"],
-        direction="forward",
-        allow_exact_matches=False,
-    ).set_index("index")
-    same_owner = nxt_buf["fd_next"].isna() | (nxt_buf["fd_next"] == nxt_buf["fd"])
-    out = waits[same_owner.reindex(waits.index).to_numpy()].copy()
+    next_fd = next_user_of_buffer(waits, "end_ns", syscall)
+    own = ((next_fd == -1) | (next_fd == waits["fd"])).to_numpy()
+    out = waits[own].copy()
     out["post_ns"] = out["end_ns"].astype("int64")
-    out["end_ns"] = nxt_fd["at"].reindex(out.index)
+    out["end_ns"] = _next_post(waits, "end_ns", syscall, ["pid", "fd"], "at")[own]
     out["ret"] = np.nan
     out["superseded"] = False
     out["source"] = Source.PARKED

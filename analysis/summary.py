@@ -13,6 +13,7 @@ from analysis.memory import (
     connection_activity,
     idle_reads,
     live_at,
+    retained_buffers,
     rss_now_and_peak,
 )
 from analysis.reads import (
@@ -56,6 +57,7 @@ def memory_by_process(
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
+    retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
     rss = rss_now_and_peak(trace["rss"]).set_index("pid")
     out = {}
     for pid in set(live["pid"]) | set(attributed["pid"]) | set(rss.index):
@@ -71,6 +73,10 @@ def memory_by_process(
                 "allocation_bytes": int(holders["alloc_size"].sum()),
             },
             "idle_posted_reads": int(len(mine_idle)),
+            "retained": {
+                "buffers": int((retained["pid"] == pid).sum()),
+                "bytes": int(retained.loc[retained["pid"] == pid, "attributed_bytes"].sum()),
+            },
             "heap_live": {
                 "allocations": len(heap) * sample,
                 "bytes": int(heap["size"].sum()) * sample,

@@ -110,6 +110,11 @@ def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:
             f"{memory['idle_posted_reads']:,} posted reads",
         ],
         [
+            "retained buffers of idle connections",
+            human_bytes(memory["retained"]["bytes"]),
+            f"{memory['retained']['buffers']:,} buffers kept after their last data",
+        ],
+        [
             "heap live (tracked allocations)",
             human_bytes(heap["bytes"]),
             f"{heap['allocations']:,} allocations{estimate}",

@@ -8,7 +8,6 @@ Speaks the load generator's echo protocol: whatever a connection sends is sent b
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import signal
@@ -19,68 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workloads.common import emit, listen, listening, raise_fd_limit, server_parser
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.malloc.restype = ctypes.c_void_p
-_libc.malloc.argtypes = [ctypes.c_size_t]
-_libc.free.argtypes = [ctypes.c_void_p]
-_libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
-
-
-class Buffers:
-    """Where each connection's read buffer comes from (--alloc), as a real server would do it:
-
-    bytearray       Python's allocator (malloc underneath for buffers this size)
-    malloc          one malloc() per connection
-    posix_memalign  one posix_memalign(4096) per connection
-    pool            slices of one malloc()ed region sized for --pool-slots connections
-    """
-
-    def __init__(self, how: str, size: int, pool_slots: int) -> None:
-        self.how, self.size = how, size
-        self.lock = threading.Lock()
-        self.allocations: dict[int, int] = {}  # address -> size, of what this server allocated
-        self.free_slots: list[int] = []
-        if how == "pool":
-            self.pool = self._malloc(size * pool_slots)
-            self.free_slots = [self.pool + i * size for i in reversed(range(pool_slots))]
-
-    def _malloc(self, size: int) -> int:
-        addr = _libc.malloc(size)
-        if not addr:
-            raise MemoryError(size)
-        with self.lock:
-            self.allocations[addr] = size
-        return int(addr)
-
-    def take(self) -> tuple[Any, int]:
-        """(a writable buffer object, its address)."""
-        if self.how == "bytearray":
-            buf = bytearray(self.size)
-            return buf, ctypes.addressof((ctypes.c_char * self.size).from_buffer(buf))
-        if self.how == "malloc":
-            addr = self._malloc(self.size)
-        elif self.how == "posix_memalign":
-            out = ctypes.c_void_p()
-            if _libc.posix_memalign(ctypes.byref(out), 4096, self.size):
-                raise MemoryError(self.size)
-            addr = int(out.value or 0)
-            with self.lock:
-                self.allocations[addr] = self.size
-        else:
-            with self.lock:
-                addr = self.free_slots.pop()
-        return (ctypes.c_char * self.size).from_address(addr), addr
-
-    def give_back(self, addr: int) -> None:
-        if self.how == "pool":
-            with self.lock:
-                self.free_slots.append(addr)
-        elif self.how != "bytearray":
-            with self.lock:
-                self.allocations.pop(addr, None)
-            _libc.free(addr)
+from workloads.common import Buffers, emit, listen, listening, malloc, raise_fd_limit, server_parser
 
 
 def reader(how: str, conn: socket.socket, buf: Any) -> Callable[[], int]:
@@ -211,9 +149,7 @@ def main() -> None:
     threading.stack_size(256 * 1024)
     server = Server(Buffers(args.alloc, args.buffer_size, args.pool_slots), args.read_with)
     # other heap memory, which must not be taken for IO buffers
-    server.others = [
-        (_libc.malloc(args.other_size), args.other_size) for _ in range(args.other_allocs)
-    ]
+    server.others = [(malloc(args.other_size), args.other_size) for _ in range(args.other_allocs)]
     listener = listen(args.host, args.port)
 
     stopping = threading.Event()

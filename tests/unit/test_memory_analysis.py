@@ -94,3 +94,26 @@ def test_rss_sums_resident_counters_of_the_last_address_space() -> None:
     )
     (row,) = rss_now_and_peak(rss).to_dict("records")
     assert (row["rss_now"], row["rss_peak"]) == (350, 350)  # mm 7 was the pre-exec copy
+
+
+def test_retained_is_the_last_data_buffer_of_an_idle_connection() -> None:
+    from analysis.memory import retained_buffers
+
+    nan = float("nan")
+    cols = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
+    intervals = pd.DataFrame(
+        [
+            (1, 5, 0x1000, 64, 10, 20.0, 30.0),  # fd 5 keeps 0x1000: retained
+            (1, 6, 0x2000, 64, 10, 20.0, 30.0),  # fd 6 read into a pool buffer...
+            (1, 7, 0x2000, 64, 30, 40.0, 30.0),  # ...which fd 7 used next: fd 6 holds none
+            (1, 8, 0x3000, 64, 10, 20.0, 30.0),  # fd 8 has a read posted now: not retained
+            (1, 8, 0x3000, 64, 50, nan, nan),
+            (1, 9, 0x4000, 64, 10, 95.0, 30.0),  # fd 9 had data recently: not idle
+        ],
+        columns=cols,
+    )
+    heap = pd.DataFrame(
+        [(1, a, 64) for a in (0x1000, 0x2000, 0x3000, 0x4000)], columns=["pid", "addr", "size"]
+    )
+    held = retained_buffers(intervals, heap, at_ns=100, idle_threshold_ns=50)
+    assert held[["fd", "alloc_addr"]].values.tolist() == [[5, 0x1000], [7, 0x2000]]

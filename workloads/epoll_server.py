@@ -1,0 +1,151 @@
+"""Readiness model: one epoll loop; a connection gets a read buffer only when it is readable.
+
+--buffers pool (default): the buffer comes from a small shared pool and goes back after the
+echo, so idle connections hold nothing. --buffers retain: a connection takes its own buffer on
+first data and keeps it afterwards (a common real-world pattern that wastes memory the same way
+the queued model does, only after the first message).
+
+Level-triggered, one read per readiness event. Speaks the load generator's echo protocol.
+Prints {"event": "listening", ...} when ready and its ground truth as JSON on SIGUSR1 and at
+exit: connections, buffers held (address and size), pool size, reads completed, bytes received.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import socket
+from typing import Any
+
+from workloads.common import (
+    Buffers,
+    emit,
+    listen,
+    listening,
+    raise_fd_limit,
+    server_parser,
+)
+
+
+class Server:
+    def __init__(self, mode: str, buffers: Buffers, pool_size: int) -> None:
+        self.mode = mode
+        self.alloc = buffers
+        self.epoll = select.epoll()
+        self.socks: dict[int, socket.socket] = {}
+        self.held: dict[int, tuple[Any, int]] = {}  # fd -> (buffer, address), retain mode
+        self.pool = [buffers.take() for _ in range(pool_size)] if mode == "pool" else []
+        self.pool_size = pool_size
+        self.accepted = 0
+        self.reads_completed = 0
+        self.bytes_received = 0
+
+    def readable(self, fd: int) -> None:
+        sock = self.socks[fd]
+        if self.mode == "pool":
+            buf, addr = self.pool.pop()
+        else:
+            if fd not in self.held:
+                self.held[fd] = self.alloc.take()
+            buf, addr = self.held[fd]
+        try:
+            n = sock.recv_into(buf)
+            if n > 0:
+                self.reads_completed += 1
+                self.bytes_received += n
+                sock.sendall(ctypes.string_at(addr, n))
+        except BlockingIOError:
+            n = -1
+        except OSError:
+            n = 0
+        finally:
+            if self.mode == "pool":
+                self.pool.append((buf, addr))
+        if n == 0:
+            self.close(fd)
+
+    def close(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        self.socks.pop(fd).close()
+        held = self.held.pop(fd, None)
+        if held:
+            self.alloc.give_back(held[1])
+
+    def ground_truth(self) -> dict[str, Any]:
+        return {
+            "event": "ground_truth",
+            "model": f"readiness-{self.mode}",
+            "pid": os.getpid(),
+            "connections_accepted": self.accepted,
+            "connections_open": len(self.socks),
+            "buffer_size": self.alloc.size,
+            "pool_size": self.pool_size,
+            "buffers": [
+                {"fd": fd, "addr": addr, "len": self.alloc.size}
+                for fd, (_, addr) in sorted(self.held.items())
+            ],
+            "held_bytes": len(self.held) * self.alloc.size,
+            "allocations": [
+                {"addr": a, "size": n} for a, n in sorted(self.alloc.allocations.items())
+            ],
+            "reads_completed": self.reads_completed,
+            "bytes_received": self.bytes_received,
+        }
+
+    def run(self, listener: socket.socket, stopping: list[bool]) -> None:
+        listener.setblocking(False)
+        self.epoll.register(listener.fileno(), select.EPOLLIN)
+        while not stopping[0]:
+            try:
+                events = self.epoll.poll(1.0)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == listener.fileno():
+                    self.accept(listener)
+                elif fd in self.socks:
+                    self.readable(fd)
+
+    def accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            self.accepted += 1
+            self.socks[sock.fileno()] = sock
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+
+def main() -> None:
+    parser = server_parser(__doc__ or "")
+    parser.add_argument("--buffers", choices=["pool", "retain"], default="pool")
+    parser.add_argument("--pool-size", type=int, default=4, help="buffers in the shared pool")
+    parser.add_argument(
+        "--alloc",
+        choices=["bytearray", "malloc"],
+        default="malloc",
+        help="how each buffer is allocated",
+    )
+    args = parser.parse_args()
+    raise_fd_limit()
+    server = Server(args.buffers, Buffers(args.alloc, args.buffer_size, 0), args.pool_size)
+    listener = listen(args.host, args.port)
+    stopping = [False]
+
+    def on_stop(*_: object) -> None:
+        stopping[0] = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
+    listening(listener, buffer_size=args.buffer_size)
+    server.run(listener, stopping)
+    emit(server.ground_truth())
+
+
+if __name__ == "__main__":
+    main()
