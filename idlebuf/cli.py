@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trace the read buffers a process holds waiting for data (queued vs "
         "readiness IO), and the memory behind them.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
     for _name, module in COMMANDS.items():
         module.add_parser(sub)
     return parser
@@ -39,10 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except _ONE_LINE_ERRORS as exc:
-        print(f"idlebuf {args.command}: error: {exc}", file=sys.stderr)
+        print(f"idlebuf {args.subcommand}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
-        print(f"idlebuf {args.command}: interrupted", file=sys.stderr)
+        print(f"idlebuf {args.subcommand}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 141
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("IDLEBUF_DEBUG"):
             raise
         print(
-            f"idlebuf {args.command}: internal error: {exc!r} (a bug; run again with "
+            f"idlebuf {args.subcommand}: internal error: {exc!r} (a bug; run again with "
             "IDLEBUF_DEBUG=1 for the traceback; any trace written so far is kept, "
             "marked incomplete)",
             file=sys.stderr,

@@ -319,6 +319,38 @@ RSS = Table(
     ),
 )
 
+# Kernel memory of the targets' sockets, sampled through sock_diag (the figures `ss -m` shows).
+SOCKETS = Table(
+    "sockets",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("fd", pa.int32()),
+        Column("inode", pa.uint64()),
+        Column("family", pa.string()),  # tcp, udp, unix
+        Column("ipv6", pa.bool_()),
+        Column("state", pa.string()),
+        Column("local", pa.string()),
+        Column("remote", pa.string()),
+        Column("rqueue", pa.uint32()),
+        Column("wqueue", pa.uint32()),
+        *(
+            Column(name, pa.uint32())
+            for name in (
+                "rmem_alloc",
+                "rcvbuf",
+                "wmem_alloc",
+                "sndbuf",
+                "fwd_alloc",
+                "wmem_queued",
+                "optmem",
+                "backlog",
+                "drops",
+            )
+        ),
+    ),
+)
+
 # Registered buffer rings as the recorder read them from the process's memory: the kernel
 # never reports what user space adds to a ring, so the recorder looks.
 BUFFER_RINGS = Table(
@@ -356,6 +388,7 @@ TABLES: dict[str, Table] = {
         ALLOCS,
         FREES,
         RSS,
+        SOCKETS,
         PROCESSES,
     )
 }

@@ -23,6 +23,7 @@ import pyarrow as pa
 from probes import features, layout, scan
 from probes.buffer_rings import BufferRingWatcher
 from probes.loader import ProbeError, ReadProbeOptions, ReadProbes
+from probes.socket_memory import SocketSampler
 from probes.trace_writer import TraceWriter
 
 VERSION = "0.1.0"
@@ -119,6 +120,9 @@ class Recorder:
         self._posts = 0
         self._completions = 0
         self._rings = BufferRingWatcher()
+        self._sockets: SocketSampler | None = None
+        self._target_pids: list[int] = []
+        self._probes: ReadProbes | None = None
 
     # --- set-up -------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -193,6 +197,12 @@ class Recorder:
                     self._writer.append(table, pa.table(columns))
             self._posts += int(np.count_nonzero(records["kind"] == layout.Kind.POST))
             self._completions += int(np.count_nonzero(records["kind"] == layout.Kind.COMPLETE))
+        if self._sockets is not None:
+            rows = self._sockets.sample(self._live_targets(), _now_ns())
+            if rows:
+                self._writer.append(
+                    layout.SOCKETS, pa.Table.from_pylist(rows, schema=layout.SOCKETS.arrow_schema())
+                )
         rings = self._rings.snapshot(_now_ns())
         if rings:
             self._writer.append(
@@ -333,11 +343,24 @@ class Recorder:
                 child.signal(signal.SIGKILL)
                 child.wait()
             probes.close()
+            if self._sockets is not None:
+                self._sockets.close()
+
+    def _live_targets(self) -> list[int]:
+        """The targets now: those given or launched, and the children followed in the kernel."""
+        pids = set(self._target_pids)
+        if self._probes is not None and self._probes.options.follow_children:
+            pids |= {p for p in self._probes.target_pids() if _is_process(p)}
+        return sorted(p for p in pids if _alive(p))
 
     def _attach(self, probes: ReadProbes, pid: int) -> None:
         """Make `pid` a target; with the memory side, probe the allocator it uses."""
         probes.add_target(pid)
+        self._probes = probes
+        self._target_pids.append(pid)
         if probes.options.memory:
+            if self._sockets is None:
+                self._sockets = SocketSampler()
             memory = self._static_meta.setdefault(
                 "memory",
                 {

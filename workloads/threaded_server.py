@@ -44,6 +44,8 @@ class Server:
         self.alloc = buffers
         self.others: list[tuple[int, int]] = []  # (address, size) of non-buffer allocations
         self.read_with = read_with
+        self.stalled: threading.Event | None = None
+        self.held: list[socket.socket] = []
         self.lock = threading.Lock()
         self.buffers: dict[int, int] = {}  # fd -> buffer address, for open connections
         self.accepted = 0
@@ -51,6 +53,11 @@ class Server:
         self.bytes_received = 0
 
     def serve_connection(self, conn: socket.socket) -> None:
+        if self.stalled is not None:  # hold the connection, never read: data waits in the kernel
+            with self.lock:
+                self.held.append(conn)
+            self.stalled.wait()
+            return
         buf, addr = self.alloc.take()
         fd = conn.fileno()
         with self.lock:
@@ -141,6 +148,11 @@ def main() -> None:
     )
     parser.add_argument("--other-size", type=int, default=50021, help="bytes per other block")
     parser.add_argument(
+        "--no-read",
+        action="store_true",
+        help="accept connections but never read them (data stays in the socket buffers)",
+    )
+    parser.add_argument(
         "--noise", action="store_true", help="also block a thread on a pipe and read a regular file"
     )
     args = parser.parse_args()
@@ -148,6 +160,8 @@ def main() -> None:
     raise_fd_limit()
     threading.stack_size(256 * 1024)
     server = Server(Buffers(args.alloc, args.buffer_size, args.pool_slots), args.read_with)
+    if args.no_read:
+        server.stalled = threading.Event()
     # other heap memory, which must not be taken for IO buffers
     server.others = [(malloc(args.other_size), args.other_size) for _ in range(args.other_allocs)]
     listener = listen(args.host, args.port)
