@@ -135,3 +135,100 @@ def rss_now_and_peak(rss: pd.DataFrame) -> pd.DataFrame:
     wide = wide.groupby(level="pid").ffill().fillna(0)
     total = wide.sum(axis=1).groupby(level="pid")
     return pd.DataFrame({"rss_now": total.last(), "rss_peak": total.max()}).reset_index()
+
+
+# Memory a socket holds in the kernel: received data (rmem_alloc), queued for sending
+# (wmem_queued, which includes what is in flight) and reserved ahead (fwd_alloc).
+SOCKET_KERNEL_FIELDS = ["rmem_alloc", "wmem_queued", "fwd_alloc"]
+
+CONNECTION_COLUMNS = [
+    "pid",
+    "fd",
+    "inode",
+    "family",
+    "local",
+    "remote",
+    "opened_ns",
+    "closed_ns",
+    "bytes_received",
+    "last_data_ns",
+    "idle_ns",
+    "idle",
+    "posted_bytes",
+    "retained_bytes",
+    "socket_kernel_bytes",
+]
+
+
+def connection_table(
+    intervals: pd.DataFrame,
+    sockets: pd.DataFrame,
+    retained: pd.DataFrame,
+    at_ns: int,
+    idle_threshold_ns: int,
+) -> pd.DataFrame:
+    """One row per connection (pid, fd) seen reading or in a socket sample.
+
+    opened/closed are the first and last sample that showed the socket (closed NaN: open at
+    the end; opened is the first read if that was earlier); bytes received and last data come
+    from the reads; `posted_bytes` is the buffer of a read posted or parked now,
+    `retained_bytes` a buffer kept after the last data; `socket_kernel_bytes` the kernel
+    memory of the socket in the last sample (rmem_alloc + wmem_queued + fwd_alloc).
+    """
+    keys = ["pid", "fd"]
+    reads = intervals.assign(got=intervals["ret"].where(intervals["ret"] > 0, 0))
+    activity = reads.groupby(keys).agg(bytes_received=("got", "sum"), first_ns=("post_ns", "min"))
+    data = reads[reads["got"] > 0]
+    activity["last_data_ns"] = data.groupby(keys)["end_ns"].max()
+    posted = reads[reads["end_ns"].isna()]
+    activity["posted_bytes"] = posted.groupby(keys)["len"].sum()
+    if not sockets.empty:
+        s = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
+        s = s.sort_values("ts_ns")
+        last_sample = s["ts_ns"].max()
+        g = s.groupby(keys)
+        seen = g.agg(
+            inode=("inode", "last"),
+            family=("family", "last"),
+            local=("local", "last"),
+            remote=("remote", "last"),
+            opened_ns=("ts_ns", "min"),
+            closed_ns=("ts_ns", "max"),
+        )
+        seen.loc[seen["closed_ns"] == last_sample, "closed_ns"] = np.nan
+        last = g.tail(1).set_index(keys)
+        seen["socket_kernel_bytes"] = last[SOCKET_KERNEL_FIELDS].sum(axis=1)
+        table = seen.join(activity, how="outer")
+    else:
+        table = activity
+    table["retained_bytes"] = retained.groupby(keys)["attributed_bytes"].sum()
+    table = table.reset_index()
+    for col in CONNECTION_COLUMNS:
+        if col not in table:
+            table[col] = np.nan
+    # a socket is first sampled up to one interval after it opened; its first read may be earlier
+    table["opened_ns"] = table[["opened_ns", "first_ns"]].min(axis=1)
+    since = table["last_data_ns"].fillna(table["first_ns"]).fillna(table["opened_ns"])
+    table["idle_ns"] = at_ns - since
+    table["idle"] = (table["idle_ns"] >= idle_threshold_ns) & table["closed_ns"].isna()
+    for col in ("bytes_received", "posted_bytes", "retained_bytes", "socket_kernel_bytes"):
+        table[col] = table[col].fillna(0).astype("int64")
+    return table[CONNECTION_COLUMNS]
+
+
+def idle_connection_cost(connections: pd.DataFrame) -> pd.DataFrame:
+    """Per pid: idle connections and what one costs on average: user buffer bytes (posted,
+    parked or retained: committed heap) plus kernel socket bytes."""
+    idle = connections[connections["idle"]]
+    g = idle.groupby("pid")
+    out = pd.DataFrame(
+        {
+            "idle_connections": g.size(),
+            "user_buffer_bytes": g["posted_bytes"].sum() + g["retained_bytes"].sum(),
+            "socket_kernel_bytes": g["socket_kernel_bytes"].sum(),
+        }
+    )
+    out["per_idle_connection_bytes"] = (
+        out["user_buffer_bytes"] + out["socket_kernel_bytes"]
+    ) / out["idle_connections"]
+    return out.reset_index()

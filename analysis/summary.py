@@ -11,6 +11,8 @@ from analysis.memory import (
     allocation_intervals,
     buffer_attribution,
     connection_activity,
+    connection_table,
+    idle_connection_cost,
     idle_reads,
     live_at,
     retained_buffers,
@@ -59,8 +61,14 @@ def memory_by_process(
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
     rss = rss_now_and_peak(trace["rss"]).set_index("pid")
+    connections = connection_table(
+        reads, trace["sockets"], retained, end_ns, int(idle_threshold_s * 1e9)
+    )
+    cost = idle_connection_cost(connections).set_index("pid")
     out = {}
     for pid in set(live["pid"]) | set(attributed["pid"]) | set(rss.index):
+        conns = connections[connections["pid"] == pid]
+        open_conns = conns[conns["closed_ns"].isna()]
         mine = attributed[attributed["pid"] == pid]
         mine_idle = mine[idle[mine.index]]
         holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
@@ -86,11 +94,21 @@ def memory_by_process(
                 "now": int(rss["rss_now"].get(pid, 0)),
                 "peak": int(rss["rss_peak"].get(pid, 0)),
             },
+            "connections": {"open": len(open_conns), "idle": int(open_conns["idle"].sum())},
+            "socket_kernel_bytes": int(open_conns["socket_kernel_bytes"].sum()),
+            "per_idle_connection": {
+                "user_buffer_bytes": int(cost["user_buffer_bytes"].get(pid, 0)),
+                "socket_kernel_bytes": int(cost["socket_kernel_bytes"].get(pid, 0)),
+                "bytes": float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
+            },
+            "connection_rows": conns,
         }
     return out
 
 
-def summarize(trace: Trace, idle_threshold_s: float = 1.0) -> dict[str, Any]:
+def summarize(
+    trace: Trace, idle_threshold_s: float = 1.0, connections: bool = False
+) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
     completed = read_intervals(trace["posts"], trace["completions"])
     intervals = pd.concat([completed, parked_reads(completed)], ignore_index=True)
@@ -141,7 +159,11 @@ def summarize(trace: Trace, idle_threshold_s: float = 1.0) -> dict[str, Any]:
                     {k: (v if isinstance(v, str) else int(v)) for k, v in g.items() if k != "pid"}
                     for g in groups[groups["pid"] == pid].to_dict("records")
                 ],
-                **({"memory": memory[int(pid)]} if int(pid) in memory else {}),
+                **(
+                    {"memory": _memory_json(memory[int(pid)], connections)}
+                    if int(pid) in memory
+                    else {}
+                ),
             }
         )
     return {
@@ -155,6 +177,20 @@ def summarize(trace: Trace, idle_threshold_s: float = 1.0) -> dict[str, Any]:
         "idle_threshold_s": idle_threshold_s,
         "memory": trace.meta.get("memory"),
     }
+
+
+def _memory_json(memory: dict[str, Any], with_rows: bool) -> dict[str, Any]:
+    """The memory section as JSON: the per-connection rows only when asked for."""
+    out = {k: v for k, v in memory.items() if k != "connection_rows"}
+    if with_rows:
+        rows = (
+            memory["connection_rows"].astype(object).where(memory["connection_rows"].notna(), None)
+        )
+        out["connection_table"] = [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items() if k != "pid"}
+            for r in rows.to_dict("records")
+        ]
+    return out
 
 
 def _intermediate(uses: pd.DataFrame) -> dict[str, int]:

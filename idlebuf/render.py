@@ -120,6 +120,17 @@ def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:
             f"{heap['allocations']:,} allocations{estimate}",
         ],
         ["resident memory", human_bytes(rss["now"]), f"peak {human_bytes(rss['peak'])}"],
+        [
+            "kernel socket memory",
+            human_bytes(memory["socket_kernel_bytes"]),
+            f"{memory['connections']['open']:,} connections open, "
+            f"{memory['connections']['idle']:,} idle",
+        ],
+        [
+            "per idle connection",
+            human_bytes(memory["per_idle_connection"]["bytes"]),
+            "user buffer + kernel socket memory",
+        ],
     ]
     return table(["memory", "now", ""], rows)
 

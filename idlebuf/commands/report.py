@@ -27,11 +27,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="a connection with no data for this long is idle (default 1)",
     )
+    p.add_argument(
+        "--connections",
+        action="store_true",
+        help="with --json: include the per-connection table (memory recordings)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = summarize(open_trace(args.trace), idle_threshold_s=args.idle_threshold)
+    summary = summarize(
+        open_trace(args.trace), idle_threshold_s=args.idle_threshold, connections=args.connections
+    )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -117,3 +117,81 @@ def test_retained_is_the_last_data_buffer_of_an_idle_connection() -> None:
     )
     held = retained_buffers(intervals, heap, at_ns=100, idle_threshold_ns=50)
     assert held[["fd", "alloc_addr"]].values.tolist() == [[5, 0x1000], [7, 0x2000]]
+
+
+def test_connection_table_and_idle_cost() -> None:
+    from analysis.memory import connection_table, idle_connection_cost
+
+    nan = float("nan")
+    intervals = pd.DataFrame(
+        [
+            (1, 5, 0x1000, 64, 10, 20.0, 30.0),  # fd 5: data at 20, then a posted read
+            (1, 5, 0x1000, 64, 21, nan, nan),
+            (1, 6, 0x2000, 64, 10, 90.0, 7.0),  # fd 6: data at 90: not idle
+        ],
+        columns=["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"],
+    )
+    base = {
+        "rcvbuf": 0,
+        "wmem_alloc": 0,
+        "sndbuf": 0,
+        "optmem": 0,
+        "backlog": 0,
+        "drops": 0,
+        "rqueue": 0,
+        "wqueue": 0,
+        "ipv6": False,
+        "inode": 0,
+    }
+    sockets = pd.DataFrame(
+        [
+            {
+                **base,
+                "ts_ns": 50,
+                "pid": 1,
+                "fd": 5,
+                "family": "tcp",
+                "state": "ESTABLISHED",
+                "local": "a:1",
+                "remote": "b:2",
+                "rmem_alloc": 100,
+                "wmem_queued": 20,
+                "fwd_alloc": 3,
+            },
+            {
+                **base,
+                "ts_ns": 50,
+                "pid": 1,
+                "fd": 6,
+                "family": "tcp",
+                "state": "ESTABLISHED",
+                "local": "a:1",
+                "remote": "b:3",
+                "rmem_alloc": 0,
+                "wmem_queued": 0,
+                "fwd_alloc": 0,
+            },
+            {
+                **base,
+                "ts_ns": 50,
+                "pid": 1,
+                "fd": 3,
+                "family": "tcp",
+                "state": "LISTEN",
+                "local": "a:1",
+                "remote": "*:0",
+                "rmem_alloc": 0,
+                "wmem_queued": 0,
+                "fwd_alloc": 0,
+            },
+        ]
+    )
+    retained = pd.DataFrame(columns=["pid", "fd", "attributed_bytes"])
+    table = connection_table(intervals, sockets, retained, at_ns=100, idle_threshold_ns=50)
+    assert table["fd"].tolist() == [5, 6]  # the listener is not a connection
+    assert table["idle"].tolist() == [True, False]
+    assert table["posted_bytes"].tolist() == [64, 0]
+    assert table["socket_kernel_bytes"].tolist() == [123, 0]
+    assert table["bytes_received"].tolist() == [30, 7]
+    (cost,) = idle_connection_cost(table).to_dict("records")
+    assert (cost["idle_connections"], cost["per_idle_connection_bytes"]) == (1, 64 + 123)

@@ -118,6 +118,7 @@ def one_line_error(args: list[str], match: str) -> None:
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert match in done.stderr, done.stderr
+    assert done.stderr.startswith(f"idlebuf {args[0]}: error: "), done.stderr
 
 
 def test_report_refuses_a_newer_format(tmp_path: Path) -> None:
