@@ -232,3 +232,92 @@ def idle_connection_cost(connections: pd.DataFrame) -> pd.DataFrame:
         out["user_buffer_bytes"] + out["socket_kernel_bytes"]
     ) / out["idle_connections"]
     return out.reset_index()
+
+
+TIMELINE_COLUMNS = [
+    "pid",
+    "t_s",
+    "posted_reads",
+    "pinned_bytes",
+    "heap_live_bytes",
+    "rss_bytes",
+    "socket_kernel_bytes",
+    "connections_open",
+]
+
+
+def process_timeline(
+    posted: pd.DataFrame,
+    allocations: pd.DataFrame,
+    rss: pd.DataFrame,
+    sockets: pd.DataFrame,
+    start_ns: int,
+    end_ns: int,
+    resolution_ns: int,
+) -> pd.DataFrame:
+    """Per pid, the state at the end of every `resolution_ns` step from start to end.
+
+    `posted` is posted_timeline()'s output; the heap is the tracked allocations live; RSS the
+    last address space's resident counters; socket figures come from the last sample taken.
+    """
+    edges = np.arange(start_ns + resolution_ns, end_ns + resolution_ns, resolution_ns)
+    if len(edges) == 0:
+        return pd.DataFrame(columns=TIMELINE_COLUMNS)
+
+    def at_edges(frame: pd.DataFrame, value: str) -> pd.DataFrame:
+        """The last value of `value` at or before each edge, per pid."""
+        rows = []
+        for pid, part in frame.sort_values("ts_ns").groupby("pid"):
+            idx = np.searchsorted(part["ts_ns"].to_numpy(np.int64), edges, side="right") - 1
+            vals = np.where(idx >= 0, part[value].to_numpy()[np.maximum(idx, 0)], 0)
+            rows.append(pd.DataFrame({"pid": pid, "edge": edges, value: vals}))
+        return pd.concat(rows) if rows else pd.DataFrame(columns=["pid", "edge", value])
+
+    steps = []
+    if not allocations.empty:
+        a = allocations
+        starts = pd.DataFrame({"pid": a["pid"], "ts_ns": a["alloc_ns"], "d": a["size"]})
+        freed = a[a["free_ns"].notna()]
+        ends = pd.DataFrame(
+            {"pid": freed["pid"], "ts_ns": freed["free_ns"].astype("int64"), "d": -freed["size"]}
+        )
+        heap = pd.concat([starts, ends]).sort_values("ts_ns", kind="stable")
+        heap["heap_live_bytes"] = heap.groupby("pid")["d"].cumsum()
+        steps.append(at_edges(heap, "heap_live_bytes"))
+    if not rss.empty:
+        last_mm = rss.groupby("pid")["mm_id"].transform("last")
+        r = rss[rss["mm_id"] == last_mm].sort_values("ts_ns")
+        wide = (
+            r.pivot_table(index=["pid", "ts_ns"], columns="member", values="bytes", aggfunc="last")
+            .groupby(level="pid")
+            .ffill()
+            .fillna(0)
+        )
+        total = wide.sum(axis=1).rename("rss_bytes").reset_index()
+        steps.append(at_edges(total, "rss_bytes"))
+    if not sockets.empty:
+        conns = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
+        per_sample = (
+            conns.assign(socket_kernel_bytes=conns[SOCKET_KERNEL_FIELDS].sum(axis=1))
+            .groupby(["pid", "ts_ns"])
+            .agg(
+                socket_kernel_bytes=("socket_kernel_bytes", "sum"), connections_open=("fd", "size")
+            )
+            .reset_index()
+        )
+        steps.append(at_edges(per_sample, "socket_kernel_bytes"))
+        steps.append(at_edges(per_sample, "connections_open"))
+    if not posted.empty:
+        steps.append(at_edges(posted, "posted_reads"))
+        steps.append(at_edges(posted, "pinned_bytes"))
+    if not steps:
+        return pd.DataFrame(columns=TIMELINE_COLUMNS)
+    out = steps[0]
+    for more in steps[1:]:
+        out = out.merge(more, on=["pid", "edge"], how="outer")
+    out["t_s"] = (out["edge"] - start_ns) / 1e9
+    for col in TIMELINE_COLUMNS:
+        if col not in out:
+            out[col] = 0
+    out = out.fillna(0)
+    return out[TIMELINE_COLUMNS].sort_values(["pid", "t_s"]).reset_index(drop=True)

@@ -15,6 +15,7 @@ from analysis.memory import (
     idle_connection_cost,
     idle_reads,
     live_at,
+    process_timeline,
     retained_buffers,
     rss_now_and_peak,
 )
@@ -106,8 +107,37 @@ def memory_by_process(
     return out
 
 
+def timeline(trace: Trace, intervals: pd.DataFrame, resolution_s: float) -> list[dict[str, Any]]:
+    """The per-process time series, as JSON rows."""
+    start = int(
+        trace.meta.get("tracing_since_ns") or trace.meta.get("clock", {}).get("monotonic_ns", 0)
+    )
+    end = end_of_recording(trace)
+    if not start:
+        stamps = [
+            int(df["ts_ns"].min()) for df in trace.tables.values() if "ts_ns" in df and not df.empty
+        ]
+        start = min(stamps, default=end)
+    frame = process_timeline(
+        posted_timeline(network_reads(intervals)),
+        allocation_intervals(trace["allocs"], trace["frees"]),
+        trace["rss"],
+        trace["sockets"],
+        start,
+        end,
+        max(1, int(resolution_s * 1e9)),
+    )
+    return [
+        {str(k): (float(v) if k == "t_s" else int(v)) for k, v in row.items()}
+        for row in frame.to_dict("records")
+    ]
+
+
 def summarize(
-    trace: Trace, idle_threshold_s: float = 1.0, connections: bool = False
+    trace: Trace,
+    idle_threshold_s: float = 1.0,
+    connections: bool = False,
+    timeline_s: float | None = None,
 ) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
     completed = read_intervals(trace["posts"], trace["completions"])
@@ -175,6 +205,7 @@ def summarize(
         "uring": trace.meta.get("probes", {}).get("reads", {}).get("uring"),
         "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
         "idle_threshold_s": idle_threshold_s,
+        **({"timeline": timeline(trace, intervals, timeline_s)} if timeline_s else {}),
         "memory": trace.meta.get("memory"),
     }
 

@@ -91,7 +91,34 @@ def render_report(summary: dict[str, Any], title: str) -> str:
                     ],
                 )
             )
+    if summary.get("timeline"):
+        out.append("")
+        out.append(render_timeline(summary["timeline"]))
     return "\n".join(out)
+
+
+def render_timeline(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        "posted_reads",
+        "pinned_bytes",
+        "heap_live_bytes",
+        "rss_bytes",
+        "socket_kernel_bytes",
+        "connections_open",
+    ]
+    body = [
+        [
+            str(r["pid"]),
+            f"{r['t_s']:.1f}",
+            f"{r['posted_reads']:,}",
+            *(human_bytes(r[c]) for c in cols[1:5]),
+            f"{r['connections_open']:,}",
+        ]
+        for r in rows
+    ]
+    return "timeline\n" + table(
+        ["pid", "t (s)", "posted", "pinned", "heap live", "RSS", "socket mem", "conns"], body
+    )
 
 
 def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:

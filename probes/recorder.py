@@ -299,6 +299,7 @@ class Recorder:
 
         child: Child | None = None
         started = time.monotonic()
+        self._static_meta["tracing_since_ns"] = _now_ns()
         try:
             if cfg.command:
                 child = _launch_paused(cfg.command, lambda pid: self._attach(probes, pid))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from analysis.summary import summarize
 from analysis.trace import open_trace
+from idlebuf.errors import IdlebufError
 from idlebuf.render import render_report
 
 
@@ -32,12 +33,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --json: include the per-connection table (memory recordings)",
     )
+    p.add_argument(
+        "--timeline",
+        type=float,
+        metavar="SECONDS",
+        help="add a per-process time series at this resolution",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.timeline is not None and args.timeline <= 0:
+        raise IdlebufError("--timeline must be positive")
     summary = summarize(
-        open_trace(args.trace), idle_threshold_s=args.idle_threshold, connections=args.connections
+        open_trace(args.trace),
+        idle_threshold_s=args.idle_threshold,
+        connections=args.connections,
+        timeline_s=args.timeline,
     )
     if args.json:
         print(json.dumps(summary, indent=2))

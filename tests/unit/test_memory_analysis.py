@@ -195,3 +195,24 @@ def test_connection_table_and_idle_cost() -> None:
     assert table["bytes_received"].tolist() == [30, 7]
     (cost,) = idle_connection_cost(table).to_dict("records")
     assert (cost["idle_connections"], cost["per_idle_connection_bytes"]) == (1, 64 + 123)
+
+
+def test_process_timeline_steps() -> None:
+    from analysis.memory import process_timeline
+
+    posted = pd.DataFrame(
+        [(1, 150, 1, 64), (1, 250, 2, 128)],
+        columns=["pid", "ts_ns", "posted_reads", "pinned_bytes"],
+    )
+    allocations = pd.DataFrame(
+        [(1, 0x10, 1000, 1, 120, 260.0)],
+        columns=["pid", "addr", "size", "fn", "alloc_ns", "free_ns"],
+    )
+    empty_rss = pd.DataFrame(columns=["ts_ns", "pid", "mm_id", "member", "bytes"])
+    empty_sockets = pd.DataFrame(
+        columns=["ts_ns", "pid", "fd", "family", "state", "rmem_alloc", "wmem_queued", "fwd_alloc"]
+    )
+    tl = process_timeline(posted, allocations, empty_rss, empty_sockets, 100, 300, 100)
+    assert tl["t_s"].tolist() == [1e-7, 2e-7]
+    assert tl["posted_reads"].tolist() == [1, 2]
+    assert tl["heap_live_bytes"].tolist() == [1000, 0]  # freed at 260
