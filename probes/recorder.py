@@ -27,6 +27,8 @@ from probes.socket_memory import SocketSampler
 from probes.trace_writer import TraceWriter
 
 VERSION = "0.1.0"
+SMALL_BATCH = 16384
+BATCH_PAUSE_S = 0.003
 EXIT_QUIET_S = 0.3  # after the targets exit: stop once no event came for this long...
 EXIT_GRACE_S = 3.0  # ...or after this long at most
 
@@ -285,6 +287,7 @@ class Recorder:
             self._flush()
         with contextlib.suppress(Exception):
             self._writer.write_meta(self._meta(False, None, {"error": repr(exc)[:500]}))
+            self._writer.sync()
 
     def _run(self, stop: _Stop) -> RecordSummary:
         cfg = self.config
@@ -330,6 +333,7 @@ class Recorder:
                 },
             )
             self._writer.write_meta(meta)
+            self._writer.sync()
             return RecordSummary(
                 cfg.output,
                 self._posts,
@@ -385,6 +389,10 @@ class Recorder:
             now = time.monotonic()
             if batch.size:
                 last_event = now
+            if 0 < batch.size < SMALL_BATCH:
+                # Under a steady stream every drain would take a few records: let them pile up
+                # (the ring holds ~200k) so that decoding works on large batches.
+                time.sleep(BATCH_PAUSE_S)
             if self._buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_interval:
                 self._flush()
                 self._writer.write_meta(self._meta(False, probes, {}))

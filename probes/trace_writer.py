@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,10 @@ class TraceWriter:
         self._parts: dict[str, int] = {}
         self._table_fds: dict[str, int] = {}
         self.rows: dict[str, int] = {name: 0 for name in layout.TABLES}
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=16)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="trace-writer", daemon=True)
+        self._fd = -1
         parent = path.parent if str(path.parent) else Path(".")
         try:
             parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -66,6 +73,7 @@ class TraceWriter:
             self._fd = self._create(parent_fd, path, force)
         finally:
             os.close(parent_fd)
+        self._thread.start()
 
     def _create(self, parent_fd: int, path: Path, force: bool) -> int:
         name = path.name
@@ -106,28 +114,67 @@ class TraceWriter:
                 f.write(data)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
+    # Files are written by one background thread, in submission order, so the recorder keeps
+    # draining the ring buffer while Parquet compresses (pyarrow releases the GIL). A full
+    # queue makes the recorder wait: the kernel then counts drops instead of memory growing.
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the recorder's thread
+                self._error = exc
+            finally:
+                self._jobs.task_done()
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        self._check()
+        self._jobs.put(job)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def sync(self) -> None:
+        """Wait until everything submitted is on disk."""
+        self._jobs.join()
+        self._check()
+
     def write_meta(self, meta: dict[str, Any]) -> None:
         body = json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
-        self._write_file(self._fd, META, body)
+        self._submit(lambda: self._write_file(self._fd, META, body))
 
     def append(self, table: layout.Table, rows: pa.Table) -> None:
         """Write one row group of `table` as the next part file."""
         if rows.num_rows == 0:
             return
         rows = rows.select(table.column_names()).cast(table.arrow_schema())
-        dir_fd = self._table_fds.get(table.name)
-        if dir_fd is None:
-            os.mkdir(table.name, 0o700, dir_fd=self._fd)
-            dir_fd = os.open(table.name, _DIR_FLAGS, dir_fd=self._fd)
-            os.fchmod(dir_fd, 0o700)
-            self._chown(dir_fd)
-            self._table_fds[table.name] = dir_fd
         part = self._parts.get(table.name, 0)
-        self._write_file(dir_fd, f"part-{part:06d}.parquet", rows)
         self._parts[table.name] = part + 1
         self.rows[table.name] += rows.num_rows
+        self._submit(
+            lambda: self._write_file(self._table_dir(table.name), f"part-{part:06d}.parquet", rows)
+        )
+
+    def _table_dir(self, name: str) -> int:
+        dir_fd = self._table_fds.get(name)
+        if dir_fd is None:
+            os.mkdir(name, 0o700, dir_fd=self._fd)
+            dir_fd = os.open(name, _DIR_FLAGS, dir_fd=self._fd)
+            os.fchmod(dir_fd, 0o700)
+            self._chown(dir_fd)
+            self._table_fds[name] = dir_fd
+        return dir_fd
 
     def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.join()
+            self._jobs.put(None)
+            self._thread.join()
         for fd in self._table_fds.values():
             os.close(fd)
         self._table_fds.clear()
