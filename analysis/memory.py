@@ -321,3 +321,17 @@ def process_timeline(
             out[col] = 0
     out = out.fillna(0)
     return out[TIMELINE_COLUMNS].sort_values(["pid", "t_s"]).reset_index(drop=True)
+
+
+def with_residency(buffers: pd.DataFrame, residency: pd.DataFrame, what: str) -> pd.Series:
+    """Resident bytes of each buffer (pid, fd, addr, len) as measured at the end for `what`
+    ("posted", "last_data" or "parked"); NaN where it was not measured."""
+    keys = ["pid", "fd", "addr", "len"]
+    measured = residency[residency["what"] == what][[*keys, "resident_bytes"]]
+    measured = measured.drop_duplicates(keys, keep="last")
+    joined = (
+        buffers[keys]
+        .astype("int64")
+        .merge(measured.astype({k: "int64" for k in keys}), on=keys, how="left")
+    )
+    return pd.Series(joined["resident_bytes"].to_numpy(), index=buffers.index)

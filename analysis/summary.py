@@ -18,6 +18,7 @@ from analysis.memory import (
     process_timeline,
     retained_buffers,
     rss_now_and_peak,
+    with_residency,
 )
 from analysis.reads import (
     SUMMARY_COUNTS,
@@ -29,6 +30,7 @@ from analysis.reads import (
     read_summary,
 )
 from analysis.trace import Trace
+from probes.layout import Source
 
 # Sources whose reads count in a process's totals (io_uring reads of files do not).
 NETWORK_SOURCES = ("syscall", "uring", "parked")
@@ -61,6 +63,15 @@ def memory_by_process(
     attributed = buffer_attribution(posted, live)
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
+    # resident bytes, where the recorder measured them (NaN -> 0: not measured)
+    residency = trace["residency"]
+    parked = attributed["source"] == Source.PARKED
+    attributed["resident_bytes"] = (
+        with_residency(attributed, residency, "posted")
+        .where(~parked, with_residency(attributed, residency, "parked"))
+        .fillna(0)
+    )
+    retained["resident_bytes"] = with_residency(retained, residency, "last_data").fillna(0)
     rss = rss_now_and_peak(trace["rss"]).set_index("pid")
     connections = connection_table(
         reads, trace["sockets"], retained, end_ns, int(idle_threshold_s * 1e9)
@@ -80,11 +91,14 @@ def memory_by_process(
                 "idle_bytes": int(mine_idle["attributed_bytes"].sum()),
                 "allocations": len(holders),
                 "allocation_bytes": int(holders["alloc_size"].sum()),
+                "resident_bytes": int(mine["resident_bytes"].sum()),
+                "idle_resident_bytes": int(mine_idle["resident_bytes"].sum()),
             },
             "idle_posted_reads": int(len(mine_idle)),
             "retained": {
                 "buffers": int((retained["pid"] == pid).sum()),
                 "bytes": int(retained.loc[retained["pid"] == pid, "attributed_bytes"].sum()),
+                "resident_bytes": int(retained.loc[retained["pid"] == pid, "resident_bytes"].sum()),
             },
             "heap_live": {
                 "allocations": len(heap) * sample,
@@ -98,6 +112,12 @@ def memory_by_process(
             "connections": {"open": len(open_conns), "idle": int(open_conns["idle"].sum())},
             "socket_kernel_bytes": int(open_conns["socket_kernel_bytes"].sum()),
             "per_idle_connection": {
+                "resident_bytes": _per_connection(
+                    mine_idle["resident_bytes"].sum()
+                    + retained.loc[retained["pid"] == pid, "resident_bytes"].sum()
+                    + cost["socket_kernel_bytes"].get(pid, 0),
+                    int(cost["idle_connections"].get(pid, 0)),
+                ),
                 "user_buffer_bytes": int(cost["user_buffer_bytes"].get(pid, 0)),
                 "socket_kernel_bytes": int(cost["socket_kernel_bytes"].get(pid, 0)),
                 "bytes": float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
@@ -208,6 +228,10 @@ def summarize(
         **({"timeline": timeline(trace, intervals, timeline_s)} if timeline_s else {}),
         "memory": trace.meta.get("memory"),
     }
+
+
+def _per_connection(total: float, connections: int) -> float:
+    return float(total) / connections if connections else 0.0
 
 
 def _memory_json(memory: dict[str, Any], with_rows: bool) -> dict[str, Any]:

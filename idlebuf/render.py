@@ -134,7 +134,8 @@ def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:
         [
             f"  of idle connections (no data for {idle_threshold_s:g}s)",
             human_bytes(io_heap["idle_bytes"]),
-            f"{memory['idle_posted_reads']:,} posted reads",
+            f"{memory['idle_posted_reads']:,} posted reads; resident "
+            + human_bytes(io_heap["idle_resident_bytes"]),
         ],
         [
             "retained buffers of idle connections",
@@ -156,7 +157,8 @@ def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:
         [
             "per idle connection",
             human_bytes(memory["per_idle_connection"]["bytes"]),
-            "user buffer + kernel socket memory",
+            "user buffer + kernel socket memory (committed); resident: "
+            + human_bytes(memory["per_idle_connection"]["resident_bytes"]),
         ],
     ]
     return table(["memory", "now", ""], rows)

@@ -351,6 +351,20 @@ SOCKETS = Table(
     ),
 )
 
+# How much of each buffer that matters was in RAM when the recording ended (/proc/PID/pagemap):
+# posted reads' buffers and each connection's last data buffer.
+RESIDENCY = Table(
+    "residency",
+    (
+        Column("pid", pa.uint32()),
+        Column("fd", pa.int32()),
+        Column("addr", pa.uint64()),
+        Column("len", pa.int64()),
+        Column("what", pa.string()),  # posted, last_data
+        Column("resident_bytes", pa.int64()),
+    ),
+)
+
 # Registered buffer rings as the recorder read them from the process's memory: the kernel
 # never reports what user space adds to a ring, so the recorder looks.
 BUFFER_RINGS = Table(
@@ -389,6 +403,7 @@ TABLES: dict[str, Table] = {
         FREES,
         RSS,
         SOCKETS,
+        RESIDENCY,
         PROCESSES,
     )
 }

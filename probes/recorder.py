@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from probes import features, layout, scan
+from probes import features, layout, residency, scan
 from probes.buffer_rings import BufferRingWatcher
 from probes.loader import ProbeError, ReadProbeOptions, ReadProbes
+from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler
 from probes.trace_writer import TraceWriter
 
@@ -123,6 +124,7 @@ class Recorder:
         self._completions = 0
         self._rings = BufferRingWatcher()
         self._sockets: SocketSampler | None = None
+        self._buffers: BufferTracker | None = None
         self._target_pids: list[int] = []
         self._probes: ReadProbes | None = None
 
@@ -192,6 +194,11 @@ class Recorder:
             records = np.concatenate(self._batches)
             self._batches, self._buffered = [], 0
             self._rings.note(records)
+            if self._buffers is not None:
+                self._buffers.note(
+                    records[records["kind"] == layout.Kind.POST],
+                    records[records["kind"] == layout.Kind.COMPLETE],
+                )
             for kind, table in layout.TABLE_OF_KIND.items():
                 rows = records[records["kind"] == kind]
                 if rows.size:
@@ -321,6 +328,11 @@ class Recorder:
             # A final drain after the loop: what the kernel emitted up to the stop.
             self._take(probes.drain())
             self._flush()
+            if self._buffers is not None:  # while the targets still run
+                rows = residency.measure(self._buffers.ranges())
+                if rows:
+                    schema = layout.RESIDENCY.arrow_schema()
+                    self._writer.append(layout.RESIDENCY, pa.Table.from_pylist(rows, schema=schema))
             exit_code = _finish_child(child, probes)
             elapsed = time.monotonic() - started
             meta = self._meta(
@@ -366,6 +378,7 @@ class Recorder:
         if probes.options.memory:
             if self._sockets is None:
                 self._sockets = SocketSampler()
+                self._buffers = BufferTracker()
             memory = self._static_meta.setdefault(
                 "memory",
                 {

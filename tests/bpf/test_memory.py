@@ -117,3 +117,10 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
         OTHERS * OTHER_SIZE + memory["io_buffer_heap"]["allocation_bytes"]
     )
     assert memory["rss"]["now"] > 0
+    # committed is not resident: nothing writes an idle connection's buffer
+    idle_resident = memory["io_buffer_heap"]["idle_resident_bytes"]
+    if alloc == "pool":  # a fresh mapping: only pages shared with active buffers or the header
+        assert idle_resident <= 8 * 4096
+    assert idle_resident < memory["io_buffer_heap"]["idle_bytes"]
+    cost = memory["per_idle_connection"]
+    assert cost["resident_bytes"] < cost["bytes"]

@@ -30,6 +30,7 @@ def test_green_threads_park_their_buffers(tmp_path: Path) -> None:
         "record",
         "-o",
         str(trace),
+        "--memory",
         "--",
         sys.executable,
         "-m",
@@ -80,6 +81,10 @@ def test_green_threads_park_their_buffers(tmp_path: Path) -> None:
     assert proc["by_source"]["syscall"]["posted_reads"] == 0  # the kernel holds none
     assert proc["reads_completed"] == ACTIVE * MESSAGES == done["requests"]
     assert proc["bytes_received"] == ACTIVE * MESSAGES * SIZE
+    # Python zero-fills a bytearray: every parked buffer is resident, in full
+    memory = proc["memory"]
+    assert memory["io_buffer_heap"]["bytes"] == CONNECTIONS * BUFFER
+    assert memory["io_buffer_heap"]["resident_bytes"] == CONNECTIONS * BUFFER
 
     t = open_trace(trace)
     completed = read_intervals(t["posts"], t["completions"])
