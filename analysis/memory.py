@@ -335,3 +335,49 @@ def with_residency(buffers: pd.DataFrame, residency: pd.DataFrame, what: str) ->
         .merge(measured.astype({k: "int64" for k in keys}), on=keys, how="left")
     )
     return pd.Series(joined["resident_bytes"].to_numpy(), index=buffers.index)
+
+
+MAPPING_COLUMNS = ["pid", "addr", "size", "fn", "map_ns", "unmap_ns"]
+
+
+def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
+    """Address ranges the targets mapped (mmap, and mremap's new range), with when they went
+    (`unmap_ns` NaN: still mapped): the first later munmap covering the range's start, or an
+    mremap that moved it. brk records are not ranges and are left out."""
+    from probes.layout import MapFn  # noqa: PLC0415
+
+    ranges = maps[maps["fn"] != MapFn.BRK]
+    if ranges.empty:
+        return pd.DataFrame(columns=MAPPING_COLUMNS)
+    out = ranges.rename(columns={"len": "size", "ts_ns": "map_ns"}).reset_index(drop=True)
+    out["unmap_ns"] = np.nan
+    ends = pd.concat(
+        [
+            unmaps[["pid", "ts_ns", "addr", "len"]],
+            maps[maps["fn"] == MapFn.MREMAP][["pid", "ts_ns", "old_addr"]]
+            .rename(columns={"old_addr": "addr"})
+            .assign(len=1),
+        ],
+        ignore_index=True,
+    )
+    for pid, idx in out.groupby("pid").groups.items():
+        mine = ends[ends["pid"] == pid].sort_values("ts_ns")
+        if mine.empty:
+            continue
+        starts = out.loc[idx, "addr"].to_numpy(np.uint64)
+        born = out.loc[idx, "map_ns"].to_numpy(np.int64)
+        gone = np.full(len(idx), np.nan)
+        for ts, addr, length in zip(mine["ts_ns"], mine["addr"], mine["len"]):
+            hit = (starts >= addr) & (starts < addr + length) & (born < ts) & np.isnan(gone)
+            gone[hit] = ts
+        out.loc[idx, "unmap_ns"] = gone
+    return out[MAPPING_COLUMNS]
+
+
+def program_break(maps: pd.DataFrame) -> pd.DataFrame:
+    """Per pid: the brk heap's size, the last program break minus the first one seen."""
+    from probes.layout import MapFn  # noqa: PLC0415
+
+    brk = maps[maps["fn"] == MapFn.BRK].sort_values("ts_ns")
+    g = brk.groupby("pid")["addr"]
+    return (g.last() - g.first()).rename("brk_heap_bytes").reset_index()

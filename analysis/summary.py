@@ -15,7 +15,9 @@ from analysis.memory import (
     idle_connection_cost,
     idle_reads,
     live_at,
+    mapping_intervals,
     process_timeline,
+    program_break,
     retained_buffers,
     rss_now_and_peak,
     with_residency,
@@ -61,6 +63,17 @@ def memory_by_process(
     reads = network_reads(intervals)
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
+    # buffers outside every tracked allocation: in memory the program mapped itself?
+    mapped = live_at(
+        mapping_intervals(trace["maps"], trace["unmaps"]), end_ns, "map_ns", "unmap_ns"
+    )
+    outside = attributed["alloc_size"] == 0
+    in_maps = buffer_attribution(
+        attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
+    )
+    attributed["mapped_bytes"] = 0
+    attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
+    brk = program_break(trace["maps"]).set_index("pid")
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
     # resident bytes, where the recorder measured them (NaN -> 0: not measured)
@@ -91,6 +104,8 @@ def memory_by_process(
                 "idle_bytes": int(mine_idle["attributed_bytes"].sum()),
                 "allocations": len(holders),
                 "allocation_bytes": int(holders["alloc_size"].sum()),
+                "mapped_bytes": int(mine["mapped_bytes"].sum()),
+                "idle_mapped_bytes": int(mine_idle["mapped_bytes"].sum()),
                 "resident_bytes": int(mine["resident_bytes"].sum()),
                 "idle_resident_bytes": int(mine_idle["resident_bytes"].sum()),
             },
@@ -104,6 +119,9 @@ def memory_by_process(
                 "allocations": len(heap) * sample,
                 "bytes": int(heap["size"].sum()) * sample,
                 "estimated": sample > 1,
+                "brk_heap_bytes": int(brk["brk_heap_bytes"].get(pid, 0)),
+                "mappings": int((mapped["pid"] == pid).sum()),
+                "mapped_bytes": int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
             },
             "rss": {
                 "now": int(rss["rss_now"].get(pid, 0)),

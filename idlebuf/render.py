@@ -137,6 +137,17 @@ def render_memory(memory: dict[str, Any], idle_threshold_s: float) -> str:
             f"{memory['idle_posted_reads']:,} posted reads; resident "
             + human_bytes(io_heap["idle_resident_bytes"]),
         ],
+        *(
+            [
+                [
+                    "  in memory the program mapped itself",
+                    human_bytes(io_heap["mapped_bytes"]),
+                    f"{human_bytes(io_heap['idle_mapped_bytes'])} of idle connections",
+                ]
+            ]
+            if io_heap.get("mapped_bytes")
+            else []
+        ),
         [
             "retained buffers of idle connections",
             human_bytes(memory["retained"]["bytes"]),

@@ -38,6 +38,8 @@ class Kind(IntEnum):
     ALLOC = 5  # a heap allocation: addr, value = size, op = AllocFn
     FREE = 6  # a tracked allocation was freed: addr
     RSS = 7  # a resident-memory counter changed: op = RssMember, value = bytes
+    MAP = 8  # address space grew: addr, value = length, op = MapFn, key = mremap's old address
+    UNMAP = 9  # munmap: addr, value = length
 
 
 class Source(IntEnum):
@@ -82,6 +84,14 @@ class AllocFn(IntEnum):
     ALIGNED_ALLOC = 5
     MEMALIGN = 6
     VALLOC = 7
+
+
+class MapFn(IntEnum):
+    """The syscall behind a MAP record (`op`)."""
+
+    MMAP = 1
+    MREMAP = 2
+    BRK = 3  # addr = the new program break
 
 
 class RssMember(IntEnum):
@@ -308,6 +318,22 @@ ALLOCS = Table(
 
 FREES = Table("frees", (_wire("ts_ns"), _wire("pid"), _wire("tid"), _wire("addr")))
 
+MAPS = Table(
+    "maps",
+    (
+        _wire("ts_ns"),
+        _wire("pid"),
+        _wire("addr"),
+        _wire("len", "value"),
+        _wire("fn", "op"),
+        _wire("flags"),
+        _wire("fd"),
+        _wire("old_addr", "key"),
+    ),
+)
+
+UNMAPS = Table("unmaps", (_wire("ts_ns"), _wire("pid"), _wire("addr"), _wire("len", "value")))
+
 RSS = Table(
     "rss",
     (
@@ -402,6 +428,8 @@ TABLES: dict[str, Table] = {
         ALLOCS,
         FREES,
         RSS,
+        MAPS,
+        UNMAPS,
         SOCKETS,
         RESIDENCY,
         PROCESSES,
@@ -415,6 +443,8 @@ TABLE_OF_KIND: dict[Kind, Table] = {
     Kind.ALLOC: ALLOCS,
     Kind.FREE: FREES,
     Kind.RSS: RSS,
+    Kind.MAP: MAPS,
+    Kind.UNMAP: UNMAPS,
 }
 
 # io_uring opcodes that read into a buffer (enum io_uring_op; values checked against BTF).
@@ -453,6 +483,7 @@ def c_header() -> str:
     consts += [f"#define URING_OP_{name} {nr}" for name, nr in URING_READ_OPS.items()]
     consts += [f"#define URING_OP_PROVIDE_BUFFERS {URING_PROVIDE_BUFFERS}"]
     consts += [f"#define GROUP_{g.name} {g.value}" for g in GroupKind]
+    consts += [f"#define MAP_{m.name} {m.value}" for m in MapFn]
     return "\n".join(
         [
             "/* Generated from probes/layout.py: do not edit. */",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import mmap
 import os
 import resource
 import socket
@@ -72,6 +73,7 @@ class Buffers:
     malloc          one malloc() per connection
     posix_memalign  one posix_memalign(4096) per connection
     pool            slices of one malloc()ed region sized for --pool-slots connections
+    mmap            one anonymous mmap() per connection (memory the program maps itself)
     """
 
     def __init__(self, how: str, size: int, pool_slots: int) -> None:
@@ -79,6 +81,7 @@ class Buffers:
         self.lock = threading.Lock()
         self.allocations: dict[int, int] = {}  # address -> size, of what this server allocated
         self.free_slots: list[int] = []
+        self.mappings: dict[int, mmap.mmap] = {}
         if how == "pool":
             self.pool = self._malloc(size * pool_slots)
             self.free_slots = [self.pool + i * size for i in reversed(range(pool_slots))]
@@ -94,6 +97,13 @@ class Buffers:
         if self.how == "bytearray":
             buf = bytearray(self.size)
             return buf, ctypes.addressof((ctypes.c_char * self.size).from_buffer(buf))
+        if self.how == "mmap":
+            region = mmap.mmap(-1, self.size)
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+            with self.lock:
+                self.allocations[addr] = self.size
+                self.mappings[addr] = region
+            return (ctypes.c_char * self.size).from_address(addr), addr
         if self.how == "malloc":
             addr = self._malloc(self.size)
         elif self.how == "posix_memalign":
@@ -112,6 +122,10 @@ class Buffers:
         if self.how == "pool":
             with self.lock:
                 self.free_slots.append(addr)
+        elif self.how == "mmap":
+            with self.lock:
+                self.allocations.pop(addr, None)
+                self.mappings.pop(addr, None)  # unmapped when collected (views may remain)
         elif self.how != "bytearray":
             with self.lock:
                 self.allocations.pop(addr, None)

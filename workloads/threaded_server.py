@@ -134,7 +134,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--alloc",
-        choices=["bytearray", "malloc", "posix_memalign", "pool"],
+        choices=["bytearray", "malloc", "posix_memalign", "pool", "mmap"],
         default="bytearray",
         help="where read buffers come from (see Buffers)",
     )

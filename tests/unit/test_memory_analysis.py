@@ -216,3 +216,28 @@ def test_process_timeline_steps() -> None:
     assert tl["t_s"].tolist() == [1e-7, 2e-7]
     assert tl["posted_reads"].tolist() == [1, 2]
     assert tl["heap_live_bytes"].tolist() == [1000, 0]  # freed at 260
+
+
+def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
+    from analysis.memory import mapping_intervals, program_break
+    from probes.layout import MapFn
+
+    cols = ["ts_ns", "pid", "addr", "len", "fn", "flags", "fd", "old_addr"]
+    maps = pd.DataFrame(
+        [
+            (10, 1, 0x10000, 8192, MapFn.MMAP, 0x22, -1, 0),
+            (11, 1, 0x20000, 4096, MapFn.MMAP, 0x22, -1, 0),
+            (30, 1, 0x40000, 16384, MapFn.MREMAP, 0, -1, 0x20000),  # moved: 0x20000 is gone
+            (5, 1, 0x500000, 0, MapFn.BRK, 0, -1, 0),
+            (40, 1, 0x521000, 0, MapFn.BRK, 0, -1, 0),
+        ],
+        columns=cols,
+    )
+    unmaps = pd.DataFrame([(20, 1, 0x10000, 8192)], columns=["ts_ns", "pid", "addr", "len"])
+    iv = mapping_intervals(maps, unmaps)
+    assert iv[["addr", "unmap_ns"]].fillna(-1).values.tolist() == [
+        [0x10000, 20],
+        [0x20000, 30],
+        [0x40000, -1],
+    ]
+    assert program_break(maps)["brk_heap_bytes"].tolist() == [0x21000]
