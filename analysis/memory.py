@@ -11,7 +11,7 @@ import pandas as pd
 from analysis.reads import next_user_of_buffer
 from probes.layout import RssMember
 
-ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "alloc_ns", "free_ns"]
+ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"]
 
 
 def allocation_intervals(allocs: pd.DataFrame, frees: pd.DataFrame) -> pd.DataFrame:
@@ -22,6 +22,8 @@ def allocation_intervals(allocs: pd.DataFrame, frees: pd.DataFrame) -> pd.DataFr
     if allocs.empty:
         return pd.DataFrame(columns=ALLOCATION_COLUMNS)
     a = allocs.reset_index(drop=True)
+    if "stack_id" not in a:
+        a["stack_id"] = 0
     keys = ["pid", "addr"]
     events = pd.concat(
         [
@@ -381,3 +383,29 @@ def program_break(maps: pd.DataFrame) -> pd.DataFrame:
     brk = maps[maps["fn"] == MapFn.BRK].sort_values("ts_ns")
     g = brk.groupby("pid")["addr"]
     return (g.last() - g.first()).rename("brk_heap_bytes").reset_index()
+
+
+def buffer_sites(
+    attributed: pd.DataFrame, allocations: pd.DataFrame, stacks: pd.DataFrame, top: int = 5
+) -> pd.DataFrame:
+    """Where the allocations holding IO buffers were made: per (pid, stack) the attributed
+    bytes and buffers, largest first, with the stack's symbols (innermost first)."""
+    cols = ["pid", "stack_id", "bytes", "buffers", "symbols"]
+    held = attributed[attributed["alloc_size"] > 0]
+    if held.empty:
+        return pd.DataFrame(columns=cols)
+    sites = held.merge(
+        allocations[["pid", "addr", "stack_id"]].rename(columns={"addr": "alloc_addr"}),
+        on=["pid", "alloc_addr"],
+        how="left",
+    )
+    sites["stack_id"] = sites["stack_id"].fillna(0).astype("int64")
+    g = sites.groupby(["pid", "stack_id"])
+    out = pd.DataFrame({"bytes": g["attributed_bytes"].sum(), "buffers": g.size()}).reset_index()
+    named = stacks.astype({"stack_id": "int64"})[["pid", "stack_id", "symbols"]]
+    out = out.merge(named, on=["pid", "stack_id"], how="left")
+    out["symbols"] = out["symbols"].apply(
+        lambda s: list(s) if isinstance(s, (list, np.ndarray)) else []
+    )
+    out = out.sort_values(["pid", "bytes"], ascending=[True, False])
+    return out.groupby("pid").head(top)[cols].reset_index(drop=True)

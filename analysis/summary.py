@@ -10,6 +10,7 @@ from analysis.buffers import buffer_group_summary
 from analysis.memory import (
     allocation_intervals,
     buffer_attribution,
+    buffer_sites,
     connection_activity,
     connection_table,
     idle_connection_cost,
@@ -74,6 +75,7 @@ def memory_by_process(
     attributed["mapped_bytes"] = 0
     attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
     brk = program_break(trace["maps"]).set_index("pid")
+    sites = buffer_sites(attributed, live, trace["stacks"])
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
     # resident bytes, where the recorder measured them (NaN -> 0: not measured)
@@ -110,6 +112,14 @@ def memory_by_process(
                 "idle_resident_bytes": int(mine_idle["resident_bytes"].sum()),
             },
             "idle_posted_reads": int(len(mine_idle)),
+            "io_buffer_sites": [
+                {
+                    "bytes": int(r["bytes"]),
+                    "buffers": int(r["buffers"]),
+                    "stack": [str(x) for x in r["symbols"]],
+                }
+                for r in sites[sites["pid"] == pid].to_dict("records")
+            ],
             "retained": {
                 "buffers": int((retained["pid"] == pid).sum()),
                 "bytes": int(retained.loc[retained["pid"] == pid, "attributed_bytes"].sum()),

@@ -27,6 +27,8 @@ struct alloc_call {
 };
 
 BPF_HASH(alloc_calls, u32, struct alloc_call, MAX_TARGETS * 64);
+/* Where tracked allocations were made (user stacks, walked at the allocator's return). */
+BPF_STACK_TRACE(alloc_stacks, MAX_STACKS);
 BPF_HASH(live_allocs, u64, u64, MAX_ALLOCS);
 
 static __always_inline int sampled(u64 addr)
@@ -36,7 +38,7 @@ static __always_inline int sampled(u64 addr)
     return ((addr >> 4) * 0x9E3779B97F4A7C15ULL >> 40) % SAMPLE_EVERY == 0;
 }
 
-static __always_inline void emit_alloc(u8 kind, u64 addr, u64 size, u32 fn)
+static __always_inline void emit_alloc(u8 kind, u64 addr, u64 size, u32 fn, s64 stack)
 {
     struct read_event *e = new_event(kind, 0);
     if (!e)
@@ -44,6 +46,7 @@ static __always_inline void emit_alloc(u8 kind, u64 addr, u64 size, u32 fn)
     e->addr = addr;
     e->value = size;
     e->op = fn;
+    e->key = stack >= 0 ? stack + 1 : 0; /* 0: no stack */
     events.ringbuf_submit(e, 0);
 }
 
@@ -52,7 +55,7 @@ static __always_inline void track_free(u64 addr)
     if (!addr || !live_allocs.lookup(&addr))
         return;
     live_allocs.delete(&addr);
-    emit_alloc(KIND_FREE, addr, 0, 0);
+    emit_alloc(KIND_FREE, addr, 0, 0, -1);
 }
 
 static __always_inline int alloc_enter(u32 fn, u64 size, u64 memptr, u64 old)
@@ -65,7 +68,7 @@ static __always_inline int alloc_enter(u32 fn, u64 size, u64 memptr, u64 old)
     return 0;
 }
 
-static __always_inline int alloc_return(u64 ret)
+static __always_inline int alloc_return(struct pt_regs *ctx, u64 ret)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct alloc_call *call = alloc_calls.lookup(&tid);
@@ -86,7 +89,10 @@ static __always_inline int alloc_return(u64 ret)
         count(CNT_ALLOCS_FULL);
         return 0;
     }
-    emit_alloc(KIND_ALLOC, addr, c.size, c.fn);
+    s64 stack = alloc_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    if (stack < 0)
+        count(CNT_STACK_MISSED);
+    emit_alloc(KIND_ALLOC, addr, c.size, c.fn, stack);
     return 0;
 }
 
@@ -109,7 +115,7 @@ int aligned_alloc_enter(struct pt_regs *ctx)
 }
 int memalign_enter(struct pt_regs *ctx) { return alloc_enter(FN_MEMALIGN, PT_REGS_PARM2(ctx), 0, 0); }
 int valloc_enter(struct pt_regs *ctx) { return alloc_enter(FN_VALLOC, PT_REGS_PARM1(ctx), 0, 0); }
-int alloc_exit(struct pt_regs *ctx) { return alloc_return(PT_REGS_RC(ctx)); }
+int alloc_exit(struct pt_regs *ctx) { return alloc_return(ctx, PT_REGS_RC(ctx)); }
 int free_enter(struct pt_regs *ctx)
 {
     track_free(PT_REGS_PARM1(ctx));

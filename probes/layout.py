@@ -61,6 +61,7 @@ class Counter(IntEnum):
     SELECT_FULL = 5  # a multishot buffer-select request could not be remembered
     URING_UNREADABLE = 6  # a request's buffer could not be read from the kernel
     ALLOCS_FULL = 7  # the live-allocation table was full: an allocation is not tracked
+    STACK_MISSED = 8  # an allocation's user stack could not be walked or stored
 
 
 # Counters that mean lost information; a figure from a trace with any of these non-zero says so.
@@ -313,6 +314,7 @@ ALLOCS = Table(
         _wire("addr"),
         _wire("size", "value"),
         _wire("fn", "op"),
+        _wire("stack_id", "key"),  # 0: none; else a row of the stacks table
     ),
 )
 
@@ -342,6 +344,17 @@ RSS = Table(
         _wire("mm_id", "key"),  # the address space: a new one after exec
         _wire("member", "op"),
         _wire("bytes", "value"),
+    ),
+)
+
+# Where allocations were made: user stacks, symbolized while the process ran.
+STACKS = Table(
+    "stacks",
+    (
+        Column("pid", pa.uint32()),
+        Column("stack_id", pa.uint64()),
+        Column("frames", pa.list_(pa.uint64())),
+        Column("symbols", pa.list_(pa.string())),
     ),
 )
 
@@ -432,6 +445,7 @@ TABLES: dict[str, Table] = {
         UNMAPS,
         SOCKETS,
         RESIDENCY,
+        STACKS,
         PROCESSES,
     )
 }

@@ -81,6 +81,7 @@ class ReadProbeOptions:
     min_alloc: int = 1024  # allocations smaller than this are not tracked
     sample_every: int = 1  # track one allocation address in N (by a hash of the address)
     max_allocs: int = 262144
+    max_stacks: int = 16384
 
 
 # Allocator entry points: symbol -> the BPF function run on entry (all share one on return).
@@ -153,6 +154,7 @@ def read_probe_cflags(
         MIN_ALLOC=options.min_alloc,
         SAMPLE_EVERY=options.sample_every,
         MAX_ALLOCS=options.max_allocs,
+        MAX_STACKS=options.max_stacks,
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
@@ -258,6 +260,19 @@ class ReadProbes:
     def forget_inflight(self, tid: int) -> None:
         with contextlib.suppress(KeyError):
             del self.inflight[self.inflight.Key(tid)]
+
+    def stack(self, stack_id: int, pid: int) -> tuple[list[int], list[str]]:
+        """The frames of an allocation stack (ids as in ALLOC records: id + 1) and their
+        symbols, resolved against the process while it still runs."""
+        try:
+            frames = [int(a) for a in self.bpf["alloc_stacks"].walk(stack_id - 1)]
+        except KeyError:
+            return [], []
+        symbols = [
+            self.bpf.sym(a, pid, show_module=True, show_offset=True).decode(errors="replace")
+            for a in frames
+        ]
+        return frames, symbols
 
     def counter_values(self) -> dict[str, int]:
         return {c.name.lower(): int(sum(self.counters[c.value])) for c in layout.Counter}

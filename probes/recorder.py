@@ -125,6 +125,7 @@ class Recorder:
         self._rings = BufferRingWatcher()
         self._sockets: SocketSampler | None = None
         self._buffers: BufferTracker | None = None
+        self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
         self._target_pids: list[int] = []
         self._probes: ReadProbes | None = None
 
@@ -194,6 +195,9 @@ class Recorder:
             records = np.concatenate(self._batches)
             self._batches, self._buffered = [], 0
             self._rings.note(records)
+            allocs = records[records["kind"] == layout.Kind.ALLOC]
+            if allocs.size:
+                self._stack_ids.update(zip(allocs["pid"].tolist(), allocs["key"].tolist()))
             if self._buffers is not None:
                 self._buffers.note(
                     records[records["kind"] == layout.Kind.POST],
@@ -329,10 +333,7 @@ class Recorder:
             self._take(probes.drain())
             self._flush()
             if self._buffers is not None:  # while the targets still run
-                rows = residency.measure(self._buffers.ranges())
-                if rows:
-                    schema = layout.RESIDENCY.arrow_schema()
-                    self._writer.append(layout.RESIDENCY, pa.Table.from_pylist(rows, schema=schema))
+                self._measure_buffers(probes)
             exit_code = _finish_child(child, probes)
             elapsed = time.monotonic() - started
             meta = self._meta(
@@ -362,6 +363,25 @@ class Recorder:
             probes.close()
             if self._sockets is not None:
                 self._sockets.close()
+
+    def _measure_buffers(self, probes: ReadProbes) -> None:
+        """Residency of the buffers that matter and the allocation stacks, symbolized:
+        both need the processes alive, so they are taken as the recording ends."""
+        assert self._buffers is not None
+        rows = residency.measure(self._buffers.ranges())
+        if rows:
+            schema = layout.RESIDENCY.arrow_schema()
+            self._writer.append(layout.RESIDENCY, pa.Table.from_pylist(rows, schema=schema))
+        stacks = []
+        for pid, stack_id in sorted(self._stack_ids):
+            if stack_id:
+                frames, symbols = probes.stack(stack_id, pid)
+                stacks.append(
+                    {"pid": pid, "stack_id": stack_id, "frames": frames, "symbols": symbols}
+                )
+        if stacks:
+            schema = layout.STACKS.arrow_schema()
+            self._writer.append(layout.STACKS, pa.Table.from_pylist(stacks, schema=schema))
 
     def _live_targets(self) -> list[int]:
         """The targets now: those given or launched, and the children followed in the kernel."""

@@ -109,6 +109,18 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
     # which allocations hold the buffers: the server's own, and none of the others
     t = open_trace(trace)
     allocs = t["allocs"][t["allocs"]["pid"] == pid]
+    if alloc in ("malloc", "posix_memalign"):
+        # buffer allocations have their user stacks (a walk can fail: the kernel counts those),
+        # and the stacks were kept
+        mine = allocs[allocs["size"] == BUFFER]
+        missed = json.loads((trace / "meta.json").read_text())["probes"]["reads"]["kernel_counts"]
+        assert len(mine) == CONNECTIONS
+        assert (allocs["stack_id"] == 0).sum() <= missed["stack_missed"]
+        assert (mine["stack_id"] > 0).sum() >= CONNECTIONS * 0.9
+        mine = mine[mine["stack_id"] > 0]
+        stacks = t["stacks"][t["stacks"]["pid"] == pid]
+        assert set(mine["stack_id"]) <= set(stacks["stack_id"])
+        assert all(len(frames) > 0 for frames in stacks["frames"])
     server_allocs = {(a["addr"], a["size"]) for a in truth["allocations"]}
     traced = set(zip(allocs["addr"], allocs["size"]))
     assert server_allocs <= traced
