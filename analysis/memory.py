@@ -241,11 +241,19 @@ TIMELINE_COLUMNS = [
     "t_s",
     "posted_reads",
     "pinned_bytes",
+    "io_buffer_heap_bytes",
     "heap_live_bytes",
     "rss_bytes",
     "socket_kernel_bytes",
     "connections_open",
+    "idle_connections",
 ]
+
+
+def timeline_edges(start_ns: int, end_ns: int, resolution_ns: int) -> np.ndarray:
+    """The instants a time series reports: the end of each step, the last one at or after
+    the end."""
+    return np.arange(start_ns + resolution_ns, end_ns + resolution_ns, resolution_ns)
 
 
 def process_timeline(
@@ -256,13 +264,16 @@ def process_timeline(
     start_ns: int,
     end_ns: int,
     resolution_ns: int,
+    buffers: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per pid, the state at the end of every `resolution_ns` step from start to end.
+
+    `buffers`, if given, is buffer_timeline()'s output for the same edges (see timeline_edges).
 
     `posted` is posted_timeline()'s output; the heap is the tracked allocations live; RSS the
     last address space's resident counters; socket figures come from the last sample taken.
     """
-    edges = np.arange(start_ns + resolution_ns, end_ns + resolution_ns, resolution_ns)
+    edges = timeline_edges(start_ns, end_ns, resolution_ns)
     if len(edges) == 0:
         return pd.DataFrame(columns=TIMELINE_COLUMNS)
 
@@ -312,6 +323,8 @@ def process_timeline(
     if not posted.empty:
         steps.append(at_edges(posted, "posted_reads"))
         steps.append(at_edges(posted, "pinned_bytes"))
+    if buffers is not None and not buffers.empty:
+        steps.append(buffers)
     if not steps:
         return pd.DataFrame(columns=TIMELINE_COLUMNS)
     out = steps[0]
@@ -409,3 +422,31 @@ def buffer_sites(
     )
     out = out.sort_values(["pid", "bytes"], ascending=[True, False])
     return out.groupby("pid").head(top)[cols].reset_index(drop=True)
+
+
+def buffer_timeline(
+    reads: pd.DataFrame,
+    allocations: pd.DataFrame,
+    edges: np.ndarray,
+    idle_threshold_ns: int,
+) -> pd.DataFrame:
+    """Per pid and instant in `edges`: IO-buffer heap bytes (reads posted then, joined to the
+    allocations live then) and idle connections (seen reading, no data for the threshold).
+    One address join per instant: keep `edges` to a few thousand."""
+    cols = ["pid", "edge", "io_buffer_heap_bytes", "idle_connections"]
+    if reads.empty or len(edges) == 0:
+        return pd.DataFrame(columns=cols)
+    first = reads.groupby(["pid", "fd"])["post_ns"].min()
+    arrivals = reads[reads["ret"] > 0][["pid", "fd", "end_ns"]]
+    rows = []
+    for edge in edges:
+        posted = reads[(reads["post_ns"] <= edge) & ~(reads["end_ns"] <= edge)]
+        heap = buffer_attribution(posted, live_at(allocations, edge, "alloc_ns", "free_ns"))
+        seen = first[first <= edge]
+        last = arrivals[arrivals["end_ns"] <= edge].groupby(["pid", "fd"])["end_ns"].max()
+        since = last.reindex(seen.index).fillna(seen)
+        idle = (edge - since >= idle_threshold_ns).groupby(level="pid").sum()
+        per_pid = heap.groupby("pid")["attributed_bytes"].sum()
+        for pid in set(per_pid.index) | set(idle.index):
+            rows.append((pid, edge, int(per_pid.get(pid, 0)), int(idle.get(pid, 0))))
+    return pd.DataFrame(rows, columns=cols)

@@ -11,6 +11,7 @@ from analysis.memory import (
     allocation_intervals,
     buffer_attribution,
     buffer_sites,
+    buffer_timeline,
     connection_activity,
     connection_table,
     idle_connection_cost,
@@ -21,6 +22,7 @@ from analysis.memory import (
     program_break,
     retained_buffers,
     rss_now_and_peak,
+    timeline_edges,
     with_residency,
 )
 from analysis.reads import (
@@ -155,7 +157,9 @@ def memory_by_process(
     return out
 
 
-def timeline(trace: Trace, intervals: pd.DataFrame, resolution_s: float) -> list[dict[str, Any]]:
+def timeline(
+    trace: Trace, intervals: pd.DataFrame, resolution_s: float, idle_threshold_s: float
+) -> list[dict[str, Any]]:
     """The per-process time series, as JSON rows."""
     start = int(
         trace.meta.get("tracing_since_ns") or trace.meta.get("clock", {}).get("monotonic_ns", 0)
@@ -166,14 +170,21 @@ def timeline(trace: Trace, intervals: pd.DataFrame, resolution_s: float) -> list
             int(df["ts_ns"].min()) for df in trace.tables.values() if "ts_ns" in df and not df.empty
         ]
         start = min(stamps, default=end)
+    resolution = max(1, int(resolution_s * 1e9))
+    allocations = allocation_intervals(trace["allocs"], trace["frees"])
+    reads = network_reads(intervals)
+    buffers = buffer_timeline(
+        reads, allocations, timeline_edges(start, end, resolution), int(idle_threshold_s * 1e9)
+    )
     frame = process_timeline(
-        posted_timeline(network_reads(intervals)),
-        allocation_intervals(trace["allocs"], trace["frees"]),
+        posted_timeline(reads),
+        allocations,
         trace["rss"],
         trace["sockets"],
         start,
         end,
-        max(1, int(resolution_s * 1e9)),
+        resolution,
+        buffers,
     )
     return [
         {str(k): (float(v) if k == "t_s" else int(v)) for k, v in row.items()}
@@ -253,7 +264,11 @@ def summarize(
         "uring": trace.meta.get("probes", {}).get("reads", {}).get("uring"),
         "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
         "idle_threshold_s": idle_threshold_s,
-        **({"timeline": timeline(trace, intervals, timeline_s)} if timeline_s else {}),
+        **(
+            {"timeline": timeline(trace, intervals, timeline_s, idle_threshold_s)}
+            if timeline_s
+            else {}
+        ),
         "memory": trace.meta.get("memory"),
     }
 

@@ -98,26 +98,38 @@ def render_report(summary: dict[str, Any], title: str) -> str:
 
 
 def render_timeline(rows: list[dict[str, Any]]) -> str:
-    cols = [
-        "posted_reads",
+    sizes = [
         "pinned_bytes",
+        "io_buffer_heap_bytes",
         "heap_live_bytes",
         "rss_bytes",
         "socket_kernel_bytes",
-        "connections_open",
     ]
     body = [
         [
             str(r["pid"]),
             f"{r['t_s']:.1f}",
             f"{r['posted_reads']:,}",
-            *(human_bytes(r[c]) for c in cols[1:5]),
+            *(human_bytes(r[c]) for c in sizes),
             f"{r['connections_open']:,}",
+            f"{r['idle_connections']:,}",
         ]
         for r in rows
     ]
     return "timeline\n" + table(
-        ["pid", "t (s)", "posted", "pinned", "heap live", "RSS", "socket mem", "conns"], body
+        [
+            "pid",
+            "t (s)",
+            "posted",
+            "pinned",
+            "IO-buffer heap",
+            "heap live",
+            "RSS",
+            "socket mem",
+            "conns",
+            "idle",
+        ],
+        body,
     )
 
 

@@ -241,3 +241,22 @@ def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
         [0x40000, -1],
     ]
     assert program_break(maps)["brk_heap_bytes"].tolist() == [0x21000]
+
+
+def test_buffer_timeline_joins_at_each_instant() -> None:
+    import numpy as np
+
+    from analysis.memory import buffer_timeline
+
+    nan = float("nan")
+    reads = pd.DataFrame(
+        [(1, 5, 0x1000, 64, 10, nan, nan), (1, 6, 0x1040, 64, 10, 150.0, 9.0)],
+        columns=["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"],
+    )
+    allocations = pd.DataFrame(
+        [(1, 0x1000, 128, 1, 0, 5, nan)],
+        columns=["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"],
+    )
+    tl = buffer_timeline(reads, allocations, np.array([100, 200, 300]), idle_threshold_ns=120)
+    assert tl["io_buffer_heap_bytes"].tolist() == [128, 64, 64]  # fd 6's read ended at 150
+    assert tl["idle_connections"].tolist() == [0, 1, 2]  # fd 5 since 10; fd 6 since data at 150
