@@ -358,6 +358,20 @@ STACKS = Table(
     ),
 )
 
+# struct sk_meminfo, in order (include/uapi/linux/sock_diag.h SK_MEMINFO_*): what `ss -m` shows
+# as skmem:(r, rb, t, tb, f, w, o, bl, d).
+SKMEM_FIELDS = (
+    "rmem_alloc",
+    "rcvbuf",
+    "wmem_alloc",
+    "sndbuf",
+    "fwd_alloc",
+    "wmem_queued",
+    "optmem",
+    "backlog",
+    "drops",
+)
+
 # Kernel memory of the targets' sockets, sampled through sock_diag (the figures `ss -m` shows).
 SOCKETS = Table(
     "sockets",
@@ -373,20 +387,7 @@ SOCKETS = Table(
         Column("remote", pa.string()),
         Column("rqueue", pa.uint32()),
         Column("wqueue", pa.uint32()),
-        *(
-            Column(name, pa.uint32())
-            for name in (
-                "rmem_alloc",
-                "rcvbuf",
-                "wmem_alloc",
-                "sndbuf",
-                "fwd_alloc",
-                "wmem_queued",
-                "optmem",
-                "backlog",
-                "drops",
-            )
-        ),
+        *(Column(name, pa.uint32()) for name in SKMEM_FIELDS),
     ),
 )
 

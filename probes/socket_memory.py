@@ -12,18 +12,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-# struct sk_meminfo order (include/uapi/linux/sock_diag.h): SK_MEMINFO_*
-SKMEM_FIELDS = (
-    "rmem_alloc",
-    "rcvbuf",
-    "wmem_alloc",
-    "sndbuf",
-    "fwd_alloc",
-    "wmem_queued",
-    "optmem",
-    "backlog",
-    "drops",
-)
+from probes.layout import SKMEM_FIELDS
+
 _INET_DIAG_SKMEMINFO = 7
 _UDIAG_SHOW_NAME, _UDIAG_SHOW_PEER, _UDIAG_SHOW_RQLEN, _UDIAG_SHOW_MEMINFO = 1, 4, 0x10, 0x20
 _TCP_STATES = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,13 @@ def start_loadgen(
     return spawn_workload("workloads.loadgen", *args, *extra, stdin=stdin)
 
 
+def go(load: subprocess.Popen[bytes]) -> None:
+    """Let a load generator started with --wait-start begin its exchanges."""
+    assert load.stdin is not None
+    load.stdin.write(b"go\n")
+    load.stdin.flush()
+
+
 def threads_in_socket_reads(pid: int) -> int:
     """Threads of `pid` now blocked in a socket read (a test precondition, read from /proc)."""
     count = 0
@@ -113,8 +121,58 @@ __all__ = [
     "spawn_idlebuf",
     "spawn_workload",
     "start_loadgen",
+    "go",
     "threads_in_socket_reads",
     "wait_until",
     "wait_for_trace_started",
     "stop",
+    "Recording",
+    "python_module",
 ]
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+class Recording:
+    """`idlebuf record ... -- COMMAND` running a workload that announces itself.
+
+    `pid`/`port` come from its "listening" line; `truth()` asks it for its ground truth
+    (SIGUSR1); `wait_for(ok)` asks until `ok(truth)`; `finish()` stops the recording with
+    SIGINT and checks it ended well.
+    """
+
+    def __init__(self, trace: Path, command: list[str], record_args: tuple[str, ...] = ()):
+        self.proc = spawn_idlebuf("record", "-o", str(trace), *record_args, "--", *command)
+        try:
+            self.listening = read_event(self.proc.stdout, "listening", 60)  # type: ignore[arg-type]
+        except BaseException:
+            stop(self.proc)
+            raise
+        self.pid: int = self.listening["pid"]
+        self.port: int = self.listening["port"]
+
+    def truth(self) -> dict[str, Any]:
+        os.kill(self.pid, signal.SIGUSR1)
+        return read_event(self.proc.stdout, "ground_truth", 10)  # type: ignore[arg-type]
+
+    def wait_for(self, ok: Any, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        truth = self.truth()
+        while not ok(truth):
+            assert time.monotonic() < deadline, {k: v for k, v in truth.items() if k != "buffers"}
+            time.sleep(0.1)
+            truth = self.truth()
+        return truth
+
+    def finish(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err.decode()
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop(self.proc)

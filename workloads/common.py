@@ -8,10 +8,11 @@ import json
 import mmap
 import os
 import resource
+import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 
 def raise_fd_limit() -> int:
@@ -44,6 +45,30 @@ def listen(host: str, port: int) -> socket.socket:
     listener.bind((host, port))
     listener.listen(4096)
     return listener
+
+
+class GroundTruth(Protocol):
+    def ground_truth(self) -> dict[str, Any]: ...
+
+    def run(self, listener: socket.socket, stopping: list[bool]) -> None: ...
+
+
+def serve(server: GroundTruth, listener: socket.socket, **announce: Any) -> None:
+    """Run an event-loop server until SIGTERM/SIGINT; its ground truth on SIGUSR1 and at exit.
+
+    `stopping[0]` turns true on a stop signal; the server's loop checks it at least once a
+    second."""
+    stopping = [False]
+
+    def on_stop(*_: object) -> None:
+        stopping[0] = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
+    listening(listener, **announce)
+    server.run(listener, stopping)
+    emit(server.ground_truth())
 
 
 def listening(listener: socket.socket, **extra: Any) -> None:

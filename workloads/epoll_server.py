@@ -15,18 +15,10 @@ from __future__ import annotations
 import ctypes
 import os
 import select
-import signal
 import socket
 from typing import Any
 
-from workloads.common import (
-    Buffers,
-    emit,
-    listen,
-    listening,
-    raise_fd_limit,
-    server_parser,
-)
+from workloads.common import Buffers, listen, raise_fd_limit, serve, server_parser
 
 
 class Server:
@@ -134,17 +126,7 @@ def main() -> None:
     raise_fd_limit()
     server = Server(args.buffers, Buffers(args.alloc, args.buffer_size, 0), args.pool_size)
     listener = listen(args.host, args.port)
-    stopping = [False]
-
-    def on_stop(*_: object) -> None:
-        stopping[0] = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
-    listening(listener, buffer_size=args.buffer_size)
-    server.run(listener, stopping)
-    emit(server.ground_truth())
+    serve(server, listener, buffer_size=args.buffer_size)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ import ctypes
 import errno
 import os
 import select
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from workloads import uring
-from workloads.common import emit, listen, listening, raise_fd_limit, server_parser
+from workloads.common import listen, raise_fd_limit, serve, server_parser
 
 OPS = {
     "recv": uring.OP_RECV,
@@ -281,17 +280,7 @@ def main() -> None:
     server = Server(args)
     listener = listen(args.host, args.port)
     listener.setblocking(False)
-    stopping = [False]
-
-    def on_stop(*_: object) -> None:
-        stopping[0] = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGUSR1, lambda *_: emit(server.ground_truth()))
-    listening(listener, buffer_size=args.buffer_size)
-    server.run(listener, stopping)
-    emit(server.ground_truth())
+    serve(server, listener, buffer_size=args.buffer_size)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ malloc()ed, posix_memalign()ed or carved from one pool; other allocations are no
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +17,11 @@ import pytest
 
 from analysis.trace import open_trace
 from tests.helpers import (
+    Recording,
+    go,
     idlebuf,
+    python_module,
     read_event,
-    spawn_idlebuf,
     start_loadgen,
     stop,
     threads_in_socket_reads,
@@ -38,32 +37,26 @@ IDLE_THRESHOLD = 1.0
 @pytest.mark.parametrize("alloc", ["malloc", "posix_memalign", "pool", "mmap"])
 def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
     trace = tmp_path / "trace"
-    recorder = spawn_idlebuf(
-        "record",
-        "-o",
-        str(trace),
-        "--memory",
-        "--",
-        sys.executable,
-        "-m",
-        "workloads.threaded_server",
-        "--alloc",
-        alloc,
-        "--buffer-size",
-        str(BUFFER),
-        "--other-allocs",
-        str(OTHERS),
-        "--other-size",
-        str(OTHER_SIZE),
-        "--pool-slots",
-        str(POOL_SLOTS),
-    )
-    load = None
-    try:
-        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
-        pid = listening["pid"]
+    with Recording(
+        trace,
+        python_module(
+            "workloads.threaded_server",
+            "--alloc",
+            alloc,
+            "--buffer-size",
+            str(BUFFER),
+            "--other-allocs",
+            str(OTHERS),
+            "--other-size",
+            str(OTHER_SIZE),
+            "--pool-slots",
+            str(POOL_SLOTS),
+        ),
+        record_args=("--memory",),
+    ) as rec:
+        pid = rec.pid
         load = start_loadgen(
-            listening["port"],
+            rec.port,
             CONNECTIONS,
             ACTIVE,
             2,
@@ -73,20 +66,15 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
             "60",
             stdin=subprocess.PIPE,
         )
-        wait_until(lambda: threads_in_socket_reads(pid) == CONNECTIONS, 30, "threads blocked")
-        time.sleep(IDLE_THRESHOLD * 1.3)  # every connection is idle now...
-        load.stdin.write(b"go\n")  # type: ignore[union-attr]
-        load.stdin.flush()  # type: ignore[union-attr]
-        read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
-        wait_until(lambda: threads_in_socket_reads(pid) == CONNECTIONS, 30, "threads blocked")
-        os.kill(pid, signal.SIGUSR1)  # ...but these 4 just had data
-        truth = read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
-        recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        assert recorder.returncode == 0, err.decode()
-    finally:
-        stop(recorder)
-        if load is not None:
+        try:
+            wait_until(lambda: threads_in_socket_reads(pid) == CONNECTIONS, 30, "blocked")
+            time.sleep(IDLE_THRESHOLD * 1.3)  # every connection is idle now...
+            go(load)
+            read_event(load.stdout, "done", 30)  # type: ignore[arg-type]
+            wait_until(lambda: threads_in_socket_reads(pid) == CONNECTIONS, 30, "blocked")
+            truth = rec.truth()  # ...but these 4 just had data
+            rec.finish()
+        finally:
             stop(load)
 
     done = idlebuf("report", "--json", "--idle-threshold", str(IDLE_THRESHOLD), str(trace))

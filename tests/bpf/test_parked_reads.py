@@ -7,17 +7,21 @@ an EAGAIN, holding its buffer: 127 parked reads, 127 x 8,191 pinned bytes, none 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from analysis.reads import parked_reads, read_intervals
 from analysis.trace import open_trace
-from tests.helpers import read_event, report_json, spawn_idlebuf, start_loadgen, stop, wait_until
+from tests.helpers import (
+    Recording,
+    python_module,
+    read_event,
+    report_json,
+    start_loadgen,
+    stop,
+    wait_until,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -26,50 +30,23 @@ CONNECTIONS, ACTIVE, MESSAGES, SIZE, BUFFER = 127, 5, 2, 1000, 8191
 
 def test_green_threads_park_their_buffers(tmp_path: Path) -> None:
     trace = tmp_path / "trace"
-    recorder = spawn_idlebuf(
-        "record",
-        "-o",
-        str(trace),
-        "--memory",
-        "--",
-        sys.executable,
-        "-m",
-        "workloads.green_server",
-        "--buffer-size",
-        str(BUFFER),
-    )
-    load = None
-    try:
-        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
-        pid = listening["pid"]
-        load = start_loadgen(
-            listening["port"],
-            CONNECTIONS,
-            ACTIVE,
-            MESSAGES,
-            SIZE,
-            "--hold",
-            "60",
-            stdin=subprocess.PIPE,
-        )
-        done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
-
-        def truth() -> dict:
-            os.kill(pid, signal.SIGUSR1)
-            return read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
-
-        state: dict = {}
-        wait_until(
-            lambda: state.update(truth()) or state["parked"] == CONNECTIONS,
-            30,
-            "every green thread parked",
-        )
-        recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        assert recorder.returncode == 0, err.decode()
-    finally:
-        stop(recorder)
-        if load is not None:
+    with Recording(
+        trace,
+        python_module("workloads.green_server", "--buffer-size", str(BUFFER)),
+        record_args=("--memory",),
+    ) as rec:
+        pid = rec.pid
+        load = start_loadgen(rec.port, CONNECTIONS, ACTIVE, MESSAGES, SIZE, "--hold", "60")
+        try:
+            done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            state: dict = {}
+            wait_until(
+                lambda: state.update(rec.truth()) or state["parked"] == CONNECTIONS,
+                30,
+                "every green thread parked",
+            )
+            rec.finish()
+        finally:
             stop(load)
 
     report = report_json(trace)

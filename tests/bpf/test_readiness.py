@@ -8,15 +8,12 @@ each connection's buffer after its first data retains exactly 7 x 12,347 bytes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import idlebuf, read_event, spawn_idlebuf, start_loadgen, stop
+from tests.helpers import Recording, idlebuf, python_module, read_event, start_loadgen, stop
 
 pytestmark = pytest.mark.bpf
 
@@ -27,37 +24,27 @@ IDLE_THRESHOLD = 1.0
 @pytest.mark.parametrize("mode", ["pool", "retain"])
 def test_readiness_server(tmp_path: Path, mode: str) -> None:
     trace = tmp_path / "trace"
-    recorder = spawn_idlebuf(
-        "record",
-        "-o",
-        str(trace),
-        "--memory",
-        "--",
-        sys.executable,
-        "-m",
-        "workloads.epoll_server",
-        "--buffers",
-        mode,
-        "--pool-size",
-        str(POOL),
-        "--buffer-size",
-        str(BUFFER),
-    )
-    load = None
-    try:
-        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
-        pid = listening["pid"]
-        load = start_loadgen(listening["port"], CONNECTIONS, ACTIVE, MESSAGES, SIZE, "--hold", "60")
-        done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
-        time.sleep(IDLE_THRESHOLD * 1.3)
-        os.kill(pid, signal.SIGUSR1)
-        truth = read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
-        recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        assert recorder.returncode == 0, err.decode()
-    finally:
-        stop(recorder)
-        if load is not None:
+    with Recording(
+        trace,
+        python_module(
+            "workloads.epoll_server",
+            "--buffers",
+            mode,
+            "--pool-size",
+            str(POOL),
+            "--buffer-size",
+            str(BUFFER),
+        ),
+        record_args=("--memory",),
+    ) as rec:
+        pid = rec.pid
+        load = start_loadgen(rec.port, CONNECTIONS, ACTIVE, MESSAGES, SIZE, "--hold", "60")
+        try:
+            done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            time.sleep(IDLE_THRESHOLD * 1.3)
+            truth = rec.truth()
+            rec.finish()
+        finally:
             stop(load)
 
     out = idlebuf("report", "--json", "--idle-threshold", str(IDLE_THRESHOLD), str(trace))

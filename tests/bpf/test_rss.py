@@ -1,12 +1,15 @@
 """Resident memory from kmem:rss_stat against /proc/PID/status read by the process itself.
 
-The workload grows in 7 steps of 3 MiB + 5 pages and reads its own status after each; the
-trace's RSS at that instant agrees within one page for anonymous, file and shared memory.
+The workload grows in 7 steps of 3 MiB + 5 pages and reads its own status after each. The
+tracepoint reports the kernel's fast per-CPU counter (percpu_counter_read), which lags the exact
+sum /proc shows by less than the counter's batch on each CPU: that is the tolerance, about 2
+pages in practice and 256 KiB at most on this 2-CPU machine (the steps are 3 MiB).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,9 @@ pytestmark = pytest.mark.bpf
 
 STEPS = 7
 PAGE = 4096
+CPUS = os.cpu_count() or 1
+# lib/percpu_counter.c: percpu_counter_batch = max(32, 2 * num_online_cpus()), per CPU
+TOLERANCE = max(32, 2 * CPUS) * CPUS * PAGE
 
 
 def test_rss_agrees_with_proc_status(tmp_path: Path) -> None:
@@ -60,5 +66,5 @@ def test_rss_agrees_with_proc_status(tmp_path: Path) -> None:
         for name, member in members.items():
             before = rss[(rss["member"] == member) & (rss["ts_ns"] <= sample["ts_ns"])]
             traced = int(before["bytes"].iloc[-1]) if len(before) else 0
-            assert abs(traced - sample[name]) <= PAGE, (name, sample, traced)
+            assert abs(traced - sample[name]) < TOLERANCE, (name, sample, traced)
     assert samples[-1]["shmem"] - samples[0]["shmem"] >= (STEPS - 1) * 3 * 1024 * 1024

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from analysis.trace import open_trace
+from probes.layout import SKMEM_FIELDS
 from tests.helpers import read_event, spawn_idlebuf, spawn_workload, stop, wait_for_trace_started
 
 pytestmark = pytest.mark.bpf
@@ -25,17 +26,7 @@ SKMEM = re.compile(
     r"ino:(\d+).*?skmem:\(r(\d+),rb(\d+),t(\d+),tb(\d+),f(\d+),w(\d+),o(\d+),bl(\d+),d(\d+)\)",
     re.S,
 )
-FIELDS = [
-    "rmem_alloc",
-    "rcvbuf",
-    "wmem_alloc",
-    "sndbuf",
-    "fwd_alloc",
-    "wmem_queued",
-    "optmem",
-    "backlog",
-    "drops",
-]
+FIELDS = list(SKMEM_FIELDS)
 
 
 def ss_skmem(port: int) -> dict[int, list[int]]:

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import shlex
-import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,10 @@ from analysis.reads import read_intervals
 from analysis.trace import open_trace
 from probes.layout import PostFlag
 from tests.helpers import (
+    Recording,
+    python_module,
     read_event,
     report_json,
-    spawn_idlebuf,
     start_loadgen,
     stop,
     threads_in_socket_reads,
@@ -35,37 +34,26 @@ SYSCALL_OF = {"recv": "recvfrom", "read": "read", "readv": "readv", "recvmsg": "
 @pytest.mark.parametrize("read_with", sorted(SYSCALL_OF))
 def test_each_syscall_in_a_followed_child(tmp_path: Path, read_with: str) -> None:
     trace = tmp_path / "trace"
-    server_cmd = shlex.join(
-        [
-            sys.executable,
-            "-m",
-            "workloads.threaded_server",
-            "--buffer-size",
-            str(BUFFER),
-            "--read-with",
-            read_with,
-        ]
+    server = shlex.join(
+        python_module(
+            "workloads.threaded_server", "--buffer-size", str(BUFFER), "--read-with", read_with
+        )
     )
     # "; true" keeps the shell from exec'ing: the server is its child, not the shell itself
-    recorder = spawn_idlebuf("record", "-o", str(trace), "--", "sh", "-c", f"{server_cmd}; true")
-    try:
-        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
-        server_pid = listening["pid"]
-        load = start_loadgen(listening["port"], CONNECTIONS, ACTIVE, MESSAGES, SIZE, "--hold", "60")
-        done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
-        wait_until(
-            lambda: threads_in_socket_reads(server_pid) == CONNECTIONS, 30, "server threads blocked"
-        )
-        import os
-
-        os.kill(server_pid, signal.SIGUSR1)
-        truth = read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
-        recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        assert recorder.returncode == 0, err.decode()
-        stop(load)
-    finally:
-        stop(recorder)
+    with Recording(trace, ["sh", "-c", f"{server}; true"]) as rec:
+        server_pid = rec.pid
+        load = start_loadgen(rec.port, CONNECTIONS, ACTIVE, MESSAGES, SIZE, "--hold", "60")
+        try:
+            done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            wait_until(
+                lambda: threads_in_socket_reads(server_pid) == CONNECTIONS,
+                30,
+                "server threads blocked",
+            )
+            truth = rec.truth()
+            rec.finish()
+        finally:
+            stop(load)
     # the recorder stopped the shell and the server it started
     assert (
         not Path(f"/proc/{server_pid}/status").exists()

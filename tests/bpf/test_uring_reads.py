@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,15 @@ import pytest
 from analysis.reads import read_intervals
 from analysis.trace import open_trace
 from probes.layout import URING_OP_NAMES, PostFlag, Source
-from tests.helpers import read_event, report_json, spawn_idlebuf, start_loadgen, stop
+from tests.helpers import (
+    Recording,
+    go,
+    python_module,
+    read_event,
+    report_json,
+    start_loadgen,
+    stop,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -28,44 +34,14 @@ CONNECTIONS, ACTIVE, SIZE, BUFFER = 211, 11, 1000, 16411
 RING_BUFFERS, RING_BUFFER_SIZE = 67, 4099
 
 
-def server_truth(recorder: subprocess.Popen[bytes], pid: int) -> dict[str, Any]:
-    os.kill(pid, signal.SIGUSR1)
-    return read_event(recorder.stdout, "ground_truth", 10)  # type: ignore[arg-type]
-
-
-def wait_for_truth(
-    recorder: subprocess.Popen[bytes], pid: int, ok: Any, timeout: float = 30
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    truth = server_truth(recorder, pid)
-    while not ok(truth):
-        assert time.monotonic() < deadline, truth
-        time.sleep(0.1)
-        truth = server_truth(recorder, pid)
-    return truth
-
-
 def run_uring(
     tmp_path: Path, server_args: list[str], expect_posted: int, stop_server_first: bool = False
 ) -> tuple[Path, int, dict[str, Any], dict[str, Any]]:
     """Record a uring server under load; returns (trace, pid, ground truth, load summary)."""
     trace = tmp_path / "trace"
-    recorder = spawn_idlebuf(
-        "record",
-        "-o",
-        str(trace),
-        "--",
-        sys.executable,
-        "-m",
-        "workloads.uring_server",
-        *server_args,
-    )
-    load = None
-    try:
-        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
-        pid = listening["pid"]
+    with Recording(trace, python_module("workloads.uring_server", *server_args)) as rec:
         load = start_loadgen(
-            listening["port"],
+            rec.port,
             CONNECTIONS,
             ACTIVE,
             1,
@@ -75,27 +51,23 @@ def run_uring(
             "--wait-start",
             stdin=subprocess.PIPE,
         )
-        # every connection's read is posted before any data is sent...
-        wait_for_truth(recorder, pid, lambda t: t["posted_reads"] == CONNECTIONS)
-        load.stdin.write(b"go\n")  # type: ignore[union-attr]
-        load.stdin.flush()  # type: ignore[union-attr]
-        done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
-        truth = wait_for_truth(
-            recorder,
-            pid,
-            lambda t: t["posted_reads"] == expect_posted and t["reads_completed"] == ACTIVE,
-        )
-        if stop_server_first:
-            os.kill(pid, signal.SIGTERM)  # the recorder stops by itself when it exits
-        else:
-            recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        assert recorder.returncode == 0, err.decode()
-    finally:
-        stop(recorder)
-        if load is not None:
+        try:
+            # every connection's read is posted before any data is sent...
+            rec.wait_for(lambda t: t["posted_reads"] == CONNECTIONS)
+            go(load)
+            done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            truth = rec.wait_for(
+                lambda t: t["posted_reads"] == expect_posted and t["reads_completed"] == ACTIVE
+            )
+            if stop_server_first:  # the recorder stops by itself when its target exits
+                os.kill(rec.pid, signal.SIGTERM)
+                _, err = rec.proc.communicate(timeout=60)
+                assert rec.proc.returncode == 0, err.decode()
+            else:
+                rec.finish()
+        finally:
             stop(load)
-    return trace, pid, truth, done
+    return trace, rec.pid, truth, done
 
 
 def posted_now(trace: Path, pid: int) -> Any:
