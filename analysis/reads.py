@@ -96,25 +96,32 @@ def next_user_of_buffer(rows: pd.DataFrame, time_col: str, reads: pd.DataFrame) 
     return _next_post(rows, time_col, reads, ["pid", "addr"], "next_fd").fillna(-1)
 
 
-def parked_reads(intervals: pd.DataFrame) -> pd.DataFrame:
+def parked_reads(intervals: pd.DataFrame, waits: pd.DataFrame | None = None) -> pd.DataFrame:
     """Buffers held by threads parked on readiness after a non-blocking read (source `parked`).
 
-    A socket read that returned EAGAIN leaves its buffer with the program while it waits for
-    the socket to become readable; Go's netpoller, green threads and virtual threads then
-    retry with the same buffer. One row per such wait, in the shape of `read_intervals`:
-    posted when the EAGAIN returned, ended by the next read on the same fd (NaN: still
-    parked). A buffer that the program next reads into for another fd was a pool's, not a
-    parked thread's: such a wait is not counted.
+    The pattern (Go's netpoller, green threads, virtual threads): a socket read returns EAGAIN,
+    the program waits for readiness, then retries with the same buffer, which it held all
+    along. One row per such wait, in the shape of `read_intervals`: posted when the EAGAIN
+    returned, ended by the next read on the same fd (NaN: still parked). Not counted: a wait
+    with no readiness wait (epoll/poll/select) by the process between the EAGAIN and the
+    retry (when `waits` are given), or whose buffer the program next reads into for another
+    fd (a pool's buffer, not a parked thread's).
     """
     syscall = intervals[intervals["source"] == Source.SYSCALL] if not intervals.empty else intervals
-    waits = syscall[syscall["ret"] == -EAGAIN] if not syscall.empty else syscall
-    if waits.empty:
+    candidates = syscall[syscall["ret"] == -EAGAIN] if not syscall.empty else syscall
+    if candidates.empty:
         return intervals.iloc[0:0]
-    next_fd = next_user_of_buffer(waits, "end_ns", syscall)
-    own = ((next_fd == -1) | (next_fd == waits["fd"])).to_numpy()
-    out = waits[own].copy()
+    next_fd = next_user_of_buffer(candidates, "end_ns", syscall)
+    retry = _next_post(candidates, "end_ns", syscall, ["pid", "fd"], "at")
+    keep = (next_fd == -1) | (next_fd == candidates["fd"])
+    if waits is not None:
+        started = waits.rename(columns={"ts_ns": "post_ns"}).assign(fd=-1)
+        wait_at = _next_post(candidates, "end_ns", started, ["pid"], "at")
+        keep &= wait_at.notna() & ~(wait_at > retry)
+    keep_arr = keep.to_numpy()
+    out = candidates[keep_arr].copy()
     out["post_ns"] = out["end_ns"].astype("int64")
-    out["end_ns"] = _next_post(waits, "end_ns", syscall, ["pid", "fd"], "at")[own]
+    out["end_ns"] = retry[keep_arr]
     out["ret"] = np.nan
     out["superseded"] = False
     out["source"] = Source.PARKED

@@ -200,7 +200,7 @@ def summarize(
 ) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
     completed = read_intervals(trace["posts"], trace["completions"])
-    intervals = pd.concat([completed, parked_reads(completed)], ignore_index=True)
+    intervals = pd.concat([completed, parked_reads(completed, trace["waits"])], ignore_index=True)
     end_ns = end_of_recording(trace)
     memory = memory_by_process(trace, intervals, end_ns, idle_threshold_s)
     by_label = read_summary(intervals)
@@ -212,6 +212,8 @@ def summarize(
     # intermediate completions are buffer uses without a request pointer
     uses = trace["buffer_uses"]
     processes = trace["processes"].drop_duplicates("pid").set_index("pid")
+    waits_begun = trace["waits"].groupby("pid").size()
+    waits_ended = trace["wait_ends"].groupby("pid").size()
     pids = sorted(set(processes.index) | set(by_label["pid"]) | set(groups["pid"]) | set(memory))
     out = []
     for pid in pids:
@@ -241,6 +243,10 @@ def summarize(
                 },
                 "buffer_select_posted": totals["buffer_select_posted"],
                 "by_source": by_source,
+                "readiness_waits": {
+                    "count": int(waits_begun.get(pid, 0)),
+                    "now": int(waits_begun.get(pid, 0) - waits_ended.get(pid, 0)),
+                },
                 "reads_completed": totals["reads_completed"] + extra["reads_completed"],
                 "reads_failed": totals["reads_failed"],
                 "bytes_received": totals["bytes_received"] + extra["bytes_received"],

@@ -40,6 +40,8 @@ class Kind(IntEnum):
     RSS = 7  # a resident-memory counter changed: op = RssMember, value = bytes
     MAP = 8  # address space grew: addr, value = length, op = MapFn, key = mremap's old address
     UNMAP = 9  # munmap: addr, value = length
+    WAIT = 10  # a readiness wait began: op = WaitCall, fd = epoll fd or -1, value = watched
+    WAIT_END = 11  # it returned: value = ready count or -errno
 
 
 class Source(IntEnum):
@@ -85,6 +87,17 @@ class AllocFn(IntEnum):
     ALIGNED_ALLOC = 5
     MEMALIGN = 6
     VALLOC = 7
+
+
+class WaitCall(IntEnum):
+    """The readiness-wait syscall behind a WAIT record (`op`)."""
+
+    EPOLL_WAIT = 1
+    EPOLL_PWAIT = 2
+    POLL = 3
+    PPOLL = 4
+    SELECT = 5
+    PSELECT6 = 6
 
 
 class MapFn(IntEnum):
@@ -334,6 +347,20 @@ MAPS = Table(
     ),
 )
 
+WAITS = Table(
+    "waits",
+    (
+        _wire("ts_ns"),
+        _wire("pid"),
+        _wire("tid"),
+        _wire("call", "op"),
+        _wire("fd"),
+        _wire("watched", "value"),
+    ),
+)
+
+WAIT_ENDS = Table("wait_ends", (_wire("ts_ns"), _wire("pid"), _wire("tid"), _wire("ret", "value")))
+
 UNMAPS = Table("unmaps", (_wire("ts_ns"), _wire("pid"), _wire("addr"), _wire("len", "value")))
 
 RSS = Table(
@@ -442,6 +469,8 @@ TABLES: dict[str, Table] = {
         ALLOCS,
         FREES,
         RSS,
+        WAITS,
+        WAIT_ENDS,
         MAPS,
         UNMAPS,
         SOCKETS,
@@ -460,6 +489,8 @@ TABLE_OF_KIND: dict[Kind, Table] = {
     Kind.RSS: RSS,
     Kind.MAP: MAPS,
     Kind.UNMAP: UNMAPS,
+    Kind.WAIT: WAITS,
+    Kind.WAIT_END: WAIT_ENDS,
 }
 
 # io_uring opcodes that read into a buffer (enum io_uring_op; values checked against BTF).
@@ -499,6 +530,7 @@ def c_header() -> str:
     consts += [f"#define URING_OP_PROVIDE_BUFFERS {URING_PROVIDE_BUFFERS}"]
     consts += [f"#define GROUP_{g.name} {g.value}" for g in GroupKind]
     consts += [f"#define MAP_{m.name} {m.value}" for m in MapFn]
+    consts += [f"#define WAIT_{w.name} {w.value}" for w in WaitCall]
     return "\n".join(
         [
             "/* Generated from probes/layout.py: do not edit. */",

@@ -17,6 +17,7 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/uio.h>
 #include <uapi/linux/fs.h>
+#include <linux/signal.h> /* sigset_t, in epoll_pwait's and ppoll's tracepoint contexts */
 
 /* preadv2's tracepoint context uses rwf_t, which only linux/fs.h (kernel-internal) names. */
 typedef __kernel_rwf_t rwf_t;
@@ -553,3 +554,67 @@ TRACEPOINT_PROBE(io_uring, io_uring_register)
     return 0;
 }
 #endif /* WITH_URING */
+
+/*
+ * Readiness waits: epoll_wait/epoll_pwait/epoll_pwait2/poll/ppoll/select/pselect6 of targets,
+ * as WAIT (fd = the epoll fd or -1, value = maxevents or nfds) and WAIT_END (value = ready
+ * count or -errno) records keyed by thread. They tell a thread parked on readiness with a
+ * buffer in hand (EAGAIN, wait, retry) from one that merely read too early.
+ */
+BPF_HASH(waiting, u32, u8, MAX_INFLIGHT);
+
+static __always_inline int wait_enter(u16 call, s32 fd, s64 watched)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u8 one = 1;
+    if (!is_target(id >> 32))
+        return 0;
+    if (waiting.update(&tid, &one)) {
+        count(CNT_INFLIGHT_FULL);
+        return 0;
+    }
+    struct read_event *e = new_event(KIND_WAIT, 0);
+    if (!e)
+        return 0;
+    e->key = tid;
+    e->op = call;
+    e->fd = fd;
+    e->value = watched;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+static __always_inline int wait_exit(long ret)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (!waiting.lookup(&tid))
+        return 0;
+    waiting.delete(&tid);
+    struct read_event *e = new_event(KIND_WAIT_END, 0);
+    if (!e)
+        return 0;
+    e->key = tid;
+    e->value = ret;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait)
+{
+    return wait_enter(WAIT_EPOLL_WAIT, args->epfd, args->maxevents);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait)
+{
+    return wait_enter(WAIT_EPOLL_PWAIT, args->epfd, args->maxevents);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_poll) { return wait_enter(WAIT_POLL, -1, args->nfds); }
+TRACEPOINT_PROBE(syscalls, sys_enter_ppoll) { return wait_enter(WAIT_PPOLL, -1, args->nfds); }
+TRACEPOINT_PROBE(syscalls, sys_enter_select) { return wait_enter(WAIT_SELECT, -1, args->n); }
+TRACEPOINT_PROBE(syscalls, sys_enter_pselect6) { return wait_enter(WAIT_PSELECT6, -1, args->n); }
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return wait_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait) { return wait_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_poll) { return wait_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_ppoll) { return wait_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_select) { return wait_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_pselect6) { return wait_exit(args->ret); }

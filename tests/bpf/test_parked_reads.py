@@ -56,6 +56,8 @@ def test_green_threads_park_their_buffers(tmp_path: Path) -> None:
     parked = proc["by_source"]["parked"]
     assert parked["posted_reads"] == CONNECTIONS
     assert proc["by_source"]["syscall"]["posted_reads"] == 0  # the kernel holds none
+    # the scheduler waits for readiness (epoll), and is waiting now
+    assert proc["readiness_waits"]["count"] > 0 and proc["readiness_waits"]["now"] == 1
     assert proc["reads_completed"] == ACTIVE * MESSAGES == done["requests"]
     assert proc["bytes_received"] == ACTIVE * MESSAGES * SIZE
     # Python zero-fills a bytearray: every parked buffer is resident, in full
@@ -65,7 +67,7 @@ def test_green_threads_park_their_buffers(tmp_path: Path) -> None:
 
     t = open_trace(trace)
     completed = read_intervals(t["posts"], t["completions"])
-    held = parked_reads(completed)
+    held = parked_reads(completed, t["waits"])
     held = held[(held["pid"] == pid) & held["end_ns"].isna()]
     assert sorted(zip(held["fd"], held["addr"], held["len"])) == sorted(
         (b["fd"], b["addr"], b["len"]) for b in state["buffers"]

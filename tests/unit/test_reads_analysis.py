@@ -76,3 +76,20 @@ def test_eagain_then_waiting_is_a_parked_read() -> None:
         [5, 60, -1, 100],
     ]
     assert set(parked["source"]) == {3}
+
+
+def test_parked_needs_a_readiness_wait_when_waits_are_known() -> None:
+    from analysis.reads import parked_reads
+
+    # fd 5: EAGAIN at 20, retried at 50; fd 6 (pid 2): EAGAIN at 20, never retried
+    p = posts([(10, 1, 11, 100), (50, 1, 11, 100), (10, 2, 12, 100)])
+    c = completions([(20, 1, 11, -11), (20, 2, 12, -11)])
+    iv = read_intervals(p, c)
+    waits = pd.DataFrame(
+        [(30, 1, 11, 1, 9, 64)],  # pid 1 waits at 30; pid 2 never waits
+        columns=["ts_ns", "pid", "tid", "call", "fd", "watched"],
+    )
+    parked = parked_reads(iv, waits)
+    assert parked[["pid", "post_ns", "end_ns"]].values.tolist() == [[1, 20, 50]]
+    late = waits.assign(ts_ns=60)  # a wait only after the retry: the read was not parked
+    assert parked_reads(iv, late).empty
