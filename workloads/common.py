@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 
@@ -71,6 +72,22 @@ def serve(server: GroundTruth, listener: socket.socket, **announce: Any) -> None
     emit(server.ground_truth())
 
 
+def accept_pending(listener: socket.socket, blocking: bool) -> Iterator[socket.socket]:
+    """Every connection waiting on a non-blocking listener, set (non-)blocking."""
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(blocking)
+        yield sock
+
+
+def address_of(buf: bytearray) -> int:
+    """Where a bytearray's bytes are: the address a read syscall is given."""
+    return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+
+
 def listening(listener: socket.socket, **extra: Any) -> None:
     """Announce the server is ready: {"event": "listening", "pid", "host", "port", ...}."""
     host, port = listener.getsockname()[:2]
@@ -121,7 +138,7 @@ class Buffers:
         """(a writable buffer object, its address)."""
         if self.how == "bytearray":
             buf = bytearray(self.size)
-            return buf, ctypes.addressof((ctypes.c_char * self.size).from_buffer(buf))
+            return buf, address_of(buf)
         if self.how == "mmap":
             region = mmap.mmap(-1, self.size)
             addr = ctypes.addressof(ctypes.c_char.from_buffer(region))

@@ -18,7 +18,14 @@ import select
 import socket
 from typing import Any
 
-from workloads.common import Buffers, listen, raise_fd_limit, serve, server_parser
+from workloads.common import (
+    Buffers,
+    accept_pending,
+    listen,
+    raise_fd_limit,
+    serve,
+    server_parser,
+)
 
 
 class Server:
@@ -101,12 +108,7 @@ class Server:
                     self.readable(fd)
 
     def accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            sock.setblocking(False)
+        for sock in accept_pending(listener, blocking=False):
             self.accepted += 1
             self.socks[sock.fileno()] = sock
             self.epoll.register(sock.fileno(), select.EPOLLIN)

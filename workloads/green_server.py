@@ -12,14 +12,20 @@ reads completed, bytes received.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import selectors
 import socket
 from collections.abc import Generator
 from typing import Any
 
-from workloads.common import listen, raise_fd_limit, serve, server_parser
+from workloads.common import (
+    accept_pending,
+    address_of,
+    listen,
+    raise_fd_limit,
+    serve,
+    server_parser,
+)
 
 # What a green thread yields: wait until its socket is readable (or writable).
 Wait = Generator[int, None, None]
@@ -40,7 +46,7 @@ class Server:
         """The green thread serving one connection."""
         buf = bytearray(self.buffer_size)
         fd = sock.fileno()
-        self.buffers[fd] = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        self.buffers[fd] = address_of(buf)
         view = memoryview(buf)
         try:
             while True:
@@ -81,12 +87,7 @@ class Server:
             self.parked.discard(fd)
 
     def accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            sock.setblocking(False)
+        for sock in accept_pending(listener, blocking=False):
             self.accepted += 1
             self.threads[sock.fileno()] = self.connection(sock)
             self.selector.register(sock, selectors.EVENT_READ, sock)

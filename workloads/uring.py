@@ -13,6 +13,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from workloads.common import address_of
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -198,7 +200,7 @@ class Ring:
 
     def register_buffer(self, memory: bytearray) -> int:
         """Register `memory` as fixed buffer 0 (for READ_FIXED); returns its address."""
-        addr = ctypes.addressof((ctypes.c_char * len(memory)).from_buffer(memory))
+        addr = address_of(memory)
         self.register(IORING_REGISTER_BUFFERS, (ctypes.c_uint64 * 2)(addr, len(memory)), 1)
         self._keep.append(memory)
         return addr
@@ -235,7 +237,7 @@ class BufferRing:
         self._ring_mem = mmap.mmap(-1, max(mmap.PAGESIZE, entries * 16))  # page aligned
         self.ring_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._ring_mem))
         self.memory = bytearray(count * size)
-        self.base = ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory))
+        self.base = address_of(self.memory)
         reg = _BufReg(ring_addr=self.ring_addr, ring_entries=entries, bgid=group)
         ring.register(IORING_REGISTER_PBUF_RING, reg, 1)
         # the ring's tail overlays the resv field of entry 0; store it as one 16-bit word
@@ -272,7 +274,7 @@ class ProvidedBuffers:
     def __init__(self, ring: Ring, group: int, count: int, size: int) -> None:
         self.ring, self.group, self.count, self.size = ring, group, count, size
         self.memory = bytearray(count * size)
-        self.base = ctypes.addressof((ctypes.c_char * len(self.memory)).from_buffer(self.memory))
+        self.base = address_of(self.memory)
         self.consumed = 0
         self.provide(0, count)
 

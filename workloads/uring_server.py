@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workloads import uring
-from workloads.common import listen, raise_fd_limit, serve, server_parser
+from workloads.common import (
+    accept_pending,
+    address_of,
+    listen,
+    raise_fd_limit,
+    serve,
+    server_parser,
+)
 
 OPS = {
     "recv": uring.OP_RECV,
@@ -140,15 +147,10 @@ class Server:
             slot = self.free_slots.pop()
             return self.fixed_base + slot * self.buffer_size, self.buffer_size, [slot]
         buf = bytearray(self.buffer_size)
-        return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)), len(buf), [buf]
+        return address_of(buf), len(buf), [buf]
 
     def accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            sock.setblocking(True)
+        for sock in accept_pending(listener, blocking=True):
             addr, size, memory = self.own_buffer()
             conn = Conn(sock, addr, size, memory=memory)
             self.conns[sock.fileno()] = conn
