@@ -122,12 +122,22 @@ def retained_buffers(
     return held[held["attributed_bytes"] > 0].reset_index(drop=True)
 
 
+def rss_at(rss: pd.DataFrame, pid: int, ts_ns: int) -> int:
+    """Resident bytes (anonymous + file + shared) of `pid`'s last address space at `ts_ns`."""
+    resident = (RssMember.ANON, RssMember.FILE, RssMember.SHMEM)
+    r = rss[(rss["pid"] == pid) & rss["member"].isin(resident)].sort_values("ts_ns")
+    if r.empty:
+        return 0
+    r = r[(r["mm_id"] == r["mm_id"].iloc[-1]) & (r["ts_ns"] <= ts_ns)]
+    return int(r.groupby("member")["bytes"].last().sum())
+
+
 def rss_now_and_peak(rss: pd.DataFrame) -> pd.DataFrame:
-    """Per pid: resident bytes (anonymous + file + shared memory) at the end and at peak, of
-    the process's last address space (a launched command's pre-exec copy of the recorder is
-    not the command)."""
+    """Per pid: resident bytes (anonymous + file + shared memory) first seen, at the end and at
+    peak, of the process's last address space (a launched command's pre-exec copy of the
+    recorder is not the command)."""
     if rss.empty:
-        return pd.DataFrame(columns=["pid", "rss_now", "rss_peak"])
+        return pd.DataFrame(columns=["pid", "rss_first", "rss_now", "rss_peak"])
     resident = (RssMember.ANON, RssMember.FILE, RssMember.SHMEM)
     r = rss[rss["member"].isin(resident)].sort_values("ts_ns", kind="stable")
     last_mm = r.groupby("pid")["mm_id"].transform("last")
@@ -136,7 +146,9 @@ def rss_now_and_peak(rss: pd.DataFrame) -> pd.DataFrame:
     wide = r.pivot_table(index=["pid", "ts_ns"], columns="member", values="bytes", aggfunc="last")
     wide = wide.groupby(level="pid").ffill().fillna(0)
     total = wide.sum(axis=1).groupby(level="pid")
-    return pd.DataFrame({"rss_now": total.last(), "rss_peak": total.max()}).reset_index()
+    return pd.DataFrame(
+        {"rss_first": total.first(), "rss_now": total.last(), "rss_peak": total.max()}
+    ).reset_index()
 
 
 # Memory a socket holds in the kernel: received data (rmem_alloc), queued for sending

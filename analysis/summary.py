@@ -80,6 +80,8 @@ def memory_by_process(
     sites = buffer_sites(attributed, live, trace["stacks"])
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
+    # every connection's last data buffer still held, idle or not (a pool's buffers once each)
+    held = retained_buffers(reads, live, end_ns, 0)
     # resident bytes, where the recorder measured them (NaN -> 0: not measured)
     residency = trace["residency"]
     parked = attributed["source"] == Source.PARKED
@@ -122,6 +124,10 @@ def memory_by_process(
                 }
                 for r in sites[sites["pid"] == pid].to_dict("records")
             ],
+            "held_data_buffers": {
+                "buffers": int((held["pid"] == pid).sum()),
+                "bytes": int(held.loc[held["pid"] == pid, "attributed_bytes"].sum()),
+            },
             "retained": {
                 "buffers": int((retained["pid"] == pid).sum()),
                 "bytes": int(retained.loc[retained["pid"] == pid, "attributed_bytes"].sum()),
@@ -136,6 +142,7 @@ def memory_by_process(
                 "mapped_bytes": int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
             },
             "rss": {
+                "first": int(rss["rss_first"].get(pid, 0)),
                 "now": int(rss["rss_now"].get(pid, 0)),
                 "peak": int(rss["rss_peak"].get(pid, 0)),
             },

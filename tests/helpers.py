@@ -16,12 +16,12 @@ from idlebuf.scenario import read_event, spawn, stop
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def idlebuf(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def idlebuf(*args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "idlebuf", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         cwd=ROOT,
         **kwargs,
     )
