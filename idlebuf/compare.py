@@ -126,8 +126,10 @@ def record_model(
             str(int(duration * 20) + 100),
             "--rate",
             "20",
+            # the exchanges end a second before the recording does, so that its "now" sees
+            # every read re-posted rather than a few caught between completion and re-post
             "--duration",
-            str(duration + 5),
+            str(max(0.5, duration - 1)),
             "--hold-stdin",
             "--hold",
             "120",
