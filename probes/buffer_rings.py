@@ -35,7 +35,7 @@ class BufferRingWatcher:
         self._rings: dict[tuple[int, int, int], _Ring] = {}
 
     def note(self, records: np.ndarray) -> None:
-        """Remember rings registered in this batch of wire records."""
+        """Remember rings registered in these BUFFER_GROUP wire records."""
         regs = records[(records["kind"] == Kind.BUFFER_GROUP) & (records["op"] == GroupKind.RING)]
         for r in regs:
             key = (int(r["pid"]), int(r["ring"]), int(r["group"]))

@@ -10,6 +10,8 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from probes.btf import BTF, BTFError
+
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
 # Tracepoints idlebuf uses, with what is lost without them.
@@ -105,7 +107,8 @@ def bcc_importable() -> tuple[bool, str]:
     return True, "bcc importable"
 
 
-def run_checks() -> list[Check]:
+def run_checks(parsed_btf: BTF | None = None) -> list[Check]:
+    """Every check; `parsed_btf` spares parsing the kernel's BTF again when a caller has it."""
     checks = []
     major, minor = kernel_version()
     checks.append(
@@ -164,11 +167,10 @@ def run_checks() -> list[Check]:
         )
     )
     if btf.exists():
-        from probes.btf import BTF, BTFError  # noqa: PLC0415 - loader imports this module
-        from probes.loader import uring_support  # noqa: PLC0415
+        from probes.loader import uring_support  # noqa: PLC0415 - loader imports this module
 
         try:
-            constants, why = uring_support(BTF.load())
+            constants, why = uring_support(parsed_btf or BTF.load())
         except BTFError as exc:
             constants, why = None, str(exc)
         checks.append(

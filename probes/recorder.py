@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from probes import features, layout, residency, scan
+from probes.btf import BTF, BTFError
 from probes.buffer_rings import BufferRingWatcher
 from probes.loader import ProbeError, ReadProbeOptions, ReadProbes
 from probes.residency import BufferTracker
@@ -194,22 +195,24 @@ class Recorder:
         if self._batches:
             records = np.concatenate(self._batches)
             self._batches, self._buffered = [], 0
-            self._rings.note(records)
-            allocs = records[records["kind"] == layout.Kind.ALLOC]
+            # split by kind once: every consumer below wants one or two kinds
+            kinds = records["kind"]
+            by_kind = {k: records[kinds == k] for k in np.unique(kinds).tolist()}
+            empty = records[:0]
+            self._rings.note(by_kind.get(layout.Kind.BUFFER_GROUP, empty))
+            allocs = by_kind.get(layout.Kind.ALLOC, empty)
             if allocs.size:
                 self._stack_ids.update(zip(allocs["pid"].tolist(), allocs["key"].tolist()))
+            posts = by_kind.get(layout.Kind.POST, empty)
+            completions = by_kind.get(layout.Kind.COMPLETE, empty)
             if self._buffers is not None:
-                self._buffers.note(
-                    records[records["kind"] == layout.Kind.POST],
-                    records[records["kind"] == layout.Kind.COMPLETE],
-                )
-            for kind, table in layout.TABLE_OF_KIND.items():
-                rows = records[records["kind"] == kind]
-                if rows.size:
-                    columns = {c.name: rows[c.wire] for c in table.columns if c.wire}
-                    self._writer.append(table, pa.table(columns))
-            self._posts += int(np.count_nonzero(records["kind"] == layout.Kind.POST))
-            self._completions += int(np.count_nonzero(records["kind"] == layout.Kind.COMPLETE))
+                self._buffers.note(posts, completions)
+            for kind, rows in by_kind.items():
+                table = layout.TABLE_OF_KIND[layout.Kind(kind)]
+                columns = {c.name: rows[c.wire] for c in table.columns if c.wire}
+                self._writer.append(table, pa.table(columns))
+            self._posts += posts.size
+            self._completions += completions.size
         if self._sockets is not None:
             rows = self._sockets.sample(self._live_targets(), _now_ns())
             if rows:
@@ -267,12 +270,16 @@ class Recorder:
     def run(self) -> RecordSummary:
         cfg = self.config
         self._preflight()
+        try:
+            self._btf = BTF.load()  # parsed once: the checks and the probes both need it
+        except BTFError as exc:
+            raise RecordError(f"kernel BTF is needed for structure offsets: {exc}") from None
         self._static_meta: dict[str, Any] = {
             "format": layout.FORMAT_NAME,
             "format_version": layout.FORMAT_VERSION,
             "idlebuf_version": VERSION,
             "host": features.host_facts(),
-            "features": {c.name: c.ok for c in features.run_checks()},
+            "features": {c.name: c.ok for c in features.run_checks(self._btf)},
             "clock": {"monotonic_ns": _now_ns(), "realtime_ns": time.time_ns()},
             "targets": {"pids": cfg.pids, "command": cfg.command},
         }
@@ -307,7 +314,7 @@ class Recorder:
         if cfg.command:
             options = ReadProbeOptions(**{**options.__dict__, "follow_children": True})
         try:
-            probes = ReadProbes(options)
+            probes = ReadProbes(options, self._btf)
         except ProbeError as exc:
             raise RecordError(str(exc)) from None
 
