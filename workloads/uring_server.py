@@ -4,6 +4,10 @@ Or, with --buffer-ring N or --provide N, the mitigation: each connection's reque
 buffer from a provided-buffer group (a registered ring, or the older PROVIDE_BUFFERS) only when
 data arrives. With a ring, RECV is multishot: one request serves every message.
 
+Or, with --poll-first N, the other mitigation: each connection posts a POLL_ADD (no buffer);
+when it fires, a RECV into one of N pooled buffers is posted, and the buffer returns to the pool
+at its completion.
+
 Speaks the load generator's echo protocol. Prints {"event": "listening", ...} when ready and its
 ground truth as JSON on SIGUSR1 and at exit: connections, the requests it holds posted (with
 their buffer addresses and lengths), reads completed, bytes received, and the buffer group.
@@ -41,6 +45,8 @@ OPS = {
     "read_multishot": uring.OP_READ_MULTISHOT,
 }
 GROUP = 7
+POLLIN = 0x1
+POLL_TAG = 1 << 62  # user_data of a connection's poll request: fd | POLL_TAG
 NO_OFFSET = (1 << 64) - 1  # -1: read at the file position (sockets have none)
 
 
@@ -62,6 +68,7 @@ class Conn:
     addr: int  # its own buffer (0 with a buffer group)
     size: int
     posted: bool = False
+    polling: bool = False
     memory: list[Any] = field(default_factory=list)  # keeps its own buffer alive
     request: list[Any] = field(default_factory=list)  # iovecs/msghdr the kernel reads later
 
@@ -84,6 +91,10 @@ class Server:
             self.group = uring.ProvidedBuffers(self.ring, GROUP, args.provide, args.buffer_size)
         if self.op == uring.OP_READ_MULTISHOT and self.group is None:
             raise SystemExit("read_multishot needs --buffer-ring or --provide")
+        # --poll-first: a pool of buffers, lent to a connection only while its RECV runs
+        self.pool = [bytearray(args.buffer_size) for _ in range(args.poll_first)]
+        self.free_pool = list(range(args.poll_first))
+        self.waiting: list[Conn] = []  # readable connections waiting for a pooled buffer
         self.fixed: bytearray | None = None
         self.free_slots: list[int] = []
         if self.op == uring.OP_READ_FIXED:  # one registered region, a slot per connection
@@ -99,6 +110,11 @@ class Server:
     # --- requests ---------------------------------------------------------------------
     def post(self, conn: Conn) -> None:
         fd = conn.sock.fileno()
+        if self.pool:
+            conn.polling = True
+            self.ring.prep(uring.OP_POLL_ADD, fd, user_data=fd | POLL_TAG, op_flags=POLLIN)
+            self.unsubmitted.append(conn)
+            return
         if self.group is not None:
             multishot = self.op == uring.OP_READ_MULTISHOT or isinstance(
                 self.group, uring.BufferRing
@@ -136,12 +152,31 @@ class Server:
             while not self.ring.sq_empty() and time.monotonic() < deadline:
                 time.sleep(0.001)
         for conn in self.unsubmitted:
-            conn.posted = True
+            conn.posted = not conn.polling  # a poll request holds no buffer
         self.unsubmitted.clear()
+
+    def readable(self, conn: Conn) -> None:
+        """Poll-first: data is waiting; read it into a pooled buffer (or wait for one)."""
+        conn.polling = False
+        if not self.free_pool:
+            self.waiting.append(conn)
+            return
+        slot = self.free_pool.pop()
+        conn.addr, conn.size, conn.memory = address_of(self.pool[slot]), self.buffer_size, [slot]
+        fd = conn.sock.fileno()
+        self.ring.prep(uring.OP_RECV, fd, conn.addr, conn.size, user_data=fd)
+        self.unsubmitted.append(conn)
+
+    def give_back(self, conn: Conn) -> None:
+        """Poll-first: the RECV is done; its buffer returns to the pool."""
+        self.free_pool.append(conn.memory[0])
+        conn.addr, conn.size, conn.memory = 0, 0, []
+        if self.waiting:
+            self.readable(self.waiting.pop(0))
 
     def own_buffer(self) -> tuple[int, int, list[Any]]:
         """(address, size, memory to keep alive) of a new connection's buffer."""
-        if self.group is not None:
+        if self.group is not None or self.pool:
             return 0, 0, []
         if self.fixed is not None:
             slot = self.free_slots.pop()
@@ -164,12 +199,29 @@ class Server:
         conn.sock.close()
 
     def complete(self, cqe: uring.Completion) -> None:
-        conn = self.conns.get(cqe.user_data)
+        conn = self.conns.get(cqe.user_data & ~POLL_TAG)
         if conn is None:
             return  # PROVIDE_BUFFERS, or a connection already closed
+        if cqe.user_data & POLL_TAG:
+            if cqe.res > 0:
+                self.readable(conn)
+            else:  # cancelled or failed: the connection is done
+                self.close(conn.sock.fileno())
+            return
         final = not cqe.more
         if final:
             conn.posted = False
+        if self.pool:
+            data = ctypes.string_at(conn.addr, cqe.res) if cqe.res > 0 else b""
+            self.give_back(conn)
+            if cqe.res > 0:
+                self.reads_completed += 1
+                self.bytes_received += cqe.res
+                conn.sock.sendall(data)
+                self.post(conn)
+            else:
+                self.close(cqe.user_data)
+            return
         if cqe.res > 0:
             self.reads_completed += 1
             self.bytes_received += cqe.res
@@ -192,9 +244,14 @@ class Server:
     # --- reporting and the loop -------------------------------------------------------
     def ground_truth(self) -> dict[str, Any]:
         posted = [c for c in self.conns.values() if c.posted]
+        model = "queued-uring"
+        if self.group is not None:
+            model = "uring-provided-buffers"
+        elif self.pool:
+            model = "uring-poll-first"
         truth: dict[str, Any] = {
             "event": "ground_truth",
-            "model": "queued-uring" if self.group is None else "uring-provided-buffers",
+            "model": model,
             "pid": os.getpid(),
             "op": self.op_name,
             "sqpoll": self.sqpoll,
@@ -211,6 +268,13 @@ class Server:
             "reads_completed": self.reads_completed,
             "bytes_received": self.bytes_received,
         }
+        if self.pool:
+            truth["polling"] = sum(c.polling for c in self.conns.values())
+            truth["pool"] = {
+                "buffers": len(self.pool),
+                "bytes": len(self.pool) * self.buffer_size,
+                "addresses": [address_of(b) for b in self.pool],
+            }
         if self.group is not None:
             truth["buffer_group"] = {
                 "how": "ring" if isinstance(self.group, uring.BufferRing) else "provide",
@@ -257,6 +321,13 @@ def main() -> None:
         metavar="N",
         default=0,
         help="take buffers from a registered provided-buffer ring of N buffers (multishot)",
+    )
+    group.add_argument(
+        "--poll-first",
+        type=int,
+        metavar="N",
+        default=0,
+        help="post a POLL_ADD per connection; read into one of N pooled buffers when it fires",
     )
     group.add_argument(
         "--provide",

@@ -176,3 +176,45 @@ def test_nothing_stays_posted_after_the_process_exits(tmp_path: Path) -> None:
         (t["completions"]["source"] == Source.URING) & (t["completions"]["ret"] < 0)
     ]
     assert len(cancelled) == CONNECTIONS - ACTIVE
+
+
+def test_poll_first_reads_only_into_pooled_buffers(tmp_path: Path) -> None:
+    """POLL_ADD per connection, then a RECV into one of 5 pooled buffers: 211 connections wait
+    without a posted read; the 11 reads that happen use the pool's buffers and complete."""
+    pool = 5
+    trace = tmp_path / "trace"
+    args = ["--poll-first", str(pool), "--buffer-size", str(BUFFER)]
+    with Recording(trace, python_module("workloads.uring_server", *args)) as rec:
+        load = start_loadgen(
+            rec.port,
+            CONNECTIONS,
+            ACTIVE,
+            1,
+            SIZE,
+            "--hold",
+            "60",
+            "--wait-start",
+            stdin=subprocess.PIPE,
+        )
+        try:
+            rec.wait_for(lambda t: t["polling"] == CONNECTIONS)
+            go(load)
+            read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            truth = rec.wait_for(
+                lambda t: t["reads_completed"] == ACTIVE and t["polling"] == CONNECTIONS
+            )
+            rec.finish()
+        finally:
+            stop(load)
+    assert truth["posted_reads"] == 0
+    report = report_json(trace)
+    (proc,) = [p for p in report["processes"] if p["pid"] == rec.pid]
+    assert proc["posted_reads"]["now"] == 0 and proc["pinned_bytes"]["now"] == 0
+    assert 1 <= proc["posted_reads"]["peak"] <= pool
+    assert proc["reads_completed"] == ACTIVE and proc["bytes_received"] == ACTIVE * SIZE
+    t = open_trace(trace)
+    iv = read_intervals(t["posts"], t["completions"])
+    reads = iv[(iv["pid"] == rec.pid) & (iv["source"] == Source.URING)]
+    assert len(reads) == ACTIVE
+    assert set(reads["addr"]) <= set(truth["pool"]["addresses"])
+    assert set(reads["len"]) == {BUFFER}
