@@ -441,21 +441,32 @@ def buffer_timeline(
     allocations: pd.DataFrame,
     edges: np.ndarray,
     idle_threshold_ns: int,
+    sockets: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per pid and instant in `edges`: IO-buffer heap bytes (reads posted then, joined to the
-    allocations live then) and idle connections (seen reading, no data for the threshold).
-    One address join per instant: keep `edges` to a few thousand."""
+    allocations live then) and idle connections (seen reading or in a socket sample, open,
+    no data for the threshold). One address join per instant: keep `edges` to a few
+    thousand."""
     cols = ["pid", "edge", "io_buffer_heap_bytes", "idle_connections"]
-    if reads.empty or len(edges) == 0:
+    if (reads.empty and (sockets is None or sockets.empty)) or len(edges) == 0:
         return pd.DataFrame(columns=cols)
-    first = reads.groupby(["pid", "fd"])["post_ns"].min()
+    keys = ["pid", "fd"]
+    first = reads.groupby(keys)["post_ns"].min()
+    closed = pd.Series(np.inf, index=first.index)
+    if sockets is not None and not sockets.empty:
+        conns = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
+        span = conns.groupby(keys)["ts_ns"].agg(["min", "max"]).astype(float)
+        # a socket missing from the last sample had closed by then
+        span.loc[span["max"] == span["max"].max(), "max"] = np.inf
+        first = pd.concat([first.astype(float), span["min"]], axis=1).min(axis=1)
+        closed = span["max"].reindex(first.index).fillna(np.inf)
     arrivals = reads[reads["ret"] > 0][["pid", "fd", "end_ns"]]
     rows = []
     for edge in edges:
         posted = reads[(reads["post_ns"] <= edge) & ~(reads["end_ns"] <= edge)]
         heap = buffer_attribution(posted, live_at(allocations, edge, "alloc_ns", "free_ns"))
-        seen = first[first <= edge]
-        last = arrivals[arrivals["end_ns"] <= edge].groupby(["pid", "fd"])["end_ns"].max()
+        seen = first[(first <= edge) & (closed >= edge)]
+        last = arrivals[arrivals["end_ns"] <= edge].groupby(keys)["end_ns"].max()
         since = last.reindex(seen.index).fillna(seen)
         idle = (edge - since >= idle_threshold_ns).groupby(level="pid").sum()
         per_pid = heap.groupby("pid")["attributed_bytes"].sum()

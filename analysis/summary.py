@@ -181,7 +181,11 @@ def timeline(
     allocations = allocation_intervals(trace["allocs"], trace["frees"])
     reads = network_reads(intervals)
     buffers = buffer_timeline(
-        reads, allocations, timeline_edges(start, end, resolution), int(idle_threshold_s * 1e9)
+        reads,
+        allocations,
+        timeline_edges(start, end, resolution),
+        int(idle_threshold_s * 1e9),
+        trace["sockets"],
     )
     frame = process_timeline(
         posted_timeline(reads),

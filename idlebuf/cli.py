@@ -12,12 +12,19 @@ import sys
 from collections.abc import Sequence
 
 from analysis.trace import TraceError
-from idlebuf.commands import demo, doctor, record, report
+from idlebuf.commands import compare, demo, doctor, record, report, sweep
 from idlebuf.errors import IdlebufError
 from probes.recorder import RecordError
 from probes.trace_writer import OutputError
 
-COMMANDS = {"record": record, "report": report, "doctor": doctor, "demo": demo}
+COMMANDS = {
+    "record": record,
+    "report": report,
+    "compare": compare,
+    "demo": demo,
+    "sweep": sweep,
+    "doctor": doctor,
+}
 _ONE_LINE_ERRORS = (IdlebufError, TraceError, RecordError, OutputError)
 
 

@@ -109,6 +109,19 @@ class _Stop:
             signal.signal(sig, handler)
 
 
+def check_machine() -> None:
+    """RecordError, in one sentence, if this machine or user cannot record."""
+    if not features.has_tracing_privileges():
+        raise RecordError("recording needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE)")
+    if features.tracefs() is None:
+        raise RecordError("tracefs is not mounted: run scripts/bootstrap (or mount it)")
+    for name in features.REQUIRED_TRACEPOINTS:
+        if not features.tracepoint_present(name):
+            raise RecordError(f"this kernel has no tracepoint {name.replace('/', ':')}")
+    if features.kernel_version() < (5, 8):
+        raise RecordError(f"kernel {features.platform.release()} is too old: idlebuf needs 5.8+")
+
+
 class Recorder:
     def __init__(
         self,
@@ -135,18 +148,8 @@ class Recorder:
         cfg = self.config
         if bool(cfg.pids) == bool(cfg.command):
             raise RecordError("give either -p PID or -- COMMAND (not both, not neither)")
-        if not features.has_tracing_privileges():
-            raise RecordError("recording needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE)")
+        check_machine()
         check_targets(cfg.pids)
-        if features.tracefs() is None:
-            raise RecordError("tracefs is not mounted: run scripts/bootstrap (or mount it)")
-        for name in features.REQUIRED_TRACEPOINTS:
-            if not features.tracepoint_present(name):
-                raise RecordError(f"this kernel has no tracepoint {name.replace('/', ':')}")
-        if features.kernel_version() < (5, 8):
-            raise RecordError(
-                f"kernel {features.platform.release()} is too old: idlebuf needs 5.8+"
-            )
 
     def _meta(self, complete: bool, probes: ReadProbes | None, extra: dict[str, Any]) -> dict:
         counters = probes.counter_values() if probes else {}

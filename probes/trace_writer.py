@@ -37,7 +37,7 @@ class OutputError(Exception):
     """The output directory cannot be used; the message says why in one line."""
 
 
-def _owner() -> tuple[int, int] | None:
+def invoking_user() -> tuple[int, int] | None:
     """The user who ran sudo, who should own the trace."""
     uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
     if os.geteuid() == 0 and uid and gid and uid.isdigit() and gid.isdigit():
@@ -56,7 +56,7 @@ def _is_trace_dir(path: Path) -> bool:
 class TraceWriter:
     def __init__(self, path: Path, force: bool = False) -> None:
         self.path = path
-        self._owner = _owner()
+        self._owner = invoking_user()
         self._parts: dict[str, int] = {}
         self._table_fds: dict[str, int] = {}
         self.rows: dict[str, int] = {name: 0 for name in layout.TABLES}

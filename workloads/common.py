@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 
@@ -24,8 +24,34 @@ def raise_fd_limit() -> int:
     return hard
 
 
+def resident_bytes() -> int:
+    """This process's resident set size, as /proc prints it (the exact counter sum)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_SO_MEMINFO = 55  # SOL_SOCKET option: the socket's sk_meminfo counters (SK_MEMINFO_*)
+_RMEM_ALLOC, _FWD_ALLOC, _WMEM_QUEUED = 0, 4, 5
+
+
+def socket_kernel_bytes(fds: Iterable[int]) -> int:
+    """Kernel memory of these sockets as each reports it (getsockopt SO_MEMINFO): received
+    data held, sent data queued and memory reserved ahead (rmem_alloc + wmem_queued +
+    fwd_alloc), the same counters `ss -m` shows."""
+    total = 0
+    info = (ctypes.c_uint32 * 9)()
+    for fd in fds:
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        if _libc.getsockopt(fd, socket.SOL_SOCKET, _SO_MEMINFO, info, ctypes.byref(size)) == 0:
+            total += info[_RMEM_ALLOC] + info[_WMEM_QUEUED] + info[_FWD_ALLOC]
+    return total
+
+
 def emit(record: dict[str, Any]) -> None:
-    """One JSON object per line on stdout: how workloads report their ground truth."""
+    """One JSON object per line on stdout: how workloads report their ground truth (which
+    always carries the server's RSS at that moment)."""
+    if record.get("event") == "ground_truth":
+        record = {**record, "rss_bytes": resident_bytes()}
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
 

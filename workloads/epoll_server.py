@@ -25,6 +25,7 @@ from workloads.common import (
     raise_fd_limit,
     serve,
     server_parser,
+    socket_kernel_bytes,
 )
 
 
@@ -85,6 +86,9 @@ class Server:
                 {"fd": fd, "addr": addr, "len": self.alloc.size}
                 for fd, (_, addr) in sorted(self.held.items())
             ],
+            "posted_reads": 0,  # it reads only what is already there
+            "pinned_bytes": 0,
+            "socket_kernel_bytes": socket_kernel_bytes(self.socks),
             "held_bytes": len(self.held) * self.alloc.size,
             "allocations": [
                 {"addr": a, "size": n} for a, n in sorted(self.alloc.allocations.items())

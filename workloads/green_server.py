@@ -25,6 +25,7 @@ from workloads.common import (
     raise_fd_limit,
     serve,
     server_parser,
+    socket_kernel_bytes,
 )
 
 # What a green thread yields: wait until its socket is readable (or writable).
@@ -106,7 +107,9 @@ class Server:
                 {"fd": fd, "addr": self.buffers[fd], "len": self.buffer_size}
                 for fd in sorted(self.parked)
             ],
+            "posted_reads": len(self.parked),  # parked reads hold their buffers
             "pinned_bytes": len(self.parked) * self.buffer_size,
+            "socket_kernel_bytes": socket_kernel_bytes(self.threads),
             "reads_completed": self.reads_completed,
             "bytes_received": self.bytes_received,
         }

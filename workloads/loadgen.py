@@ -63,6 +63,11 @@ def _exchange(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="connect from this network namespace (see workloads/netns.py), a separate host",
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, default=1000)
     group = parser.add_mutually_exclusive_group()
@@ -103,6 +108,10 @@ def main() -> None:
     args = parser.parse_args()
 
     raise_fd_limit()
+    if args.netns:
+        from workloads.netns import enter
+
+        enter(args.netns)
     active = (
         args.active if args.active is not None else round(args.connections * args.active_fraction)
     )

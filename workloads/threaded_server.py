@@ -18,7 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workloads.common import Buffers, emit, listen, listening, malloc, raise_fd_limit, server_parser
+from workloads.common import (
+    Buffers,
+    emit,
+    listen,
+    listening,
+    malloc,
+    raise_fd_limit,
+    server_parser,
+    socket_kernel_bytes,
+)
 
 
 def reader(how: str, conn: socket.socket, buf: Any) -> Callable[[], int]:
@@ -101,7 +110,9 @@ class Server:
                     {"fd": fd, "addr": a, "len": self.buffer_size}
                     for fd, a in sorted(self.buffers.items())
                 ],
+                "posted_reads": len(self.buffers),  # every connection's thread is in recv()
                 "pinned_bytes": len(self.buffers) * self.buffer_size,
+                "socket_kernel_bytes": socket_kernel_bytes(self.buffers),
                 "reads_completed": self.reads_completed,
                 "bytes_received": self.bytes_received,
             }

@@ -34,6 +34,7 @@ from workloads.common import (
     raise_fd_limit,
     serve,
     server_parser,
+    socket_kernel_bytes,
 )
 
 OPS = {
@@ -265,6 +266,7 @@ class Server:
                 if c.posted
             ],
             "pinned_bytes": sum(c.size for c in posted),
+            "socket_kernel_bytes": socket_kernel_bytes(self.conns),
             "reads_completed": self.reads_completed,
             "bytes_received": self.bytes_received,
         }

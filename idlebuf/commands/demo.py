@@ -1,46 +1,155 @@
-"""`idlebuf demo`: the mission's scenario, recorded and reported (root)."""
+"""`idlebuf demo`: the mission's scenario against every IO model, recorded, compared (root)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
-from idlebuf.scenario import run_demo
+from idlebuf.compare import Load, render_table, run_comparison, write_reports
+from idlebuf.errors import IdlebufError
+from idlebuf.models import Model, models
+from idlebuf.output import output_dir
+from idlebuf.render import human_bytes
+from probes.recorder import check_machine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="record a thread-per-connection server with 1,000 mostly idle connections",
-        description="Start the thread-per-connection server, open N connections of which a "
-        "fraction F exchange messages, record the server for a few seconds and print the "
-        "report: every idle connection holds a posted read and its buffer.",
+        help="record every IO model under 1,000 mostly idle connections and compare them",
+        description="Run the same load - N connections, a fraction F of them exchanging "
+        "messages - against a server of each IO model in turn (readiness with a pool or "
+        "retained buffers, threads, green threads, io_uring, and two io_uring mitigations), "
+        "record each with `idlebuf record --memory`, and print one table. Writes an HTML "
+        "report with plots and a Perfetto timeline (open it at ui.perfetto.dev) beside the "
+        "traces. Needs root.",
     )
-    p.add_argument("--connections", type=int, default=1000)
-    p.add_argument("--active", type=float, default=0.05, help="fraction of active connections")
-    p.add_argument("--buffer-size", type=int, default=16384)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds to record")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("-o", "--output", help="keep the trace(s) in this directory")
+    p.add_argument("--connections", type=int, default=1000, metavar="N")
+    p.add_argument(
+        "--active", type=float, default=0.05, metavar="F", help="fraction of active connections"
+    )
+    p.add_argument("--buffer-size", type=int, default=16384, metavar="BYTES")
+    p.add_argument(
+        "--duration", type=float, default=5.0, metavar="S", help="seconds recorded per model"
+    )
+    p.add_argument(
+        "--models",
+        metavar="NAME,...",
+        help="only these models (default: all; the first is the ratios' baseline): "
+        + ", ".join(m.name for m in models(0)),
+    )
+    p.add_argument(
+        "--netns",
+        action="store_true",
+        help="run the load generator in its own network namespace (a separate host)",
+    )
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="write the traces and reports here (default: a new directory under /tmp)",
+    )
     p.add_argument(
         "--compare",
         action="store_true",
-        help="record every IO model (readiness, retaining, threads, green threads, io_uring, "
-        "provided-buffer ring) under the same load and print one comparison table",
+        help=argparse.SUPPRESS,  # what `demo` does now; kept so older commands still work
     )
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.compare:
-        from idlebuf.compare import compare
+def chosen_models(spec: str | None, active: int) -> list[Model]:
+    available = models(active)
+    if not spec:
+        return available
+    names = {m.name: m for m in available}
+    unknown = [n for n in spec.split(",") if n not in names]
+    if unknown:
+        raise IdlebufError(f"unknown model {unknown[0]!r}; choose from {', '.join(names)}")
+    return [names[n] for n in spec.split(",")]
 
-        return compare(
-            args.connections,
-            args.active,
-            args.buffer_size,
-            args.duration,
-            Path(args.output) if args.output else None,
-            args.json,
-        )
-    return run_demo(args)
+
+def validate(args: argparse.Namespace) -> Load:
+    if args.connections < 1:
+        raise IdlebufError("--connections must be at least 1")
+    if not 0 <= args.active <= 1:
+        raise IdlebufError("--active is a fraction, between 0 and 1")
+    if args.buffer_size < 64:
+        raise IdlebufError("--buffer-size must be at least 64 bytes")
+    if args.duration < 1:
+        raise IdlebufError("--duration must be at least 1 second")
+    return Load(
+        connections=args.connections,
+        active=round(args.connections * args.active),
+        buffer_size=args.buffer_size,
+        duration=args.duration,
+    )
+
+
+class Progress:
+    """One line per model on stderr, updated in place on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def __call__(self, i: int, model: Model, what: str) -> None:
+        head = f"[{i + 1}/{self.total}] {model.name}"
+        if what == "done":
+            line = f"{head}: done in {time.monotonic() - self.started:.0f}s"
+            self.started = time.monotonic()
+        else:
+            line = f"{head}: {what}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if what == "done" else ""))
+        else:  # a log: every step on its own line
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    load = validate(args)
+    chosen = chosen_models(args.models, load.active)
+    check_machine()
+    base = output_dir(Path(args.output) if args.output else None, "idlebuf-demo-")
+    progress = Progress(len(chosen))
+    print(
+        f"demo: {load.connections:,} connections, {load.active:,} active, "
+        f"{human_bytes(load.buffer_size)} buffers, {load.duration:g}s per model; "
+        f"{len(chosen)} models; output in {base}",
+        file=sys.stderr,
+    )
+    with contextlib.ExitStack() as stack:
+        if args.netns:
+            from workloads.netns import client_namespace
+
+            load = replace(load, netns=stack.enter_context(client_namespace()))
+        try:
+            comparison = run_comparison(load, chosen, base, progress)
+        except KeyboardInterrupt:
+            print(
+                f"\ndemo: interrupted; the models recorded so far are in {base} "
+                f"(`idlebuf compare {base}`)",
+                file=sys.stderr,
+            )
+            raise
+    title = f"idlebuf: {load.connections:,} connections, {load.active:,} active, every IO model"
+    paths = write_reports(comparison, base, title)
+    if args.json:
+        print(json.dumps({"rows": comparison["rows"], **paths, "output": str(base)}, indent=2))
+        return 0
+    print(render_table(comparison["rows"]))
+    print(
+        f"\n{load.connections:,} connections, {load.active:,} active, "
+        f"{human_bytes(load.buffer_size)} buffers. IO-buffer memory: user memory committed to "
+        "reads at the end; x readiness: over the first row's."
+    )
+    print(f"report:   {paths['report']}\ntimeline: {paths['timeline']} (ui.perfetto.dev)")
+    print(f"traces:   {base}/<model>  (`idlebuf report DIR`, `idlebuf compare {base}`)")
+    return 0

@@ -1,0 +1,52 @@
+"""`idlebuf compare PATH...`: recordings side by side (no root needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from idlebuf.compare import comparison_of, render_table, write_reports
+from idlebuf.errors import IdlebufError
+from idlebuf.output import output_dir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="put recordings side by side: one row per recorded server",
+        description="Compare recordings made with `idlebuf record --memory` (one row per "
+        "process that did network reads), or the output directories of `idlebuf demo` and "
+        "`idlebuf sweep`. The first row is the baseline of the 'x readiness' ratio. "
+        "With --output, also writes an HTML report and a Perfetto timeline there.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="trace or demo directory")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument(
+        "-o", "--output", type=Path, metavar="DIR", help="write report.html and timeline.pftrace"
+    )
+    p.add_argument(
+        "--timeline-step",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds between time-series points of traces (default 0.5)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.timeline_step <= 0:
+        raise IdlebufError("--timeline-step must be positive")
+    comparison = comparison_of(args.paths, args.timeline_step)
+    paths = {}
+    if args.output:
+        title = "idlebuf: " + ", ".join(p.name for p in args.paths)
+        paths = write_reports(comparison, output_dir(args.output, ""), title)
+    if args.json:
+        print(json.dumps({"rows": comparison["rows"], **paths}, indent=2))
+        return 0
+    print(render_table(comparison["rows"]))
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return 0

@@ -1,0 +1,101 @@
+"""The IO models idlebuf compares: which workload runs each, and what it does with buffers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POOL_BUFFERS = 4  # the readiness and poll-first servers' shared pools
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    module: str
+    args: tuple[str, ...]
+    about: str  # one line, for progress and tables
+    explain: str  # a paragraph, for the HTML report
+    kind: str  # "readiness", "queued" or "mitigation"
+
+
+def models(active: int) -> list[Model]:
+    """Every model, the readiness baseline first. `active` sizes the provided-buffer ring."""
+    ring = str(max(8, 2 * active))
+    return [
+        Model(
+            "readiness-pool",
+            "workloads.epoll_server",
+            ("--buffers", "pool", "--pool-size", str(POOL_BUFFERS)),
+            "epoll; a buffer from a shared pool only while a socket is readable",
+            "The readiness model. The server waits in epoll_wait() for any socket to become "
+            "readable, takes a buffer from a small shared pool, reads what is there and gives "
+            "the buffer back. An idle connection costs no buffer at all: memory follows the "
+            "data that has arrived, not the connections open.",
+            "readiness",
+        ),
+        Model(
+            "readiness-retain",
+            "workloads.epoll_server",
+            ("--buffers", "retain"),
+            "epoll; each connection keeps its buffer after its first data",
+            "Readiness, as commonly written: epoll tells the server when to read, but each "
+            "connection allocates its buffer at its first data and keeps it. Connections that "
+            "never speak cost nothing; every connection that has spoken once keeps a buffer, "
+            "so the cost follows the connections that were ever active.",
+            "readiness",
+        ),
+        Model(
+            "queued-threads",
+            "workloads.threaded_server",
+            (),
+            "a thread per connection blocked in recv() into its own buffer",
+            "The queued model with threads: one thread per connection, blocked in recv() on "
+            "its own buffer. The kernel holds that read posted until data arrives, so every "
+            "open connection, idle or not, pins a buffer (and a thread stack).",
+            "queued",
+        ),
+        Model(
+            "queued-green",
+            "workloads.green_server",
+            (),
+            "green threads parked on readiness holding their buffers (Go-style)",
+            "Green threads, the way Go's runtime works: each connection's goroutine owns a "
+            "buffer and calls Read(); on EAGAIN the runtime parks it on the netpoller and "
+            "retries when the socket is readable. The kernel sees a readiness wait, but the "
+            "buffer stays committed to the parked read: the queued model's cost.",
+            "queued",
+        ),
+        Model(
+            "queued-uring",
+            "workloads.uring_server",
+            ("--op", "recv"),
+            "io_uring: one RECV with its own buffer posted per connection",
+            "io_uring completions: one RECV request posted per connection with its own buffer. "
+            "The request (and its buffer) stays in the kernel until data arrives, so every "
+            "idle connection pins a buffer.",
+            "queued",
+        ),
+        Model(
+            "uring-buffer-ring",
+            "workloads.uring_server",
+            ("--buffer-ring", ring),
+            "io_uring: multishot RECV taking buffers from a provided-buffer ring",
+            "A mitigation inside io_uring: each connection posts a multishot RECV that names a "
+            "provided-buffer ring instead of a buffer. The kernel picks a buffer only when data "
+            "arrives; the ring is sized for the active connections, not the open ones.",
+            "mitigation",
+        ),
+        Model(
+            "uring-poll-first",
+            "workloads.uring_server",
+            ("--poll-first", str(POOL_BUFFERS)),
+            "io_uring: POLL_ADD per connection, RECV into a pooled buffer once readable",
+            "The other io_uring mitigation: each connection posts a POLL_ADD, which holds no "
+            "buffer. When it fires the server posts a RECV into a buffer from a small pool and "
+            "returns the buffer at its completion: readiness, expressed in io_uring.",
+            "mitigation",
+        ),
+    ]
+
+
+def by_name(active: int = 0) -> dict[str, Model]:
+    return {m.name: m for m in models(active)}
