@@ -249,3 +249,34 @@ def process_peaks(timeline: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {"posted_peak": g["posted_reads"].max(), "pinned_peak": g["pinned_bytes"].max()}
     ).reset_index()
+
+
+def write_summary(writes: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFrame:
+    """Per pid, writes to sockets: pending now (began, not returned) and at peak, with the
+    bytes their buffers hold, and the writes that returned (bytes sent, failures)."""
+    columns = [
+        "pid",
+        "pending_writes",
+        "pending_write_bytes",
+        "pending_peak",
+        "pending_bytes_peak",
+        "writes_completed",
+        "bytes_sent",
+    ]
+    intervals = read_intervals(writes, completions)
+    if intervals.empty:
+        return pd.DataFrame(columns=columns)
+    pending = intervals[intervals["end_ns"].isna()]
+    done = intervals[intervals["ret"] > 0]
+    peaks = process_peaks(posted_timeline(intervals)).set_index("pid")
+    out = pd.DataFrame(
+        {
+            "pending_writes": pending.groupby("pid").size(),
+            "pending_write_bytes": pending.groupby("pid")["len"].sum(),
+            "pending_peak": peaks["posted_peak"],
+            "pending_bytes_peak": peaks["pinned_peak"],
+            "writes_completed": done.groupby("pid").size(),
+            "bytes_sent": done.groupby("pid")["ret"].sum(),
+        }
+    )
+    return out.fillna(0).astype("int64").reset_index(names="pid")[columns]

@@ -33,6 +33,7 @@ from analysis.reads import (
     process_peaks,
     read_intervals,
     read_summary,
+    write_summary,
 )
 from analysis.trace import Trace
 from probes.layout import Source
@@ -223,9 +224,16 @@ def summarize(
     # intermediate completions are buffer uses without a request pointer
     uses = trace["buffer_uses"]
     processes = trace["processes"].drop_duplicates("pid").set_index("pid")
+    writes = write_summary(trace["writes"], trace["write_completions"]).set_index("pid")
     waits_begun = trace["waits"].groupby("pid").size()
     waits_ended = trace["wait_ends"].groupby("pid").size()
-    pids = sorted(set(processes.index) | set(by_label["pid"]) | set(groups["pid"]) | set(memory))
+    pids = sorted(
+        set(processes.index)
+        | set(by_label["pid"])
+        | set(groups["pid"])
+        | set(memory)
+        | set(writes.index)
+    )
     out = []
     for pid in pids:
         rows = by_label[by_label["pid"] == pid]
@@ -257,6 +265,17 @@ def summarize(
                 "readiness_waits": {
                     "count": int(waits_begun.get(pid, 0)),
                     "now": int(waits_begun.get(pid, 0) - waits_ended.get(pid, 0)),
+                },
+                "writes": {
+                    k: int(writes[k].get(pid, 0))
+                    for k in (
+                        "pending_writes",
+                        "pending_write_bytes",
+                        "pending_peak",
+                        "pending_bytes_peak",
+                        "writes_completed",
+                        "bytes_sent",
+                    )
                 },
                 "reads_completed": totals["reads_completed"] + extra["reads_completed"],
                 "reads_failed": totals["reads_failed"],

@@ -68,6 +68,14 @@ def render_report(summary: dict[str, Any], title: str) -> str:
                 rows,
             )
         )
+        w = proc.get("writes", {})
+        if w.get("pending_peak"):
+            out.append(
+                f"writes to sockets: {w['pending_writes']:,} pending now holding "
+                f"{human_bytes(w['pending_write_bytes'])} (peak {w['pending_peak']:,}, "
+                f"{human_bytes(w['pending_bytes_peak'])}); {w['writes_completed']:,} returned, "
+                f"{human_bytes(w['bytes_sent'])} sent"
+            )
         if proc.get("memory"):
             out.append("")
             out.append(render_memory(proc["memory"], summary.get("idle_threshold_s", 1.0)))

@@ -42,6 +42,8 @@ class Kind(IntEnum):
     UNMAP = 9  # munmap: addr, value = length
     WAIT = 10  # a readiness wait began: op = WaitCall, fd = epoll fd or -1, value = watched
     WAIT_END = 11  # it returned: value = ready count or -errno
+    WRITE_POST = 12  # a write to a socket began: its buffer is held until the call returns
+    WRITE_COMPLETE = 13  # that write returned (bytes or -errno)
 
 
 class Source(IntEnum):
@@ -127,6 +129,7 @@ class PostFlag(IntEnum):
     MULTISHOT = 64  # uring: stays posted across completions until the final one
     FIXED_BUFFER = 128  # uring: READ_FIXED into a registered buffer
     BUNDLE = 256  # uring: a recv bundle (several provided buffers per completion)
+    WRITE = 512  # a write to a socket (writes table), not a read
 
 
 class GroupKind(IntEnum):
@@ -287,6 +290,15 @@ COMPLETIONS = Table(
         _wire("ring"),
         _wire("cqe_flags", "flags"),
     ),
+)
+
+# The write side, recorded the same way: a blocked send() holds its buffer like a posted read.
+WRITES = Table(
+    "writes", tuple(c for c in POSTS.columns if c.name not in ("ring", "user_data", "group"))
+)
+WRITE_COMPLETIONS = Table(
+    "write_completions",
+    tuple(c for c in COMPLETIONS.columns if c.name not in ("ring", "cqe_flags")),
 )
 
 BUFFER_USES = Table(
@@ -463,6 +475,8 @@ TABLES: dict[str, Table] = {
     for t in (
         POSTS,
         COMPLETIONS,
+        WRITES,
+        WRITE_COMPLETIONS,
         BUFFER_USES,
         BUFFER_GROUPS,
         BUFFER_RINGS,
@@ -491,6 +505,8 @@ TABLE_OF_KIND: dict[Kind, Table] = {
     Kind.UNMAP: UNMAPS,
     Kind.WAIT: WAITS,
     Kind.WAIT_END: WAIT_ENDS,
+    Kind.WRITE_POST: WRITES,
+    Kind.WRITE_COMPLETE: WRITE_COMPLETIONS,
 }
 
 # io_uring opcodes that read into a buffer (enum io_uring_op; values checked against BTF).
@@ -515,7 +531,9 @@ SYSCALLS: dict[str, int] = {
     "recvmmsg": 299,
     "preadv2": 327,
 }
-SYSCALL_NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
+# Syscalls whose writes to sockets are traced (pending write bytes), x86_64 numbers.
+WRITE_SYSCALLS: dict[str, int] = {"write": 1, "writev": 20, "sendto": 44, "sendmsg": 46}
+SYSCALL_NAMES: dict[int, str] = {nr: name for name, nr in (SYSCALLS | WRITE_SYSCALLS).items()}
 
 
 def c_header() -> str:
@@ -525,7 +543,7 @@ def c_header() -> str:
     consts += [f"#define CNT_{c.name} {c.value}" for c in Counter]
     consts += [f"#define N_COUNTERS {len(Counter)}"]
     consts += [f"#define FLAG_{p.name} {p.value}" for p in PostFlag]
-    consts += [f"#define NR_{name} {nr}" for name, nr in SYSCALLS.items()]
+    consts += [f"#define NR_{name} {nr}" for name, nr in (SYSCALLS | WRITE_SYSCALLS).items()]
     consts += [f"#define URING_OP_{name} {nr}" for name, nr in URING_READ_OPS.items()]
     consts += [f"#define URING_OP_PROVIDE_BUFFERS {URING_PROVIDE_BUFFERS}"]
     consts += [f"#define GROUP_{g.name} {g.value}" for g in GroupKind]

@@ -180,7 +180,7 @@ static __always_inline int read_returned(long ret)
     struct inflight *found = inflight.lookup(&key);
     struct inflight r;
 
-    if (!found)
+    if (!found || (found->flags & FLAG_WRITE))
         return 0;
     r = *found;
     inflight.delete(&key);
@@ -245,6 +245,79 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg)
         sum_iov(&r, m.iov, m.iovlen);
     return read_posted(&r);
 }
+
+/* Writes to sockets: a blocking send() into a full socket buffer holds its buffer, pending,
+ * the way a posted read does. Same in-flight table (a thread is in one syscall at a time). */
+static __always_inline int write_posted(struct inflight *r)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u64 key = (u32)id;
+
+    if (!fd_is_socket(r->fd))
+        return 0;
+    r->ts_ns = bpf_ktime_get_ns();
+    r->flags |= FLAG_WRITE;
+    if (inflight.update(&key, r)) {
+        count(CNT_INFLIGHT_FULL);
+        return 0;
+    }
+    emit(KIND_WRITE_POST, key, id >> 32, r, (s64)r->len);
+    return 0;
+}
+
+static __always_inline int write_returned(long ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u64 key = (u32)id;
+    struct inflight *found = inflight.lookup(&key);
+    struct inflight r;
+
+    if (!found || !(found->flags & FLAG_WRITE))
+        return 0;
+    r = *found;
+    inflight.delete(&key);
+    emit(KIND_WRITE_COMPLETE, key, id >> 32, &r, ret);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write)
+{
+    TARGET_ONLY();
+    struct inflight r = {.fd = args->fd, .addr = (u64)args->buf, .len = args->count,
+                         .op = NR_write};
+    return write_posted(&r);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+    TARGET_ONLY();
+    struct inflight r = {.fd = args->fd, .addr = (u64)args->buff, .len = args->len,
+                         .op = NR_sendto};
+    return write_posted(&r);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_writev)
+{
+    TARGET_ONLY();
+    struct inflight r = {.fd = args->fd, .op = NR_writev};
+    sum_iov(&r, (const struct iovec *)args->vec, args->vlen);
+    return write_posted(&r);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{
+    TARGET_ONLY();
+    struct inflight r = {.fd = args->fd, .op = NR_sendmsg};
+    struct msghdr_u m = {};
+    if (bpf_probe_read_user(&m, sizeof(m), (void *)args->msg) == 0)
+        sum_iov(&r, m.iov, m.iovlen);
+    return write_posted(&r);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return write_returned(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return write_returned(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return write_returned(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return write_returned(args->ret); }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { return read_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return read_returned(args->ret); }
