@@ -77,6 +77,17 @@ def buffer_attribution(reads: pd.DataFrame, allocations: pd.DataFrame) -> pd.Dat
     return out
 
 
+def write_buffer_heap(writes: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
+    """Per pid, the allocations still live that some write to a socket sent from, each once:
+    the memory a program keeps to produce what it writes (a chunk per connection, or one)."""
+    if writes.empty:
+        return pd.DataFrame(columns=["pid", "allocations", "bytes"])
+    held = buffer_attribution(writes, live)
+    held = held[held["alloc_size"] > 0].drop_duplicates(["pid", "alloc_addr"])
+    g = held.groupby("pid")
+    return pd.DataFrame({"allocations": g.size(), "bytes": g["alloc_size"].sum()}).reset_index()
+
+
 def connection_activity(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per (pid, fd): when it was first seen and when data last arrived on it (NaN: never)."""
     if intervals.empty:

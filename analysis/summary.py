@@ -24,6 +24,7 @@ from analysis.memory import (
     rss_now_and_peak,
     timeline_edges,
     with_residency,
+    write_buffer_heap,
 )
 from analysis.reads import (
     SUMMARY_COUNTS,
@@ -93,6 +94,7 @@ def memory_by_process(
     )
     retained["resident_bytes"] = with_residency(retained, residency, "last_data").fillna(0)
     rss = rss_now_and_peak(trace["rss"]).set_index("pid")
+    write_heap = write_buffer_heap(trace["writes"], live).set_index("pid")
     connections = connection_table(
         reads, trace["sockets"], retained, end_ns, int(idle_threshold_s * 1e9)
     )
@@ -125,6 +127,10 @@ def memory_by_process(
                 }
                 for r in sites[sites["pid"] == pid].to_dict("records")
             ],
+            "write_buffer_heap": {
+                "allocations": int(write_heap["allocations"].get(pid, 0)),
+                "bytes": int(write_heap["bytes"].get(pid, 0)),
+            },
             "held_data_buffers": {
                 "buffers": int((held["pid"] == pid).sum()),
                 "bytes": int(held.loc[held["pid"] == pid, "attributed_bytes"].sum()),

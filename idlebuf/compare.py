@@ -88,14 +88,17 @@ def model_row(
         "rss_bytes": memory["rss"]["now"],
         "socket_kernel_bytes": memory["socket_kernel_bytes"],
         "per_idle_connection_bytes": round(memory["per_idle_connection"]["bytes"]),
+        "pending_writes": proc["writes"]["pending_writes"],
+        "pending_write_bytes": proc["writes"]["pending_write_bytes"],
+        "write_buffer_heap": memory["write_buffer_heap"]["bytes"],
     }
 
 
-def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's IO-buffer memory over the first row's (the readiness baseline)."""
-    baseline = rows[0]["io_buffer_heap"] if rows else 0
+def with_ratios(rows: list[dict[str, Any]], key: str = "io_buffer_heap") -> list[dict[str, Any]]:
+    """Each row's IO-buffer memory (or `key`) over the first row's (the readiness baseline)."""
+    baseline = rows[0][key] if rows else 0
     for row in rows:
-        row["ratio_to_readiness"] = round(row["io_buffer_heap"] / max(baseline, 1), 1)
+        row["ratio_to_readiness"] = round(row[key] / max(baseline, 1), 1)
     return rows
 
 
@@ -140,7 +143,8 @@ def record_model(
     try:
         listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
         ready_ns = time.monotonic_ns()  # the trace's clock: RSS growth is counted from here
-        generator = spawn("workloads.loadgen", *loadgen_args(load, listening["port"]))
+        client = loadgen_args if model.client == "workloads.loadgen" else push_client_args
+        generator = spawn(model.client, *client(load, listening["port"]))
         connected = read_event(generator.stdout, "connected", 120)  # type: ignore[arg-type]
         progress(f"{connected['connections']:,} connections open, recording")
         out, err = recorder.communicate(timeout=load.duration + 180)
@@ -193,6 +197,24 @@ def loadgen_args(load: Load, port: int) -> list[str]:
     ]
 
 
+def push_client_args(load: Load, port: int) -> list[str]:
+    return [
+        *(("--netns", load.netns, "--host", NETNS_SERVER) if load.netns else ()),
+        "--port",
+        str(port),
+        "--connections",
+        str(load.connections),
+        "--active",
+        str(load.active),
+        "--rate",
+        str(4 * load.buffer_size),  # bytes/s per active reader
+        "--duration",
+        str(max(0.5, load.duration - 1)),
+        "--hold",
+        "120",
+    ]
+
+
 NETNS_SERVER = "10.231.0.1"  # the server's side of the veth pair the load generator is behind
 
 
@@ -201,9 +223,10 @@ def run_comparison(
     chosen: Sequence[Model],
     base: Path,
     progress: Callable[[int, Model, str], None] = lambda *_: None,
+    ratio_of: str = "io_buffer_heap",
 ) -> dict[str, Any]:
     """Record every chosen model under `load` into base/<model>; the comparison dict (also
-    written to base/comparison.json)."""
+    written to base/comparison.json). Ratios are of `ratio_of` to the first model's."""
     comparison: dict[str, Any] = {
         "scenario": asdict(load),
         "rows": [],
@@ -218,7 +241,7 @@ def run_comparison(
             load,
             lambda line, i=i, model=model: progress(i, model, line),  # type: ignore[misc]
         )
-        comparison["rows"] = with_ratios([*comparison["rows"], row])
+        comparison["rows"] = with_ratios([*comparison["rows"], row], ratio_of)
         comparison["timelines"][model.name] = series
         comparison["models"][model.name] = {
             "about": model.about,
@@ -265,6 +288,36 @@ def comparison_of(paths: Sequence[Path], timeline_s: float = 0.5) -> dict[str, A
             rows.append({**model_row(trace, summary, pid, name), "trace": str(path)})
             timelines[name] = pid_timeline(summary, pid)
     return {"scenario": None, "rows": with_ratios(rows), "timelines": timelines, "models": models}
+
+
+def render_push_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        [
+            "model",
+            "conns",
+            "active",
+            "pending writes",
+            "pending bytes",
+            "write-buffer memory",
+            "RSS growth",
+            "socket mem",
+            "x readiness",
+        ],
+        [
+            [
+                r["model"],
+                f"{r['connections']:,}",
+                f"{r['active']:,}",
+                f"{r['pending_writes']:,}",
+                human_bytes(r["pending_write_bytes"]),
+                human_bytes(r["write_buffer_heap"]),
+                human_bytes(r["rss_growth"]),
+                human_bytes(r["socket_kernel_bytes"]),
+                f"{r['ratio_to_readiness']:g}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:

@@ -43,16 +43,27 @@ GLOSSARY = (
 )
 
 
+WRITE_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("pending_writes", "pending writes", lambda v: f"{v:,}"),
+    ("pending_write_bytes", "pending write bytes", human_bytes),
+    ("write_buffer_heap", "write-buffer memory", human_bytes),
+]
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
+    columns = COLUMNS[:-1]
+    if any(r.get("pending_writes") or r.get("write_buffer_heap") for r in rows):
+        columns += WRITE_COLUMNS  # the write side was exercised: show it
+    columns.append(COLUMNS[-1])
     head = "".join(
         f'<th class="{"" if key == "model" else "num"}">{escape(title)}</th>'
-        for key, title, _ in COLUMNS
+        for key, title, _ in columns
     )
     body = "".join(
         "<tr>"
         + "".join(
-            f'<td class="{"" if key == "model" else "num"}">{escape(fmt(row[key]))}</td>'
-            for key, _, fmt in COLUMNS
+            f'<td class="{"" if key == "model" else "num"}">{escape(fmt(row.get(key, 0)))}</td>'
+            for key, _, fmt in columns
         )
         + "</tr>"
         for row in rows

@@ -15,6 +15,7 @@ class Model:
     about: str  # one line, for progress and tables
     explain: str  # a paragraph, for the HTML report
     kind: str  # "readiness", "queued" or "mitigation"
+    client: str = "workloads.loadgen"  # what drives it: the echo load generator, or slow readers
 
 
 def models(active: int) -> list[Model]:
@@ -97,5 +98,29 @@ def models(active: int) -> list[Model]:
     ]
 
 
-def by_name(active: int = 0) -> dict[str, Model]:
-    return {m.name: m for m in models(active)}
+def push_models() -> list[Model]:
+    """The write side: a server streaming lazily produced data to mostly stalled readers."""
+    return [
+        Model(
+            "push-readiness",
+            "workloads.push_server",
+            ("--model", "readiness"),
+            "epoll for EPOLLOUT; a chunk produced into one buffer only when writable",
+            "Readiness for writes: the server waits for a socket to become writable, produces "
+            "a chunk into one shared buffer and sends what fits without blocking. A reader "
+            "that stops reading costs the server nothing but its socket's queue.",
+            "readiness",
+            "workloads.push_client",
+        ),
+        Model(
+            "push-queued",
+            "workloads.push_server",
+            ("--model", "queued"),
+            "a thread per connection pre-fills a chunk and blocks in send()",
+            "Queued writes: each connection's thread produces its next chunk ahead of time and "
+            "blocks in send() until the reader takes it. Every stalled reader holds a whole "
+            "chunk of user memory pending in a write, on top of the socket's queue.",
+            "queued",
+            "workloads.push_client",
+        ),
+    ]

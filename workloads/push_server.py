@@ -76,6 +76,7 @@ class Queued:
             conn.close()
 
     def run(self, listener: socket.socket, stopping: list[bool]) -> None:
+        listener.setblocking(False)  # accept_pending takes connections until none is waiting
         while not stopping[0]:
             try:
                 ready, _, _ = select.select([listener], [], [], 1.0)
@@ -166,13 +167,16 @@ class Readiness:
 def main() -> None:
     parser: argparse.ArgumentParser = server_parser(__doc__ or "")
     parser.add_argument("--model", choices=["queued", "readiness"], default="queued")
-    parser.add_argument("--chunk", type=int, default=65536, help="bytes produced at a time")
+    parser.add_argument(
+        "--chunk", type=int, help="bytes produced at a time (default: --buffer-size)"
+    )
     parser.add_argument(
         "--sndbuf", type=int, default=16384, help="SO_SNDBUF of each connection (bytes)"
     )
     args = parser.parse_args()
     raise_fd_limit()
-    server = (Queued if args.model == "queued" else Readiness)(args.chunk, args.sndbuf)
+    chunk = args.chunk or args.buffer_size
+    server = (Queued if args.model == "queued" else Readiness)(chunk, args.sndbuf)
     serve(server, listen(args.host, args.port), model=f"push-{args.model}")
 
 

@@ -10,9 +10,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from idlebuf.compare import Load, render_table, run_comparison, write_reports
+from idlebuf.compare import (
+    Load,
+    render_push_table,
+    render_table,
+    run_comparison,
+    write_reports,
+)
 from idlebuf.errors import IdlebufError
-from idlebuf.models import Model, models
+from idlebuf.models import Model, models, push_models
 from idlebuf.output import output_dir
 from idlebuf.render import human_bytes
 from probes.recorder import check_machine
@@ -44,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         + ", ".join(m.name for m in models(0)),
     )
     p.add_argument(
+        "--push",
+        action="store_true",
+        help="the write side instead: a server streaming to mostly stalled readers, queued "
+        "(a thread blocked in send() per connection) against readiness (EPOLLOUT)",
+    )
+    p.add_argument(
         "--netns",
         action="store_true",
         help="run the load generator in its own network namespace (a separate host)",
@@ -63,8 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def chosen_models(spec: str | None, active: int) -> list[Model]:
-    available = models(active)
+def chosen_models(spec: str | None, active: int, push: bool = False) -> list[Model]:
+    available = push_models() if push else models(active)
     if not spec:
         return available
     names = {m.name: m for m in available}
@@ -115,7 +127,7 @@ class Progress:
 
 def run(args: argparse.Namespace) -> int:
     load = validate(args)
-    chosen = chosen_models(args.models, load.active)
+    chosen = chosen_models(args.models, load.active, args.push)
     check_machine()
     base = output_dir(Path(args.output) if args.output else None, "idlebuf-demo-")
     progress = Progress(len(chosen))
@@ -131,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
             load = replace(load, netns=stack.enter_context(client_namespace()))
         try:
-            comparison = run_comparison(load, chosen, base, progress)
+            ratio_of = "write_buffer_heap" if args.push else "io_buffer_heap"
+            comparison = run_comparison(load, chosen, base, progress, ratio_of)
         except KeyboardInterrupt:
             print(
                 f"\ndemo: interrupted; the models recorded so far are in {base} "
@@ -139,17 +152,27 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             raise
-    title = f"idlebuf: {load.connections:,} connections, {load.active:,} active, every IO model"
+    title = f"idlebuf: {load.connections:,} connections, {load.active:,} active, " + (
+        "pushing to slow readers" if args.push else "every IO model"
+    )
     paths = write_reports(comparison, base, title)
     if args.json:
         print(json.dumps({"rows": comparison["rows"], **paths, "output": str(base)}, indent=2))
         return 0
-    print(render_table(comparison["rows"]))
-    print(
-        f"\n{load.connections:,} connections, {load.active:,} active, "
-        f"{human_bytes(load.buffer_size)} buffers. IO-buffer memory: user memory committed to "
-        "reads at the end; x readiness: over the first row's."
-    )
+    if args.push:
+        print(render_push_table(comparison["rows"]))
+        print(
+            f"\n{load.connections:,} connections, {load.active:,} reading, "
+            f"{human_bytes(load.buffer_size)} chunks. Write-buffer memory: live allocations "
+            "that writes were sent from; x readiness: over the first row's."
+        )
+    else:
+        print(render_table(comparison["rows"]))
+        print(
+            f"\n{load.connections:,} connections, {load.active:,} active, "
+            f"{human_bytes(load.buffer_size)} buffers. IO-buffer memory: user memory committed "
+            "to reads at the end; x readiness: over the first row's."
+        )
     print(f"report:   {paths['report']}\ntimeline: {paths['timeline']} (ui.perfetto.dev)")
     print(f"traces:   {base}/<model>  (`idlebuf report DIR`, `idlebuf compare {base}`)")
     return 0

@@ -105,3 +105,32 @@ def test_report_and_timeline_show_every_model(demo: dict[str, Any]) -> None:
     for name, process in timeline.items():
         assert process.pid == rows[name]["pid"]
         assert process.counters["posted reads"][-1][1] == rows[name]["posted_reads"]
+
+
+def test_push_side_by_side(tmp_path: Path) -> None:
+    """The write side at 23 connections, 3 reading: the queued server ends with every
+    connection's thread blocked in send() on its own chunk, the readiness server with none."""
+    connections, active = 23, 3
+    done = idlebuf(
+        "demo",
+        "--push",
+        "--json",
+        *("--connections", str(connections), "--active", str(active / connections)),
+        *("--duration", "2", "-o", str(tmp_path / "push")),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {r["model"]: r for r in json.loads(done.stdout)["rows"]}
+    assert list(rows) == ["push-readiness", "push-queued"]
+    for name, row in rows.items():
+        truth = row["ground_truth"]
+        assert (row["pending_writes"], row["pending_write_bytes"]) == (
+            truth["pending_writes"],
+            truth["pending_write_bytes"],
+        ), name
+    queued, ready = rows["push-queued"], rows["push-readiness"]
+    assert queued["pending_writes"] == connections
+    # a chunk per connection (bytearray asks malloc for a byte more), against one
+    assert connections * BUFFER <= queued["write_buffer_heap"] <= connections * (BUFFER + 64)
+    assert BUFFER <= ready["write_buffer_heap"] <= BUFFER + 64
+    assert ready["pending_writes"] == 0 and queued["ratio_to_readiness"] >= 10
