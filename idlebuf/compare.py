@@ -23,7 +23,7 @@ from analysis.summary import summarize
 from analysis.trace import Trace, open_trace
 from idlebuf.errors import IdlebufError
 from idlebuf.models import Model
-from idlebuf.output import write_file
+from idlebuf.output import output_dir, write_file
 from idlebuf.render import human_bytes, table
 from idlebuf.scenario import read_event, spawn, stop
 
@@ -141,7 +141,12 @@ def record_model(
     )
     generator = None
     try:
-        listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
+        try:
+            listening = read_event(recorder.stdout, "listening", 60)  # type: ignore[arg-type]
+        except IdlebufError:
+            stop(recorder)
+            why = recorder.stderr.read().decode().strip() if recorder.stderr else ""
+            raise IdlebufError(f"recording {model.name} did not start: {why}") from None
         ready_ns = time.monotonic_ns()  # the trace's clock: RSS growth is counted from here
         client = loadgen_args if model.client == "workloads.loadgen" else push_client_args
         generator = spawn(model.client, *client(load, listening["port"]))
@@ -227,6 +232,7 @@ def run_comparison(
 ) -> dict[str, Any]:
     """Record every chosen model under `load` into base/<model>; the comparison dict (also
     written to base/comparison.json). Ratios are of `ratio_of` to the first model's."""
+    output_dir(base, "")
     comparison: dict[str, Any] = {
         "scenario": asdict(load),
         "rows": [],

@@ -8,6 +8,7 @@ buffer. Each socket holds 768 bytes of kernel memory.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,18 @@ def test_bad_inputs_get_one_line(tmp_path: Path) -> None:
     (broken / "comparison.json").write_text("{not json")
     done = idlebuf("compare", str(broken))
     assert done.returncode != 0 and "not a comparison idlebuf wrote" in done.stderr
+
+
+def test_demo_and_sweep_refuse_in_one_line(tmp_path: Path) -> None:
+    done = idlebuf("demo", "--models", "nosuch")
+    assert done.returncode != 0 and "unknown model 'nosuch'" in done.stderr
+    done = idlebuf("demo", "--active", "1.5")
+    assert done.returncode != 0 and "between 0 and 1" in done.stderr
+    done = idlebuf("sweep", "--connections", "10,x")
+    assert done.returncode != 0 and "not a list of numbers" in done.stderr
+    if os.geteuid() == 0:  # as nobody: refused before any server starts
+        tmp_path.chmod(0o777)
+        done = idlebuf("demo", "-o", str(tmp_path / "d"), preexec_fn=lambda: os.setuid(65534))
+        assert done.returncode != 0 and "needs root" in done.stderr, done.stderr
+        assert not (tmp_path / "d").exists()
+    assert "Traceback" not in done.stderr
