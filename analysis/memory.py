@@ -270,6 +270,8 @@ TIMELINE_COLUMNS = [
     "socket_kernel_bytes",
     "connections_open",
     "idle_connections",
+    "pending_writes",
+    "pending_write_bytes",
 ]
 
 
@@ -288,10 +290,12 @@ def process_timeline(
     end_ns: int,
     resolution_ns: int,
     buffers: pd.DataFrame | None = None,
+    pending_writes: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per pid, the state at the end of every `resolution_ns` step from start to end.
 
-    `buffers`, if given, is buffer_timeline()'s output for the same edges (see timeline_edges).
+    `buffers`, if given, is buffer_timeline()'s output for the same edges (see timeline_edges);
+    `pending_writes` is posted_timeline() of the writes to sockets.
 
     `posted` is posted_timeline()'s output; the heap is the tracked allocations live; RSS the
     last address space's resident counters; socket figures come from the last sample taken.
@@ -348,6 +352,12 @@ def process_timeline(
         steps.append(at_edges(posted, "pinned_bytes"))
     if buffers is not None and not buffers.empty:
         steps.append(buffers)
+    if pending_writes is not None and not pending_writes.empty:
+        w = pending_writes.rename(
+            columns={"posted_reads": "pending_writes", "pinned_bytes": "pending_write_bytes"}
+        )
+        steps.append(at_edges(w, "pending_writes"))
+        steps.append(at_edges(w, "pending_write_bytes"))
     if not steps:
         return pd.DataFrame(columns=TIMELINE_COLUMNS)
     out = steps[0]

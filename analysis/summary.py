@@ -203,6 +203,7 @@ def timeline(
         end,
         resolution,
         buffers,
+        posted_timeline(read_intervals(trace["writes"], trace["write_completions"])),
     )
     return [
         {str(k): (float(v) if k == "t_s" else int(v)) for k, v in row.items()}

@@ -16,6 +16,7 @@ SERIES: list[tuple[str, str, Callable[[float], str]]] = [
     ("io_buffer_heap_bytes", "IO-buffer heap (posted or parked reads' allocations)", human_bytes),
     ("rss_bytes", "Resident set size", human_bytes),
     ("socket_kernel_bytes", "Kernel socket memory", human_bytes),
+    ("pending_write_bytes", "Bytes held by pending writes", human_bytes),
 ]
 
 COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
@@ -107,8 +108,11 @@ def comparison_html(comparison: dict[str, Any], title: str = "idlebuf: IO models
             ],
             fmt,
             "seconds since the recording started",
+            binary=fmt is human_bytes,
         )
         for column, name, fmt in SERIES
+        # a series no model ever moved (the write side of a read-only scenario) is left out
+        if any(p.get(column) for points in timelines.values() for p in points)
     ]
     cost = bar_chart(
         "Cost per idle connection (user buffers + kernel socket memory)",

@@ -25,6 +25,8 @@ COUNTERS = [
     ("rss_bytes", "RSS", CounterDescriptor.UNIT_SIZE_BYTES),
     ("socket_kernel_bytes", "socket memory", CounterDescriptor.UNIT_SIZE_BYTES),
     ("idle_connections", "idle connections", CounterDescriptor.UNIT_COUNT),
+    ("pending_writes", "pending writes", CounterDescriptor.UNIT_COUNT),
+    ("pending_write_bytes", "pending write bytes", CounterDescriptor.UNIT_SIZE_BYTES),
 ]
 
 

@@ -19,13 +19,14 @@ LEFT, RIGHT, TOP, BOTTOM = 78, 170, 30, 42
 Series = tuple[str, Sequence[float], Sequence[float]]  # (label, xs, ys)
 
 
-def nice_ticks(top: float, count: int = 4) -> list[float]:
-    """Round tick values from 0 to at least `top`."""
+def nice_ticks(top: float, count: int = 4, binary: bool = False) -> list[float]:
+    """Round tick values from 0 to at least `top` (round in KiB/MiB/GiB when `binary`)."""
     if top <= 0:
         return [0.0, 1.0]
-    raw = top / count
+    unit = 1024 ** max(0, math.floor(math.log(top, 1024))) if binary else 1
+    raw = top / unit / count
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw) * unit
     return [i * step for i in range(math.ceil(top / step) + 1)]
 
 
@@ -49,12 +50,14 @@ def line_chart(
     x_format: Callable[[float], str] = lambda x: f"{x:g}",
     markers: bool = False,
     caption: str = "",
+    binary: bool = False,
 ) -> str:
-    """One line per series, sharing axes that start at zero; a legend on the right."""
+    """One line per series, sharing axes that start at zero; a legend on the right.
+    `binary`: the values are bytes, ticked at round KiB/MiB/GiB."""
     xs = [x for _, sx, _ in series for x in sx]
     ys = [y for _, _, sy in series for y in sy]
     x_ticks = nice_ticks(max(xs, default=1))
-    y_ticks = nice_ticks(max(ys, default=1))
+    y_ticks = nice_ticks(max(ys, default=1), binary=binary)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def px(x: float) -> float:

@@ -92,7 +92,7 @@ def run_sweep(
 
 def render_fits(sweep: dict[str, Any]) -> str:
     def fmt(v: float) -> str:
-        return "-" if np.isnan(v) else human_bytes(v)
+        return "-" if np.isnan(v) else human_bytes(round(v))  # round: no "-0 B"
 
     return table(
         ["model", "per idle connection", "per active connection", "fixed", "R^2", "points"],
@@ -142,6 +142,7 @@ def sweep_html(sweep: dict[str, Any]) -> str:
             "connections",
             lambda v: f"{v:,.0f}",
             markers=True,
+            binary=True,
         )
         for f in fractions
     ]
@@ -154,11 +155,12 @@ def sweep_html(sweep: dict[str, Any]) -> str:
                 "active fraction",
                 lambda v: f"{v:.0%}",
                 markers=True,
+                binary=True,
             )
         )
 
     def fmt(v: float) -> str:
-        return "-" if np.isnan(v) else escape(human_bytes(v))
+        return "-" if np.isnan(v) else escape(human_bytes(round(v)))
 
     fits = "".join(
         f"<tr><td>{escape(name)}</td><td class='num'>{fmt(f['per_idle_connection_bytes'])}</td>"

@@ -120,8 +120,13 @@ def test_push_side_by_side(tmp_path: Path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    rows = {r["model"]: r for r in json.loads(done.stdout)["rows"]}
+    result = json.loads(done.stdout)
+    rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["push-readiness", "push-queued"]
+    timeline = read_timeline(Path(result["timeline"]))
+    assert timeline["push-queued"].counters["pending writes"][-1][1] == connections
+    report = read_report(Path(result["report"]))
+    assert set(report.charts["Bytes held by pending writes"]) == set(rows)
     for name, row in rows.items():
         truth = row["ground_truth"]
         assert (row["pending_writes"], row["pending_write_bytes"]) == (
