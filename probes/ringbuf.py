@@ -72,9 +72,14 @@ class RingBufferConsumer:
         sizes = lengths & ~np.uint32(_DISCARD)
         if nslots and not np.all(sizes == self._record.itemsize):
             raise RuntimeError("ring buffer holds a record of an unexpected size")
-        out = slots["payload"][(lengths & _DISCARD) == 0].copy()
+        # Copy the payloads out as rows of bytes (a plain strided copy: copying the structured
+        # field is ~20x slower), dropping discarded records, then view them as records.
+        raw = self._data[start : start + nslots * self._slot].reshape(nslots, self._slot)
+        payload = raw[:, _HDR : _HDR + self._record.itemsize]
+        discarded = (lengths & _DISCARD) != 0
+        out = (payload[~discarded] if discarded.any() else payload).copy()
         self._cons[0] = cons + nslots * self._slot  # release the space to the producer
-        return out
+        return out.view(self._record).reshape(-1)
 
     def close(self) -> None:
         self._epoll.close()

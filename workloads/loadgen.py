@@ -55,9 +55,17 @@ def _exchange(
             stats["requests"] += 1
             stats["bytes_sent"] += size
             stats["bytes_received"] += got
+            stats["latencies"].append(time.monotonic() - started)
         pause = interval - (time.monotonic() - started)
         if pause > 0:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank); 0 for none."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
 def main() -> None:
@@ -127,7 +135,7 @@ def main() -> None:
 
     if args.wait_start:
         os.read(0, 64)  # "go\n" from whoever drives the experiment (or EOF)
-    stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0}
+    stats: dict[str, Any] = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "latencies": []}
     lock = threading.Lock()
     deadline = time.monotonic() + args.duration
     workers = [
@@ -138,10 +146,13 @@ def main() -> None:
         )
         for s in conns[:active]
     ]
+    started = time.monotonic()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    elapsed = time.monotonic() - started
+    latencies = sorted(stats.pop("latencies"))
     emit(
         {
             "event": "done",
@@ -150,6 +161,13 @@ def main() -> None:
             "messages_per_active": args.messages,
             "size": args.size,
             **stats,
+            "elapsed_s": elapsed,
+            "requests_per_s": stats["requests"] / elapsed if elapsed > 0 else 0.0,
+            "latency_us": {
+                "p50": percentile(latencies, 0.50) * 1e6,
+                "p99": percentile(latencies, 0.99) * 1e6,
+                "max": (latencies[-1] if latencies else 0.0) * 1e6,
+            },
         }
     )
 

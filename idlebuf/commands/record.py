@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import mmap
 import sys
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "allocator probes cost ~1 us per call",
     )
     p.add_argument(
+        "--ring-buffer",
+        type=int,
+        default=16,
+        metavar="MIB",
+        help="kernel ring buffer size, a power of two (default 16: ~190k events of slack; "
+        "more absorbs longer bursts when the recorder is starved of CPU)",
+    )
+    p.add_argument(
         "--print-bpf",
         action="store_true",
         help="print the BPF C program as it would be compiled here, and exit",
@@ -91,8 +100,14 @@ def run(args: argparse.Namespace) -> int:
         raise IdlebufError("--duration must be positive")
     if args.min_alloc < 1 or args.sample < 1:
         raise IdlebufError("--min-alloc and --sample must be at least 1")
+    mib = args.ring_buffer
+    if mib < 1 or mib & (mib - 1) or mib > 1024:
+        raise IdlebufError("--ring-buffer must be a power of two MiB, from 1 to 1024")
     options = ReadProbeOptions(
-        memory=args.memory, min_alloc=args.min_alloc, sample_every=args.sample
+        memory=args.memory,
+        min_alloc=args.min_alloc,
+        sample_every=args.sample,
+        ringbuf_pages=mib * (1 << 20) // mmap.PAGESIZE,
     )
     config = RecordConfig(
         output=args.output,
