@@ -457,6 +457,39 @@ def buffer_sites(
     return out.groupby("pid").head(top)[cols].reset_index(drop=True)
 
 
+def _idle_at_edges(
+    reads: pd.DataFrame,
+    first: pd.Series,
+    closed: pd.Series,
+    edges: np.ndarray,
+    idle_threshold_ns: int,
+) -> pd.DataFrame:
+    """Idle connections per pid (rows) at each edge (columns): open then (first seen at or
+    before it, not closed before it) and no data for the threshold. Vectorized over
+    connections x edges: the last arrival at or before each edge is the running maximum of
+    the arrivals binned by edge."""
+    if first.empty:
+        return pd.DataFrame()
+    n, m = len(first), len(edges)
+    arrivals = reads[reads["ret"] > 0]
+    codes = first.index.get_indexer(pd.MultiIndex.from_arrays([arrivals["pid"], arrivals["fd"]]))
+    bins = np.searchsorted(edges, arrivals["end_ns"].to_numpy(np.float64), side="left")
+    keep = (codes >= 0) & (bins < m)
+    binned = (
+        pd.DataFrame({"c": codes[keep], "b": bins[keep], "t": arrivals["end_ns"].to_numpy()[keep]})
+        .groupby(["c", "b"])["t"]
+        .max()
+    )
+    last = np.full((n, m), -np.inf)
+    last[binned.index.get_level_values("c"), binned.index.get_level_values("b")] = binned
+    last = np.maximum.accumulate(last, axis=1)
+    opened = first.to_numpy(np.float64)[:, None]
+    since = np.where(np.isfinite(last), last, opened)
+    seen = (opened <= edges) & (closed.to_numpy(np.float64)[:, None] >= edges)
+    idle = seen & (edges[None, :] - since >= idle_threshold_ns)
+    return pd.DataFrame(idle, index=first.index.get_level_values("pid")).groupby(level=0).sum()
+
+
 def buffer_timeline(
     reads: pd.DataFrame,
     allocations: pd.DataFrame,
@@ -481,16 +514,15 @@ def buffer_timeline(
         span.loc[span["max"] == span["max"].max(), "max"] = np.inf
         first = pd.concat([first.astype(float), span["min"]], axis=1).min(axis=1)
         closed = span["max"].reindex(first.index).fillna(np.inf)
-    arrivals = reads[reads["ret"] > 0][["pid", "fd", "end_ns"]]
+    idle = _idle_at_edges(reads, first, closed, edges, idle_threshold_ns)
+    post_ns = reads["post_ns"].to_numpy(np.float64)
+    end_ns = reads["end_ns"].to_numpy(np.float64)  # NaN: still posted at the end
     rows = []
-    for edge in edges:
-        posted = reads[(reads["post_ns"] <= edge) & ~(reads["end_ns"] <= edge)]
+    for i, edge in enumerate(edges):
+        posted = reads[(post_ns <= edge) & ~(end_ns <= edge)]
         heap = buffer_attribution(posted, live_at(allocations, edge, "alloc_ns", "free_ns"))
-        seen = first[(first <= edge) & (closed >= edge)]
-        last = arrivals[arrivals["end_ns"] <= edge].groupby(keys)["end_ns"].max()
-        since = last.reindex(seen.index).fillna(seen)
-        idle = (edge - since >= idle_threshold_ns).groupby(level="pid").sum()
         per_pid = heap.groupby("pid")["attributed_bytes"].sum()
-        for pid in set(per_pid.index) | set(idle.index):
-            rows.append((pid, edge, int(per_pid.get(pid, 0)), int(idle.get(pid, 0))))
+        idle_now = idle.iloc[:, i] if not idle.empty else pd.Series(dtype=np.int64)
+        for pid in set(per_pid.index) | set(idle_now.index):
+            rows.append((pid, edge, int(per_pid.get(pid, 0)), int(idle_now.get(pid, 0))))
     return pd.DataFrame(rows, columns=cols)

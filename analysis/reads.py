@@ -40,30 +40,43 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     if posts.empty:
         return pd.DataFrame(columns=_INTERVAL_COLUMNS)
     p = posts.reset_index(drop=True)
-    keys = ["pid", "source", "key"]
-    events = pd.concat(
-        [
-            p[keys + ["ts_ns"]].assign(post_row=np.arange(len(p)), ret=np.nan),
-            completions[keys + ["ts_ns"]].assign(
-                post_row=-1, ret=completions["ret"].astype("float64")
-            ),
-        ],
-        ignore_index=True,
+    n_posts = len(p)
+
+    def both(col: str, dtype: str) -> np.ndarray:
+        return np.concatenate([p[col].to_numpy(dtype), completions[col].to_numpy(dtype)])
+
+    who = both("pid", "int64") << 8 | both("source", "int64")
+    key, ts = both("key", "uint64"), both("ts_ns", "int64")
+    post_row = np.concatenate([np.arange(n_posts), np.full(len(completions), -1)])
+    # by (pid, source, key) then time; at equal timestamps a post comes before its completion.
+    # Two stable integer sorts (time, then a dense id of the key) instead of a 4-key lexsort.
+    by_time = np.argsort(ts * 2 + (post_row < 0), kind="stable")
+    who_id, keys_w = pd.factorize(who)
+    key_id, keys_k = pd.factorize(key)
+    group = who_id.astype(np.int64) * max(len(keys_k), 1) + key_id
+    order = by_time[np.argsort(group[by_time], kind="stable")]
+    who_s, key_s, row_s = who[order], key[order], post_row[order]
+    same = np.zeros(len(order), dtype=bool)  # the next event is on the same key
+    same[:-1] = (who_s[1:] == who_s[:-1]) & (key_s[1:] == key_s[:-1])
+    at_post = np.flatnonzero(row_s >= 0)
+    has_next = same[at_post]
+    nxt = order[np.minimum(at_post + 1, len(order) - 1)]  # the next event, in input order
+    next_row = np.where(has_next, post_row[nxt], -2)  # -2: none, -1: a completion
+    rets = np.concatenate([np.full(n_posts, np.nan), completions["ret"].to_numpy("float64")])
+    # scatter back to the posts' own order (they come in time order, so no sort is needed)
+    rows = row_s[at_post]
+    end_ns = np.empty(n_posts)
+    end_ns[rows] = np.where(has_next, ts[nxt], np.nan)
+    ret = np.empty(n_posts)
+    ret[rows] = np.where(next_row == -1, rets[nxt], np.nan)
+    superseded = np.empty(n_posts, dtype=bool)
+    superseded[rows] = next_row >= 0
+    out = p.assign(
+        post_ns=p["ts_ns"].astype("int64"), end_ns=end_ns, ret=ret, superseded=superseded
     )
-    # at equal timestamps a post comes before its completion
-    events = events.sort_values(
-        keys + ["ts_ns", "post_row"], ascending=[True, True, True, True, False], kind="stable"
-    )
-    group = events.groupby(keys, sort=False)
-    is_post = (events["post_row"] >= 0).to_numpy()
-    next_row = group["post_row"].shift(-1)[is_post].to_numpy()  # NaN: none, -1: completion
-    rows = events["post_row"].to_numpy()[is_post]
-    out = p.iloc[rows].reset_index(drop=True)
-    out["post_ns"] = out["ts_ns"].astype("int64")
-    out["end_ns"] = group["ts_ns"].shift(-1)[is_post].to_numpy("float64")
-    out["ret"] = np.where(next_row == -1, group["ret"].shift(-1)[is_post].to_numpy(), np.nan)
-    out["superseded"] = next_row >= 0
-    return out.sort_values("post_ns", kind="stable").reset_index(drop=True)[_INTERVAL_COLUMNS]
+    if not out["post_ns"].is_monotonic_increasing:
+        out = out.sort_values("post_ns", kind="stable")
+    return out.reset_index(drop=True)[_INTERVAL_COLUMNS]
 
 
 EAGAIN = 11
@@ -132,30 +145,24 @@ def posted_timeline(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per pid, the number of posted reads and pinned bytes after every change."""
     if intervals.empty:
         return pd.DataFrame(columns=["pid", "ts_ns", "posted_reads", "pinned_bytes"])
-    starts = pd.DataFrame(
-        {
-            "pid": intervals["pid"],
-            "ts_ns": intervals["post_ns"],
-            "d_reads": 1,
-            "d_bytes": intervals["len"].astype("int64"),
-        }
-    )
-    ended = intervals[intervals["end_ns"].notna()]
-    ends = pd.DataFrame(
-        {
-            "pid": ended["pid"],
-            "ts_ns": ended["end_ns"].astype("int64"),
-            "d_reads": -1,
-            "d_bytes": -ended["len"].astype("int64"),
-        }
-    )
-    steps = pd.concat([starts, ends], ignore_index=True)
-    # at one instant, apply ends before starts so peaks are not overstated
-    steps = steps.sort_values(["pid", "ts_ns", "d_reads"], kind="stable")
-    by_pid = steps.groupby("pid", sort=False)
-    steps["posted_reads"] = by_pid["d_reads"].cumsum()
-    steps["pinned_bytes"] = by_pid["d_bytes"].cumsum()
-    return steps[["pid", "ts_ns", "posted_reads", "pinned_bytes"]].reset_index(drop=True)
+    end = intervals["end_ns"].to_numpy(np.float64)
+    ended = ~np.isnan(end)
+    pid = intervals["pid"].to_numpy(np.int64)
+    length = intervals["len"].to_numpy(np.int64)
+    ts = np.concatenate([intervals["post_ns"].to_numpy(np.int64), end[ended].astype(np.int64)])
+    pids = np.concatenate([pid, pid[ended]])
+    d_reads = np.concatenate([np.ones(len(pid), np.int64), -np.ones(int(ended.sum()), np.int64)])
+    d_bytes = np.concatenate([length, -length[ended]])
+    # by pid and time; at one instant, ends before starts so peaks are not overstated
+    order = np.lexsort((d_reads, ts, pids))
+    pids, ts, d_reads, d_bytes = pids[order], ts[order], d_reads[order], d_bytes[order]
+    reads, pinned = np.cumsum(d_reads), np.cumsum(d_bytes)
+    # restart the running sums at each pid
+    first = np.flatnonzero(np.r_[True, pids[1:] != pids[:-1]])
+    group = np.cumsum(np.r_[False, pids[1:] != pids[:-1]])
+    reads -= (reads[first] - d_reads[first])[group]
+    pinned -= (pinned[first] - d_bytes[first])[group]
+    return pd.DataFrame({"pid": pids, "ts_ns": ts, "posted_reads": reads, "pinned_bytes": pinned})
 
 
 def _source_and_label(source: int, op: int, flags: int) -> tuple[str, str]:
@@ -175,19 +182,35 @@ def _source_and_label(source: int, op: int, flags: int) -> tuple[str, str]:
 
 
 def label_reads(intervals: pd.DataFrame) -> pd.DataFrame:
-    """`intervals` with where each read counts (`source_name`) and what it is (`label`)."""
+    """`intervals` with where each read counts (`source_name`) and what it is (`label`).
+
+    Labelled once per distinct (source, op, flags), not once per read: a trace has millions
+    of reads and a handful of kinds."""
+    if intervals.empty:
+        return intervals.assign(source_name=pd.Series(dtype=object), label=pd.Series(dtype=object))
+    combo = (
+        intervals["source"].to_numpy(np.int64) << 48
+        | intervals["op"].to_numpy(np.int64) << 32
+        | intervals["flags"].to_numpy(np.int64) & 0xFFFFFFFF
+    )
+    kinds, which = np.unique(combo, return_inverse=True)
     pairs = [
-        _source_and_label(s, o, f)
-        for s, o, f in zip(intervals["source"], intervals["op"], intervals["flags"])
+        _source_and_label(int(c >> 48), int(c >> 32) & 0xFFFF, int(c) & 0xFFFFFFFF) for c in kinds
     ]
-    return intervals.assign(source_name=[p[0] for p in pairs], label=[p[1] for p in pairs])
+    names = np.array([p[0] for p in pairs], dtype=object)
+    labels = np.array([p[1] for p in pairs], dtype=object)
+    return intervals.assign(source_name=names[which], label=labels[which])
 
 
 def network_reads(intervals: pd.DataFrame) -> pd.DataFrame:
     """Only reads on sockets (reads of files through io_uring are left out)."""
     if intervals.empty:
         return intervals
-    return intervals[label_reads(intervals)["source_name"] != "file"]
+    flags = intervals["flags"].to_numpy(np.int64)
+    file = (intervals["source"].to_numpy() == Source.URING) & (
+        flags & (PostFlag.SOCKET | PostFlag.FIXED_FILE) == 0
+    )
+    return intervals[~file] if file.any() else intervals  # most traces: no copy
 
 
 SUMMARY_COUNTS = [

@@ -54,18 +54,21 @@ def end_of_recording(trace: Trace) -> int:
 
 
 def memory_by_process(
-    trace: Trace, intervals: pd.DataFrame, end_ns: int, idle_threshold_s: float
+    trace: Trace,
+    reads: pd.DataFrame,
+    allocations: pd.DataFrame,
+    end_ns: int,
+    idle_threshold_s: float,
 ) -> dict[int, dict[str, Any]]:
     """Per pid: IO-buffer heap (all posted reads, and those of idle connections), the heap
-    tracked live, resident memory. Sampled allocation figures are scaled and flagged."""
+    tracked live, resident memory. Sampled allocation figures are scaled and flagged.
+
+    `reads` are the network reads' intervals, `allocations` allocation_intervals()."""
     memory_meta = trace.meta.get("memory")
     if not memory_meta:
         return {}
     sample = int(memory_meta.get("sample_every", 1))
-    live = live_at(
-        allocation_intervals(trace["allocs"], trace["frees"]), end_ns, "alloc_ns", "free_ns"
-    )
-    reads = network_reads(intervals)
+    live = live_at(allocations, end_ns, "alloc_ns", "free_ns")
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
     # buffers outside every tracked allocation: in memory the program mapped itself?
@@ -81,9 +84,10 @@ def memory_by_process(
     brk = program_break(trace["maps"]).set_index("pid")
     sites = buffer_sites(attributed, live, trace["stacks"])
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
-    retained = retained_buffers(reads, live, end_ns, int(idle_threshold_s * 1e9))
-    # every connection's last data buffer still held, idle or not (a pool's buffers once each)
+    # every connection's last data buffer still held, idle or not (a pool's buffers once each);
+    # those of idle connections are the retained buffers
     held = retained_buffers(reads, live, end_ns, 0)
+    retained = held[end_ns - held["end_ns"] >= int(idle_threshold_s * 1e9)].reset_index(drop=True)
     # resident bytes, where the recorder measured them (NaN -> 0: not measured)
     residency = trace["residency"]
     parked = attributed["source"] == Source.PARKED
@@ -172,9 +176,15 @@ def memory_by_process(
 
 
 def timeline(
-    trace: Trace, intervals: pd.DataFrame, resolution_s: float, idle_threshold_s: float
+    trace: Trace,
+    reads: pd.DataFrame,
+    posted: pd.DataFrame,
+    allocations: pd.DataFrame,
+    resolution_s: float,
+    idle_threshold_s: float,
 ) -> list[dict[str, Any]]:
-    """The per-process time series, as JSON rows."""
+    """The per-process time series, as JSON rows. `reads`: the network reads' intervals,
+    `posted` their posted_timeline(), `allocations` allocation_intervals()."""
     start = int(
         trace.meta.get("tracing_since_ns") or trace.meta.get("clock", {}).get("monotonic_ns", 0)
     )
@@ -185,8 +195,6 @@ def timeline(
         ]
         start = min(stamps, default=end)
     resolution = max(1, int(resolution_s * 1e9))
-    allocations = allocation_intervals(trace["allocs"], trace["frees"])
-    reads = network_reads(intervals)
     buffers = buffer_timeline(
         reads,
         allocations,
@@ -195,7 +203,7 @@ def timeline(
         trace["sockets"],
     )
     frame = process_timeline(
-        posted_timeline(reads),
+        posted,
         allocations,
         trace["rss"],
         trace["sockets"],
@@ -219,11 +227,15 @@ def summarize(
 ) -> dict[str, Any]:
     """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
     completed = read_intervals(trace["posts"], trace["completions"])
-    intervals = pd.concat([completed, parked_reads(completed, trace["waits"])], ignore_index=True)
+    parked = parked_reads(completed, trace["waits"])
+    intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
     end_ns = end_of_recording(trace)
-    memory = memory_by_process(trace, intervals, end_ns, idle_threshold_s)
+    reads = network_reads(intervals)
+    posted = posted_timeline(reads)
+    allocations = allocation_intervals(trace["allocs"], trace["frees"])
+    memory = memory_by_process(trace, reads, allocations, end_ns, idle_threshold_s)
     by_label = read_summary(intervals)
-    peaks = process_peaks(posted_timeline(network_reads(intervals))).set_index("pid")
+    peaks = process_peaks(posted).set_index("pid")
     groups = buffer_group_summary(
         trace["buffer_groups"], trace["buffer_rings"], trace["buffer_uses"]
     )
@@ -308,7 +320,7 @@ def summarize(
         "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
         "idle_threshold_s": idle_threshold_s,
         **(
-            {"timeline": timeline(trace, intervals, timeline_s, idle_threshold_s)}
+            {"timeline": timeline(trace, reads, posted, allocations, timeline_s, idle_threshold_s)}
             if timeline_s
             else {}
         ),

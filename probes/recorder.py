@@ -124,6 +124,13 @@ def split_by_kind(records: np.ndarray) -> dict[int, np.ndarray]:
     return {int(k): ordered[a:b] for k, a, b in zip(present.tolist(), starts, ends)}
 
 
+def write_records(writer: TraceWriter, by_kind: dict[int, np.ndarray]) -> None:
+    """Each kind's wire records as rows of its table (split_by_kind's output)."""
+    for kind, records in by_kind.items():
+        table = layout.TABLE_OF_KIND[layout.Kind(kind)]
+        writer.append(table, pa.table({c.name: records[c.wire] for c in table.columns if c.wire}))
+
+
 def check_machine() -> None:
     """RecordError, in one sentence, if this machine or user cannot record."""
     if not features.has_tracing_privileges():
@@ -223,10 +230,7 @@ class Recorder:
             completions = by_kind.get(layout.Kind.COMPLETE, empty)
             if self._buffers is not None:
                 self._buffers.note(posts, completions)
-            for kind, records in by_kind.items():
-                table = layout.TABLE_OF_KIND[layout.Kind(kind)]
-                columns = {c.name: records[c.wire] for c in table.columns if c.wire}
-                self._writer.append(table, pa.table(columns))
+            write_records(self._writer, by_kind)
             self._posts += posts.size
             self._completions += completions.size
         if self._sockets is not None:

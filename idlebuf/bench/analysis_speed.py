@@ -1,0 +1,276 @@
+"""Analysis speed: load a synthetic 10-million-event trace and relate it - read lifetimes,
+the address join of buffers to allocations, the per-connection table, the time series - as
+`idlebuf report --json --connections --timeline 1` does; and, as a reference point, the same
+lifetimes, join and per-connection table in DuckDB over the same Parquet files.
+
+Each side runs in its own process, so its wall time and peak RSS are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from probes import layout
+from probes.layout import Source
+from probes.trace_writer import TraceWriter
+
+SECOND = 1_000_000_000
+HEAP = 0x7F00_0000_0000
+RECVFROM = layout.SYSCALLS["recvfrom"]
+
+
+def _rows(table: layout.Table, **columns: Any) -> pa.Table:
+    n = len(next(iter(columns.values())))
+    data = {}
+    for field in table.arrow_schema():
+        value = columns.get(field.name, 0)
+        data[field.name] = value if isinstance(value, np.ndarray) else np.full(n, value)
+    return pa.table(data, schema=table.arrow_schema())
+
+
+def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int) -> int:
+    """A 60-second recording of one server: `reads` reads (a post and a completion each,
+    the last read of each connection still posted), a buffer allocation per connection and
+    `other_allocs` allocations that are freed. Returns the number of events written."""
+    rng = np.random.default_rng(23)
+    duration = 60 * SECOND
+    w = TraceWriter(path)
+    w.write_meta(
+        {
+            "format": layout.FORMAT_NAME,
+            "format_version": layout.FORMAT_VERSION,
+            "complete": True,
+            "drops": {},
+            "tracing_since_ns": SECOND,
+            "end_monotonic_ns": SECOND + duration,
+            "memory": {"sample_every": 1},
+        }
+    )
+    w.append(
+        layout.PROCESSES,
+        pa.table(
+            {"pid": [4242], "comm": ["synthetic"], "cmdline": ["synthetic"], "first_seen_ns": [1]},
+            schema=layout.PROCESSES.arrow_schema(),
+        ),
+    )
+    conns = np.arange(connections)
+    buf_addr = HEAP + conns.astype(np.uint64) * 32768
+    # reads in time order; 5% of connections are active until the end, the rest go idle
+    j = np.arange(reads)
+    conn = (j * 7919) % connections
+    active = conn % 20 == 0
+    span = np.where(active, duration, duration // 2)
+    post = SECOND + np.sort(rng.integers(0, duration // 2, reads)) * (span // (duration // 2))
+    order = np.argsort(post, kind="stable")
+    conn, post = conn[order], post[order]
+    chunk = 1_000_000
+    for a in range(0, reads, chunk):
+        c, p = conn[a : a + chunk], post[a : a + chunk].astype(np.uint64)
+        w.append(
+            layout.POSTS,
+            _rows(
+                layout.POSTS,
+                ts_ns=p,
+                pid=4242,
+                tid=(100_000 + c).astype(np.uint32),
+                fd=(100 + c).astype(np.int32),
+                source=int(Source.SYSCALL),
+                op=RECVFROM,
+                key=(100_000 + c).astype(np.uint64),
+                addr=buf_addr[c],
+                len=16384,
+            ),
+        )
+    # every read completes 20 us later, except each connection's last one
+    last = np.zeros(reads, dtype=bool)
+    _, last_idx = np.unique(conn[::-1], return_index=True)
+    last[reads - 1 - last_idx] = True
+    done = ~last
+    for a in range(0, reads, chunk):
+        c = conn[a : a + chunk][done[a : a + chunk]]
+        p = post[a : a + chunk][done[a : a + chunk]].astype(np.uint64) + 20_000
+        w.append(
+            layout.COMPLETIONS,
+            _rows(
+                layout.COMPLETIONS,
+                ts_ns=p,
+                pid=4242,
+                tid=(100_000 + c).astype(np.uint32),
+                source=int(Source.SYSCALL),
+                key=(100_000 + c).astype(np.uint64),
+                ret=np.full(len(c), 100, dtype=np.int64),
+            ),
+        )
+    # the buffers, then other allocations made and freed all along
+    other = HEAP + np.uint64(1 << 32) + np.arange(other_allocs, dtype=np.uint64) * 4096
+    made = SECOND + np.sort(rng.integers(0, duration, other_allocs)).astype(np.uint64)
+    w.append(
+        layout.ALLOCS,
+        _rows(
+            layout.ALLOCS,
+            ts_ns=np.concatenate([np.full(connections, SECOND // 2, np.uint64), made]),
+            pid=4242,
+            tid=4242,
+            addr=np.concatenate([buf_addr, other]),
+            size=np.concatenate([np.full(connections, 16384), np.full(other_allocs, 2048)]),
+            fn=1,
+        ),
+    )
+    w.append(
+        layout.FREES,
+        _rows(layout.FREES, ts_ns=made + np.uint64(SECOND // 10), pid=4242, tid=4242, addr=other),
+    )
+    samples = np.arange(1, 61, dtype=np.uint64) * SECOND
+    w.append(
+        layout.RSS,
+        _rows(
+            layout.RSS,
+            ts_ns=samples,
+            pid=4242,
+            mm_id=1,
+            member=int(layout.RssMember.ANON),
+            bytes=np.full(len(samples), 200 << 20),
+        ),
+    )
+    sample_ts = np.repeat(np.arange(1, 61, 6, dtype=np.uint64) * SECOND, connections)
+    fds = np.tile(100 + conns, len(sample_ts) // connections).astype(np.int32)
+    w.append(
+        layout.SOCKETS,
+        pa.table(
+            {
+                **{
+                    c.name: np.zeros(len(fds), dtype=c.arrow_type.to_pandas_dtype())
+                    for c in layout.SOCKETS.columns
+                    if pa.types.is_integer(c.arrow_type)
+                },
+                "ts_ns": sample_ts,
+                "pid": np.full(len(fds), 4242, np.uint32),
+                "fd": fds,
+                "inode": fds.astype(np.uint64) + 5000,
+                "family": ["tcp"] * len(fds),
+                "ipv6": np.zeros(len(fds), dtype=bool),
+                "state": ["ESTABLISHED"] * len(fds),
+                "local": [""] * len(fds),
+                "remote": [""] * len(fds),
+                "rmem_alloc": np.full(len(fds), 768, np.uint32),
+            },
+            schema=layout.SOCKETS.arrow_schema(),
+        ),
+    )
+    w.close()
+    return reads + int(done.sum()) + connections + 2 * other_allocs
+
+
+IDLEBUF_SIDE = """
+import json, sys, time
+from analysis.summary import summarize
+from analysis.trace import open_trace
+t0 = time.perf_counter()
+trace = open_trace(sys.argv[1])
+loaded = time.perf_counter()
+s = summarize(trace, connections=True, timeline_s=1.0)
+(p,) = s["processes"]
+m = p["memory"]
+print(json.dumps({"load_s": loaded - t0, "relate_s": time.perf_counter() - loaded,
+    "posted_now": p["posted_reads"]["now"], "idle_bytes": m["io_buffer_heap"]["idle_bytes"],
+    "connections": len(m["connection_table"]), "timeline_points": len(s["timeline"])}))
+"""
+
+DUCKDB_SIDE = """
+import json, sys, time
+import duckdb
+t0 = time.perf_counter()
+d = sys.argv[1]
+con = duckdb.connect()
+con.execute(f"CREATE VIEW posts AS SELECT * FROM read_parquet('{d}/posts/*.parquet')")
+con.execute(f"CREATE VIEW completions AS SELECT * FROM read_parquet('{d}/completions/*.parquet')")
+con.execute(f"CREATE VIEW allocs AS SELECT * FROM read_parquet('{d}/allocs/*.parquet')")
+con.execute(f"CREATE VIEW frees AS SELECT * FROM read_parquet('{d}/frees/*.parquet')")
+end_ns = json.load(open(f"{d}/meta.json"))["end_monotonic_ns"]
+rows = con.execute(f'''
+WITH ev AS (
+  SELECT pid, source, key, ts_ns, 1 AS is_post, fd, addr, len, NULL::BIGINT AS ret FROM posts
+  UNION ALL
+  SELECT pid, source, key, ts_ns, 0, NULL, NULL, NULL, ret FROM completions),
+seq AS (
+  SELECT *, lead(ts_ns) OVER w AS end_ns, lead(is_post) OVER w AS next_post,
+         lead(ret) OVER w AS next_ret
+  FROM ev WINDOW w AS (PARTITION BY pid, source, key ORDER BY ts_ns, is_post DESC)),
+reads AS (
+  SELECT pid, fd, addr, len, ts_ns AS post_ns, end_ns,
+         CASE WHEN next_post = 0 THEN next_ret END AS ret
+  FROM seq WHERE is_post = 1),
+live AS (
+  SELECT a.pid, a.addr, a.size FROM allocs a
+  ANTI JOIN frees f ON f.pid = a.pid AND f.addr = a.addr AND f.ts_ns >= a.ts_ns
+  WHERE a.ts_ns <= {end_ns}),
+posted AS (SELECT * FROM reads WHERE end_ns IS NULL),
+joined AS (
+  SELECT p.pid, p.fd, p.len, l.addr AS alloc_addr, l.size
+  FROM posted p ASOF JOIN live l ON p.pid = l.pid AND p.addr >= l.addr),
+per_conn AS (
+  SELECT pid, fd, count(*) AS reads, sum(CASE WHEN ret > 0 THEN ret ELSE 0 END) AS received,
+         max(CASE WHEN ret > 0 THEN end_ns END) AS last_data
+  FROM reads GROUP BY pid, fd)
+SELECT (SELECT count(*) FROM posted), (SELECT sum(size) FROM joined),
+       (SELECT count(*) FROM per_conn), (SELECT count(*) FROM per_conn
+        WHERE last_data < {end_ns} - 1000000000)
+''').fetchone()
+print(json.dumps({"relate_s": time.perf_counter() - t0, "posted_now": rows[0],
+    "posted_heap_bytes": int(rows[1] or 0), "connections": rows[2], "idle": rows[3]}))
+"""
+
+
+def _measured(code: str, trace: Path) -> dict[str, Any]:
+    """Run `code` in a fresh interpreter; its JSON answer plus wall time and peak RSS."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(trace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out = proc.stdout.read() if proc.stdout else b""
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(err.decode().strip().splitlines()[-1])
+    return {
+        **json.loads(out),
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+    }
+
+
+def run(workdir: Path, events: int, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    trace = workdir / "synthetic-10M"
+    connections, other = 10_007, events // 10
+    reads = (events - connections - 2 * other) // 2 + connections // 2
+    if not (trace / "meta.json").exists():
+        log(f"analysis: writing a synthetic trace of ~{events:,} events to {trace}")
+        written = synthetic_trace(trace, reads, connections, other)
+    else:
+        written = events
+    sides: dict[str, list[dict[str, Any]]] = {"idlebuf": [], "duckdb": []}
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        sides.pop("duckdb")
+        log("analysis: duckdb is not installed; the reference side is skipped")
+    for r in range(repeats):
+        for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            result = _measured(IDLEBUF_SIDE if name == "idlebuf" else DUCKDB_SIDE, trace)
+            sides[name].append(result)
+            log(
+                f"analysis {name} {r + 1}/{repeats}: {result['wall_s']:.1f} s, "
+                f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
+            )
+    return {"events": written, "connections": connections, "trace": str(trace), **sides}

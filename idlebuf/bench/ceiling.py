@@ -1,0 +1,121 @@
+"""The recorder's ceiling: how many events per second it takes to disk with no drops.
+
+Live: `idlebuf record -- read_storm` in ping-pong mode (each turn sends a byte and reads it
+back: four events) with one and with two storm processes; the events are counted in the trace
+and divided by the storm's own duration. On a 2-core machine the storm, the probes (which run
+in the storm's syscalls) and the recorder share the CPUs, so this is the machine's ceiling.
+Pipeline: the recorder's user-space path alone (split by kind, columns, Parquet), fed
+synthetic records in process, in events per CPU-second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from idlebuf.bench.common import RecorderRun, spread, table_rows, trace_drops
+from idlebuf.scenario import read_event, spawn
+from probes import layout
+from probes.recorder import split_by_kind, write_records
+from probes.trace_writer import TraceWriter
+
+EVENT_TABLES = ("posts", "completions", "writes", "write_completions")
+
+
+def untraced_rate(count: int, procs: int) -> float:
+    storm = spawn(
+        "workloads.read_storm", "--mode", "pingpong", "--count", str(count), "--procs", str(procs)
+    )
+    done = read_event(storm.stdout, "done", 600)  # type: ignore[arg-type]
+    storm.wait()
+    return float(done["syscalls_per_s"]) * 2  # a syscall would be two events
+
+
+def live(count: int, procs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "storm"
+        rec = RecorderRun(
+            trace,
+            "--",
+            *(sys.executable, "-m", "workloads.read_storm"),
+            *("--mode", "pingpong", "--count", str(count), "--procs", str(procs)),
+            stdout=subprocess.PIPE,
+        )
+        try:
+            rec.wait_attached()
+            done = read_event(rec.proc.stdout, "done", 600)  # type: ignore[arg-type]
+            footprint = rec.footprint()
+        finally:
+            rec.finish()
+        events = table_rows(trace, *EVENT_TABLES)
+        drops = sum(trace_drops(trace).values())
+    return {
+        "procs": procs,
+        "events": events,
+        "expected_events": count * procs * 4,
+        "storm_seconds": done["seconds"],
+        "events_per_s": events / done["seconds"],
+        "drops": drops,
+        **footprint,
+    }
+
+
+def pipeline(n: int = 4_000_000, batch: int = 200_000) -> dict[str, Any]:
+    records = np.zeros(n, dtype=layout.READ_EVENT.dtype)
+    records["ts_ns"] = np.arange(n, dtype=np.uint64) * 250
+    kinds = np.array(
+        [
+            layout.Kind.POST,
+            layout.Kind.COMPLETE,
+            layout.Kind.WRITE_POST,
+            layout.Kind.WRITE_COMPLETE,
+        ],
+        dtype=np.uint8,
+    )
+    records["kind"] = kinds[np.arange(n) % 4]
+    records["pid"] = records["tid"] = 4242
+    records["fd"], records["key"], records["value"], records["addr"] = 7, 4242, 1, 0x7F0000
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        writer = TraceWriter(tmp / "t")
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, n, batch):
+            write_records(writer, split_by_kind(records[i : i + batch]))
+        writer.close()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"events": n, "events_per_s": n / wall, "events_per_cpu_s": n / cpu}
+
+
+def run(count: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {"count_per_proc": count, "trials": trials}
+    for procs in (1, 2):
+        runs = []
+        for t in range(trials):
+            r = live(count, procs)
+            runs.append(r)
+            log(
+                f"ceiling {procs} storm process(es), trial {t + 1}/{trials}: "
+                f"{r['events_per_s'] / 1e6:.2f}M events/s, {r['drops']:,} dropped, recorder "
+                f"{r['cpu_share']:.0%} CPU, {r['peak_rss_bytes'] / 2**20:.0f} MiB"
+            )
+        out[f"live_{procs}"] = {
+            "events_per_s": spread([r["events_per_s"] for r in runs]),
+            "drops": spread([r["drops"] for r in runs]),
+            "recorder_cpu_share": spread([r["cpu_share"] for r in runs]),
+            "recorder_peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+            "untraced_events_per_s_equivalent": untraced_rate(count, procs),
+            "runs": runs,
+        }
+    out["pipeline"] = pipeline()
+    log(f"ceiling pipeline: {out['pipeline']['events_per_cpu_s'] / 1e6:.2f}M events per CPU-s")
+    return out
