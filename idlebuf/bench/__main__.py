@@ -1,0 +1,200 @@
+"""`scripts/bench`: run the benchmarks, write their figures as JSON and print a table.
+
+scripts/bench                       # everything (about 15 minutes on 2 cores)
+scripts/bench --only analysis,scale --output /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from idlebuf.render import human_bytes, table
+
+PARTS = ("overhead", "ceiling", "analysis", "scale")
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        models = {line.split(":", 1)[1].strip() for line in f if line.startswith("model name")}
+    with open("/proc/meminfo", encoding="ascii") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {
+        "kernel": platform.release(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": ", ".join(sorted(models)),
+        "memory_bytes": mem_kib * 1024,
+        "python": platform.python_version(),
+    }
+
+
+def _m(s: dict[str, float], fmt: str = "{:.3f}") -> str:
+    """min / median / max, formatted."""
+    return " / ".join(fmt.format(s[k]) for k in ("min", "median", "max"))
+
+
+def render(results: dict[str, Any]) -> str:
+    out = []
+    if "overhead" in results:
+        o = results["overhead"]
+        rows = []
+        for server in ("readiness", "threads"):
+            for config, r in o.get(server, {}).items():
+                rows.append(
+                    [
+                        server,
+                        config,
+                        f"{r['untraced_requests_per_s']['median']:,.0f}",
+                        _m(r["throughput_ratio"]),
+                        _m(r["p99_ratio"]),
+                        f"{r['recorder_cpu_share']['median']:.0%}",
+                    ]
+                )
+        out.append(
+            f"Overhead on the traced server ({o['connections']} connections back to back, "
+            f"{o['seconds']:g} s per side, {o['rounds']} alternating pairs; traced/untraced, "
+            "min / median / max)\n"
+            + table(
+                ["server", "traced with", "untraced req/s", "throughput", "p99", "recorder"],
+                rows,
+            )
+        )
+    if "ceiling" in results:
+        c = results["ceiling"]
+        rows = []
+        for procs in (1, 2):
+            r = c[f"live_{procs}"]
+            rows.append(
+                [
+                    f"storm x{procs}",
+                    _m({k: v / 1e6 for k, v in r["events_per_s"].items() if k != "n"}, "{:.2f}"),
+                    _m(r["drops"], "{:,.0f}"),
+                    f"{r['recorder_cpu_share']['median']:.0%}",
+                    human_bytes(r["recorder_peak_rss_bytes"]),
+                    f"{r['untraced_events_per_s_equivalent'] / 1e6:.2f}",
+                ]
+            )
+        p = c["pipeline"]
+        out.append(
+            "Recorder ceiling (ping-pong storm: a 1-byte send and recv per turn, 4 events)\n"
+            + table(
+                ["load", "M events/s", "dropped", "recorder CPU", "recorder RSS", "untraced M/s"],
+                rows,
+            )
+            + f"\nuser-space pipeline alone: {p['events_per_s'] / 1e6:.2f}M events/s wall, "
+            f"{p['events_per_cpu_s'] / 1e6:.2f}M per CPU-second"
+        )
+    if "analysis" in results:
+        a = results["analysis"]
+        rows = []
+        for side in ("idlebuf", "duckdb"):
+            runs = a.get(side, [])
+            if runs:
+                rows.append(
+                    [
+                        side,
+                        _m(
+                            {
+                                "min": min(r["wall_s"] for r in runs),
+                                "median": sorted(r["wall_s"] for r in runs)[len(runs) // 2],
+                                "max": max(r["wall_s"] for r in runs),
+                            },
+                            "{:.1f}",
+                        ),
+                        human_bytes(max(r["peak_rss_bytes"] for r in runs)),
+                    ]
+                )
+        out.append(
+            f"Analysis of a synthetic trace of {a['events']:,} events, {a['connections']:,} "
+            "connections (load + relate, in a fresh process)\n"
+            + table(["side", "seconds (min / median / max)", "peak RSS"], rows)
+        )
+    if "scale" in results:
+        rows = [
+            [
+                name,
+                f"{r['connections']:,}",
+                f"{r['posted_reads']:,} / {r['truth_posted_reads']:,}",
+                "yes" if r["exact"] else "NO",
+                f"{r['cpu_s']:.1f}",
+                human_bytes(r["peak_rss_bytes"]),
+                human_bytes(r["trace_bytes"]),
+            ]
+            for name, r in results["scale"].items()
+        ]
+        out.append(
+            "Scale (recorded from the server's start)\n"
+            + table(
+                ["server", "conns", "posted / server", "exact", "rec CPU-s", "rec RSS", "trace"],
+                rows,
+            )
+        )
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating pairs (overhead)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per overhead side")
+    parser.add_argument("--connections", type=int, default=8, help="overhead load connections")
+    parser.add_argument("--storm", type=int, default=1_000_003, help="storm turns per process")
+    parser.add_argument("--trials", type=int, default=3, help="storm trials (ceiling)")
+    parser.add_argument("--events", type=int, default=10_000_000, help="analysis trace size")
+    parser.add_argument("--repeats", type=int, default=3, help="analysis runs per side")
+    parser.add_argument("--scale", type=int, default=10_000, help="connections (scale)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/idlebuf-bench"))
+    parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args(argv)
+    parts = [p for p in args.only.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        print(f"bench: error: unknown part {sorted(unknown)[0]!r}", file=sys.stderr)
+        return 2
+    if set(parts) - {"analysis"}:
+        from probes.recorder import RecordError, check_machine
+
+        try:
+            check_machine()
+        except RecordError as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 1
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        if "overhead" in parts:
+            from idlebuf.bench import overhead
+
+            results["overhead"] = overhead.run(args.rounds, args.seconds, args.connections, log)
+        if "ceiling" in parts:
+            from idlebuf.bench import ceiling
+
+            results["ceiling"] = ceiling.run(args.storm, args.trials, log)
+        if "analysis" in parts:
+            from idlebuf.bench import analysis_speed
+
+            results["analysis"] = analysis_speed.run(args.workdir, args.events, args.repeats, log)
+        if "scale" in parts:
+            from idlebuf.bench import scale
+
+            results["scale"] = scale.run(args.scale, 16384, log)
+    except KeyboardInterrupt:
+        print("bench: interrupted; writing what was measured", file=sys.stderr)
+    args.output.write_text(json.dumps(results, indent=1))
+    print(render(results))
+    print(f"\nfigures: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

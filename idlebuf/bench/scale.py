@@ -1,0 +1,87 @@
+"""Scale: a server holding 10,000 connections, every one with a read posted, recorded from its
+start; the recorder's footprint, and whether posted reads and pinned bytes are still exact
+(against the server's own count)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from analysis.summary import summarize
+from analysis.trace import open_trace
+from idlebuf.bench.common import RecorderRun, trace_drops
+from idlebuf.scenario import read_event, spawn, stop
+
+SERVERS = {
+    "uring": ("workloads.uring_server", "--op", "recv"),
+    "threads": ("workloads.threaded_server",),
+}
+
+
+def one(server: tuple[str, ...], connections: int, buffer: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "scale"
+        rec = RecorderRun(
+            trace,
+            *("--", sys.executable, "-m", *server, "--buffer-size", str(buffer)),
+            stdout=subprocess.PIPE,
+        )
+        load = None
+        try:
+            listening = read_event(rec.proc.stdout, "listening", 120)  # type: ignore[arg-type]
+            rec.wait_attached()
+            started = time.monotonic()
+            load = spawn(
+                "workloads.loadgen",
+                *("--port", str(listening["port"]), "--connections", str(connections)),
+                *("--active", "0", "--hold", "600"),
+            )
+            read_event(load.stdout, "connected", 600)  # type: ignore[arg-type]
+            deadline = time.monotonic() + 300
+            while True:  # until the server has a read posted on every connection
+                os.kill(listening["pid"], signal.SIGUSR1)
+                truth = read_event(rec.proc.stdout, "ground_truth", 60)  # type: ignore[arg-type]
+                if truth["posted_reads"] == connections or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            settled = time.monotonic() - started
+            footprint = rec.footprint()
+        finally:
+            rec.finish(timeout=300)
+            if load is not None:
+                stop(load)
+        summary = summarize(open_trace(trace))
+        (proc,) = [p for p in summary["processes"] if p["pid"] == listening["pid"]]
+        return {
+            "connections": connections,
+            "seconds_to_settle": settled,
+            "posted_reads": proc["posted_reads"]["now"],
+            "pinned_bytes": proc["pinned_bytes"]["now"],
+            "truth_posted_reads": truth["posted_reads"],
+            "truth_pinned_bytes": truth["pinned_bytes"],
+            "exact": proc["posted_reads"]["now"] == truth["posted_reads"] == connections
+            and proc["pinned_bytes"]["now"] == truth["pinned_bytes"],
+            "drops": sum(trace_drops(trace).values()),
+            "trace_bytes": sum(f.stat().st_size for f in trace.rglob("*") if f.is_file()),
+            **footprint,
+        }
+
+
+def run(connections: int, buffer: int, log: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, server in SERVERS.items():
+        r = one(server, connections, buffer)
+        out[name] = r
+        log(
+            f"scale {name}: {r['posted_reads']:,} posted (server: {r['truth_posted_reads']:,}), "
+            f"exact={r['exact']}, recorder {r['cpu_s']:.1f} CPU-s, "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB peak"
+        )
+    return out
