@@ -66,6 +66,7 @@ class Counter(IntEnum):
     URING_UNREADABLE = 6  # a request's buffer could not be read from the kernel
     ALLOCS_FULL = 7  # the live-allocation table was full: an allocation is not tracked
     STACK_MISSED = 8  # an allocation's user stack could not be walked or stored
+    QUICK = 9  # --min-wait: reads and writes that returned sooner, counted and not recorded
 
 
 # Counters that mean lost information; a figure from a trace with any of these non-zero says so.
@@ -130,6 +131,7 @@ class PostFlag(IntEnum):
     FIXED_BUFFER = 128  # uring: READ_FIXED into a registered buffer
     BUNDLE = 256  # uring: a recv bundle (several provided buffers per completion)
     WRITE = 512  # a write to a socket (writes table), not a read
+    EMITTED = 1024  # --min-wait: its POST was already recorded (by the recorder's sweep)
 
 
 class GroupKind(IntEnum):

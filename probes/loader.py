@@ -63,7 +63,7 @@ URING_TRACEPOINTS = (
     "syscalls/sys_enter_io_uring_register",
 )
 
-BPF_NOEXIST = 1
+BPF_NOEXIST, BPF_EXIST = 1, 2
 
 
 class ProbeError(Exception):
@@ -82,6 +82,9 @@ class ReadProbeOptions:
     sample_every: int = 1  # track one allocation address in N (by a hash of the address)
     max_allocs: int = 262144
     max_stacks: int = 16384
+    # record only reads/writes that wait at least this long (0: every one); the rest are
+    # counted in the kernel (Counter.QUICK), and readiness waits are not traced
+    min_wait_ns: int = 0
 
 
 # Allocator entry points: symbol -> the BPF function run on entry (all share one on return).
@@ -155,6 +158,7 @@ def read_probe_cflags(
         SAMPLE_EVERY=options.sample_every,
         MAX_ALLOCS=options.max_allocs,
         MAX_STACKS=options.max_stacks,
+        MIN_WAIT_NS=options.min_wait_ns,
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
@@ -252,6 +256,43 @@ class ReadProbes:
             self.inflight.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_NOEXIST
         )
         return rc == 0
+
+    def sweep_waiting(self, now_ns: int) -> list[dict[str, int]]:
+        """--min-wait: wire rows (as dicts) for the calls in flight for at least the minimum
+        wait whose POST is not recorded yet, each marked EMITTED in the kernel's table first.
+        A call that returns meanwhile is not recorded twice: marking fails once its entry is
+        gone, and its exit emits POST and completion itself."""
+        from bcc import lib  # noqa: PLC0415
+
+        done = layout.PostFlag.EMITTED | layout.PostFlag.SCANNED
+        rows = []
+        for key, leaf in list(self.inflight.items()):
+            if leaf.flags & done or now_ns - leaf.ts_ns < self.options.min_wait_ns:
+                continue
+            leaf.flags |= layout.PostFlag.EMITTED
+            rc = lib.bpf_update_elem(
+                self.inflight.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_EXIST
+            )
+            if rc != 0:
+                continue
+            write = bool(leaf.flags & layout.PostFlag.WRITE)
+            rows.append(
+                {
+                    "ts_ns": int(leaf.ts_ns),
+                    "key": int(key.value),
+                    "addr": int(leaf.addr),
+                    "value": int(leaf.len),
+                    "pid": int(leaf.pid),
+                    "tid": int(key.value),
+                    "fd": int(leaf.fd),
+                    "flags": int(leaf.flags),
+                    "nvec": int(leaf.nvec),
+                    "op": int(leaf.op),
+                    "kind": layout.Kind.WRITE_POST if write else layout.Kind.POST,
+                    "source": layout.Source.SYSCALL,
+                }
+            )
+        return rows
 
     def inflight_flags(self, tid: int) -> int | None:
         leaf = self.inflight.get(self.inflight.Key(tid))

@@ -34,6 +34,8 @@ struct inflight {
     u32 nvec;
     u16 op;
     u16 pad;
+    u32 pid; /* the thread group, for the recorder's sweep of waiting calls (--min-wait) */
+    u32 pad2;
 };
 
 /* UAPI struct user_msghdr (64-bit) and struct mmsghdr */
@@ -137,11 +139,14 @@ static __always_inline struct read_event *new_event(u8 kind, u8 source)
     return e;
 }
 
-static __always_inline void emit(u8 kind, u64 key, u32 pid, const struct inflight *r, s64 value)
+static __always_inline void emit_at(u8 kind, u64 key, u32 pid, const struct inflight *r,
+                                    s64 value, u64 ts)
 {
     struct read_event *e = new_event(kind, SOURCE_SYSCALL);
     if (!e)
         return;
+    if (ts)
+        e->ts_ns = ts;
     e->key = key;
     e->addr = r->addr;
     e->value = value;
@@ -151,6 +156,29 @@ static __always_inline void emit(u8 kind, u64 key, u32 pid, const struct infligh
     e->nvec = r->nvec;
     e->op = r->op;
     events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void emit(u8 kind, u64 key, u32 pid, const struct inflight *r, s64 value)
+{
+    emit_at(kind, key, pid, r, value, 0);
+}
+
+/* --min-wait (MIN_WAIT_NS > 0): a call is recorded only if it waits. Its POST is emitted at
+ * its return when it took at least MIN_WAIT_NS (with the time it began), or earlier by the
+ * recorder, which sweeps the in-flight table and marks what it recorded FLAG_EMITTED; calls
+ * that return sooner are only counted. Returns 1 if the caller should emit its completion. */
+static __always_inline int waited(u8 post_kind, u64 key, u32 pid, const struct inflight *r)
+{
+#if MIN_WAIT_NS > 0
+    if (r->flags & (FLAG_EMITTED | FLAG_SCANNED))
+        return 1;
+    if (bpf_ktime_get_ns() - r->ts_ns < MIN_WAIT_NS) {
+        count(CNT_QUICK);
+        return 0;
+    }
+    emit_at(post_kind, key, pid, r, (s64)r->len, r->ts_ns);
+#endif
+    return 1;
 }
 
 /* Common entry: filter, check the fd, remember the read, emit POST. */
@@ -163,12 +191,14 @@ static __always_inline int read_posted(struct inflight *r)
     if (!fd_is_socket(r->fd))
         return 0;
     r->ts_ns = bpf_ktime_get_ns();
+    r->pid = tgid;
     if (inflight.update(&key, r)) {
         count(CNT_INFLIGHT_FULL);
         return 0;
     }
     count(CNT_POSTS);
-    emit(KIND_POST, key, tgid, r, (s64)r->len);
+    if (!MIN_WAIT_NS)
+        emit(KIND_POST, key, tgid, r, (s64)r->len);
     return 0;
 }
 
@@ -185,7 +215,8 @@ static __always_inline int read_returned(long ret)
     r = *found;
     inflight.delete(&key);
     count(CNT_COMPLETIONS);
-    emit(KIND_COMPLETE, key, id >> 32, &r, ret);
+    if (waited(KIND_POST, key, id >> 32, &r))
+        emit(KIND_COMPLETE, key, id >> 32, &r, ret);
     return 0;
 }
 
@@ -257,11 +288,13 @@ static __always_inline int write_posted(struct inflight *r)
         return 0;
     r->ts_ns = bpf_ktime_get_ns();
     r->flags |= FLAG_WRITE;
+    r->pid = id >> 32;
     if (inflight.update(&key, r)) {
         count(CNT_INFLIGHT_FULL);
         return 0;
     }
-    emit(KIND_WRITE_POST, key, id >> 32, r, (s64)r->len);
+    if (!MIN_WAIT_NS)
+        emit(KIND_WRITE_POST, key, id >> 32, r, (s64)r->len);
     return 0;
 }
 
@@ -276,7 +309,8 @@ static __always_inline int write_returned(long ret)
         return 0;
     r = *found;
     inflight.delete(&key);
-    emit(KIND_WRITE_COMPLETE, key, id >> 32, &r, ret);
+    if (waited(KIND_WRITE_POST, key, id >> 32, &r))
+        emit(KIND_WRITE_COMPLETE, key, id >> 32, &r, ret);
     return 0;
 }
 
@@ -632,8 +666,10 @@ TRACEPOINT_PROBE(io_uring, io_uring_register)
  * Readiness waits: epoll_wait/epoll_pwait/epoll_pwait2/poll/ppoll/select/pselect6 of targets,
  * as WAIT (fd = the epoll fd or -1, value = maxevents or nfds) and WAIT_END (value = ready
  * count or -errno) records keyed by thread. They tell a thread parked on readiness with a
- * buffer in hand (EAGAIN, wait, retry) from one that merely read too early.
+ * buffer in hand (EAGAIN, wait, retry) from one that merely read too early. Not with
+ * --min-wait, which records only calls that wait (parked reads cannot be told then).
  */
+#if !MIN_WAIT_NS
 BPF_HASH(waiting, u32, u8, MAX_INFLIGHT);
 
 static __always_inline int wait_enter(u16 call, s32 fd, s64 watched)
@@ -691,3 +727,4 @@ TRACEPOINT_PROBE(syscalls, sys_exit_poll) { return wait_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_ppoll) { return wait_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_select) { return wait_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_pselect6) { return wait_exit(args->ret); }
+#endif /* !MIN_WAIT_NS */

@@ -217,6 +217,12 @@ class Recorder:
         )
 
     def _flush(self) -> None:
+        probes = self._probes
+        if probes is not None and probes.options.min_wait_ns:
+            # --min-wait: calls still waiting are recorded by this sweep, not at entry
+            waiting = probes.sweep_waiting(_now_ns())
+            if waiting:
+                self._take(layout.wire_records(waiting))
         if self._batches:
             records = np.concatenate(self._batches)
             self._batches, self._buffered = [], 0
@@ -422,6 +428,8 @@ class Recorder:
         probes.add_target(pid)
         self._probes = probes
         self._target_pids.append(pid)
+        if probes.options.min_wait_ns:
+            self._static_meta["min_wait_ns"] = probes.options.min_wait_ns
         if probes.options.memory:
             if self._sockets is None:
                 self._sockets = SocketSampler()

@@ -141,7 +141,7 @@ def render(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating pairs (overhead)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating pairs (overhead)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per overhead side")
     parser.add_argument("--connections", type=int, default=8, help="overhead load connections")
     parser.add_argument("--storm", type=int, default=1_000_003, help="storm turns per process")

@@ -20,11 +20,13 @@ SERVERS = {
     "readiness": ("workloads.epoll_server", ("--buffers", "pool")),
     "threads": ("workloads.threaded_server", ()),
 }
-# what is attached: posted reads (+ writes and readiness waits, always on); + the memory side
-# (allocator uprobes on blocks >= 1 KiB, RSS, socket memory); + every allocation however small
+# what is attached: only reads and writes that wait (>= 1 ms; the rest counted in the kernel);
+# every read and write, and readiness waits (the default); + the memory side (allocator
+# uprobes on blocks >= 1 KiB, RSS, socket memory); + every allocation however small
 CONFIGS = {
-    "reads": (),
-    "reads+memory": ("--memory",),
+    "posted reads": ("--min-wait", "1"),
+    "every read": (),
+    "+ memory": ("--memory",),
     "everything": ("--memory", "--min-alloc", "1"),
 }
 

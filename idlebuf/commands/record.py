@@ -56,6 +56,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "allocator probes cost ~1 us per call",
     )
     p.add_argument(
+        "--min-wait",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="record only reads and writes that wait at least MS milliseconds (and so hold "
+        "their buffers); quicker ones are only counted, in the kernel, and readiness waits are "
+        "not traced. The cheapest mode for busy servers; parked reads, retained buffers and "
+        "per-connection activity need every read and are not available with it",
+    )
+    p.add_argument(
         "--ring-buffer",
         type=int,
         default=16,
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 memory=args.memory,
                 min_alloc=args.min_alloc,
                 sample_every=args.sample,
+                min_wait_ns=round(args.min_wait * 1e6),
             )
             print(render_read_probe(options))
         except (BTFError, ProbeError) as exc:
@@ -100,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         raise IdlebufError("--duration must be positive")
     if args.min_alloc < 1 or args.sample < 1:
         raise IdlebufError("--min-alloc and --sample must be at least 1")
+    if args.min_wait < 0:
+        raise IdlebufError("--min-wait must be zero (record every call) or positive")
     mib = args.ring_buffer
     if mib < 1 or mib & (mib - 1) or mib > 1024:
         raise IdlebufError("--ring-buffer must be a power of two MiB, from 1 to 1024")
@@ -108,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         min_alloc=args.min_alloc,
         sample_every=args.sample,
         ringbuf_pages=mib * (1 << 20) // mmap.PAGESIZE,
+        min_wait_ns=round(args.min_wait * 1e6),
     )
     config = RecordConfig(
         output=args.output,

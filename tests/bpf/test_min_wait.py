@@ -1,0 +1,59 @@
+"""`record --min-wait`: only reads and writes that wait are recorded; the rest are counted.
+
+A thread-per-connection server with 23 connections, 3 of which exchange 101 messages back to
+back: the 20 idle connections' reads wait for the whole recording and are recorded (by the
+recorder's sweep, since they never return) with their exact buffers; every exchange's read and
+write either returned within 50 ms and is only counted, or waited and is recorded - together
+exactly the server's count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.trace import open_trace
+from tests.helpers import (
+    Recording,
+    python_module,
+    read_event,
+    report_json,
+    start_loadgen,
+    stop,
+)
+
+pytestmark = pytest.mark.bpf
+
+CONNECTIONS, ACTIVE, MESSAGES, BUFFER = 23, 3, 101, 4099
+
+
+def test_only_waiting_calls_are_recorded(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    server = python_module("workloads.threaded_server", "--buffer-size", str(BUFFER))
+    with Recording(trace, server, ("--min-wait", "50")) as rec:
+        load = start_loadgen(rec.port, CONNECTIONS, ACTIVE, MESSAGES, 1000, "--hold", "60")
+        try:
+            read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            truth = rec.wait_for(lambda t: t["reads_completed"] == ACTIVE * MESSAGES)
+            time.sleep(0.3)  # longer than the wait threshold: every read is waiting again
+            rec.finish()
+        finally:
+            stop(load)
+    (proc,) = [p for p in report_json(trace)["processes"] if p["pid"] == rec.pid]
+    assert proc["posted_reads"]["now"] == CONNECTIONS == truth["posted_reads"]
+    assert proc["pinned_bytes"]["now"] == CONNECTIONS * BUFFER == truth["pinned_bytes"]
+    meta = json.loads((trace / "meta.json").read_text())
+    assert meta["min_wait_ns"] == 50_000_000
+    quick = meta["probes"]["reads"]["kernel_counts"]["quick"]
+    t = open_trace(trace)
+    mine = t["completions"]["pid"] == rec.pid
+    waited_reads = int((t["completions"][mine]["ret"] > 0).sum())
+    waited_writes = int((t["write_completions"]["pid"] == rec.pid).sum())
+    # every echo is one recv and one send: each was either counted or recorded, never both
+    assert quick + waited_reads + waited_writes == 2 * ACTIVE * MESSAGES
+    assert quick > 0
+    # no readiness waits are traced in this mode
+    assert t["waits"].empty
