@@ -85,6 +85,7 @@ class ReadProbeOptions:
     # record only reads/writes that wait at least this long (0: every one); the rest are
     # counted in the kernel (Counter.QUICK), and readiness waits are not traced
     min_wait_ns: int = 0
+    writes: bool = True  # trace writes to sockets (pending write bytes) as well as reads
 
 
 # Allocator entry points: symbol -> the BPF function run on entry (all share one on return).
@@ -159,6 +160,7 @@ def read_probe_cflags(
         MAX_ALLOCS=options.max_allocs,
         MAX_STACKS=options.max_stacks,
         MIN_WAIT_NS=options.min_wait_ns,
+        WITH_WRITES=int(options.writes),
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 

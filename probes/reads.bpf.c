@@ -277,6 +277,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg)
     return read_posted(&r);
 }
 
+#if WITH_WRITES
 /* Writes to sockets: a blocking send() into a full socket buffer holds its buffer, pending,
  * the way a posted read does. Same in-flight table (a thread is in one syscall at a time). */
 static __always_inline int write_posted(struct inflight *r)
@@ -352,6 +353,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_write) { return write_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return write_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return write_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return write_returned(args->ret); }
+#endif /* WITH_WRITES */
 
 TRACEPOINT_PROBE(syscalls, sys_exit_read) { return read_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return read_returned(args->ret); }

@@ -138,6 +138,12 @@ def render(results: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def _part(name: str) -> Any:
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module(f"idlebuf.bench.{name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
@@ -171,25 +177,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M")}
+    runners = {
+        "overhead": lambda: _part("overhead").run(args.rounds, args.seconds, args.connections, log),
+        "ceiling": lambda: _part("ceiling").run(args.storm, args.trials, log),
+        "analysis": lambda: _part("analysis_speed").run(
+            args.workdir, args.events, args.repeats, log
+        ),
+        "scale": lambda: _part("scale").run(args.scale, 16384, log),
+    }
     try:
-        if "overhead" in parts:
-            from idlebuf.bench import overhead
-
-            results["overhead"] = overhead.run(args.rounds, args.seconds, args.connections, log)
-        if "ceiling" in parts:
-            from idlebuf.bench import ceiling
-
-            results["ceiling"] = ceiling.run(args.storm, args.trials, log)
-        if "analysis" in parts:
-            from idlebuf.bench import analysis_speed
-
-            results["analysis"] = analysis_speed.run(args.workdir, args.events, args.repeats, log)
-        if "scale" in parts:
-            from idlebuf.bench import scale
-
-            results["scale"] = scale.run(args.scale, 16384, log)
+        for name in parts:
+            try:
+                results[name] = runners[name]()
+            except (RuntimeError, OSError, ValueError) as exc:  # one part failing keeps the rest
+                log(f"{name}: failed: {exc}")
+                results[name + "_error"] = str(exc)
+            args.output.write_text(json.dumps(results, indent=1))  # nothing measured is lost
     except KeyboardInterrupt:
-        print("bench: interrupted; writing what was measured", file=sys.stderr)
+        print("bench: interrupted; keeping what was measured", file=sys.stderr)
     args.output.write_text(json.dumps(results, indent=1))
     print(render(results))
     print(f"\nfigures: {args.output}")

@@ -191,7 +191,7 @@ import json, sys, time
 import duckdb
 t0 = time.perf_counter()
 d = sys.argv[1]
-con = duckdb.connect()
+con = duckdb.connect(config={"enable_progress_bar": False})
 con.execute(f"CREATE VIEW posts AS SELECT * FROM read_parquet('{d}/posts/*.parquet')")
 con.execute(f"CREATE VIEW completions AS SELECT * FROM read_parquet('{d}/completions/*.parquet')")
 con.execute(f"CREATE VIEW allocs AS SELECT * FROM read_parquet('{d}/allocs/*.parquet')")
@@ -243,7 +243,7 @@ def _measured(code: str, trace: Path) -> dict[str, Any]:
     err = proc.stderr.read() if proc.stderr else b""
     if proc.wait():
         raise RuntimeError(err.decode().strip().splitlines()[-1])
-    answer = json.loads(out)
+    answer = json.loads(out.decode().strip().splitlines()[-1])  # DuckDB may print progress
     # the side's own high-water RSS (VmHWM, this address space only): wait4's ru_maxrss would
     # also count the pre-exec copy of this process
     return {**answer, "wall_s": time.perf_counter() - started, "peak_rss_bytes": answer["hwm"]}

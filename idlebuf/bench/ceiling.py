@@ -28,6 +28,7 @@ from probes.recorder import split_by_kind, write_records
 from probes.trace_writer import TraceWriter
 
 EVENT_TABLES = ("posts", "completions", "writes", "write_completions")
+RING_MIB = 64  # ~760k events of slack: the storm and the recorder share two CPUs
 
 
 def untraced_rate(count: int, procs: int) -> float:
@@ -44,6 +45,7 @@ def live(count: int, procs: int) -> dict[str, Any]:
         trace = Path(tmp) / "storm"
         rec = RecorderRun(
             trace,
+            *("--ring-buffer", str(RING_MIB)),
             "--",
             *(sys.executable, "-m", "workloads.read_storm"),
             *("--mode", "pingpong", "--count", str(count), "--procs", str(procs)),
@@ -97,7 +99,7 @@ def pipeline(n: int = 4_000_000, batch: int = 200_000) -> dict[str, Any]:
 
 
 def run(count: int, trials: int, log: Callable[[str], None]) -> dict[str, Any]:
-    out: dict[str, Any] = {"count_per_proc": count, "trials": trials}
+    out: dict[str, Any] = {"count_per_proc": count, "trials": trials, "ring_buffer_mib": RING_MIB}
     for procs in (1, 2):
         runs = []
         for t in range(trials):

@@ -20,11 +20,11 @@ SERVERS = {
     "readiness": ("workloads.epoll_server", ("--buffers", "pool")),
     "threads": ("workloads.threaded_server", ()),
 }
-# what is attached: only reads and writes that wait (>= 1 ms; the rest counted in the kernel);
+# what is attached: only reads that wait (>= 1 ms; the rest counted in the kernel; no writes);
 # every read and write, and readiness waits (the default); + the memory side (allocator
 # uprobes on blocks >= 1 KiB, RSS, socket memory); + every allocation however small
 CONFIGS = {
-    "posted reads": ("--min-wait", "1"),
+    "posted reads": ("--min-wait", "1", "--no-writes"),
     "every read": (),
     "+ memory": ("--memory",),
     "everything": ("--memory", "--min-alloc", "1"),

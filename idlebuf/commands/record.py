@@ -66,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per-connection activity need every read and are not available with it",
     )
     p.add_argument(
+        "--no-writes",
+        action="store_true",
+        help="do not trace writes to sockets (pending write bytes): halves the probes' cost "
+        "on a server that writes as often as it reads",
+    )
+    p.add_argument(
         "--ring-buffer",
         type=int,
         default=16,
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 min_alloc=args.min_alloc,
                 sample_every=args.sample,
                 min_wait_ns=round(args.min_wait * 1e6),
+                writes=not args.no_writes,
             )
             print(render_read_probe(options))
         except (BTFError, ProbeError) as exc:
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         sample_every=args.sample,
         ringbuf_pages=mib * (1 << 20) // mmap.PAGESIZE,
         min_wait_ns=round(args.min_wait * 1e6),
+        writes=not args.no_writes,
     )
     config = RecordConfig(
         output=args.output,
