@@ -51,13 +51,14 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     # by (pid, source, key) then time; at equal timestamps a post comes before its completion.
     # Two stable integer sorts (time, then a dense id of the key) instead of a 4-key lexsort.
     by_time = np.argsort(ts * 2 + (post_row < 0), kind="stable")
-    who_id, keys_w = pd.factorize(who)
-    key_id, keys_k = pd.factorize(key)
-    group = who_id.astype(np.int64) * max(len(keys_k), 1) + key_id
-    order = by_time[np.argsort(group[by_time], kind="stable")]
-    who_s, key_s, row_s = who[order], key[order], post_row[order]
+    who_id, _ = pd.factorize(who)
+    key_id, keys = pd.factorize(key)
+    group = (who_id.astype(np.int64) * max(len(keys), 1) + key_id)[by_time]
+    by_group = np.argsort(group, kind="stable")
+    order = by_time[by_group]
+    group_s, row_s = group[by_group], post_row[order]
     same = np.zeros(len(order), dtype=bool)  # the next event is on the same key
-    same[:-1] = (who_s[1:] == who_s[:-1]) & (key_s[1:] == key_s[:-1])
+    same[:-1] = group_s[1:] == group_s[:-1]
     at_post = np.flatnonzero(row_s >= 0)
     has_next = same[at_post]
     nxt = order[np.minimum(at_post + 1, len(order) - 1)]  # the next event, in input order

@@ -191,7 +191,8 @@ import json, sys, time
 import duckdb
 t0 = time.perf_counter()
 d = sys.argv[1]
-con = duckdb.connect(config={"enable_progress_bar": False})
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")
 con.execute(f"CREATE VIEW posts AS SELECT * FROM read_parquet('{d}/posts/*.parquet')")
 con.execute(f"CREATE VIEW completions AS SELECT * FROM read_parquet('{d}/completions/*.parquet')")
 con.execute(f"CREATE VIEW allocs AS SELECT * FROM read_parquet('{d}/allocs/*.parquet')")
