@@ -30,6 +30,20 @@ _INTERVAL_COLUMNS = [
 ]
 
 
+def _without_swept_duplicates(posts: pd.DataFrame) -> pd.DataFrame:
+    """--min-wait records a long call twice when the recorder's sweep saw it waiting (flagged
+    SWEPT) and it returned during the recording: keep the kernel's record of it."""
+    swept = (posts["flags"].to_numpy(np.int64) & PostFlag.SWEPT) != 0
+    if not swept.any():
+        return posts
+    keys = ["pid", "source", "key", "ts_ns"]
+    kernel = posts.loc[~swept, keys].drop_duplicates()
+    twice = posts.loc[swept, keys].merge(kernel, on=keys, how="left", indicator=True)
+    keep = ~swept
+    keep[np.flatnonzero(swept)[(twice["_merge"] == "left_only").to_numpy()]] = True
+    return posts[keep]
+
+
 def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFrame:
     """One row per posted read: when it was posted and when (and how) it ended.
 
@@ -39,7 +53,7 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     """
     if posts.empty:
         return pd.DataFrame(columns=_INTERVAL_COLUMNS)
-    p = posts.reset_index(drop=True)
+    p = _without_swept_duplicates(posts).reset_index(drop=True)
     n_posts = len(p)
 
     def both(col: str, dtype: str) -> np.ndarray:

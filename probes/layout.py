@@ -131,7 +131,7 @@ class PostFlag(IntEnum):
     FIXED_BUFFER = 128  # uring: READ_FIXED into a registered buffer
     BUNDLE = 256  # uring: a recv bundle (several provided buffers per completion)
     WRITE = 512  # a write to a socket (writes table), not a read
-    EMITTED = 1024  # --min-wait: its POST was already recorded (by the recorder's sweep)
+    SWEPT = 1024  # --min-wait: recorded by the recorder's sweep while the call still waited
 
 
 class GroupKind(IntEnum):

@@ -63,7 +63,7 @@ URING_TRACEPOINTS = (
     "syscalls/sys_enter_io_uring_register",
 )
 
-BPF_NOEXIST, BPF_EXIST = 1, 2
+BPF_NOEXIST = 1
 
 
 class ProbeError(Exception):
@@ -199,6 +199,7 @@ class ReadProbes:
                 "distribution's python3-bpfcc, not from pip)"
             ) from None
         self.options = options
+        self._swept: set[tuple[int, int]] = set()  # (tid, start) of calls the sweep recorded
         btf = btf or BTF.load()
         uring, self.uring_status = uring_support(btf)
         self.cflags = read_probe_cflags(options, kernel_offsets(btf), uring)
@@ -260,23 +261,22 @@ class ReadProbes:
         return rc == 0
 
     def sweep_waiting(self, now_ns: int) -> list[dict[str, int]]:
-        """--min-wait: wire rows (as dicts) for the calls in flight for at least the minimum
-        wait whose POST is not recorded yet, each marked EMITTED in the kernel's table first.
-        A call that returns meanwhile is not recorded twice: marking fails once its entry is
-        gone, and its exit emits POST and completion itself."""
-        from bcc import lib  # noqa: PLC0415
-
-        done = layout.PostFlag.EMITTED | layout.PostFlag.SCANNED
+        """--min-wait: wire rows (as dicts, flagged SWEPT) for the calls in flight for at
+        least the minimum wait and not swept before. Read-only: the kernel records such a
+        call again at its return, with the same start time, and the analysis keeps one."""
         rows = []
+        seen = set()
         for key, leaf in list(self.inflight.items()):
-            if leaf.flags & done or now_ns - leaf.ts_ns < self.options.min_wait_ns:
+            call = (int(key.value), int(leaf.ts_ns))
+            seen.add(call)
+            if (
+                leaf.flags & layout.PostFlag.SCANNED
+                or call in self._swept
+                or now_ns - leaf.ts_ns < self.options.min_wait_ns
+            ):
                 continue
-            leaf.flags |= layout.PostFlag.EMITTED
-            rc = lib.bpf_update_elem(
-                self.inflight.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_EXIST
-            )
-            if rc != 0:
-                continue
+            self._swept.add(call)
+            leaf.flags |= layout.PostFlag.SWEPT
             write = bool(leaf.flags & layout.PostFlag.WRITE)
             rows.append(
                 {
@@ -294,6 +294,7 @@ class ReadProbes:
                     "source": layout.Source.SYSCALL,
                 }
             )
+        self._swept &= seen  # forget calls that have returned
         return rows
 
     def inflight_flags(self, tid: int) -> int | None:

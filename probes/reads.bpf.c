@@ -164,13 +164,15 @@ static __always_inline void emit(u8 kind, u64 key, u32 pid, const struct infligh
 }
 
 /* --min-wait (MIN_WAIT_NS > 0): a call is recorded only if it waits. Its POST is emitted at
- * its return when it took at least MIN_WAIT_NS (with the time it began), or earlier by the
- * recorder, which sweeps the in-flight table and marks what it recorded FLAG_EMITTED; calls
- * that return sooner are only counted. Returns 1 if the caller should emit its completion. */
+ * its return when it took at least MIN_WAIT_NS, with the time it began; calls that return
+ * sooner are only counted. The recorder also records calls still waiting from a sweep of the
+ * in-flight table (flagged SWEPT, same start time; the analysis keeps one of the two), and
+ * never writes to the table, so a call can neither be lost nor marked for another one.
+ * Returns 1 if the caller should emit its completion. */
 static __always_inline int waited(u8 post_kind, u64 key, u32 pid, const struct inflight *r)
 {
 #if MIN_WAIT_NS > 0
-    if (r->flags & (FLAG_EMITTED | FLAG_SCANNED))
+    if (r->flags & FLAG_SCANNED) /* seeded by the /proc scan, whose POST is recorded */
         return 1;
     if (bpf_ktime_get_ns() - r->ts_ns < MIN_WAIT_NS) {
         count(CNT_QUICK);

@@ -1,23 +1,28 @@
 """`record --min-wait`: only reads and writes that wait are recorded; the rest are counted.
 
 A thread-per-connection server with 23 connections, 3 of which exchange 101 messages back to
-back: the 20 idle connections' reads wait for the whole recording and are recorded (by the
-recorder's sweep, since they never return) with their exact buffers; every exchange's read and
-write either returned within 50 ms and is only counted, or waited and is recorded - together
-exactly the server's count.
+back after waiting 1.5 s: the 20 idle connections' reads wait for the whole recording and are
+recorded (by the recorder's sweep, since they never return) with their exact buffers; the 3
+first reads were swept while waiting and recorded again at their return, and count once; every
+other read and write either returned within 50 ms and is only counted, or waited and is
+recorded - together exactly the server's count.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from analysis.reads import read_intervals
 from analysis.trace import open_trace
+from probes.layout import PostFlag
 from tests.helpers import (
     Recording,
+    go,
     python_module,
     read_event,
     report_json,
@@ -34,8 +39,16 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path) -> None:
     trace = tmp_path / "trace"
     server = python_module("workloads.threaded_server", "--buffer-size", str(BUFFER))
     with Recording(trace, server, ("--min-wait", "50")) as rec:
-        load = start_loadgen(rec.port, CONNECTIONS, ACTIVE, MESSAGES, 1000, "--hold", "60")
+        load = start_loadgen(
+            rec.port,
+            *(CONNECTIONS, ACTIVE, MESSAGES, 1000),
+            *("--hold", "60", "--wait-start"),
+            stdin=subprocess.PIPE,
+        )
         try:
+            rec.wait_for(lambda t: t["posted_reads"] == CONNECTIONS)
+            time.sleep(1.5)  # the recorder's sweep (once a second) sees every read waiting
+            go(load)
             read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
             truth = rec.wait_for(lambda t: t["reads_completed"] == ACTIVE * MESSAGES)
             time.sleep(0.3)  # longer than the wait threshold: every read is waiting again
@@ -51,6 +64,14 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path) -> None:
     t = open_trace(trace)
     mine = t["completions"]["pid"] == rec.pid
     waited_reads = int((t["completions"][mine]["ret"] > 0).sum())
+    # the 3 first reads of the active connections: swept while waiting, then recorded at
+    # their return; the analysis keeps one record of each
+    swept = t["posts"][(t["posts"]["flags"] & PostFlag.SWEPT) != 0]
+    assert len(swept) >= CONNECTIONS
+    intervals = read_intervals(t["posts"], t["completions"])
+    intervals = intervals[intervals["pid"] == rec.pid]
+    assert not intervals["superseded"].any()
+    assert int((intervals["ret"] > 0).sum()) == waited_reads >= ACTIVE
     waited_writes = int((t["write_completions"]["pid"] == rec.pid).sum())
     # every echo is one recv and one send: each was either counted or recorded, never both
     assert quick + waited_reads + waited_writes == 2 * ACTIVE * MESSAGES

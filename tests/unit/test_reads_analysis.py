@@ -93,3 +93,19 @@ def test_parked_needs_a_readiness_wait_when_waits_are_known() -> None:
     assert parked[["pid", "post_ns", "end_ns"]].values.tolist() == [[1, 20, 50]]
     late = waits.assign(ts_ns=60)  # a wait only after the retry: the read was not parked
     assert parked_reads(iv, late).empty
+
+
+def test_a_call_recorded_by_the_sweep_and_at_its_return_counts_once() -> None:
+    """--min-wait: the recorder's sweep records a waiting call (SWEPT); the kernel records it
+    again when it returns, with the same start. One read, completed; a swept call that is
+    still waiting stays posted."""
+    from probes.layout import PostFlag
+
+    p = posts([(10, 1, 11, 100), (10, 1, 11, 100), (12, 1, 12, 200)])
+    p.loc[[1, 2], "flags"] = int(PostFlag.SWEPT)  # row 0: the kernel's, at the return
+    iv = read_intervals(p, completions([(40, 1, 11, 7)]))
+    assert iv[["key", "post_ns", "end_ns", "ret"]].fillna(-1).values.tolist() == [
+        [11, 10, 40, 7],
+        [12, 12, -1, -1],
+    ]
+    assert not iv["superseded"].any()
