@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -64,6 +66,7 @@ URING_TRACEPOINTS = (
 )
 
 BPF_NOEXIST = 1
+PIDFD_THREAD = os.O_EXCL  # pidfd_open(2) of a thread, not a process (Linux 6.9)
 
 
 class ProbeError(Exception):
@@ -266,8 +269,8 @@ class ReadProbes:
         call again at its return, with the same start time, and the analysis keeps one."""
         rows = []
         seen = set()
-        for key, leaf in list(self.inflight.items()):
-            call = (int(key.value), int(leaf.ts_ns))
+        for tid, leaf in self._calls_in_flight():
+            call = (tid, int(leaf.ts_ns))
             seen.add(call)
             if (
                 leaf.flags & layout.PostFlag.SCANNED
@@ -281,11 +284,11 @@ class ReadProbes:
             rows.append(
                 {
                     "ts_ns": int(leaf.ts_ns),
-                    "key": int(key.value),
+                    "key": tid,
                     "addr": int(leaf.addr),
                     "value": int(leaf.len),
                     "pid": int(leaf.pid),
-                    "tid": int(key.value),
+                    "tid": tid,
                     "fd": int(leaf.fd),
                     "flags": int(leaf.flags),
                     "nvec": int(leaf.nvec),
@@ -296,6 +299,36 @@ class ReadProbes:
             )
         self._swept &= seen  # forget calls that have returned
         return rows
+
+    def _calls_in_flight(self) -> Iterator[tuple[int, Any]]:
+        """(tid, entry) of every traced call in flight: with --min-wait, each target thread's
+        own storage (looked up by a thread pidfd; a thread that exits meanwhile is skipped);
+        and the in-flight hash (calls the /proc scan seeded, or every call without it)."""
+        from bcc import lib  # noqa: PLC0415
+
+        for key, leaf in list(self.inflight.items()):
+            yield int(key.value), leaf
+        if not self.options.min_wait_ns:
+            return
+        fd = lib.bpf_table_fd(self.bpf.module, b"calls")
+        leaf = self.inflight.Leaf()
+        for pid in self.target_pids():
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+                except OSError:
+                    continue
+                try:
+                    key = ctypes.c_int(pidfd)
+                    found = lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0
+                finally:
+                    os.close(pidfd)
+                if found and leaf.ts_ns:
+                    yield tid, type(leaf).from_buffer_copy(leaf)
 
     def inflight_flags(self, tid: int) -> int | None:
         leaf = self.inflight.get(self.inflight.Key(tid))
