@@ -145,7 +145,11 @@ def _part(name: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     parser.add_argument("--rounds", type=int, default=4, help="alternating pairs (overhead)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per overhead side")

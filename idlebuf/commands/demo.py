@@ -35,13 +35,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "report with plots and a Perfetto timeline (open it at ui.perfetto.dev) beside the "
         "traces. Needs root.",
     )
-    p.add_argument("--connections", type=int, default=1000, metavar="N")
     p.add_argument(
-        "--active", type=float, default=0.05, metavar="F", help="fraction of active connections"
+        "--connections", type=int, default=1000, metavar="N", help="connections (default 1000)"
     )
-    p.add_argument("--buffer-size", type=int, default=16384, metavar="BYTES")
     p.add_argument(
-        "--duration", type=float, default=5.0, metavar="S", help="seconds recorded per model"
+        "--active",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="fraction of them exchanging messages (default 0.05)",
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=16384,
+        metavar="BYTES",
+        help="read buffer (or pushed chunk) per connection (default 16384)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds recorded per model (default 5)",
     )
     p.add_argument(
         "--models",

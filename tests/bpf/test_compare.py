@@ -10,11 +10,13 @@ The HTML report and the Perfetto timeline it writes are read back.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from analysis.trace import open_trace
 from tests.helpers import idlebuf
 from tests.readers import read_report, read_timeline
 
@@ -139,3 +141,28 @@ def test_push_side_by_side(tmp_path: Path) -> None:
     assert connections * BUFFER <= queued["write_buffer_heap"] <= connections * (BUFFER + 64)
     assert BUFFER <= ready["write_buffer_heap"] <= BUFFER + 64
     assert ready["pending_writes"] == 0 and queued["ratio_to_readiness"] >= 10
+
+
+def test_load_from_its_own_network_namespace(tmp_path: Path) -> None:
+    """--netns: the load generator connects from a namespace behind a veth pair, a separate
+    host; the server sees 23 connections from that host and holds a read on each."""
+    connections = 23
+    out = tmp_path / "netns"
+    done = idlebuf(
+        "demo",
+        "--netns",
+        "--json",
+        *("--models", "queued-threads", "--connections", str(connections)),
+        *("--active", str(3 / connections), "--duration", "2", "-o", str(out)),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["rows"]
+    assert row["posted_reads"] == connections == row["ground_truth"]["posted_reads"]
+    sockets = open_trace(out / "queued-threads")["sockets"]
+    peers = sockets[(sockets["pid"] == row["pid"]) & (sockets["state"] == "ESTABLISHED")]
+    assert set(peers["remote"].str.rsplit(":", n=1).str[0]) == {"10.231.0.2"}
+    assert (
+        "idlebuf-"
+        not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    )  # the namespace is gone
