@@ -148,8 +148,7 @@ def record_model(
             why = recorder.stderr.read().decode().strip() if recorder.stderr else ""
             raise IdlebufError(f"recording {model.name} did not start: {why}") from None
         ready_ns = time.monotonic_ns()  # the trace's clock: RSS growth is counted from here
-        client = loadgen_args if model.client == "workloads.loadgen" else push_client_args
-        generator = spawn(model.client, *client(load, listening["port"]))
+        generator = spawn(model.client, *client_args(model.client, load, listening["port"]))
         connected = read_event(generator.stdout, "connected", 120)  # type: ignore[arg-type]
         progress(f"{connected['connections']:,} connections open, recording")
         out, err = recorder.communicate(timeout=load.duration + 180)
@@ -180,43 +179,23 @@ def last_truth(stdout: bytes) -> dict[str, Any] | None:
     return truth
 
 
-def loadgen_args(load: Load, port: int) -> list[str]:
+def client_args(client: str, load: Load, port: int) -> list[str]:
+    """Arguments of the program that drives a model: the echo load generator, or the push
+    server's slow readers. Either stops a second before the recording does, so that its
+    "now" sees every read re-posted rather than a few caught between completion and re-post."""
+    if client == "workloads.loadgen":
+        pace = [
+            *("--messages", str(int(load.duration * load.rate) + 100)),
+            *("--rate", str(load.rate)),
+        ]
+    else:  # workloads.push_client: bytes/s per active reader
+        pace = ["--rate", str(4 * load.buffer_size)]
     return [
         *(("--netns", load.netns, "--host", NETNS_SERVER) if load.netns else ()),
-        "--port",
-        str(port),
-        "--connections",
-        str(load.connections),
-        "--active",
-        str(load.active),
-        "--messages",
-        str(int(load.duration * load.rate) + 100),
-        "--rate",
-        str(load.rate),
-        # the exchanges end a second before the recording does, so that its "now" sees
-        # every read re-posted rather than a few caught between completion and re-post
-        "--duration",
-        str(max(0.5, load.duration - 1)),
-        "--hold",
-        "120",
-    ]
-
-
-def push_client_args(load: Load, port: int) -> list[str]:
-    return [
-        *(("--netns", load.netns, "--host", NETNS_SERVER) if load.netns else ()),
-        "--port",
-        str(port),
-        "--connections",
-        str(load.connections),
-        "--active",
-        str(load.active),
-        "--rate",
-        str(4 * load.buffer_size),  # bytes/s per active reader
-        "--duration",
-        str(max(0.5, load.duration - 1)),
-        "--hold",
-        "120",
+        *("--port", str(port), "--connections", str(load.connections)),
+        *("--active", str(load.active)),
+        *pace,
+        *("--duration", str(max(0.5, load.duration - 1)), "--hold", "120"),
     ]
 
 
@@ -296,68 +275,33 @@ def comparison_of(paths: Sequence[Path], timeline_s: float = 0.5) -> dict[str, A
     return {"scenario": None, "rows": with_ratios(rows), "timelines": timelines, "models": models}
 
 
-def render_push_table(rows: list[dict[str, Any]]) -> str:
-    return table(
-        [
-            "model",
-            "conns",
-            "active",
-            "pending writes",
-            "pending bytes",
-            "write-buffer memory",
-            "RSS growth",
-            "socket mem",
-            "x readiness",
-        ],
-        [
-            [
-                r["model"],
-                f"{r['connections']:,}",
-                f"{r['active']:,}",
-                f"{r['pending_writes']:,}",
-                human_bytes(r["pending_write_bytes"]),
-                human_bytes(r["write_buffer_heap"]),
-                human_bytes(r["rss_growth"]),
-                human_bytes(r["socket_kernel_bytes"]),
-                f"{r['ratio_to_readiness']:g}",
-            ]
-            for r in rows
-        ],
-    )
+Column = tuple[str, str, Callable[[Any], str]]  # (header, row key, format)
+_COUNT: Callable[[Any], str] = "{:,}".format
+TABLE_COLUMNS: list[Column] = [
+    ("model", "model", str),
+    ("conns", "connections", _COUNT),
+    ("active", "active", _COUNT),
+    ("posted", "posted_reads", _COUNT),
+    ("pinned", "pinned_bytes", human_bytes),
+    ("IO-buffer memory", "io_buffer_heap", human_bytes),
+    ("resident", "io_buffer_heap_resident", human_bytes),
+    ("RSS growth", "rss_growth", human_bytes),
+    ("socket mem", "socket_kernel_bytes", human_bytes),
+    ("per idle conn", "per_idle_connection_bytes", human_bytes),
+    ("x readiness", "ratio_to_readiness", "{:g}".format),
+]
+PUSH_COLUMNS: list[Column] = [
+    *TABLE_COLUMNS[:3],
+    ("pending writes", "pending_writes", _COUNT),
+    ("pending bytes", "pending_write_bytes", human_bytes),
+    ("write-buffer memory", "write_buffer_heap", human_bytes),
+    *TABLE_COLUMNS[7:9],
+    TABLE_COLUMNS[-1],
+]
 
 
-def render_table(rows: list[dict[str, Any]]) -> str:
-    return table(
-        [
-            "model",
-            "conns",
-            "active",
-            "posted",
-            "pinned",
-            "IO-buffer memory",
-            "resident",
-            "RSS growth",
-            "socket mem",
-            "per idle conn",
-            "x readiness",
-        ],
-        [
-            [
-                r["model"],
-                f"{r['connections']:,}",
-                f"{r['active']:,}",
-                f"{r['posted_reads']:,}",
-                human_bytes(r["pinned_bytes"]),
-                human_bytes(r["io_buffer_heap"]),
-                human_bytes(r["io_buffer_heap_resident"]),
-                human_bytes(r["rss_growth"]),
-                human_bytes(r["socket_kernel_bytes"]),
-                human_bytes(r["per_idle_connection_bytes"]),
-                f"{r['ratio_to_readiness']:g}",
-            ]
-            for r in rows
-        ],
-    )
+def render_table(rows: list[dict[str, Any]], columns: list[Column] = TABLE_COLUMNS) -> str:
+    return table([c[0] for c in columns], [[fmt(r[key]) for _, key, fmt in columns] for r in rows])
 
 
 def write_reports(comparison: dict[str, Any], directory: Path, title: str) -> dict[str, str]:

@@ -10,13 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from idlebuf.compare import (
-    Load,
-    render_push_table,
-    render_table,
-    run_comparison,
-    write_reports,
-)
+from idlebuf.compare import PUSH_COLUMNS, Load, render_table, run_comparison, write_reports
 from idlebuf.errors import IdlebufError
 from idlebuf.models import Model, models, push_models
 from idlebuf.output import output_dir
@@ -176,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"rows": comparison["rows"], **paths, "output": str(base)}, indent=2))
         return 0
     if args.push:
-        print(render_push_table(comparison["rows"]))
+        print(render_table(comparison["rows"], PUSH_COLUMNS))
         print(
             f"\n{load.connections:,} connections, {load.active:,} reading, "
             f"{human_bytes(load.buffer_size)} chunks. Write-buffer memory: live allocations "
