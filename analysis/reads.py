@@ -289,9 +289,10 @@ def process_peaks(timeline: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
-def write_summary(writes: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFrame:
-    """Per pid, writes to sockets: pending now (began, not returned) and at peak, with the
-    bytes their buffers hold, and the writes that returned (bytes sent, failures)."""
+def write_summary(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Per pid, writes to sockets (`read_intervals` of the writes tables): pending now (began,
+    not returned) and at peak, with the bytes their buffers hold, and the writes that
+    returned (bytes sent)."""
     columns = [
         "pid",
         "pending_writes",
@@ -301,7 +302,6 @@ def write_summary(writes: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
         "writes_completed",
         "bytes_sent",
     ]
-    intervals = read_intervals(writes, completions)
     if intervals.empty:
         return pd.DataFrame(columns=columns)
     pending = intervals[intervals["end_ns"].isna()]

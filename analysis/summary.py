@@ -180,11 +180,13 @@ def timeline(
     reads: pd.DataFrame,
     posted: pd.DataFrame,
     allocations: pd.DataFrame,
+    writes: pd.DataFrame,
     resolution_s: float,
     idle_threshold_s: float,
 ) -> list[dict[str, Any]]:
     """The per-process time series, as JSON rows. `reads`: the network reads' intervals,
-    `posted` their posted_timeline(), `allocations` allocation_intervals()."""
+    `posted` their posted_timeline(), `allocations` allocation_intervals(), `writes` the
+    writes' intervals."""
     start = int(
         trace.meta.get("tracing_since_ns") or trace.meta.get("clock", {}).get("monotonic_ns", 0)
     )
@@ -211,7 +213,7 @@ def timeline(
         end,
         resolution,
         buffers,
-        posted_timeline(read_intervals(trace["writes"], trace["write_completions"])),
+        posted_timeline(writes),
     )
     return [
         {str(k): (float(v) if k == "t_s" else int(v)) for k, v in row.items()}
@@ -232,6 +234,7 @@ def summarize(
     end_ns = end_of_recording(trace)
     reads = network_reads(intervals)
     posted = posted_timeline(reads)
+    write_intervals = read_intervals(trace["writes"], trace["write_completions"])
     allocations = allocation_intervals(trace["allocs"], trace["frees"])
     memory = memory_by_process(trace, reads, allocations, end_ns, idle_threshold_s)
     by_label = read_summary(intervals)
@@ -243,7 +246,7 @@ def summarize(
     # intermediate completions are buffer uses without a request pointer
     uses = trace["buffer_uses"]
     processes = trace["processes"].drop_duplicates("pid").set_index("pid")
-    writes = write_summary(trace["writes"], trace["write_completions"]).set_index("pid")
+    writes = write_summary(write_intervals).set_index("pid")
     waits_begun = trace["waits"].groupby("pid").size()
     waits_ended = trace["wait_ends"].groupby("pid").size()
     pids = sorted(
@@ -320,7 +323,17 @@ def summarize(
         "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
         "idle_threshold_s": idle_threshold_s,
         **(
-            {"timeline": timeline(trace, reads, posted, allocations, timeline_s, idle_threshold_s)}
+            {
+                "timeline": timeline(
+                    trace,
+                    reads,
+                    posted,
+                    allocations,
+                    write_intervals,
+                    timeline_s,
+                    idle_threshold_s,
+                )
+            }
             if timeline_s
             else {}
         ),

@@ -8,6 +8,7 @@ the kernel's socket memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,7 @@ def run_sweep(
     grid = [(n, f) for n in connections for f in fractions]
     points = []
     for k, (n, f) in enumerate(grid, 1):
-        load = Load(
-            connections=n,
-            active=round(n * f),
-            buffer_size=template.buffer_size,
-            duration=template.duration,
-            rate=template.rate,
-            netns=template.netns,
-        )
+        load = replace(template, connections=n, active=round(n * f))
         models = chosen(load.active) if callable(chosen) else chosen
         where = f"[{k}/{len(grid)}] {n:,} connections, {f:.0%} active: [{{}}/{len(models)}]"
         comparison = run_comparison(
