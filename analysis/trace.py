@@ -62,6 +62,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def recording_started(path: Path) -> bool:
+    """Whether a recorder writing `path` is tracing yet: it rewrites meta.json with attached
+    probes once it is (and a trace not started yet may have no meta.json at all)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get("probes", {}).get("reads", {}).get("attached"))
+
+
 def read_table(path: Path, table: layout.Table) -> pd.DataFrame:
     """All parts of one table, in order; an absent table is empty."""
     schema = table.arrow_schema()

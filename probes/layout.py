@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -251,6 +252,21 @@ class Table:
 
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def filled(self, n: int, **columns: Any) -> pa.Table:
+        """`n` rows: each given column an array/list of n values or one value for all; the
+        others zero (empty strings, false). For synthetic traces in tests and benchmarks."""
+        data: dict[str, Any] = {}
+        for field in self.arrow_schema():
+            if pa.types.is_string(field.type) or pa.types.is_boolean(field.type):
+                value = columns.get(field.name, "" if pa.types.is_string(field.type) else False)
+                data[field.name] = value if isinstance(value, list) else [value] * n
+            else:
+                value = columns.get(field.name, 0)
+                data[field.name] = (
+                    value if isinstance(value, (list, np.ndarray)) else np.full(n, value)
+                )
+        return pa.table(data, schema=self.arrow_schema())
 
 
 def _wire(name: str, field: str | None = None) -> Column:

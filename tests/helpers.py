@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analysis.trace import recording_started
 from idlebuf.scenario import read_event, spawn, stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,15 +104,7 @@ def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -
 
 def wait_for_trace_started(trace: Path, timeout: float = 60.0) -> None:
     """The recorder writes meta.json with attached probes once it is tracing."""
-
-    def attached() -> bool:
-        try:
-            meta = json.loads((trace / "meta.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return bool(meta["probes"]["reads"]["attached"])
-
-    wait_until(attached, timeout, "the recorder to attach")
+    wait_until(lambda: recording_started(trace), timeout, "the recorder to attach")
 
 
 __all__ = [

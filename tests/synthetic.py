@@ -10,9 +10,6 @@ at 2.5 s (at the end those are active, the others idle):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
 
 from probes import layout
 from probes.layout import Source
@@ -23,22 +20,6 @@ T0 = 10 * SECOND  # the recording starts here (monotonic ns) and lasts 3 s
 HEAP = 0x7F00_0000_0000
 RECVFROM = 45
 SOCKET_RMEM = 768  # rmem_alloc + fwd_alloc of each socket in the last sample
-
-
-def rows(table: layout.Table, n: int, **columns: Any) -> pa.Table:
-    """`n` rows of `table`; columns not given are zero (or empty strings)."""
-    data = {}
-    for field in table.arrow_schema():
-        zero = (
-            ""
-            if pa.types.is_string(field.type)
-            else False
-            if pa.types.is_boolean(field.type)
-            else 0
-        )
-        value = columns.get(field.name, zero)
-        data[field.name] = value if isinstance(value, list) else [value] * n
-    return pa.table(data, schema=table.arrow_schema())
 
 
 def server_trace(
@@ -57,7 +38,7 @@ def server_trace(
             "memory": {"sample_every": 1},
         }
     )
-    w.append(layout.PROCESSES, rows(layout.PROCESSES, 1, pid=pid, comm="srv", first_seen_ns=T0))
+    w.append(layout.PROCESSES, layout.PROCESSES.filled(1, pid=pid, comm="srv", first_seen_ns=T0))
     posts: list[tuple[int, int, int, int]] = []  # (ts, fd, key, addr)
     completions: list[tuple[int, int, int]] = []  # (ts, key, ret)
     key = 1
@@ -82,8 +63,7 @@ def server_trace(
             key += 1
     w.append(
         layout.POSTS,
-        rows(
-            layout.POSTS,
+        layout.POSTS.filled(
             len(posts),
             ts_ns=[p[0] for p in posts],
             pid=pid,
@@ -98,8 +78,7 @@ def server_trace(
     )
     w.append(
         layout.COMPLETIONS,
-        rows(
-            layout.COMPLETIONS,
+        layout.COMPLETIONS.filled(
             len(completions),
             ts_ns=[c[0] for c in completions],
             pid=pid,
@@ -111,8 +90,7 @@ def server_trace(
     )
     w.append(
         layout.ALLOCS,
-        rows(
-            layout.ALLOCS,
+        layout.ALLOCS.filled(
             len(allocs),
             ts_ns=[a[0] for a in allocs],
             pid=pid,
@@ -125,8 +103,7 @@ def server_trace(
     grown = base_rss + len(allocs) * buffer
     w.append(
         layout.RSS,
-        rows(
-            layout.RSS,
+        layout.RSS.filled(
             2,
             ts_ns=[T0, T0 + SECOND // 2],
             pid=pid,
@@ -137,8 +114,7 @@ def server_trace(
     )
     w.append(
         layout.SOCKETS,
-        rows(  # sampled twice: half a second in, and at the end
-            layout.SOCKETS,
+        layout.SOCKETS.filled(  # sampled twice: half a second in, and at the end
             2 * connections,
             ts_ns=[T0 + SECOND // 2] * connections + [T0 + 3 * SECOND - 1] * connections,
             pid=pid,

@@ -28,15 +28,6 @@ HEAP = 0x7F00_0000_0000
 RECVFROM = layout.SYSCALLS["recvfrom"]
 
 
-def _rows(table: layout.Table, **columns: Any) -> pa.Table:
-    n = len(next(iter(columns.values())))
-    data = {}
-    for field in table.arrow_schema():
-        value = columns.get(field.name, 0)
-        data[field.name] = value if isinstance(value, np.ndarray) else np.full(n, value)
-    return pa.table(data, schema=table.arrow_schema())
-
-
 def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int) -> int:
     """A 60-second recording of one server: `reads` reads (a post and a completion each,
     the last read of each connection still posted), a buffer allocation per connection and
@@ -77,8 +68,8 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
         c, p = conn[a : a + chunk], post[a : a + chunk].astype(np.uint64)
         w.append(
             layout.POSTS,
-            _rows(
-                layout.POSTS,
+            layout.POSTS.filled(
+                len(c),
                 ts_ns=p,
                 pid=4242,
                 tid=(100_000 + c).astype(np.uint32),
@@ -100,8 +91,8 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
         p = post[a : a + chunk][done[a : a + chunk]].astype(np.uint64) + 20_000
         w.append(
             layout.COMPLETIONS,
-            _rows(
-                layout.COMPLETIONS,
+            layout.COMPLETIONS.filled(
+                len(c),
                 ts_ns=p,
                 pid=4242,
                 tid=(100_000 + c).astype(np.uint32),
@@ -115,8 +106,8 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     made = SECOND + np.sort(rng.integers(0, duration, other_allocs)).astype(np.uint64)
     w.append(
         layout.ALLOCS,
-        _rows(
-            layout.ALLOCS,
+        layout.ALLOCS.filled(
+            connections + other_allocs,
             ts_ns=np.concatenate([np.full(connections, SECOND // 2, np.uint64), made]),
             pid=4242,
             tid=4242,
@@ -127,13 +118,15 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     )
     w.append(
         layout.FREES,
-        _rows(layout.FREES, ts_ns=made + np.uint64(SECOND // 10), pid=4242, tid=4242, addr=other),
+        layout.FREES.filled(
+            other_allocs, ts_ns=made + np.uint64(SECOND // 10), pid=4242, tid=4242, addr=other
+        ),
     )
     samples = np.arange(1, 61, dtype=np.uint64) * SECOND
     w.append(
         layout.RSS,
-        _rows(
-            layout.RSS,
+        layout.RSS.filled(
+            len(samples),
             ts_ns=samples,
             pid=4242,
             mm_id=1,
@@ -145,25 +138,15 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     fds = np.tile(100 + conns, len(sample_ts) // connections).astype(np.int32)
     w.append(
         layout.SOCKETS,
-        pa.table(
-            {
-                **{
-                    c.name: np.zeros(len(fds), dtype=c.arrow_type.to_pandas_dtype())
-                    for c in layout.SOCKETS.columns
-                    if pa.types.is_integer(c.arrow_type)
-                },
-                "ts_ns": sample_ts,
-                "pid": np.full(len(fds), 4242, np.uint32),
-                "fd": fds,
-                "inode": fds.astype(np.uint64) + 5000,
-                "family": ["tcp"] * len(fds),
-                "ipv6": np.zeros(len(fds), dtype=bool),
-                "state": ["ESTABLISHED"] * len(fds),
-                "local": [""] * len(fds),
-                "remote": [""] * len(fds),
-                "rmem_alloc": np.full(len(fds), 768, np.uint32),
-            },
-            schema=layout.SOCKETS.arrow_schema(),
+        layout.SOCKETS.filled(
+            len(fds),
+            ts_ns=sample_ts,
+            pid=4242,
+            fd=fds,
+            inode=fds.astype(np.uint64) + 5000,
+            family="tcp",
+            state="ESTABLISHED",
+            rmem_alloc=768,
         ),
     )
     w.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from analysis.trace import recording_started
 from idlebuf.scenario import stop
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -48,15 +49,6 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def attached(trace: Path) -> bool:
-    """The recorder rewrites meta.json with attached probes once it is tracing."""
-    try:
-        meta = json.loads((trace / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(meta.get("probes", {}).get("reads", {}).get("attached"))
-
-
 class RecorderRun:
     """`idlebuf record -o TRACE ARGS` in the background; CPU counted from attach on."""
 
@@ -72,7 +64,7 @@ class RecorderRun:
 
     def wait_attached(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while not attached(self.trace):
+        while not recording_started(self.trace):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"the recorder did not attach: {err.strip()}")

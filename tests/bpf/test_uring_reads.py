@@ -35,9 +35,16 @@ RING_BUFFERS, RING_BUFFER_SIZE = 67, 4099
 
 
 def run_uring(
-    tmp_path: Path, server_args: list[str], expect_posted: int, stop_server_first: bool = False
+    tmp_path: Path,
+    server_args: list[str],
+    expect_posted: int,
+    stop_server_first: bool = False,
+    waiting: str = "posted_reads",
 ) -> tuple[Path, int, dict[str, Any], dict[str, Any]]:
-    """Record a uring server under load; returns (trace, pid, ground truth, load summary)."""
+    """Record a uring server under load; returns (trace, pid, ground truth, load summary).
+
+    `waiting`: the ground-truth count that reaches every connection before data is sent
+    (posted reads, or polls with --poll-first)."""
     trace = tmp_path / "trace"
     with Recording(trace, python_module("workloads.uring_server", *server_args)) as rec:
         load = start_loadgen(
@@ -52,8 +59,8 @@ def run_uring(
             stdin=subprocess.PIPE,
         )
         try:
-            # every connection's read is posted before any data is sent...
-            rec.wait_for(lambda t: t["posted_reads"] == CONNECTIONS)
+            # every connection's read (or poll) is posted before any data is sent...
+            rec.wait_for(lambda t: t[waiting] == CONNECTIONS)
             go(load)
             done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
             truth = rec.wait_for(
@@ -182,39 +189,18 @@ def test_poll_first_reads_only_into_pooled_buffers(tmp_path: Path) -> None:
     """POLL_ADD per connection, then a RECV into one of 5 pooled buffers: 211 connections wait
     without a posted read; the 11 reads that happen use the pool's buffers and complete."""
     pool = 5
-    trace = tmp_path / "trace"
     args = ["--poll-first", str(pool), "--buffer-size", str(BUFFER)]
-    with Recording(trace, python_module("workloads.uring_server", *args)) as rec:
-        load = start_loadgen(
-            rec.port,
-            CONNECTIONS,
-            ACTIVE,
-            1,
-            SIZE,
-            "--hold",
-            "60",
-            "--wait-start",
-            stdin=subprocess.PIPE,
-        )
-        try:
-            rec.wait_for(lambda t: t["polling"] == CONNECTIONS)
-            go(load)
-            read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
-            truth = rec.wait_for(
-                lambda t: t["reads_completed"] == ACTIVE and t["polling"] == CONNECTIONS
-            )
-            rec.finish()
-        finally:
-            stop(load)
+    trace, pid, truth, _ = run_uring(tmp_path, args, 0, waiting="polling")
+    assert truth["polling"] == CONNECTIONS
     assert truth["posted_reads"] == 0
     report = report_json(trace)
-    (proc,) = [p for p in report["processes"] if p["pid"] == rec.pid]
+    (proc,) = [p for p in report["processes"] if p["pid"] == pid]
     assert proc["posted_reads"]["now"] == 0 and proc["pinned_bytes"]["now"] == 0
     assert 1 <= proc["posted_reads"]["peak"] <= pool
     assert proc["reads_completed"] == ACTIVE and proc["bytes_received"] == ACTIVE * SIZE
     t = open_trace(trace)
     iv = read_intervals(t["posts"], t["completions"])
-    reads = iv[(iv["pid"] == rec.pid) & (iv["source"] == Source.URING)]
+    reads = iv[(iv["pid"] == pid) & (iv["source"] == Source.URING)]
     assert len(reads) == ACTIVE
     assert set(reads["addr"]) <= set(truth["pool"]["addresses"])
     assert set(reads["len"]) == {BUFFER}
