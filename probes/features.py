@@ -29,6 +29,8 @@ TRACEPOINTS: dict[str, str] = {
     "io_uring/io_uring_submit_req": "io_uring requests are invisible",
     "io_uring/io_uring_complete": "io_uring completions are invisible",
     "kmem/rss_stat": "no resident-memory time series",
+    "sock/sock_recv_length": "--min-wait uses syscall tracepoints (every syscall pays ~0.5 us)",
+    "sock/sock_send_length": "--min-wait uses syscall tracepoints (every syscall pays ~0.5 us)",
 }
 # Tracepoints without which the read probes cannot load at all.
 REQUIRED_TRACEPOINTS = tuple(t for t in TRACEPOINTS if t.startswith(("syscalls/", "sched/")))

@@ -68,6 +68,9 @@ class Counter(IntEnum):
     ALLOCS_FULL = 7  # the live-allocation table was full: an allocation is not tracked
     STACK_MISSED = 8  # an allocation's user stack could not be walked or stored
     QUICK = 9  # --min-wait: reads and writes that returned sooner, counted and not recorded
+    # --min-wait on the scheduler hooks: calls seen waiting (each then counted QUICK, recorded
+    # at its return, or still waiting)
+    BLOCKED = 10
 
 
 # Counters that mean lost information; a figure from a trace with any of these non-zero says so.
@@ -551,6 +554,7 @@ SYSCALLS: dict[str, int] = {
 }
 # Syscalls whose writes to sockets are traced (pending write bytes), x86_64 numbers.
 WRITE_SYSCALLS: dict[str, int] = {"write": 1, "writev": 20, "sendto": 44, "sendmsg": 46}
+NR_IO_URING_REGISTER = 427
 SYSCALL_NAMES: dict[int, str] = {nr: name for name, nr in (SYSCALLS | WRITE_SYSCALLS).items()}
 
 
@@ -564,6 +568,7 @@ def c_header() -> str:
     consts += [f"#define NR_{name} {nr}" for name, nr in (SYSCALLS | WRITE_SYSCALLS).items()]
     consts += [f"#define URING_OP_{name} {nr}" for name, nr in URING_READ_OPS.items()]
     consts += [f"#define URING_OP_PROVIDE_BUFFERS {URING_PROVIDE_BUFFERS}"]
+    consts += [f"#define NR_io_uring_register {NR_IO_URING_REGISTER}"]
     consts += [f"#define GROUP_{g.name} {g.value}" for g in GroupKind]
     consts += [f"#define MAP_{m.name} {m.value}" for m in MapFn]
     consts += [f"#define WAIT_{w.name} {w.value}" for w in WaitCall]

@@ -19,14 +19,16 @@ from probes import layout
 from probes.btf import BTF, BTFError
 from probes.ringbuf import RingBufferConsumer
 
-# The kernel structure members fd_is_socket() walks: constant name -> (struct, member).
-SOCKET_CHECK_OFFSETS = {
+# Kernel structure members the read probes read (fd_is_socket() walks the first six):
+# constant name -> (struct, member).
+KERNEL_OFFSETS = {
     "OFF_TASK_FILES": ("task_struct", "files"),
     "OFF_FILES_FDT": ("files_struct", "fdt"),
     "OFF_FDT_MAX_FDS": ("fdtable", "max_fds"),
     "OFF_FDT_FD": ("fdtable", "fd"),
     "OFF_FILE_INODE": ("file", "f_inode"),
     "OFF_INODE_MODE": ("inode", "i_mode"),
+    "OFF_TASK_FLAGS": ("task_struct", "flags"),
 }
 
 # io_uring request layout, as (constant, struct, member path within the struct); op-specific
@@ -62,11 +64,29 @@ URING_TRACEPOINTS = (
     "io_uring/io_uring_submit_req",
     "io_uring/io_uring_complete",
     "io_uring/io_uring_register",
-    "syscalls/sys_enter_io_uring_register",
 )
+# --min-wait sees calls wait through the scheduler and the socket layer, not syscall
+# tracepoints, where the kernel has these (6.3+) and thread pidfds (6.9+: the recorder reads
+# and seeds each thread's call through one).
+BLOCK_TRACEPOINTS = ("sock/sock_recv_length", "sock/sock_send_length")
 
 BPF_NOEXIST = 1
 PIDFD_THREAD = os.O_EXCL  # pidfd_open(2) of a thread, not a process (Linux 6.9)
+
+
+@contextlib.contextmanager
+def _thread_pidfd(tid: int) -> Iterator[ctypes.c_int | None]:
+    """A pidfd of one thread, as a task-storage map key; None if it has exited (or the
+    kernel predates thread pidfds)."""
+    try:
+        pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+    except OSError:
+        yield None
+        return
+    try:
+        yield ctypes.c_int(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 class ProbeError(Exception):
@@ -88,6 +108,9 @@ class ReadProbeOptions:
     # record only reads/writes that wait at least this long (0: every one); the rest are
     # counted in the kernel (Counter.QUICK), and readiness waits are not traced
     min_wait_ns: int = 0
+    wait_hooks: str = (
+        "auto"  # with min_wait_ns: "scheduler", "syscalls" or "auto" (see wait_hooks())
+    )
     writes: bool = True  # trace writes to sockets (pending write bytes) as well as reads
 
 
@@ -121,7 +144,7 @@ def allocator_of(pid: int) -> str | None:
 
 def kernel_offsets(btf: BTF) -> dict[str, int]:
     try:
-        return {c: btf.offsetof(s, m) for c, (s, m) in SOCKET_CHECK_OFFSETS.items()}
+        return {c: btf.offsetof(s, m) for c, (s, m) in KERNEL_OFFSETS.items()}
     except BTFError as exc:
         raise ProbeError(f"kernel BTF lacks what the socket check needs: {exc}") from None
 
@@ -146,8 +169,30 @@ def read_probe_source(memory: bool = False) -> str:
     )
 
 
+def wait_hooks(options: ReadProbeOptions) -> str | None:
+    """How --min-wait sees calls wait here: "scheduler" (no syscall tracepoint, nothing paid
+    by calls that do not wait), "syscalls" (older kernels), None without --min-wait."""
+    from probes import features  # noqa: PLC0415
+
+    if not options.min_wait_ns:
+        return None
+    if options.wait_hooks == "syscalls":
+        return "syscalls"
+    missing = [t.replace("/", ":") for t in BLOCK_TRACEPOINTS if not features.tracepoint_present(t)]
+    if features.kernel_version() < (6, 9):
+        missing.append("thread pidfds (Linux 6.9)")
+    if not missing:
+        return "scheduler"
+    if options.wait_hooks == "scheduler":
+        raise ProbeError("the scheduler wait hooks need " + ", ".join(missing))
+    return "syscalls"
+
+
 def read_probe_cflags(
-    options: ReadProbeOptions, offsets: dict[str, int], uring: dict[str, int] | None = None
+    options: ReadProbeOptions,
+    offsets: dict[str, int],
+    uring: dict[str, int] | None = None,
+    hooks: str | None = None,
 ) -> list[str]:
     consts = dict(offsets)
     consts.update(uring or {})
@@ -164,6 +209,7 @@ def read_probe_cflags(
         MAX_STACKS=options.max_stacks,
         MIN_WAIT_NS=options.min_wait_ns,
         WITH_WRITES=int(options.writes),
+        BLOCK_HOOKS=int(hooks == "scheduler"),
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
@@ -184,7 +230,9 @@ def uring_support(btf: BTF) -> tuple[dict[str, int] | None, str]:
 def render_read_probe(options: ReadProbeOptions, btf: BTF | None = None) -> str:
     """The final C text bcc compiles, with its -D constants as #defines (for debugging)."""
     btf = btf or BTF.load()
-    cflags = read_probe_cflags(options, kernel_offsets(btf), uring_support(btf)[0])
+    cflags = read_probe_cflags(
+        options, kernel_offsets(btf), uring_support(btf)[0], wait_hooks(options)
+    )
     defines = [f"#define {flag[2:].replace('=', ' ', 1)}" for flag in cflags]
     source = read_probe_source(options.memory)
     return "\n".join(["/* cflags: " + " ".join(cflags) + " */", *defines, source])
@@ -205,7 +253,8 @@ class ReadProbes:
         self._swept: set[tuple[int, int]] = set()  # (tid, start) of calls the sweep recorded
         btf = btf or BTF.load()
         uring, self.uring_status = uring_support(btf)
-        self.cflags = read_probe_cflags(options, kernel_offsets(btf), uring)
+        self.wait_hooks = wait_hooks(options)
+        self.cflags = read_probe_cflags(options, kernel_offsets(btf), uring, self.wait_hooks)
         try:
             self.bpf: Any = BPF(text=read_probe_source(options.memory), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
@@ -246,22 +295,49 @@ class ReadProbes:
         return [int(k.value) for k in self.targets]
 
     def track_inflight(
-        self, tid: int, fd: int, addr: int, length: int, op: int, flags: int, nvec: int, ts: int
+        self,
+        tid: int,
+        fd: int,
+        addr: int,
+        length: int,
+        op: int,
+        flags: int,
+        nvec: int,
+        ts: int,
+        pid: int = 0,
     ) -> bool:
-        """Seed the in-flight table with a read found blocked by the /proc scan.
+        """Seed the in-flight table with a read found blocked by the /proc scan (with the
+        scheduler hooks: the thread's own storage, where the return hook looks).
 
-        Returns False when the probes already track this thread (they saw it enter).
+        Returns False when the probes already track this thread (they saw it enter or block).
         """
         from bcc import lib  # noqa: PLC0415
 
-        key = self.inflight.Key(tid)
         leaf = self.inflight.Leaf()
-        leaf.ts_ns, leaf.addr, leaf.len, leaf.fd = ts, addr, length, fd
+        leaf.ts_ns, leaf.addr, leaf.len, leaf.fd, leaf.pid = ts, addr, length, fd, pid
         leaf.flags, leaf.nvec, leaf.op = flags, nvec, op
-        rc = lib.bpf_update_elem(
-            self.inflight.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_NOEXIST
-        )
-        return rc == 0
+        if self.wait_hooks != "scheduler":
+            key = self.inflight.Key(tid)
+            rc = lib.bpf_update_elem(
+                self.inflight.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_NOEXIST
+            )
+            return rc == 0
+        with _thread_pidfd(tid) as key:
+            if key is None or self.thread_call(tid) is not None:
+                return False
+            fd_calls = lib.bpf_table_fd(self.bpf.module, b"calls")
+            return lib.bpf_update_elem(fd_calls, ctypes.byref(key), ctypes.byref(leaf), 0) == 0
+
+    def thread_call(self, tid: int) -> Any | None:
+        """The call a thread waits in, from its own storage (--min-wait); None if none."""
+        from bcc import lib  # noqa: PLC0415
+
+        leaf = self.inflight.Leaf()
+        fd = lib.bpf_table_fd(self.bpf.module, b"calls")
+        with _thread_pidfd(tid) as key:
+            if key is None or lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)):
+                return None
+        return leaf if leaf.ts_ns else None
 
     def sweep_waiting(self, now_ns: int) -> list[dict[str, int]]:
         """--min-wait: wire rows (as dicts, flagged SWEPT) for the calls in flight for at
@@ -304,39 +380,38 @@ class ReadProbes:
         """(tid, entry) of every traced call in flight: with --min-wait, each target thread's
         own storage (looked up by a thread pidfd; a thread that exits meanwhile is skipped);
         and the in-flight hash (calls the /proc scan seeded, or every call without it)."""
-        from bcc import lib  # noqa: PLC0415
 
         for key, leaf in list(self.inflight.items()):
             yield int(key.value), leaf
         if not self.options.min_wait_ns:
             return
-        fd = lib.bpf_table_fd(self.bpf.module, b"calls")
-        leaf = self.inflight.Leaf()
         for pid in self.target_pids():
             try:
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
             except OSError:
                 continue
             for tid in tids:
-                try:
-                    pidfd = os.pidfd_open(tid, PIDFD_THREAD)
-                except OSError:
-                    continue
-                try:
-                    key = ctypes.c_int(pidfd)
-                    found = lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0
-                finally:
-                    os.close(pidfd)
-                if found and leaf.ts_ns:
-                    yield tid, type(leaf).from_buffer_copy(leaf)
+                leaf = self.thread_call(tid)
+                if leaf is not None:
+                    yield tid, leaf
 
     def inflight_flags(self, tid: int) -> int | None:
-        leaf = self.inflight.get(self.inflight.Key(tid))
+        if self.wait_hooks == "scheduler":
+            leaf = self.thread_call(tid)
+        else:
+            leaf = self.inflight.get(self.inflight.Key(tid))
         return None if leaf is None else int(leaf.flags)
 
     def forget_inflight(self, tid: int) -> None:
-        with contextlib.suppress(KeyError):
-            del self.inflight[self.inflight.Key(tid)]
+        from bcc import lib  # noqa: PLC0415
+
+        if self.wait_hooks != "scheduler":
+            with contextlib.suppress(KeyError):
+                del self.inflight[self.inflight.Key(tid)]
+            return
+        with _thread_pidfd(tid) as key:
+            if key is not None:
+                lib.bpf_delete_elem(lib.bpf_table_fd(self.bpf.module, b"calls"), ctypes.byref(key))
 
     def stack(self, stack_id: int, pid: int) -> tuple[list[int], list[str]]:
         """The frames of an allocation stack (ids as in ALLOC records: id + 1) and their

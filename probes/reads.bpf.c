@@ -7,12 +7,14 @@
  * Attach points: syscalls:sys_enter_/sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg,preadv2},
  *   sched:sched_process_fork and sched:sched_process_exit (to follow children).
  * Needs: Linux 5.8 (BPF ring buffer), BTF for the offsets below.
+ * With --min-wait on kernels with sock:sock_recv_length (BLOCK_HOOKS), no syscall tracepoint:
+ *   sched_switch and sock:sock_{recv,send}_length instead (see below).
  * Overhead: ~615 ns per read-type syscall of a target (enter + exit + the socket check's 7
  *   kernel reads); ~140 ns per read-type syscall of any other process (the target lookup).
  *
  * Compile-time constants (cflags): OFF_TASK_FILES, OFF_FILES_FDT, OFF_FDT_MAX_FDS, OFF_FDT_FD,
- * OFF_FILE_INODE, OFF_INODE_MODE (from BTF), MAX_TARGETS, MAX_INFLIGHT, RINGBUF_PAGES,
- * FOLLOW_CHILDREN, MAX_IOV. The record layout comes from probes/layout.py (prepended).
+ * OFF_FILE_INODE, OFF_INODE_MODE, OFF_TASK_FLAGS (from BTF), MAX_TARGETS, MAX_INFLIGHT,
+ * RINGBUF_PAGES, FOLLOW_CHILDREN, MAX_IOV, MIN_WAIT_NS, WITH_WRITES, BLOCK_HOOKS. The record layout comes from probes/layout.py (prepended).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/uio.h>
@@ -96,6 +98,14 @@ static __always_inline int fd_is_socket(int fd)
         return 0;
     bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_MODE);
     return (mode & S_IFMT_) == S_IFSOCK_;
+}
+
+/* The current thread's syscall number and arguments, from the user registers it saved on
+ * entering the kernel (x86-64: orig_ax, di, si, dx, r10, ...). */
+static __always_inline void syscall_regs(struct pt_regs *out)
+{
+    void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    bpf_probe_read_kernel(out, sizeof(*out), regs);
 }
 
 /* Sum an iovec array from user memory: addr of the first buffer, total length. */
@@ -186,7 +196,8 @@ static __always_inline int waited(u8 post_kind, u64 key, u32 pid, const struct i
 #if MIN_WAIT_NS > 0
 /* --min-wait keeps a thread's call in the thread's own storage: no hashing and, after the
  * first call, no allocation (a hash update and delete per call cost ~0.3 us more here). The
- * recorder's sweep reads it by pidfd. Calls the /proc scan seeded are in the hash. */
+ * recorder's sweep reads it by pidfd. Calls the /proc scan seeded are in the hash, or, with
+ * the scheduler hooks below, in the same storage (written by pidfd). */
 BPF_TASK_STORAGE(calls, struct inflight);
 
 static __always_inline int remember(u64 key, const struct inflight *r)
@@ -210,6 +221,9 @@ static __always_inline int recall(u64 key, u32 write, struct inflight *out)
         slot->ts_ns = 0;
         return 1;
     }
+#if BLOCK_HOOKS
+    return 0;
+#endif
     struct inflight *found = inflight.lookup(&key);
     if (!found || (found->flags & FLAG_WRITE) != write)
         return 0;
@@ -270,6 +284,7 @@ static __always_inline int read_returned(long ret)
     return 0;
 }
 
+#if !BLOCK_HOOKS
 #define TARGET_ONLY()                                                                      \
     if (!is_target(bpf_get_current_pid_tgid() >> 32))                                      \
         return 0;
@@ -408,6 +423,125 @@ TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return read_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_preadv2) { return read_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return read_returned(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return read_returned(args->ret); }
+#endif /* !BLOCK_HOOKS */
+
+#if BLOCK_HOOKS
+/*
+ * --min-wait without syscall tracepoints. Enabling any syscall tracepoint sends every
+ * syscall of every process through the kernel's slow path (~0.5 us each here, paid by the
+ * load generator too); these hooks cost nothing on a call that does not wait. A call is
+ * seen when its thread blocks in it (sched_switch, where the syscall and its arguments come
+ * from the thread's saved user registers) and when it returns (sock:sock_recv_length and
+ * sock:sock_send_length fire as a socket receive or send returns, in the caller's context).
+ * Its start is the moment it first blocked. A thread woken without its data and blocking
+ * again is still in the same call (its storage holds it until the return).
+ */
+#define PF_IO_WORKER_ 0x00000010 /* io_uring's worker threads, which make no syscalls */
+#define TASK_RUNNING_ 0
+
+/* The traced call a thread is in, from its saved registers; 0 if it is in another. */
+static __always_inline int call_of(struct inflight *r, const struct pt_regs *regs)
+{
+    struct msghdr_u m = {};
+    r->fd = (s32)regs->di;
+    r->op = regs->orig_ax;
+    switch (regs->orig_ax) {
+    case NR_read:
+    case NR_recvfrom:
+        r->addr = regs->si;
+        r->len = regs->dx;
+        return 1;
+    case NR_readv:
+    case NR_preadv2:
+        sum_iov(r, (const struct iovec *)regs->si, regs->dx);
+        return 1;
+    case NR_recvmsg:
+    case NR_recvmmsg: /* the first message's buffers: a struct mmsghdr begins with its msghdr */
+        if (bpf_probe_read_user(&m, sizeof(m), (void *)regs->si) == 0)
+            sum_iov(r, m.iov, m.iovlen);
+        return 1;
+#if WITH_WRITES
+    case NR_write:
+    case NR_sendto:
+        r->addr = regs->si;
+        r->len = regs->dx;
+        r->flags |= FLAG_WRITE;
+        return 1;
+    case NR_writev:
+        sum_iov(r, (const struct iovec *)regs->si, regs->dx);
+        r->flags |= FLAG_WRITE;
+        return 1;
+    case NR_sendmsg:
+        if (bpf_probe_read_user(&m, sizeof(m), (void *)regs->si) == 0)
+            sum_iov(r, m.iov, m.iovlen);
+        r->flags |= FLAG_WRITE;
+        return 1;
+#endif
+    }
+    return 0;
+}
+
+/* A target thread goes to sleep (prev is the current thread): remember the socket read or
+ * write it waits in, unless it already waits in that call. */
+RAW_TRACEPOINT_PROBE(sched_switch)
+{
+    /* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+     *          unsigned int prev_state) - Linux 5.18+ */
+    u64 id = bpf_get_current_pid_tgid();
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+    struct pt_regs regs = {};
+    struct inflight r = {}, *slot;
+    u32 pflags = 0;
+
+    /* Preempted, or rescheduled on the way back to user space (after the return hook):
+     * still running, not waiting. */
+    if (ctx->args[0] || ctx->args[3] == TASK_RUNNING_ || !is_target(id >> 32))
+        return 0;
+    bpf_probe_read_kernel(&pflags, sizeof(pflags), (char *)task + OFF_TASK_FLAGS);
+    if (pflags & PF_IO_WORKER_)
+        return 0;
+    syscall_regs(&regs);
+    if (!call_of(&r, &regs))
+        return 0;
+    slot = calls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (slot && slot->ts_ns && slot->op == r.op && slot->fd == r.fd && slot->addr == r.addr)
+        return 0; /* woken, and waiting again in the same call */
+    if (!fd_is_socket(r.fd))
+        return 0;
+    r.ts_ns = bpf_ktime_get_ns();
+    r.pid = id >> 32;
+    if (remember((u32)id, &r)) {
+        count(CNT_INFLIGHT_FULL);
+        return 0;
+    }
+    count(CNT_BLOCKED);
+    if (!(r.flags & FLAG_WRITE))
+        count(CNT_POSTS);
+    return 0;
+}
+
+/* A socket receive or send returned: if its thread waited in it, record or count it. */
+static __always_inline int block_returned(u32 write, long ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u64 key = (u32)id;
+    struct inflight r = {};
+
+    if (!recall(key, write, &r))
+        return 0;
+    if (!write)
+        count(CNT_COMPLETIONS);
+    if (waited(write ? KIND_WRITE_POST : KIND_POST, key, id >> 32, &r))
+        emit(write ? KIND_WRITE_COMPLETE : KIND_COMPLETE, key, id >> 32, &r, ret);
+    return 0;
+}
+
+/* TP_PROTO(struct sock *sk, int ret, int flags) */
+RAW_TRACEPOINT_PROBE(sock_recv_length) { return block_returned(0, (int)ctx->args[1]); }
+#if WITH_WRITES
+RAW_TRACEPOINT_PROBE(sock_send_length) { return block_returned(FLAG_WRITE, (int)ctx->args[1]); }
+#endif
+#endif /* BLOCK_HOOKS */
 
 #if FOLLOW_CHILDREN
 /* Children of a target become targets (the target table is keyed by process id). */
@@ -443,7 +577,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
  *   offsets taken from BTF; its final completion; each use of a provided buffer; buffers given
  *   to a group (IORING_REGISTER_PBUF_RING, IORING_OP_PROVIDE_BUFFERS).
  * Attach points: io_uring:io_uring_submit_req, io_uring:io_uring_complete,
- *   io_uring:io_uring_register, syscalls:sys_enter_io_uring_register.
+ *   io_uring:io_uring_register.
  * Needs: Linux 6.0+ (io_uring_submit_req carries the request), BTF.
  * Overhead: ~600-870 ns per request of a target; a hash lookup per completion elsewhere.
  *
@@ -480,7 +614,6 @@ struct pbuf_reg {
 
 BPF_HASH(uring_inflight, u64, struct uring_req, MAX_INFLIGHT);
 BPF_HASH(uring_select, struct select_key, u16, MAX_INFLIGHT);
-BPF_HASH(pbuf_pending, u32, struct pbuf_reg, 1024);
 
 static __always_inline struct read_event *uring_event(u8 kind, u64 key, u64 ring, u64 user_data)
 {
@@ -674,39 +807,29 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
     return 0;
 }
 
-/* Registering a provided-buffer ring: the ring's address and size are in user memory. */
-TRACEPOINT_PROBE(syscalls, sys_enter_io_uring_register)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct pbuf_reg reg = {};
-    if (args->opcode != REGISTER_PBUF_RING || !is_target(id >> 32))
-        return 0;
-    if (bpf_probe_read_user(&reg, sizeof(reg), (void *)args->arg))
-        return 0;
-    pbuf_pending.update(&tid, &reg);
-    return 0;
-}
-
-/* ...and the ring context it was registered to, once the kernel accepted it. */
+/* Registering a provided-buffer ring, once the kernel accepted it: the ring's address and size
+ * are in the caller's memory, at the syscall's third argument (its saved user registers). */
 TRACEPOINT_PROBE(io_uring, io_uring_register)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pbuf_reg *reg = pbuf_pending.lookup(&tid);
+    struct pt_regs regs = {};
+    struct pbuf_reg reg = {};
     struct read_event *e;
-    if (!reg)
+    if (args->opcode != REGISTER_PBUF_RING || args->ret != 0)
         return 0;
-    if (args->opcode == REGISTER_PBUF_RING && args->ret == 0) {
-        e = uring_event(KIND_BUFFER_GROUP, 0, (u64)args->ctx, 0);
-        if (e) {
-            e->op = GROUP_RING;
-            e->group = reg->bgid;
-            e->addr = reg->ring_addr;
-            e->value = reg->entries;
-            events.ringbuf_submit(e, 0);
-        }
+    if (!is_target(bpf_get_current_pid_tgid() >> 32))
+        return 0;
+    syscall_regs(&regs);
+    if (regs.orig_ax != NR_io_uring_register ||
+        bpf_probe_read_user(&reg, sizeof(reg), (void *)regs.dx))
+        return 0;
+    e = uring_event(KIND_BUFFER_GROUP, 0, (u64)args->ctx, 0);
+    if (e) {
+        e->op = GROUP_RING;
+        e->group = reg.bgid;
+        e->addr = reg.ring_addr;
+        e->value = reg.entries;
+        events.ringbuf_submit(e, 0);
     }
-    pbuf_pending.delete(&tid);
     return 0;
 }
 #endif /* WITH_URING */

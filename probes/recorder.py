@@ -183,6 +183,7 @@ class Recorder:
                     "attached": probes is not None,
                     "cflags": probes.cflags if probes else [],
                     "uring": probes.uring_status if probes else "not loaded",
+                    "wait_hooks": probes.wait_hooks if probes else None,
                     "events": {"posts": self._posts, "completions": self._completions},
                     "kernel_counts": counters,
                 }
@@ -265,7 +266,7 @@ class Recorder:
             ts = _now_ns()
             flags = read.flags | layout.PostFlag.SCANNED
             if not probes.track_inflight(
-                read.tid, read.fd, read.addr, read.length, read.op, flags, read.nvec, ts
+                read.tid, read.fd, read.addr, read.length, read.op, flags, read.nvec, ts, pid
             ):
                 continue  # the probes saw this read enter: they already have it
             if scan.syscall_of(pid, read.tid) != read.call:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from idlebuf.errors import IdlebufError
@@ -66,6 +67,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per-connection activity need every read and are not available with it",
     )
     p.add_argument(
+        "--wait-hooks",
+        choices=("auto", "scheduler", "syscalls"),
+        default="auto",
+        help="with --min-wait, how calls are seen waiting: 'scheduler' (sched_switch and "
+        "sock:sock_recv/send_length; calls that do not wait cost nothing; Linux 6.9+), "
+        "'syscalls' (syscall tracepoints: every syscall of every process pays ~0.5 us), "
+        "'auto' (default: scheduler where the kernel allows)",
+    )
+    p.add_argument(
         "--no-writes",
         action="store_true",
         help="do not trace writes to sockets (pending write bytes): halves the probes' cost "
@@ -94,23 +104,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.print_bpf:
-        from probes.btf import BTFError
-        from probes.loader import ProbeError, render_read_probe
-
-        try:
-            options = ReadProbeOptions(
-                follow_children=bool(args.command),
-                memory=args.memory,
-                min_alloc=args.min_alloc,
-                sample_every=args.sample,
-                min_wait_ns=round(args.min_wait * 1e6),
-                writes=not args.no_writes,
-            )
-            print(render_read_probe(options))
-        except (BTFError, ProbeError) as exc:
-            raise IdlebufError(str(exc)) from None
-        return 0
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -129,8 +122,18 @@ def run(args: argparse.Namespace) -> int:
         sample_every=args.sample,
         ringbuf_pages=mib * (1 << 20) // mmap.PAGESIZE,
         min_wait_ns=round(args.min_wait * 1e6),
+        wait_hooks=args.wait_hooks,
         writes=not args.no_writes,
     )
+    if args.print_bpf:
+        from probes.btf import BTFError
+        from probes.loader import ProbeError, render_read_probe
+
+        try:
+            print(render_read_probe(replace(options, follow_children=bool(command))))
+        except (BTFError, ProbeError) as exc:
+            raise IdlebufError(str(exc)) from None
+        return 0
     config = RecordConfig(
         output=args.output,
         pids=args.pids,

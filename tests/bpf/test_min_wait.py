@@ -3,9 +3,11 @@
 A thread-per-connection server with 23 connections, 3 of which exchange 101 messages back to
 back after waiting 1.5 s: the 20 idle connections' reads wait for the whole recording and are
 recorded (by the recorder's sweep, since they never return) with their exact buffers; the 3
-first reads were swept while waiting and recorded again at their return, and count once; every
-other read and write either returned within 50 ms and is only counted, or waited and is
-recorded - together exactly the server's count.
+first reads were swept while waiting and recorded again at their return, and count once.
+Each call the probes see is either counted (it returned within 50 ms) or recorded, never
+both: with the syscall hooks they see every call (together exactly the server's count); with
+the scheduler hooks they see the calls that blocked (together exactly the kernel's count of
+blocked calls), and no syscall tracepoint is used.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ pytestmark = pytest.mark.bpf
 CONNECTIONS, ACTIVE, MESSAGES, BUFFER = 23, 3, 101, 4099
 
 
-def test_only_waiting_calls_are_recorded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hooks", ["scheduler", "syscalls"])
+def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
     trace = tmp_path / "trace"
     server = python_module("workloads.threaded_server", "--buffer-size", str(BUFFER))
-    with Recording(trace, server, ("--min-wait", "50")) as rec:
+    with Recording(trace, server, ("--min-wait", "50", "--wait-hooks", hooks)) as rec:
         load = start_loadgen(
             rec.port,
             *(CONNECTIONS, ACTIVE, MESSAGES, 1000),
@@ -60,7 +63,9 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path) -> None:
     assert proc["pinned_bytes"]["now"] == CONNECTIONS * BUFFER == truth["pinned_bytes"]
     meta = json.loads((trace / "meta.json").read_text())
     assert meta["min_wait_ns"] == 50_000_000
-    quick = meta["probes"]["reads"]["kernel_counts"]["quick"]
+    assert meta["probes"]["reads"]["wait_hooks"] == hooks
+    counts = meta["probes"]["reads"]["kernel_counts"]
+    quick = counts["quick"]
     t = open_trace(trace)
     mine = t["completions"]["pid"] == rec.pid
     waited_reads = int((t["completions"][mine]["ret"] > 0).sum())
@@ -73,8 +78,20 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path) -> None:
     assert not intervals["superseded"].any()
     assert int((intervals["ret"] > 0).sum()) == waited_reads >= ACTIVE
     waited_writes = int((t["write_completions"]["pid"] == rec.pid).sum())
-    # every echo is one recv and one send: each was either counted or recorded, never both
-    assert quick + waited_reads + waited_writes == 2 * ACTIVE * MESSAGES
+    assert int((t["write_completions"]["pid"] == rec.pid).sum()) == int(
+        (t["writes"]["pid"] == rec.pid).sum()
+    )  # nothing still waiting to send
+    if hooks == "syscalls":
+        # every echo is one recv and one send: each was either counted or recorded
+        assert quick + waited_reads + waited_writes == 2 * ACTIVE * MESSAGES
+        assert counts["blocked"] == 0
+    else:
+        # each call that blocked was counted, or recorded (returned, or still waiting)
+        assert counts["blocked"] == quick + len(intervals) + waited_writes
+        assert len(intervals) == waited_reads + CONNECTIONS  # the 23 still waiting
+        assert "BLOCK_HOOKS=1" in meta["probes"]["reads"]["cflags"] or any(
+            f == "-DBLOCK_HOOKS=1" for f in meta["probes"]["reads"]["cflags"]
+        )
     assert quick > 0
     # no readiness waits are traced in this mode
     assert t["waits"].empty

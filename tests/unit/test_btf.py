@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from probes.btf import BTF, VMLINUX
-from probes.loader import SOCKET_CHECK_OFFSETS
+from probes.loader import KERNEL_OFFSETS
 
 pytestmark = pytest.mark.skipif(not VMLINUX.exists(), reason="no kernel BTF")
 
@@ -45,7 +45,7 @@ def bpftool_members(structs: set[str]) -> dict[str, dict[str, int]]:
 
 def test_offsets_agree_with_bpftool() -> None:
     btf = BTF.load()
-    wanted = {s for s, _ in SOCKET_CHECK_OFFSETS.values()}
+    wanted = {s for s, _ in KERNEL_OFFSETS.values()}
     reference = bpftool_members(wanted)
     checked = 0
     for struct_name, members in reference.items():
@@ -54,7 +54,7 @@ def test_offsets_agree_with_bpftool() -> None:
                 assert btf.offsetof(struct_name, member) == bits // 8, (struct_name, member)
                 checked += 1
     assert checked > 50
-    for struct_name, member in SOCKET_CHECK_OFFSETS.values():
+    for struct_name, member in KERNEL_OFFSETS.values():
         if member in reference[struct_name]:
             assert btf.offsetof(struct_name, member) * 8 == reference[struct_name][member]
 
