@@ -42,12 +42,17 @@ def read_event(stream: IO[bytes], event: str, timeout: float) -> dict[str, Any]:
         _pending[stream] = buffered
 
 
-def spawn(module: str, *args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    module: str, *args: str, stdin: int | None = None, cpus: set[int] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m module args`, in its own session; on `cpus` only, if given (set before it
+    runs, so every thread it starts inherits them)."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,
         stdin=stdin,
         start_new_session=True,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
 
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from probes import layout
 from probes.btf import BTF, BTFError
 from probes.ringbuf import RingBufferConsumer
 
-# Kernel structure members the read probes read (fd_is_socket() walks the first six):
+# Kernel structure members the read probes read (fd_is_socket() walks them):
 # constant name -> (struct, member).
 KERNEL_OFFSETS = {
     "OFF_TASK_FILES": ("task_struct", "files"),
@@ -28,7 +29,6 @@ KERNEL_OFFSETS = {
     "OFF_FDT_FD": ("fdtable", "fd"),
     "OFF_FILE_INODE": ("file", "f_inode"),
     "OFF_INODE_MODE": ("inode", "i_mode"),
-    "OFF_TASK_FLAGS": ("task_struct", "flags"),
 }
 
 # io_uring request layout, as (constant, struct, member path within the struct); op-specific
@@ -87,6 +87,13 @@ def _thread_pidfd(tid: int) -> Iterator[ctypes.c_int | None]:
         yield ctypes.c_int(pidfd)
     finally:
         os.close(pidfd)
+
+
+def _is_socket(pid: int, fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    except OSError:
+        return False
 
 
 class ProbeError(Exception):
@@ -162,6 +169,14 @@ def uring_constants(btf: BTF) -> dict[str, int]:
     return out
 
 
+def pid_max() -> int:
+    """The largest process id plus one (the size of the target bitmap)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 1 << 22  # PID_MAX_LIMIT on 64-bit
+
+
 def read_probe_source(memory: bool = False) -> str:
     files = ["reads.bpf.c"] + (["alloc.bpf.c"] if memory else [])
     return layout.c_header() + "".join(
@@ -199,6 +214,7 @@ def read_probe_cflags(
     consts.update(
         WITH_URING=int(uring is not None),
         MAX_TARGETS=options.max_targets,
+        TARGET_WORDS=(pid_max() + 63) // 64,
         MAX_INFLIGHT=options.max_inflight,
         RINGBUF_PAGES=options.ringbuf_pages,
         FOLLOW_CHILDREN=int(options.follow_children),
@@ -269,6 +285,9 @@ class ReadProbes:
 
     def add_target(self, pid: int) -> None:
         self.targets[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        bits = self.bpf["target_bits"]
+        word = bits.Key(pid >> 6)
+        bits[word] = bits.Leaf(bits[word].value | 1 << (pid & 63))
 
     def attach_allocator(self, pid: int) -> dict[str, object]:
         """Attach the allocation probes to the allocator `pid` uses (filtered to its memory).
@@ -355,6 +374,8 @@ class ReadProbes:
             ):
                 continue
             self._swept.add(call)
+            if self.wait_hooks == "scheduler" and not _is_socket(int(leaf.pid), int(leaf.fd)):
+                continue  # the scheduler hooks leave the socket check to the return
             leaf.flags |= layout.PostFlag.SWEPT
             write = bool(leaf.flags & layout.PostFlag.WRITE)
             rows.append(

@@ -13,7 +13,7 @@
  *   kernel reads); ~140 ns per read-type syscall of any other process (the target lookup).
  *
  * Compile-time constants (cflags): OFF_TASK_FILES, OFF_FILES_FDT, OFF_FDT_MAX_FDS, OFF_FDT_FD,
- * OFF_FILE_INODE, OFF_INODE_MODE, OFF_TASK_FLAGS (from BTF), MAX_TARGETS, MAX_INFLIGHT,
+ * OFF_FILE_INODE, OFF_INODE_MODE (from BTF), MAX_TARGETS, MAX_INFLIGHT,
  * RINGBUF_PAGES, FOLLOW_CHILDREN, MAX_IOV, MIN_WAIT_NS, WITH_WRITES, BLOCK_HOOKS. The record layout comes from probes/layout.py (prepended).
  */
 #include <uapi/linux/ptrace.h>
@@ -53,6 +53,9 @@ struct msghdr_u {
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(targets, u32, u8, MAX_TARGETS);
+/* The same targets as a bitmap over process ids: the filter every hook runs first, an array
+ * lookup the verifier inlines (a hash lookup costs tens of ns, paid by every process). */
+BPF_ARRAY(target_bits, u64, TARGET_WORDS);
 BPF_HASH(inflight, u64, struct inflight, MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 
@@ -65,7 +68,21 @@ static __always_inline void count(u32 which)
 
 static __always_inline int is_target(u32 tgid)
 {
-    return targets.lookup(&tgid) != NULL;
+    u32 word = tgid >> 6;
+    u64 *bits = target_bits.lookup(&word);
+    return bits && ((*bits >> (tgid & 63)) & 1);
+}
+
+static __always_inline void mark_target(u32 pid, int on)
+{
+    u32 word = pid >> 6;
+    u64 *bits = target_bits.lookup(&word);
+    if (!bits)
+        return;
+    if (on)
+        __sync_fetch_and_or(bits, 1ULL << (pid & 63));
+    else
+        __sync_fetch_and_and(bits, ~(1ULL << (pid & 63)));
 }
 
 /* current->files->fdt->fd[fd]->f_inode->i_mode is a socket: files and pipes do not count. */
@@ -100,12 +117,17 @@ static __always_inline int fd_is_socket(int fd)
     return (mode & S_IFMT_) == S_IFSOCK_;
 }
 
-/* The current thread's syscall number and arguments, from the user registers it saved on
- * entering the kernel (x86-64: orig_ax, di, si, dx, r10, ...). */
-static __always_inline void syscall_regs(struct pt_regs *out)
+/* The user registers the current thread saved on entering the kernel that hold a syscall's
+ * number (orig_ax), first arguments (di, si, dx) and, until it returns, -ENOSYS (ax): the
+ * x86-64 struct pt_regs from ax to orig_ax. */
+struct syscall_regs {
+    u64 ax, cx, dx, si, di, orig_ax;
+};
+
+static __always_inline void syscall_regs(struct syscall_regs *out)
 {
-    void *regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    bpf_probe_read_kernel(out, sizeof(*out), regs);
+    char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    bpf_probe_read_kernel(out, sizeof(*out), regs + offsetof(struct pt_regs, ax));
 }
 
 /* Sum an iovec array from user memory: addr of the first buffer, total length. */
@@ -435,14 +457,23 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return read_returned(args->ret);
  * sock:sock_send_length fire as a socket receive or send returns, in the caller's context).
  * Its start is the moment it first blocked. A thread woken without its data and blocking
  * again is still in the same call (its storage holds it until the return).
+ * The socket check is left to the return: only socket calls reach the return hooks, which
+ * take the thread's call only if it is the one returning (same syscall and fd); a call that
+ * blocked on a pipe or file is replaced when the thread next blocks, and the recorder's sweep
+ * checks the fd before recording a call still waiting.
  */
-#define PF_IO_WORKER_ 0x00000010 /* io_uring's worker threads, which make no syscalls */
 #define TASK_RUNNING_ 0
+#define ENOSYS_ 38
 
 /* The traced call a thread is in, from its saved registers; 0 if it is in another. */
-static __always_inline int call_of(struct inflight *r, const struct pt_regs *regs)
+static __always_inline int call_of(struct inflight *r, const struct syscall_regs *regs)
 {
     struct msghdr_u m = {};
+    /* In a syscall the saved ax holds -ENOSYS until it returns; in an exception (a page
+     * fault) orig_ax is an error code, which could pass for a syscall number; io_uring's
+     * worker threads, which make no syscalls, have zeroed registers. */
+    if (regs->ax != (unsigned long)-ENOSYS_)
+        return 0;
     r->fd = (s32)regs->di;
     r->op = regs->orig_ax;
     switch (regs->orig_ax) {
@@ -488,35 +519,27 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     /* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
      *          unsigned int prev_state) - Linux 5.18+ */
     u64 id = bpf_get_current_pid_tgid();
-    struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-    struct pt_regs regs = {};
+    struct syscall_regs regs = {};
     struct inflight r = {}, *slot;
-    u32 pflags = 0;
 
     /* Preempted, or rescheduled on the way back to user space (after the return hook):
      * still running, not waiting. */
     if (ctx->args[0] || ctx->args[3] == TASK_RUNNING_ || !is_target(id >> 32))
         return 0;
-    bpf_probe_read_kernel(&pflags, sizeof(pflags), (char *)task + OFF_TASK_FLAGS);
-    if (pflags & PF_IO_WORKER_)
-        return 0;
     syscall_regs(&regs);
     if (!call_of(&r, &regs))
         return 0;
-    slot = calls.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (slot && slot->ts_ns && slot->op == r.op && slot->fd == r.fd && slot->addr == r.addr)
-        return 0; /* woken, and waiting again in the same call */
-    if (!fd_is_socket(r.fd))
-        return 0;
-    r.ts_ns = bpf_ktime_get_ns();
-    r.pid = id >> 32;
-    if (remember((u32)id, &r)) {
+    slot = calls.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!slot) {
         count(CNT_INFLIGHT_FULL);
         return 0;
     }
+    if (slot->ts_ns && slot->op == r.op && slot->fd == r.fd && slot->addr == r.addr)
+        return 0; /* woken, and waiting again in the same call */
+    r.ts_ns = bpf_ktime_get_ns();
+    r.pid = id >> 32;
+    *slot = r;
     count(CNT_BLOCKED);
-    if (!(r.flags & FLAG_WRITE))
-        count(CNT_POSTS);
     return 0;
 }
 
@@ -525,12 +548,14 @@ static __always_inline int block_returned(u32 write, long ret)
 {
     u64 id = bpf_get_current_pid_tgid();
     u64 key = (u32)id;
+    struct syscall_regs regs = {};
     struct inflight r = {};
 
-    if (!recall(key, write, &r))
+    if (!is_target(id >> 32) || !recall(key, write, &r))
         return 0;
-    if (!write)
-        count(CNT_COMPLETIONS);
+    syscall_regs(&regs);
+    if (regs.orig_ax != r.op || (s32)regs.di != r.fd)
+        return 0; /* it blocked in another call (not on a socket), which has returned */
     if (waited(write ? KIND_WRITE_POST : KIND_POST, key, id >> 32, &r))
         emit(write ? KIND_WRITE_COMPLETE : KIND_COMPLETE, key, id >> 32, &r, ret);
     return 0;
@@ -554,6 +579,8 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
         return 0;
     if (targets.update(&child, &one))
         count(CNT_TARGETS_FULL);
+    else
+        mark_target(child, 1);
     return 0;
 }
 
@@ -562,8 +589,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
-    if (tid != (u32)(id >> 32))
-        targets.delete(&tid);
+    if (tid != (u32)(id >> 32) && targets.delete(&tid) == 0)
+        mark_target(tid, 0);
     return 0;
 }
 #endif
@@ -811,7 +838,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_complete)
  * are in the caller's memory, at the syscall's third argument (its saved user registers). */
 TRACEPOINT_PROBE(io_uring, io_uring_register)
 {
-    struct pt_regs regs = {};
+    struct syscall_regs regs = {};
     struct pbuf_reg reg = {};
     struct read_event *e;
     if (args->opcode != REGISTER_PBUF_RING || args->ret != 0)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from idlebuf.bench.overhead import CONFIGS
 from idlebuf.render import human_bytes, table
 
 PARTS = ("overhead", "ceiling", "analysis", "scale")
@@ -32,6 +33,10 @@ def machine() -> dict[str, Any]:
         "memory_bytes": mem_kib * 1024,
         "python": platform.python_version(),
     }
+
+
+def _cpus(cpus: list[int] | None) -> str:
+    return ",".join(map(str, cpus)) if cpus else "any"
 
 
 def _m(s: dict[str, float], fmt: str = "{:.3f}") -> str:
@@ -58,8 +63,9 @@ def render(results: dict[str, Any]) -> str:
                 )
         out.append(
             f"Overhead on the traced server ({o['connections']} connections back to back, "
-            f"{o['seconds']:g} s per side, {o['rounds']} alternating pairs; traced/untraced, "
-            "min / median / max)\n"
+            f"{o['seconds']:g} s per side, {o['rounds']} alternating pairs; server on CPU "
+            f"{_cpus(o.get('server_cpus'))}, load generator on CPU {_cpus(o.get('load_cpus'))}; "
+            "traced/untraced, min / median / max)\n"
             + table(
                 ["server", "traced with", "untraced req/s", "throughput", "p99", "recorder"],
                 rows,
@@ -151,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating pairs (overhead)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per overhead side")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating pairs (overhead)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per overhead side")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma list of what the overhead part attaches, of {list(CONFIGS)}",
+    )
     parser.add_argument("--connections", type=int, default=8, help="overhead load connections")
     parser.add_argument("--storm", type=int, default=1_000_003, help="storm turns per process")
     parser.add_argument("--trials", type=int, default=3, help="storm trials (ceiling)")
@@ -166,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown:
         print(f"bench: error: unknown part {sorted(unknown)[0]!r}", file=sys.stderr)
+        return 2
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        print(f"bench: error: unknown config {sorted(unknown)[0]!r}", file=sys.stderr)
         return 2
     if set(parts) - {"analysis"}:
         from probes.recorder import RecordError, check_machine
@@ -182,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M")}
     runners = {
-        "overhead": lambda: _part("overhead").run(args.rounds, args.seconds, args.connections, log),
+        "overhead": lambda: _part("overhead").run(
+            args.rounds, args.seconds, args.connections, log, configs
+        ),
         "ceiling": lambda: _part("ceiling").run(args.storm, args.trials, log),
         "analysis": lambda: _part("analysis_speed").run(
             args.workdir, args.events, args.repeats, log
