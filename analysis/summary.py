@@ -319,6 +319,7 @@ def summarize(
         "complete": trace.complete,
         "duration_s": trace.meta.get("elapsed_s"),
         "stop_reason": trace.meta.get("stop_reason"),
+        "alternate_s": trace.meta.get("alternate_s"),
         "uring": trace.meta.get("probes", {}).get("reads", {}).get("uring"),
         "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
         "idle_threshold_s": idle_threshold_s,

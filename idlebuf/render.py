@@ -31,6 +31,11 @@ def render_report(summary: dict[str, Any], title: str) -> str:
         out.append(
             "WARNING: the recording did not finish (killed?); figures cover its flushed prefix only"
         )
+    if summary.get("alternate_s"):
+        out.append(
+            f"NOTE: recorded with --alternate {summary['alternate_s']:g}: traced half the time "
+            "(to measure its cost); calls in flight across a switch are incomplete"
+        )
     drops = {k: v for k, v in summary["drops"].items() if v}
     if drops:
         out.append(

@@ -89,6 +89,13 @@ def _thread_pidfd(tid: int) -> Iterator[ctypes.c_int | None]:
         os.close(pidfd)
 
 
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 def _is_socket(pid: int, fd: int) -> bool:
     try:
         return os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
@@ -275,6 +282,13 @@ class ReadProbes:
             self.bpf: Any = BPF(text=read_probe_source(options.memory), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
             raise ProbeError(f"cannot load the read probes: {exc}") from None
+        # what is attached, to detach and attach again (pause/resume): the hooks bcc attached
+        # at load, and the allocator uprobes added per target
+        self._hooks: list[tuple[bytes, bytes]] = [
+            (b"tracepoint", tp) for tp in self.bpf.tracepoint_fds
+        ] + [(b"raw", tp) for tp in self.bpf.raw_tracepoint_fds]
+        self._uprobes: list[tuple[str, str, str, int, bool]] = []
+        self.paused = False
         self.targets = self.bpf["targets"]
         self.inflight = self.bpf["inflight"]
         self.counters = self.bpf["counters"]
@@ -300,15 +314,55 @@ class ReadProbes:
         missing = []
         for sym, fn in ALLOC_ENTRY.items():
             try:
-                self.bpf.attach_uprobe(name=library, sym=sym, fn_name=fn, pid=pid)
-                self.bpf.attach_uretprobe(name=library, sym=sym, fn_name="alloc_exit", pid=pid)
+                self._attach_uprobe(library, sym, fn, pid, False)
+                self._attach_uprobe(library, sym, "alloc_exit", pid, True)
             except Exception:  # noqa: BLE001 - bcc raises bare Exception for a missing symbol
                 missing.append(sym)
         try:
-            self.bpf.attach_uprobe(name=library, sym="free", fn_name="free_enter", pid=pid)
+            self._attach_uprobe(library, "free", "free_enter", pid, False)
         except Exception:  # noqa: BLE001
             missing.append("free")
         return {"pid": pid, "library": library, "missing": missing}
+
+    def _attach_uprobe(self, library: str, sym: str, fn: str, pid: int, ret: bool) -> None:
+        attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+        if not self.paused:
+            attach(name=library, sym=sym, fn_name=fn, pid=pid)
+        self._uprobes.append((library, sym, fn, pid, ret))
+
+    def pause(self) -> None:
+        """Detach every program: nothing is traced and nothing costs until resume(). Calls
+        in flight are forgotten (their returns go unseen)."""
+        if self.paused:
+            return
+        for kind, tp in self._hooks:
+            if kind == b"raw":
+                self.bpf.detach_raw_tracepoint(tp=tp)
+            else:
+                self.bpf.detach_tracepoint(tp=tp)
+        for event in list(self.bpf.uprobe_fds):
+            self.bpf.detach_uprobe_event(event)
+        self.paused = True
+
+    def resume(self) -> None:
+        """Attach again what pause() detached, with an empty in-flight table: calls already
+        waiting are the /proc scan's to find (the recorder's), as on a first attach."""
+        if not self.paused:
+            return
+        self.inflight.clear()
+        if self.options.min_wait_ns:  # and each thread's own storage
+            for pid in self.target_pids():
+                for tid in _threads(pid):
+                    self._forget_thread_call(tid)
+        for kind, tp in self._hooks:
+            if kind == b"raw":
+                self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+            else:
+                self.bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
+        self.paused = False
+        for library, sym, fn_name, pid, ret in self._uprobes:
+            attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+            attach(name=library, sym=sym, fn_name=fn_name, pid=pid)
 
     def target_pids(self) -> list[int]:
         return [int(k.value) for k in self.targets]
@@ -407,11 +461,7 @@ class ReadProbes:
         if not self.options.min_wait_ns:
             return
         for pid in self.target_pids():
-            try:
-                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-            except OSError:
-                continue
-            for tid in tids:
+            for tid in _threads(pid):
                 leaf = self.thread_call(tid)
                 if leaf is not None:
                     yield tid, leaf
@@ -424,12 +474,15 @@ class ReadProbes:
         return None if leaf is None else int(leaf.flags)
 
     def forget_inflight(self, tid: int) -> None:
-        from bcc import lib  # noqa: PLC0415
-
         if self.wait_hooks != "scheduler":
             with contextlib.suppress(KeyError):
                 del self.inflight[self.inflight.Key(tid)]
-            return
+        else:
+            self._forget_thread_call(tid)
+
+    def _forget_thread_call(self, tid: int) -> None:
+        from bcc import lib  # noqa: PLC0415
+
         with _thread_pidfd(tid) as key:
             if key is not None:
                 lib.bpf_delete_elem(lib.bpf_table_fd(self.bpf.module, b"calls"), ctypes.byref(key))

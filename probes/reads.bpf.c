@@ -7,14 +7,20 @@
  * Attach points: syscalls:sys_enter_/sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg,preadv2},
  *   sched:sched_process_fork and sched:sched_process_exit (to follow children).
  * Needs: Linux 5.8 (BPF ring buffer), BTF for the offsets below.
- * With --min-wait on kernels with sock:sock_recv_length (BLOCK_HOOKS), no syscall tracepoint:
- *   sched_switch and sock:sock_{recv,send}_length instead (see below).
+ * With --min-wait and BLOCK_HOOKS (Linux 6.9+ with sock:sock_recv_length): no syscall
+ *   tracepoint; sched_switch and sock:sock_{recv,send}_length as raw tracepoints instead
+ *   (see "--min-wait without syscall tracepoints" below).
  * Overhead: ~615 ns per read-type syscall of a target (enter + exit + the socket check's 7
- *   kernel reads); ~140 ns per read-type syscall of any other process (the target lookup).
+ *   kernel reads); ~140 ns per read-type syscall of any other process (the target test), and
+ *   ~0.5 us per syscall of every process for the syscall tracepoints' slow path. With the
+ *   scheduler hooks: a target's socket call that does not block, one task-storage lookup at
+ *   its return; one that blocks, ~0.2 us more; anything else, a bit test per context switch
+ *   and per socket call.
  *
  * Compile-time constants (cflags): OFF_TASK_FILES, OFF_FILES_FDT, OFF_FDT_MAX_FDS, OFF_FDT_FD,
- * OFF_FILE_INODE, OFF_INODE_MODE (from BTF), MAX_TARGETS, MAX_INFLIGHT,
- * RINGBUF_PAGES, FOLLOW_CHILDREN, MAX_IOV, MIN_WAIT_NS, WITH_WRITES, BLOCK_HOOKS. The record layout comes from probes/layout.py (prepended).
+ * OFF_FILE_INODE, OFF_INODE_MODE (from BTF), MAX_TARGETS, TARGET_WORDS, MAX_INFLIGHT,
+ * RINGBUF_PAGES, FOLLOW_CHILDREN, MAX_IOV, MIN_WAIT_NS, WITH_WRITES, BLOCK_HOOKS.
+ * The record layout comes from probes/layout.py (prepended).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/uio.h>

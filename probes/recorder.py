@@ -48,6 +48,8 @@ class RecordConfig:
     force: bool = False
     flush_rows: int = 100_000  # a row group is written at least this often...
     flush_interval: float = 1.0  # ...and at least every this many seconds
+    # switch tracing off and on every this many seconds (measuring what tracing costs)
+    alternate: float | None = None
     probe_options: ReadProbeOptions = field(default_factory=ReadProbeOptions)
 
 
@@ -164,6 +166,7 @@ class Recorder:
         self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
         self._target_pids: list[int] = []
         self._probes: ReadProbes | None = None
+        self._alternations: list[dict[str, Any]] = []  # --alternate: when tracing switched
 
     # --- set-up -------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -189,6 +192,11 @@ class Recorder:
                 }
             },
             "drops": drops,
+            **(
+                {"alternate_s": self.config.alternate, "alternations": self._alternations}
+                if self.config.alternate
+                else {}
+            ),
             "rows": self._writer.rows,
             "complete": complete,
             **extra,
@@ -451,6 +459,11 @@ class Recorder:
         last_flush = time.monotonic()
         exited_at: float | None = None
         last_event = last_flush
+        next_switch = None
+        if cfg.alternate:
+            at = self._static_meta["tracing_since_ns"]
+            self._alternations.append({"from_ns": at, "to_ns": _now_ns(), "tracing": True})
+            next_switch = last_flush + cfg.alternate
         while True:
             probes.wait(0.05 if exited_at else 0.1)
             batch = probes.drain()
@@ -468,6 +481,9 @@ class Recorder:
                 last_flush = now
                 if self.progress:
                     self.progress(self._status(now - started, probes))
+            if next_switch is not None and now >= next_switch:
+                self._switch_tracing(probes)
+                next_switch = time.monotonic() + (cfg.alternate or 0)
             if stop.reason:
                 return stop.reason
             if cfg.duration is not None and now - started >= cfg.duration:
@@ -482,6 +498,21 @@ class Recorder:
                 now - last_event >= EXIT_QUIET_S or now - exited_at >= EXIT_GRACE_S
             ):
                 return "all targets exited"
+
+    def _switch_tracing(self, probes: ReadProbes) -> None:
+        """--alternate: tracing off, or on again (with the reads already waiting found by the
+        /proc scan, as on attaching); when the switch began and ended goes to meta.json."""
+        began = _now_ns()
+        if probes.paused:
+            probes.resume()
+            for pid in self._live_targets():
+                self._scan_blocked(probes, pid)
+        else:
+            self._take(probes.drain())
+            probes.pause()
+        self._alternations.append(
+            {"from_ns": began, "to_ns": _now_ns(), "tracing": not probes.paused}
+        )
 
     def _status(self, elapsed: float, probes: ReadProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))

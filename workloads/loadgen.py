@@ -11,6 +11,7 @@ all connections are open, "done" when every exchange finished.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import os
 import select
@@ -37,11 +38,12 @@ def _exchange(
     deadline: float,
     stats: dict,
     lock: threading.Lock,
+    ended_early: threading.Event,
 ) -> None:
     payload = b"i" * size
     interval = 1.0 / rate if rate > 0 else 0.0
     for _ in range(messages):
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or ended_early.is_set():
             break
         started = time.monotonic()
         sock.sendall(payload)
@@ -51,11 +53,13 @@ def _exchange(
             if not chunk:
                 return
             got += len(chunk)
+        ended = time.monotonic()
         with lock:
             stats["requests"] += 1
             stats["bytes_sent"] += size
             stats["bytes_received"] += got
-            stats["latencies"].append(time.monotonic() - started)
+            stats["latencies"].append(ended - started)
+            stats["ends"].append(ended)
         pause = interval - (time.monotonic() - started)
         if pause > 0:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
@@ -113,6 +117,17 @@ def main() -> None:
         action="store_true",
         help="keep them open until stdin closes (bounded by --hold if given)",
     )
+    parser.add_argument(
+        "--until-stdin",
+        action="store_true",
+        help="end the exchanges early when a line arrives on stdin",
+    )
+    parser.add_argument(
+        "--samples",
+        metavar="FILE",
+        help="write each exchange's end (CLOCK_MONOTONIC seconds) and latency (seconds) to FILE "
+        "as pairs of native doubles, for throughput and latency over time windows",
+    )
     args = parser.parse_args()
 
     raise_fd_limit()
@@ -135,13 +150,22 @@ def main() -> None:
 
     if args.wait_start:
         os.read(0, 64)  # "go\n" from whoever drives the experiment (or EOF)
-    stats: dict[str, Any] = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "latencies": []}
+    stats: dict[str, Any] = {
+        "requests": 0,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "latencies": [],
+        "ends": [],
+    }
     lock = threading.Lock()
     deadline = time.monotonic() + args.duration
+    ended_early = threading.Event()
+    if args.until_stdin:
+        threading.Thread(target=lambda: (os.read(0, 64), ended_early.set()), daemon=True).start()
     workers = [
         threading.Thread(
             target=exchange,
-            args=(s, args.messages, args.size, args.rate, deadline, stats, lock),
+            args=(s, args.messages, args.size, args.rate, deadline, stats, lock, ended_early),
             daemon=True,
         )
         for s in conns[:active]
@@ -152,6 +176,11 @@ def main() -> None:
     for w in workers:
         w.join()
     elapsed = time.monotonic() - started
+    ends = stats.pop("ends")
+    if args.samples:
+        pairs = array.array("d", (v for pair in zip(ends, stats["latencies"]) for v in pair))
+        with open(args.samples, "wb") as f:
+            pairs.tofile(f)
     latencies = sorted(stats.pop("latencies"))
     emit(
         {

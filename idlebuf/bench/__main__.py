@@ -58,16 +58,25 @@ def render(results: dict[str, Any]) -> str:
                         f"{r['untraced_requests_per_s']['median']:,.0f}",
                         _m(r["throughput_ratio"]),
                         _m(r["p99_ratio"]),
+                        str(r["throughput_ratio"]["n"]),
                         f"{r['recorder_cpu_share']['median']:.0%}",
                     ]
                 )
         out.append(
-            f"Overhead on the traced server ({o['connections']} connections back to back, "
-            f"{o['seconds']:g} s per side, {o['rounds']} alternating pairs; server on CPU "
-            f"{_cpus(o.get('server_cpus'))}, load generator on CPU {_cpus(o.get('load_cpus'))}; "
-            "traced/untraced, min / median / max)\n"
+            f"Overhead on the traced server ({o['connections']} connections back to back; "
+            f"tracing switched off and on every {o['seconds']:g} s, each traced window against "
+            "the untraced ones on either side, min / median / max over windows; server on CPU "
+            f"{_cpus(o.get('server_cpus'))}, load generator on CPU {_cpus(o.get('load_cpus'))})\n"
             + table(
-                ["server", "traced with", "untraced req/s", "throughput", "p99", "recorder"],
+                [
+                    "server",
+                    "traced with",
+                    "untraced req/s",
+                    "throughput",
+                    "p99",
+                    "windows",
+                    "recorder",
+                ],
                 rows,
             )
         )
@@ -157,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
-    parser.add_argument("--rounds", type=int, default=8, help="alternating pairs (overhead)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per overhead side")
+    parser.add_argument(
+        "--rounds", type=int, default=30, help="traced windows per server and config (overhead)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=0.5, help="seconds between switches (overhead)"
+    )
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),

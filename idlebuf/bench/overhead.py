@@ -1,18 +1,27 @@
 """What tracing costs the traced program: throughput and p99 latency of a server under
-back-to-back load from loopback clients, untraced and traced, in alternating pairs.
+back-to-back load from loopback clients, with tracing switched off and on every few seconds.
 
-Each pair measures the same running server twice - once untraced, once with a recorder
-attached (-p PID) - in an order that flips every round, so drift on a shared machine hits both
-sides alike. The figure is the traced/untraced ratio per pair, as min/median/max.
+Untraced throughput drifts by +-15% between runs seconds apart on a shared VM, more than the
+cost being measured. So each figure compares windows a few seconds apart within one run: a
+recorder attached to the running server (`idlebuf record -p PID --alternate SECONDS`)
+detaches its programs and attaches them again every SECONDS, noting when each switch began
+and ended; the load generator, running throughout, logs every exchange's end time and
+latency. Each traced window is compared with the untraced windows on either side of it
+(the switches themselves left out); the figures are the ratios, min/median/max over windows.
+The recorder's own CPU is counted over the whole run and reported beside them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from idlebuf.bench.common import RecorderRun, spread
 from idlebuf.scenario import read_event, spawn, stop
@@ -32,6 +41,7 @@ CONFIGS = {
     "+ memory": ("--memory",),
     "everything": ("--memory", "--min-alloc", "1"),
 }
+MIN_WINDOW = 0.5  # a window shorter than this fraction of SECONDS (at the load's ends) is left out
 
 
 def placement() -> tuple[set[int] | None, set[int] | None]:
@@ -44,20 +54,121 @@ def placement() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, {cpus[-1]}
 
 
-def burst(
-    port: int, connections: int, seconds: float, cpus: set[int] | None = None
-) -> dict[str, Any]:
-    """Back-to-back 1,000-byte echo exchanges on every connection for `seconds`."""
-    load = spawn(
+def start_load(port: int, connections: int, samples: Path, cpus: set[int] | None) -> Any:
+    """Back-to-back 1,000-byte echo exchanges on every connection until a line on stdin."""
+    import subprocess  # noqa: PLC0415
+
+    return spawn(
         "workloads.loadgen",
         *("--port", str(port), "--connections", str(connections), "--active", str(connections)),
-        *("--messages", str(10**9), "--rate", "0", "--duration", str(seconds)),
+        *("--messages", str(10**9), "--rate", "0", "--duration", "3600"),
+        *("--until-stdin", "--samples", str(samples)),
+        stdin=subprocess.PIPE,
         cpus=cpus,
     )
+
+
+def windows(
+    alternations: list[dict[str, Any]], start: float, end: float, seconds: float
+) -> list[tuple[float, float, bool]]:
+    """(from, to, tracing) in CLOCK_MONOTONIC seconds: the stretches between one switch's end
+    and the next one's beginning, within [start, end]; stretches cut short by the load's
+    start or end are left out."""
+    out = []
+    for i, switch in enumerate(alternations):
+        lo = max(switch["to_ns"] / 1e9, start)
+        nxt = alternations[i + 1]["from_ns"] / 1e9 if i + 1 < len(alternations) else end
+        hi = min(nxt, end)
+        if hi - lo >= MIN_WINDOW * seconds:
+            out.append((lo, hi, bool(switch["tracing"])))
+    return out
+
+
+def compare(
+    stretches: list[tuple[float, float, bool]], ends: np.ndarray, latencies: np.ndarray
+) -> tuple[list[float], list[float], list[float]]:
+    """Per traced window between two untraced ones: (throughput ratios, p99 ratios) against
+    their mean, and the untraced throughputs."""
+
+    def figures(lo: float, hi: float) -> tuple[float, float]:
+        inside = (ends >= lo) & (ends < hi)
+        lat = latencies[inside]
+        return inside.sum() / (hi - lo), float(np.percentile(lat, 99)) if lat.size else 0.0
+
+    measured = [(figures(lo, hi), tracing) for lo, hi, tracing in stretches]
+    throughput, p99, base = [], [], []
+    for i in range(1, len(measured) - 1):
+        (traced, on), before, after = measured[i], measured[i - 1], measured[i + 1]
+        if not on or before[1] or after[1]:
+            continue
+        untraced = [(before[0][0] + after[0][0]) / 2, (before[0][1] + after[0][1]) / 2]
+        if untraced[0] > 0 and untraced[1] > 0:
+            throughput.append(traced[0] / untraced[0])
+            p99.append(traced[1] / untraced[1])
+            base.append(untraced[0])
+    return throughput, p99, base
+
+
+def measure(
+    pid: int,
+    port: int,
+    record_args: tuple[str, ...],
+    rounds: int,
+    seconds: float,
+    connections: int,
+    load_cpus: set[int] | None,
+    workdir: Path,
+) -> dict[str, Any]:
+    """One config on one running server: `rounds` traced windows, each between two untraced."""
+    trace = workdir / "trace"
+    rec = RecorderRun(trace, "-p", str(pid), *record_args, "--alternate", str(seconds))
+    samples = workdir / "samples"
     try:
-        return read_event(load.stdout, "done", seconds + 60)  # type: ignore[arg-type]
+        rec.wait_attached()
+        began = time.monotonic()
+        load = start_load(port, connections, samples, load_cpus)
+        try:
+            # switches: the attach, then off/on pairs; enough for `rounds` traced windows
+            # between untraced ones, plus the one cut by the load's start
+            wanted = 2 * rounds + 3
+            deadline = began + (wanted + 2) * (seconds + 10)
+            while len(_alternations(trace)) < wanted and time.monotonic() < deadline:
+                time.sleep(0.2)
+            load.stdin.write(b"stop\n")  # type: ignore[union-attr]
+            load.stdin.flush()  # type: ignore[union-attr]
+            read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+        finally:
+            stop(load)
+        footprint = rec.footprint()
     finally:
-        stop(load)
+        rec.finish()
+    pairs = np.fromfile(samples, dtype=np.float64).reshape(-1, 2)
+    ends, latencies = pairs[:, 0], pairs[:, 1]
+    if not ends.size:
+        raise RuntimeError("the load generator completed no exchange")
+    stretches = windows(_alternations(trace), float(ends.min()), float(ends.max()), seconds)
+    throughput, p99, base = compare(stretches, ends, latencies)
+    if not throughput:
+        raise RuntimeError(f"no traced window between untraced ones ({len(stretches)} windows)")
+    return {
+        "throughput_ratio": spread(throughput),
+        "p99_ratio": spread(p99),
+        "untraced_requests_per_s": spread(base),
+        "windows": len(stretches),
+        "switch_s": spread(
+            [(a["to_ns"] - a["from_ns"]) / 1e9 for a in _alternations(trace)[1:]] or [0.0]
+        ),
+        "recorder_cpu_share": spread([footprint["cpu_share"]]),
+        "recorder_peak_rss_bytes": footprint["peak_rss_bytes"],
+    }
+
+
+def _alternations(trace: Path) -> list[dict[str, Any]]:
+    try:
+        meta = json.loads((trace / "meta.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(meta.get("alternations", []))
 
 
 def run(
@@ -70,6 +181,7 @@ def run(
     configs = list(CONFIGS) if configs is None else configs
     server_cpus, load_cpus = placement()
     results: dict[str, Any] = {
+        "method": "alternate",
         "rounds": rounds,
         "seconds": seconds,
         "connections": connections,
@@ -80,42 +192,27 @@ def run(
         server = spawn(module, *args, cpus=server_cpus)
         try:
             port = read_event(server.stdout, "listening", 30)["port"]  # type: ignore[arg-type]
-            burst(port, connections, 1.0, load_cpus)  # warm up
             per_config: dict[str, Any] = {}
             for config in configs:
-                record_args = CONFIGS[config]
-                throughput, p99, footprints, base = [], [], [], []
-                for r in range(rounds):
-                    sides: dict[str, dict[str, Any]] = {}
-                    for traced in (False, True) if r % 2 == 0 else (True, False):
-                        if not traced:
-                            sides["untraced"] = burst(port, connections, seconds, load_cpus)
-                            continue
-                        with tempfile.TemporaryDirectory() as tmp:
-                            rec = RecorderRun(Path(tmp) / "t", "-p", str(server.pid), *record_args)
-                            try:
-                                rec.wait_attached()
-                                sides["traced"] = burst(port, connections, seconds, load_cpus)
-                                footprints.append(rec.footprint())
-                            finally:
-                                rec.finish()
-                    u, t = sides["untraced"], sides["traced"]
-                    throughput.append(t["requests_per_s"] / u["requests_per_s"])
-                    p99.append(t["latency_us"]["p99"] / u["latency_us"]["p99"])
-                    base.append(u)
-                    log(
-                        f"overhead {server_name} {config} round {r + 1}/{rounds}: "
-                        f"{u['requests_per_s']:,.0f} -> {t['requests_per_s']:,.0f} req/s, "
-                        f"p99 {u['latency_us']['p99']:,.0f} -> {t['latency_us']['p99']:,.0f} us"
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = measure(
+                        server.pid,
+                        port,
+                        CONFIGS[config],
+                        rounds,
+                        seconds,
+                        connections,
+                        load_cpus,
+                        Path(tmp),
                     )
-                per_config[config] = {
-                    "throughput_ratio": spread(throughput),
-                    "p99_ratio": spread(p99),
-                    "untraced_requests_per_s": spread([b["requests_per_s"] for b in base]),
-                    "untraced_p99_us": spread([b["latency_us"]["p99"] for b in base]),
-                    "recorder_cpu_share": spread([f["cpu_share"] for f in footprints]),
-                    "recorder_peak_rss_bytes": max(f["peak_rss_bytes"] for f in footprints),
-                }
+                per_config[config] = r
+                log(
+                    f"overhead {server_name} {config}: throughput "
+                    f"{r['throughput_ratio']['median']:.3f} "
+                    f"(median of {r['throughput_ratio']['n']}), "
+                    f"p99 {r['p99_ratio']['median']:.3f}, untraced "
+                    f"{r['untraced_requests_per_s']['median']:,.0f} req/s"
+                )
             results[server_name] = per_config
         finally:
             stop(server)

@@ -90,6 +90,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "more absorbs longer bursts when the recorder is starved of CPU)",
     )
     p.add_argument(
+        "--alternate",
+        type=float,
+        metavar="SECONDS",
+        help="switch tracing off and on every SECONDS, to measure what it costs the traced "
+        "program: compare its throughput in the two halves (meta.json lists when each switch "
+        "began and ended). Calls in flight across a switch are incomplete in the trace",
+    )
+    p.add_argument(
         "--print-bpf",
         action="store_true",
         help="print the BPF C program as it would be compiled here, and exit",
@@ -111,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         raise IdlebufError("--duration must be positive")
     if args.min_alloc < 1 or args.sample < 1:
         raise IdlebufError("--min-alloc and --sample must be at least 1")
+    if args.alternate is not None and args.alternate <= 0:
+        raise IdlebufError("--alternate must be positive")
     if args.min_wait < 0:
         raise IdlebufError("--min-wait must be zero (record every call) or positive")
     mib = args.ring_buffer
@@ -141,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration,
         force=args.force,
         probe_options=options,
+        alternate=args.alternate,
     )
     interactive = sys.stderr.isatty()
 

@@ -72,17 +72,23 @@ def wait_ok(recorder: subprocess.Popen[bytes]) -> None:
     assert recorder.returncode == 0, err.decode()
 
 
-def assert_exact(report: dict, server_pid: int, truth: dict, load_done: dict) -> None:
+def assert_posted(report: dict, server_pid: int, truth: dict) -> dict:
+    """The reads posted at the end, exactly; only socket reads. Returns the process."""
     (proc,) = [p for p in report["processes"] if p["pid"] == server_pid]
     assert report["complete"] is True
     assert all(v == 0 for v in report["drops"].values()), report["drops"]
     assert proc["posted_reads"]["now"] == CONNECTIONS == truth["connections_open"]
     assert proc["pinned_bytes"]["now"] == CONNECTIONS * BUFFER == truth["pinned_bytes"]
-    assert proc["reads_completed"] == ACTIVE * MESSAGES == load_done["requests"]
-    assert proc["bytes_received"] == ACTIVE * MESSAGES * SIZE == load_done["bytes_sent"]
     # only recvfrom on sockets: the pipe reader and the file reads are not there
     assert list(proc["by_source"]) == ["syscall"]
     assert list(proc["by_source"]["syscall"]["by_op"]) == ["recvfrom"]
+    return proc
+
+
+def assert_exact(report: dict, server_pid: int, truth: dict, load_done: dict) -> None:
+    proc = assert_posted(report, server_pid, truth)
+    assert proc["reads_completed"] == ACTIVE * MESSAGES == load_done["requests"]
+    assert proc["bytes_received"] == ACTIVE * MESSAGES * SIZE == load_done["bytes_sent"]
 
 
 def assert_buffers_match(trace: Path, truth: dict) -> None:
@@ -125,8 +131,14 @@ def test_attached_from_the_start(tmp_path: Path) -> None:
     assert_buffers_match(trace, truth)
 
 
-def test_attached_late_sees_the_same(tmp_path: Path) -> None:
-    """Connections open and threads blocked before the recorder attaches; then the exchange."""
+@pytest.mark.parametrize("record_args", [(), ("--min-wait", "50")], ids=["every-call", "min-wait"])
+def test_attached_late_sees_the_same(tmp_path: Path, record_args: tuple[str, ...]) -> None:
+    """Connections open and threads blocked before the recorder attaches; then the exchange.
+
+    With --min-wait (the scheduler hooks here) the reads found blocked are seeded into each
+    thread's own storage, where the return hook finds them; the server's pipe reader, blocked
+    in read() all along, is seen waiting too and must not pass for a socket read.
+    """
     trace = tmp_path / "trace"
     server = spawn_workload("workloads.threaded_server", *SERVER_ARGS)
     try:
@@ -135,7 +147,7 @@ def test_attached_late_sees_the_same(tmp_path: Path) -> None:
         wait_until(
             lambda: threads_in_socket_reads(server.pid) == CONNECTIONS, 30, "server threads blocked"
         )
-        recorder = spawn_idlebuf("record", "-o", str(trace), "-p", str(server.pid))
+        recorder = spawn_idlebuf("record", "-o", str(trace), "-p", str(server.pid), *record_args)
         try:
             wait_for_trace_started(trace)
             load.stdin.write(b"go\n")  # type: ignore[union-attr]
@@ -151,11 +163,21 @@ def test_attached_late_sees_the_same(tmp_path: Path) -> None:
     finally:
         stop(server)
     report = report_json(trace)
-    assert_exact(report, server.pid, truth, done)
+    if record_args:
+        assert_posted(report, server.pid, truth)
+        meta = json.loads((trace / "meta.json").read_text())
+        assert meta["probes"]["reads"]["wait_hooks"] == "scheduler"
+    else:
+        assert_exact(report, server.pid, truth, done)
     assert_buffers_match(trace, truth)
-    posts = open_trace(trace)["posts"]
-    # every connection's first read was found blocked by the /proc scan
-    assert int(((posts["flags"] & PostFlag.SCANNED) != 0).sum()) == CONNECTIONS
+    t = open_trace(trace)
+    # every connection's first read was found blocked by the /proc scan...
+    scanned = t["posts"][(t["posts"]["flags"] & PostFlag.SCANNED) != 0]
+    assert len(scanned) == CONNECTIONS
+    # ...and the active ones' were seen returning, with the first message
+    later = t["completions"][t["completions"]["tid"].isin(scanned["tid"])]
+    first = later.sort_values("ts_ns").drop_duplicates("tid")
+    assert len(first) == ACTIVE and set(first["ret"]) == {SIZE}
 
 
 def test_killed_recording_stays_readable(tmp_path: Path) -> None:
