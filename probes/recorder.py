@@ -227,7 +227,9 @@ class Recorder:
 
     def _flush(self) -> None:
         probes = self._probes
-        if probes is not None and probes.options.min_wait_ns:
+        # --alternate: while switched off, nothing is sampled either
+        sampling = probes is None or not probes.paused
+        if probes is not None and probes.options.min_wait_ns and sampling:
             # --min-wait: calls still waiting are recorded by this sweep, not at entry
             waiting = probes.sweep_waiting(_now_ns())
             if waiting:
@@ -248,13 +250,13 @@ class Recorder:
             write_records(self._writer, by_kind)
             self._posts += posts.size
             self._completions += completions.size
-        if self._sockets is not None:
+        if self._sockets is not None and sampling:
             rows = self._sockets.sample(self._live_targets(), _now_ns())
             if rows:
                 self._writer.append(
                     layout.SOCKETS, pa.Table.from_pylist(rows, schema=layout.SOCKETS.arrow_schema())
                 )
-        rings = self._rings.snapshot(_now_ns())
+        rings = self._rings.snapshot(_now_ns()) if sampling else []
         if rings:
             self._writer.append(
                 layout.BUFFER_RINGS,
@@ -508,7 +510,9 @@ class Recorder:
             for pid in self._live_targets():
                 self._scan_blocked(probes, pid)
         else:
+            # what the traced stretch produced is written now, not during the untraced one
             self._take(probes.drain())
+            self._flush()
             probes.pause()
         self._alternations.append(
             {"from_ns": began, "to_ns": _now_ns(), "tracing": not probes.paused}

@@ -161,7 +161,12 @@ def main() -> None:
     deadline = time.monotonic() + args.duration
     ended_early = threading.Event()
     if args.until_stdin:
-        threading.Thread(target=lambda: (os.read(0, 64), ended_early.set()), daemon=True).start()
+
+        def end_on_stdin() -> None:
+            os.read(0, 64)
+            ended_early.set()
+
+        threading.Thread(target=end_on_stdin, daemon=True).start()
     workers = [
         threading.Thread(
             target=exchange,

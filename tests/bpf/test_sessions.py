@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from analysis.trace import open_trace
 from tests.helpers import (
+    Recording,
     idlebuf,
+    python_module,
     read_event,
     report_json,
     spawn_idlebuf,
@@ -84,3 +87,38 @@ def test_sigterm_finalizes_and_several_pids(tmp_path: Path) -> None:
         p["pid"]: (p["posted_reads"]["now"], p["pinned_bytes"]["now"]) for p in report["processes"]
     }
     assert got == {servers[0].pid: (5, 5 * 1031), servers[1].pid: (7, 7 * 2053)}
+
+
+def test_alternate_switches_tracing_off_and_on(tmp_path: Path) -> None:
+    """`record --alternate 0.3`: while switched off nothing is recorded; meta.json says when
+    each switch began and ended; the report says the trace covers half the time."""
+    trace = tmp_path / "t"
+    server = python_module("workloads.threaded_server")
+    with Recording(trace, server, ("--alternate", "0.3")) as rec:
+        # 2 connections, one exchanging 401 messages at 200/s: ~2 s of steady reads
+        load = start_loadgen(rec.port, 2, 1, 401, 100, "--rate", "200")
+        try:
+            done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
+            rec.finish()
+        finally:
+            stop(load)
+    assert done["requests"] == 401
+    meta = json.loads((trace / "meta.json").read_text())
+    switches = meta["alternations"]
+    assert meta["alternate_s"] == 0.3 and len(switches) >= 6
+    assert [s["tracing"] for s in switches] == [i % 2 == 0 for i in range(len(switches))]
+    assert all(s["from_ns"] <= s["to_ns"] for s in switches)
+    assert all(a["to_ns"] < b["from_ns"] for a, b in zip(switches, switches[1:]))
+    posts = open_trace(trace)["posts"]
+    ts = posts[posts["pid"] == rec.pid]["ts_ns"].to_numpy()
+    traced = 0
+    for i, s in enumerate(switches):
+        end = switches[i + 1]["from_ns"] if i + 1 < len(switches) else 2**63 - 1
+        inside = int(((ts > s["to_ns"]) & (ts < end)).sum())
+        if s["tracing"]:
+            traced += inside > 0
+        else:
+            assert inside == 0, f"{inside} reads recorded while switched off"
+    assert traced >= 3  # reads were recorded in several traced stretches
+    report = idlebuf("report", str(trace))
+    assert report.returncode == 0 and "--alternate 0.3" in report.stdout
