@@ -65,7 +65,8 @@ def render(results: dict[str, Any]) -> str:
         out.append(
             f"Overhead on the traced server ({o['connections']} connections back to back; "
             f"tracing switched off and on every {o['seconds']:g} s, each traced window against "
-            "the untraced ones on either side, min / median / max over windows; server on CPU "
+            "the untraced ones on either side (first quarter of each left out), "
+            "min / median / max over windows; server on CPU "
             f"{_cpus(o.get('server_cpus'))}, load generator on CPU {_cpus(o.get('load_cpus'))})\n"
             + table(
                 [
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=30, help="traced windows per server and config (overhead)"
     )
     parser.add_argument(
-        "--seconds", type=float, default=0.5, help="seconds between switches (overhead)"
+        "--seconds", type=float, default=2.0, help="seconds between switches (overhead)"
     )
     parser.add_argument(
         "--configs",

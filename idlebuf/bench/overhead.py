@@ -6,9 +6,14 @@ cost being measured. So each figure compares windows a few seconds apart within 
 recorder attached to the running server (`idlebuf record -p PID --alternate SECONDS`)
 detaches its programs and attaches them again every SECONDS, noting when each switch began
 and ended; the load generator, running throughout, logs every exchange's end time and
-latency. Each traced window is compared with the untraced windows on either side of it
-(the switches themselves left out); the figures are the ratios, min/median/max over windows.
-The recorder's own CPU is counted over the whole run and reported beside them.
+latency. Each traced window is compared with the untraced windows on either side of it; the
+figures are the ratios, min/median/max over windows. Left out: the switches themselves
+(detaching a perf-event tracepoint waits for an RCU grace period: ~2.5 s for the default
+set, ~4.5 s with the allocator uprobes) and the first quarter of each window, while the
+recorder catches up with the events of a window just begun (windows much shorter than the
+recorder's ~0.1 s drain cycle measure the kernel side only: 0.5 s windows showed every
+read costing 5% on the threaded server, 2 s windows 35%). Configs far from the 5% target
+get a third of the windows. The recorder's own CPU is counted over the whole run.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ CONFIGS = {
     "everything": ("--memory", "--min-alloc", "1"),
 }
 MIN_WINDOW = 0.5  # a window shorter than this fraction of SECONDS (at the load's ends) is left out
+SETTLE = 0.25  # this fraction of SECONDS at the start of each window is left out
+PRECISE = ("posted reads", "posted (syscalls)")  # configs measured with every round
 
 
 def placement() -> tuple[set[int] | None, set[int] | None]:
@@ -72,14 +79,14 @@ def windows(
     alternations: list[dict[str, Any]], start: float, end: float, seconds: float
 ) -> list[tuple[float, float, bool]]:
     """(from, to, tracing) in CLOCK_MONOTONIC seconds: the stretches between one switch's end
-    and the next one's beginning, within [start, end]; stretches cut short by the load's
-    start or end are left out."""
+    (plus SETTLE x seconds) and the next one's beginning, within [start, end]; stretches cut
+    short by the load's start or end are left out."""
     out = []
     for i, switch in enumerate(alternations):
-        lo = max(switch["to_ns"] / 1e9, start)
+        lo = max(switch["to_ns"] / 1e9 + SETTLE * seconds, start)
         nxt = alternations[i + 1]["from_ns"] / 1e9 if i + 1 < len(alternations) else end
         hi = min(nxt, end)
-        if hi - lo >= MIN_WINDOW * seconds:
+        if hi - lo >= (MIN_WINDOW - SETTLE) * seconds:
             out.append((lo, hi, bool(switch["tracing"])))
     return out
 
@@ -199,7 +206,7 @@ def run(
                         server.pid,
                         port,
                         CONFIGS[config],
-                        rounds,
+                        rounds if config in PRECISE else max(5, rounds // 3),
                         seconds,
                         connections,
                         load_cpus,

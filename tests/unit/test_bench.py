@@ -34,14 +34,15 @@ def exchanges(stretches: list[tuple[float, float, bool]], traced: float, untrace
 def test_windows_leave_out_switches_and_cut_stretches() -> None:
     alts = switches(6)
     got = windows(alts, start=0.5, end=5.9, seconds=1.0)
-    # the first stretch (0..1) is cut to 0.5 s by the load's start: kept (half a window);
-    # the last (5.5..6.5) is cut to 0.4 s by its end: left out
+    # each stretch starts a quarter of a window after its switch ended; the first (0..1) is
+    # cut to 0.5 s by the load's start: kept; the last (5.5..6.5) is cut to 0.15 s by its
+    # end: left out
     assert [(round(lo, 3), round(hi, 3), t) for lo, hi, t in got] == [
         (0.5, 1.0, True),
-        (1.1, 2.1, False),
-        (2.2, 3.2, True),
-        (3.3, 4.3, False),
-        (4.4, 5.4, True),
+        (1.35, 2.1, False),
+        (2.45, 3.2, True),
+        (3.55, 4.3, False),
+        (4.65, 5.4, True),
     ]
 
 
