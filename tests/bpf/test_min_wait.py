@@ -30,6 +30,8 @@ from tests.helpers import (
     report_json,
     start_loadgen,
     stop,
+    threads_in_socket_reads,
+    wait_until,
 )
 
 pytestmark = pytest.mark.bpf
@@ -54,7 +56,10 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
             go(load)
             read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
             truth = rec.wait_for(lambda t: t["reads_completed"] == ACTIVE * MESSAGES)
-            time.sleep(0.3)  # longer than the wait threshold: every read is waiting again
+            wait_until(
+                lambda: threads_in_socket_reads(rec.pid) == CONNECTIONS, 30, "threads in recv"
+            )
+            time.sleep(0.3)  # longer than the wait threshold: every read has waited enough
             rec.finish()
         finally:
             stop(load)

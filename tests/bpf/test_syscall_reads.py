@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,14 @@ def run_load(port: int) -> tuple[subprocess.Popen[bytes], dict]:
     return load, read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
 
 
-def finish(server_pid: int, recorder: subprocess.Popen[bytes]) -> None:
+def finish(server_pid: int, recorder: subprocess.Popen[bytes], settle: float = 0.0) -> None:
+    """SIGINT once every server thread is blocked in recv, and `settle` seconds later."""
     wait_until(
         lambda: threads_in_socket_reads(server_pid) == CONNECTIONS,
         30,
         f"{CONNECTIONS} server threads blocked in recv",
     )
+    time.sleep(settle)
     recorder.send_signal(signal.SIGINT)
 
 
@@ -153,7 +156,8 @@ def test_attached_late_sees_the_same(tmp_path: Path, record_args: tuple[str, ...
             load.stdin.write(b"go\n")  # type: ignore[union-attr]
             load.stdin.flush()  # type: ignore[union-attr]
             done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
-            finish(server.pid, recorder)
+            # with --min-wait a read is recorded once it has waited 50 ms
+            finish(server.pid, recorder, settle=0.3 if record_args else 0.0)
             wait_ok(recorder)
         finally:
             stop(recorder)
