@@ -71,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "scheduler", "syscalls"),
         default="auto",
         help="with --min-wait, how calls are seen waiting: 'scheduler' (sched_switch and "
-        "sock:sock_recv/send_length; calls that do not wait cost nothing; Linux 6.9+), "
+        "sock:sock_recv/send_length; a call that does not wait costs one lookup at its "
+        "return; Linux 6.9+), "
         "'syscalls' (syscall tracepoints: every syscall of every process pays ~0.5 us), "
         "'auto' (default: scheduler where the kernel allows)",
     )
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         raise IdlebufError("--duration must be positive")
     if args.min_alloc < 1 or args.sample < 1:
         raise IdlebufError("--min-alloc and --sample must be at least 1")
+    if args.wait_hooks != "auto" and not args.min_wait:
+        raise IdlebufError("--wait-hooks applies to --min-wait recordings only")
     if args.alternate is not None and args.alternate <= 0:
         raise IdlebufError("--alternate must be positive")
     if args.min_wait < 0:
