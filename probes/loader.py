@@ -66,8 +66,8 @@ URING_TRACEPOINTS = (
     "io_uring/io_uring_register",
 )
 # --min-wait sees calls wait through the scheduler and the socket layer, not syscall
-# tracepoints, where the kernel has these (6.3+) and thread pidfds (6.9+: the recorder reads
-# and seeds each thread's call through one).
+# tracepoints, where the kernel has these and thread pidfds (6.9+: the recorder reads and
+# seeds each thread's call through one).
 BLOCK_TRACEPOINTS = ("sock/sock_recv_length", "sock/sock_send_length")
 
 BPF_NOEXIST = 1
@@ -122,9 +122,8 @@ class ReadProbeOptions:
     # record only reads/writes that wait at least this long (0: every one); the rest are
     # counted in the kernel (Counter.QUICK), and readiness waits are not traced
     min_wait_ns: int = 0
-    wait_hooks: str = (
-        "auto"  # with min_wait_ns: "scheduler", "syscalls" or "auto" (see wait_hooks())
-    )
+    # with min_wait_ns, how waits are seen: "scheduler", "syscalls" or "auto" (wait_hooks())
+    wait_hooks: str = "auto"
     writes: bool = True  # trace writes to sockets (pending write bytes) as well as reads
 
 
@@ -192,8 +191,9 @@ def read_probe_source(memory: bool = False) -> str:
 
 
 def wait_hooks(options: ReadProbeOptions) -> str | None:
-    """How --min-wait sees calls wait here: "scheduler" (no syscall tracepoint, nothing paid
-    by calls that do not wait), "syscalls" (older kernels), None without --min-wait."""
+    """How --min-wait sees calls wait here: "scheduler" (no syscall tracepoint; a call that
+    does not wait costs a lookup at its return), "syscalls" (older kernels), None without
+    --min-wait. ProbeError if the scheduler hooks are asked for where they cannot run."""
     from probes import features  # noqa: PLC0415
 
     if not options.min_wait_ns:
