@@ -14,7 +14,7 @@
  *   kernel reads); ~140 ns per read-type syscall of any other process (the target test), and
  *   ~0.5 us per syscall of every process for the syscall tracepoints' slow path. With the
  *   scheduler hooks: a target's socket call that does not block, one task-storage lookup at
- *   its return; one that blocks, ~0.2 us more; anything else, a bit test per context switch
+ *   its return; one that blocks, ~0.3 us more (with the socket check); anything else, a bit test per context switch
  *   and per socket call.
  *
  * Compile-time constants (cflags): OFF_TASK_FILES, OFF_FILES_FDT, OFF_FDT_MAX_FDS, OFF_FDT_FD,
@@ -463,10 +463,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return read_returned(args->ret);
  * sock:sock_send_length fire as a socket receive or send returns, in the caller's context).
  * Its start is the moment it first blocked. A thread woken without its data and blocking
  * again is still in the same call (its storage holds it until the return).
- * The socket check is left to the return: only socket calls reach the return hooks, which
- * take the thread's call only if it is the one returning (same syscall and fd); a call that
- * blocked on a pipe or file is replaced when the thread next blocks, and the recorder's sweep
- * checks the fd before recording a call still waiting.
+ * The socket check runs when a call first blocks: a read of a file that blocked at start-up
+ * would otherwise stay in the thread's storage and, its fd later reused by a socket, be taken
+ * for a socket read still waiting (seen in tests). The return hooks, which only sockets
+ * reach, take the thread's call only if it is the one returning (same syscall and fd), and
+ * the recorder's sweep checks the fd again before recording a call still waiting.
  */
 #define TASK_RUNNING_ 0
 #define ENOSYS_ 38
@@ -542,6 +543,10 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     }
     if (slot->ts_ns && slot->op == r.op && slot->fd == r.fd && slot->addr == r.addr)
         return 0; /* woken, and waiting again in the same call */
+    if (!fd_is_socket(r.fd)) {
+        slot->ts_ns = 0; /* whatever it held has returned: the thread is in another call */
+        return 0;
+    }
     r.ts_ns = bpf_ktime_get_ns();
     r.pid = id >> 32;
     *slot = r;
