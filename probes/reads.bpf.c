@@ -14,8 +14,8 @@
  *   kernel reads); ~140 ns per read-type syscall of any other process (the target test), and
  *   ~0.5 us per syscall of every process for the syscall tracepoints' slow path. With the
  *   scheduler hooks: a target's socket call that does not block, one task-storage lookup at
- *   its return; one that blocks, ~0.3 us more (with the socket check); anything else, a bit test per context switch
- *   and per socket call.
+ *   its return; one that blocks, ~0.3 us more (with the socket check); anything else, a bit
+ *   test per context switch and per socket call.
  *
  * Compile-time constants (cflags): OFF_TASK_FILES, OFF_FILES_FDT, OFF_FDT_MAX_FDS, OFF_FDT_FD,
  * OFF_FILE_INODE, OFF_INODE_MODE (from BTF), MAX_TARGETS, TARGET_WORDS, MAX_INFLIGHT,
