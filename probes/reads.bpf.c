@@ -221,6 +221,17 @@ static __always_inline int waited(u8 post_kind, u64 key, u32 pid, const struct i
     return 1;
 }
 
+/* The in-flight hash's call for this thread and direction (FLAG_WRITE or 0), taken out. */
+static __always_inline int take_inflight(u64 key, u32 write, struct inflight *out)
+{
+    struct inflight *found = inflight.lookup(&key);
+    if (!found || (found->flags & FLAG_WRITE) != write)
+        return 0;
+    *out = *found;
+    inflight.delete(&key);
+    return 1;
+}
+
 #if MIN_WAIT_NS > 0
 /* --min-wait keeps a thread's call in the thread's own storage: no hashing and, after the
  * first call, no allocation (a hash update and delete per call cost ~0.3 us more here). The
@@ -251,13 +262,9 @@ static __always_inline int recall(u64 key, u32 write, struct inflight *out)
     }
 #if BLOCK_HOOKS
     return 0;
+#else
+    return take_inflight(key, write, out);
 #endif
-    struct inflight *found = inflight.lookup(&key);
-    if (!found || (found->flags & FLAG_WRITE) != write)
-        return 0;
-    *out = *found;
-    inflight.delete(&key);
-    return 1;
 }
 #else
 static __always_inline int remember(u64 key, const struct inflight *r)
@@ -267,12 +274,7 @@ static __always_inline int remember(u64 key, const struct inflight *r)
 
 static __always_inline int recall(u64 key, u32 write, struct inflight *out)
 {
-    struct inflight *found = inflight.lookup(&key);
-    if (!found || (found->flags & FLAG_WRITE) != write)
-        return 0;
-    *out = *found;
-    inflight.delete(&key);
-    return 1;
+    return take_inflight(key, write, out);
 }
 #endif
 
