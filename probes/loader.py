@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -396,21 +397,31 @@ class ReadProbes:
             )
             return rc == 0
         with _thread_pidfd(tid) as key:
-            if key is None or self.thread_call(tid) is not None:
+            if key is None or self._stored_call(key) is not None:
                 return False
-            fd_calls = lib.bpf_table_fd(self.bpf.module, b"calls")
-            return lib.bpf_update_elem(fd_calls, ctypes.byref(key), ctypes.byref(leaf), 0) == 0
+            return (
+                lib.bpf_update_elem(self._calls_fd, ctypes.byref(key), ctypes.byref(leaf), 0) == 0
+            )
 
-    def thread_call(self, tid: int) -> Any | None:
-        """The call a thread waits in, from its own storage (--min-wait); None if none."""
+    @functools.cached_property
+    def _calls_fd(self) -> int:
+        """The task-storage map of each thread's call (--min-wait), keyed by thread pidfd."""
+        from bcc import lib  # noqa: PLC0415
+
+        return int(lib.bpf_table_fd(self.bpf.module, b"calls"))
+
+    def _stored_call(self, key: ctypes.c_int) -> Any | None:
         from bcc import lib  # noqa: PLC0415
 
         leaf = self.inflight.Leaf()
-        fd = lib.bpf_table_fd(self.bpf.module, b"calls")
-        with _thread_pidfd(tid) as key:
-            if key is None or lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)):
-                return None
+        if lib.bpf_lookup_elem(self._calls_fd, ctypes.byref(key), ctypes.byref(leaf)):
+            return None
         return leaf if leaf.ts_ns else None
+
+    def thread_call(self, tid: int) -> Any | None:
+        """The call a thread waits in, from its own storage (--min-wait); None if none."""
+        with _thread_pidfd(tid) as key:
+            return None if key is None else self._stored_call(key)
 
     def sweep_waiting(self, now_ns: int) -> list[dict[str, int]]:
         """--min-wait: wire rows (as dicts, flagged SWEPT) for the calls in flight for at
@@ -485,7 +496,7 @@ class ReadProbes:
 
         with _thread_pidfd(tid) as key:
             if key is not None:
-                lib.bpf_delete_elem(lib.bpf_table_fd(self.bpf.module, b"calls"), ctypes.byref(key))
+                lib.bpf_delete_elem(self._calls_fd, ctypes.byref(key))
 
     def stack(self, stack_id: int, pid: int) -> tuple[list[int], list[str]]:
         """The frames of an allocation stack (ids as in ALLOC records: id + 1) and their
