@@ -62,14 +62,24 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def recording_started(path: Path) -> bool:
-    """Whether a recorder writing `path` is tracing yet: it rewrites meta.json with attached
-    probes once it is (and a trace not started yet may have no meta.json at all)."""
+def meta_so_far(path: Path) -> dict[str, Any]:
+    """meta.json of a trace a recorder may still be writing: {} until it has written one."""
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and bool(meta.get("probes", {}).get("reads", {}).get("attached"))
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def recording_started(path: Path) -> bool:
+    """Whether a recorder writing `path` is tracing yet: it rewrites meta.json with attached
+    probes once it is (and a trace not started yet may have no meta.json at all)."""
+    return bool(meta_so_far(path).get("probes", {}).get("reads", {}).get("attached"))
+
+
+def switches(path: Path) -> list[dict[str, Any]]:
+    """`record --alternate`: when tracing was switched off and on so far (meta.json)."""
+    return list(meta_so_far(path).get("alternations", []))
 
 
 def read_table(path: Path, table: layout.Table) -> pd.DataFrame:

@@ -18,8 +18,8 @@ get a third of the windows. The recorder's own CPU is counted over the whole run
 
 from __future__ import annotations
 
-import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.trace import switches
 from idlebuf.bench.common import RecorderRun, spread
 from idlebuf.scenario import read_event, spawn, stop
 
@@ -63,8 +64,6 @@ def placement() -> tuple[set[int] | None, set[int] | None]:
 
 def start_load(port: int, connections: int, samples: Path, cpus: set[int] | None) -> Any:
     """Back-to-back 1,000-byte echo exchanges on every connection until a line on stdin."""
-    import subprocess  # noqa: PLC0415
-
     return spawn(
         "workloads.loadgen",
         *("--port", str(port), "--connections", str(connections), "--active", str(connections)),
@@ -139,7 +138,7 @@ def measure(
             # between untraced ones, plus the one cut by the load's start
             wanted = 2 * rounds + 3
             deadline = began + (wanted + 2) * (seconds + 10)
-            while len(_alternations(trace)) < wanted and time.monotonic() < deadline:
+            while len(switches(trace)) < wanted and time.monotonic() < deadline:
                 time.sleep(0.2)
             load.stdin.write(b"stop\n")  # type: ignore[union-attr]
             load.stdin.flush()  # type: ignore[union-attr]
@@ -153,7 +152,8 @@ def measure(
     ends, latencies = pairs[:, 0], pairs[:, 1]
     if not ends.size:
         raise RuntimeError("the load generator completed no exchange")
-    stretches = windows(_alternations(trace), float(ends.min()), float(ends.max()), seconds)
+    alternations = switches(trace)
+    stretches = windows(alternations, float(ends.min()), float(ends.max()), seconds)
     throughput, p99, base = compare(stretches, ends, latencies)
     if not throughput:
         raise RuntimeError(f"no traced window between untraced ones ({len(stretches)} windows)")
@@ -162,20 +162,10 @@ def measure(
         "p99_ratio": spread(p99),
         "untraced_requests_per_s": spread(base),
         "windows": len(stretches),
-        "switch_s": spread(
-            [(a["to_ns"] - a["from_ns"]) / 1e9 for a in _alternations(trace)[1:]] or [0.0]
-        ),
+        "switch_s": spread([(a["to_ns"] - a["from_ns"]) / 1e9 for a in alternations[1:]] or [0.0]),
         "recorder_cpu_share": spread([footprint["cpu_share"]]),
         "recorder_peak_rss_bytes": footprint["peak_rss_bytes"],
     }
-
-
-def _alternations(trace: Path) -> list[dict[str, Any]]:
-    try:
-        meta = json.loads((trace / "meta.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return list(meta.get("alternations", []))
 
 
 def run(

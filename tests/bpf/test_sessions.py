@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.trace import open_trace
+from analysis.trace import open_trace, switches
 from tests.helpers import (
     Recording,
     idlebuf,
@@ -103,7 +103,7 @@ def test_alternate_switches_tracing_off_and_on(tmp_path: Path) -> None:
             rec.port, 2, 1, 10**6, 100, "--rate", "200", "--until-stdin", stdin=subprocess.PIPE
         )
         try:
-            wait_until(lambda: len(_switches(trace)) >= 7, 120, "7 switches")
+            wait_until(lambda: len(switches(trace)) >= 7, 120, "7 switches")
             load.stdin.write(b"stop\n")  # type: ignore[union-attr]
             load.stdin.flush()  # type: ignore[union-attr]
             done = read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
@@ -112,16 +112,16 @@ def test_alternate_switches_tracing_off_and_on(tmp_path: Path) -> None:
             stop(load)
     assert done["requests"] > 0
     meta = json.loads((trace / "meta.json").read_text())
-    switches = meta["alternations"]
-    assert meta["alternate_s"] == 0.3 and len(switches) >= 7
-    assert [s["tracing"] for s in switches] == [i % 2 == 0 for i in range(len(switches))]
-    assert all(s["from_ns"] <= s["to_ns"] for s in switches)
-    assert all(a["to_ns"] < b["from_ns"] for a, b in zip(switches, switches[1:]))
+    alts = meta["alternations"]
+    assert meta["alternate_s"] == 0.3 and len(alts) >= 7
+    assert [s["tracing"] for s in alts] == [i % 2 == 0 for i in range(len(alts))]
+    assert all(s["from_ns"] <= s["to_ns"] for s in alts)
+    assert all(a["to_ns"] < b["from_ns"] for a, b in zip(alts, alts[1:]))
     posts = open_trace(trace)["posts"]
     ts = posts[posts["pid"] == rec.pid]["ts_ns"].to_numpy()
     traced = 0
-    for i, s in enumerate(switches):
-        end = switches[i + 1]["from_ns"] if i + 1 < len(switches) else 2**63 - 1
+    for i, s in enumerate(alts):
+        end = alts[i + 1]["from_ns"] if i + 1 < len(alts) else 2**63 - 1
         inside = int(((ts > s["to_ns"]) & (ts < end)).sum())
         if s["tracing"]:
             traced += inside > 0
@@ -130,10 +130,3 @@ def test_alternate_switches_tracing_off_and_on(tmp_path: Path) -> None:
     assert traced >= 3  # reads were recorded in several traced stretches
     report = idlebuf("report", str(trace))
     assert report.returncode == 0 and "--alternate 0.3" in report.stdout
-
-
-def _switches(trace: Path) -> list[dict]:
-    try:
-        return list(json.loads((trace / "meta.json").read_text()).get("alternations", []))
-    except (OSError, ValueError):
-        return []
