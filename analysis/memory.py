@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.reads import next_user_of_buffer
-from probes.layout import RssMember
+from probes.format.schema import RssMember
 
 ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"]
 
@@ -392,7 +392,7 @@ def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
     """Address ranges the targets mapped (mmap, and mremap's new range), with when they went
     (`unmap_ns` NaN: still mapped): the first later munmap covering the range's start, or an
     mremap that moved it. brk records are not ranges and are left out."""
-    from probes.layout import MapFn  # noqa: PLC0415
+    from probes.format.schema import MapFn  # noqa: PLC0415
 
     ranges = maps[maps["fn"] != MapFn.BRK]
     if ranges.empty:
@@ -424,7 +424,7 @@ def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
 
 def program_break(maps: pd.DataFrame) -> pd.DataFrame:
     """Per pid: the brk heap's size, the last program break minus the first one seen."""
-    from probes.layout import MapFn  # noqa: PLC0415
+    from probes.format.schema import MapFn  # noqa: PLC0415
 
     brk = maps[maps["fn"] == MapFn.BRK].sort_values("ts_ns")
     g = brk.groupby("pid")["addr"]
