@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analysis.trace import recording_started
-from idlebuf.scenario import read_event, spawn, stop
+from idlebuf.experiments.processes import read_event, spawn, stop
+from probes.format.reader import recording_started
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,12 +37,12 @@ def test_rows_carry_each_recordings_figures(compared: tuple[dict, Path]) -> None
     ready, queued = result["rows"]
     assert (ready["model"], queued["model"]) == ("ready", "queued")
     assert (ready["connections"], ready["active"]) == (CONNECTIONS, ACTIVE)
-    assert (ready["posted_reads"], ready["pinned_bytes"], ready["io_buffer_heap"]) == (
+    assert (ready["posted_reads"], ready["pinned_bytes"], ready["io_buffer_memory"]) == (
         0,
         0,
         BUFFER,
     )
-    assert (queued["posted_reads"], queued["pinned_bytes"], queued["io_buffer_heap"]) == (
+    assert (queued["posted_reads"], queued["pinned_bytes"], queued["io_buffer_memory"]) == (
         CONNECTIONS,
         CONNECTIONS * BUFFER,
         CONNECTIONS * BUFFER,
