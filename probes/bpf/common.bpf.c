@@ -153,9 +153,9 @@ static __always_inline void sum_iov(struct inflight *r, const struct iovec *iov,
 }
 
 /* Reserve a record with every field zeroed but the common ones; NULL (counted) if full. */
-static __always_inline struct read_event *new_event(u8 kind, u8 source)
+static __always_inline struct wire_event *new_event(u8 kind, u8 source)
 {
-    struct read_event *e = events.ringbuf_reserve(sizeof(struct read_event));
+    struct wire_event *e = events.ringbuf_reserve(sizeof(struct wire_event));
     u64 id = bpf_get_current_pid_tgid();
     if (!e) {
         count(CNT_RINGBUF_FULL);
@@ -174,7 +174,7 @@ static __always_inline struct read_event *new_event(u8 kind, u8 source)
 static __always_inline void emit_at(u8 kind, u64 key, u32 pid, const struct inflight *r,
                                     s64 value, u64 ts)
 {
-    struct read_event *e = new_event(kind, SOURCE_SYSCALL);
+    struct wire_event *e = new_event(kind, SOURCE_SYSCALL);
     if (!e)
         return;
     if (ts)
