@@ -13,9 +13,6 @@
  * OFF_FILE_INODE, OFF_INODE_MODE (from BTF), MAX_TARGETS, TARGET_WORDS, MAX_INFLIGHT,
  * RINGBUF_PAGES, MAX_IOV, MIN_WAIT_NS, WITH_WRITES, BLOCK_HOOKS.
  */
- * The record layout comes from probes/layout.py (prepended).
- * The record layout comes from probes/layout.py (prepended).
- */
 #include <uapi/linux/ptrace.h>
 #include <linux/uio.h>
 #include <uapi/linux/fs.h>
