@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.reads import next_user_of_buffer
+from analysis.results import TIMELINE_FIGURES
 from probes.format.schema import RssMember
 
 ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"]
@@ -259,20 +260,7 @@ def idle_connection_cost(connections: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-TIMELINE_COLUMNS = [
-    "pid",
-    "t_s",
-    "posted_reads",
-    "pinned_bytes",
-    "io_buffer_heap_bytes",
-    "heap_live_bytes",
-    "rss_bytes",
-    "socket_kernel_bytes",
-    "connections_open",
-    "idle_connections",
-    "pending_writes",
-    "pending_write_bytes",
-]
+TIMELINE_COLUMNS = ["pid", "t_s", *TIMELINE_FIGURES]
 
 
 def timeline_edges(start_ns: int, end_ns: int, resolution_ns: int) -> np.ndarray:
