@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from probes.layout import GroupKind
+from probes.format.schema import GroupKind
 
 KEYS = ["pid", "ring", "group"]
 GROUP_COLUMNS = [*KEYS, "how", "buffers", "bytes", "consumed", "available"]

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.reads import next_user_of_buffer
-from probes.layout import RssMember
+from analysis.results import TIMELINE_FIGURES
+from probes.format.schema import RssMember
 
 ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"]
 
@@ -259,20 +260,7 @@ def idle_connection_cost(connections: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-TIMELINE_COLUMNS = [
-    "pid",
-    "t_s",
-    "posted_reads",
-    "pinned_bytes",
-    "io_buffer_heap_bytes",
-    "heap_live_bytes",
-    "rss_bytes",
-    "socket_kernel_bytes",
-    "connections_open",
-    "idle_connections",
-    "pending_writes",
-    "pending_write_bytes",
-]
+TIMELINE_COLUMNS = ["pid", "t_s", *TIMELINE_FIGURES]
 
 
 def timeline_edges(start_ns: int, end_ns: int, resolution_ns: int) -> np.ndarray:
@@ -392,7 +380,7 @@ def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
     """Address ranges the targets mapped (mmap, and mremap's new range), with when they went
     (`unmap_ns` NaN: still mapped): the first later munmap covering the range's start, or an
     mremap that moved it. brk records are not ranges and are left out."""
-    from probes.layout import MapFn  # noqa: PLC0415
+    from probes.format.schema import MapFn  # noqa: PLC0415
 
     ranges = maps[maps["fn"] != MapFn.BRK]
     if ranges.empty:
@@ -424,7 +412,7 @@ def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
 
 def program_break(maps: pd.DataFrame) -> pd.DataFrame:
     """Per pid: the brk heap's size, the last program break minus the first one seen."""
-    from probes.layout import MapFn  # noqa: PLC0415
+    from probes.format.schema import MapFn  # noqa: PLC0415
 
     brk = maps[maps["fn"] == MapFn.BRK].sort_values("ts_ns")
     g = brk.groupby("pid")["addr"]

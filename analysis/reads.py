@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probes.layout import SYSCALL_NAMES, URING_OP_NAMES, PostFlag, Source
+from probes.format.schema import SYSCALL_NAMES, URING_OP_NAMES, PostFlag, Source
 
 SOURCE_NAMES = {s.value: s.name.lower() for s in Source}
 

@@ -1,8 +1,6 @@
-"""The figures `idlebuf report` shows, gathered from one trace into plain data (JSON-ready)."""
+"""The figures `idlebuf report` shows, gathered from one trace into a TraceSummary."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pandas as pd
 
@@ -36,8 +34,30 @@ from analysis.reads import (
     read_summary,
     write_summary,
 )
-from analysis.trace import Trace
-from probes.layout import Source
+from analysis.results import (
+    TIMELINE_FIGURES,
+    Allocations,
+    BufferGroup,
+    Buffers,
+    BufferSite,
+    ConnectionCounts,
+    HeapLive,
+    IoBufferHeap,
+    MemoryFigures,
+    NowAndPeak,
+    PerIdleConnection,
+    ProcessSummary,
+    ReadCounts,
+    ReadinessWaits,
+    ResidentMemory,
+    RetainedBuffers,
+    SourceFigures,
+    TimelinePoint,
+    TraceSummary,
+    WriteFigures,
+)
+from probes.format.reader import Trace
+from probes.format.schema import Source
 
 # Sources whose reads count in a process's totals (io_uring reads of files do not).
 NETWORK_SOURCES = ("syscall", "uring", "parked")
@@ -45,8 +65,8 @@ NETWORK_SOURCES = ("syscall", "uring", "parked")
 
 def end_of_recording(trace: Trace) -> int:
     """The instant "now" refers to: the recording's end (its last event if it was killed)."""
-    if "end_monotonic_ns" in trace.meta:
-        return int(trace.meta["end_monotonic_ns"])
+    if trace.meta.end_monotonic_ns is not None:
+        return trace.meta.end_monotonic_ns
     stamps = [
         int(df["ts_ns"].max()) for df in trace.tables.values() if "ts_ns" in df and not df.empty
     ]
@@ -59,15 +79,14 @@ def memory_by_process(
     allocations: pd.DataFrame,
     end_ns: int,
     idle_threshold_s: float,
-) -> dict[int, dict[str, Any]]:
+) -> dict[int, MemoryFigures]:
     """Per pid: IO-buffer heap (all posted reads, and those of idle connections), the heap
     tracked live, resident memory. Sampled allocation figures are scaled and flagged.
 
     `reads` are the network reads' intervals, `allocations` allocation_intervals()."""
-    memory_meta = trace.meta.get("memory")
-    if not memory_meta:
+    if trace.meta.memory is None:
         return {}
-    sample = int(memory_meta.get("sample_every", 1))
+    sample = trace.meta.memory.sample_every
     live = live_at(allocations, end_ns, "alloc_ns", "free_ns")
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
@@ -111,67 +130,63 @@ def memory_by_process(
         mine_idle = mine[idle[mine.index]]
         holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
         heap = live[live["pid"] == pid]
-        out[int(pid)] = {
-            "io_buffer_heap": {
-                "bytes": int(mine["attributed_bytes"].sum()),
-                "idle_bytes": int(mine_idle["attributed_bytes"].sum()),
-                "allocations": len(holders),
-                "allocation_bytes": int(holders["alloc_size"].sum()),
-                "mapped_bytes": int(mine["mapped_bytes"].sum()),
-                "idle_mapped_bytes": int(mine_idle["mapped_bytes"].sum()),
-                "resident_bytes": int(mine["resident_bytes"].sum()),
-                "idle_resident_bytes": int(mine_idle["resident_bytes"].sum()),
-            },
-            "idle_posted_reads": int(len(mine_idle)),
-            "io_buffer_sites": [
-                {
-                    "bytes": int(r["bytes"]),
-                    "buffers": int(r["buffers"]),
-                    "stack": [str(x) for x in r["symbols"]],
-                }
+        mine_retained = retained[retained["pid"] == pid]
+        out[int(pid)] = MemoryFigures(
+            io_buffer_heap=IoBufferHeap(
+                bytes=int(mine["attributed_bytes"].sum()),
+                idle_bytes=int(mine_idle["attributed_bytes"].sum()),
+                allocations=len(holders),
+                allocation_bytes=int(holders["alloc_size"].sum()),
+                mapped_bytes=int(mine["mapped_bytes"].sum()),
+                idle_mapped_bytes=int(mine_idle["mapped_bytes"].sum()),
+                resident_bytes=int(mine["resident_bytes"].sum()),
+                idle_resident_bytes=int(mine_idle["resident_bytes"].sum()),
+            ),
+            idle_posted_reads=int(len(mine_idle)),
+            io_buffer_sites=[
+                BufferSite(int(r["bytes"]), int(r["buffers"]), [str(x) for x in r["symbols"]])
                 for r in sites[sites["pid"] == pid].to_dict("records")
             ],
-            "write_buffer_heap": {
-                "allocations": int(write_heap["allocations"].get(pid, 0)),
-                "bytes": int(write_heap["bytes"].get(pid, 0)),
-            },
-            "held_data_buffers": {
-                "buffers": int((held["pid"] == pid).sum()),
-                "bytes": int(held.loc[held["pid"] == pid, "attributed_bytes"].sum()),
-            },
-            "retained": {
-                "buffers": int((retained["pid"] == pid).sum()),
-                "bytes": int(retained.loc[retained["pid"] == pid, "attributed_bytes"].sum()),
-                "resident_bytes": int(retained.loc[retained["pid"] == pid, "resident_bytes"].sum()),
-            },
-            "heap_live": {
-                "allocations": len(heap) * sample,
-                "bytes": int(heap["size"].sum()) * sample,
-                "estimated": sample > 1,
-                "brk_heap_bytes": int(brk["brk_heap_bytes"].get(pid, 0)),
-                "mappings": int((mapped["pid"] == pid).sum()),
-                "mapped_bytes": int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
-            },
-            "rss": {
-                "first": int(rss["rss_first"].get(pid, 0)),
-                "now": int(rss["rss_now"].get(pid, 0)),
-                "peak": int(rss["rss_peak"].get(pid, 0)),
-            },
-            "connections": {"open": len(open_conns), "idle": int(open_conns["idle"].sum())},
-            "socket_kernel_bytes": int(open_conns["socket_kernel_bytes"].sum()),
-            "per_idle_connection": {
-                "resident_bytes": _per_connection(
+            write_buffer_heap=Allocations(
+                int(write_heap["allocations"].get(pid, 0)), int(write_heap["bytes"].get(pid, 0))
+            ),
+            held_data_buffers=Buffers(
+                int((held["pid"] == pid).sum()),
+                int(held.loc[held["pid"] == pid, "attributed_bytes"].sum()),
+            ),
+            retained=RetainedBuffers(
+                len(mine_retained),
+                int(mine_retained["attributed_bytes"].sum()),
+                int(mine_retained["resident_bytes"].sum()),
+            ),
+            heap_live=HeapLive(
+                allocations=len(heap) * sample,
+                bytes=int(heap["size"].sum()) * sample,
+                estimated=sample > 1,
+                brk_heap_bytes=int(brk["brk_heap_bytes"].get(pid, 0)),
+                mappings=int((mapped["pid"] == pid).sum()),
+                mapped_bytes=int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
+            ),
+            rss=ResidentMemory(
+                int(rss["rss_first"].get(pid, 0)),
+                int(rss["rss_now"].get(pid, 0)),
+                int(rss["rss_peak"].get(pid, 0)),
+            ),
+            connections=ConnectionCounts(len(open_conns), int(open_conns["idle"].sum())),
+            socket_kernel_bytes=int(open_conns["socket_kernel_bytes"].sum()),
+            per_idle_connection=PerIdleConnection(
+                resident_bytes=_per_connection(
                     mine_idle["resident_bytes"].sum()
-                    + retained.loc[retained["pid"] == pid, "resident_bytes"].sum()
+                    + mine_retained["resident_bytes"].sum()
                     + cost["socket_kernel_bytes"].get(pid, 0),
                     int(cost["idle_connections"].get(pid, 0)),
                 ),
-                "user_buffer_bytes": int(cost["user_buffer_bytes"].get(pid, 0)),
-                "socket_kernel_bytes": int(cost["socket_kernel_bytes"].get(pid, 0)),
-                "bytes": float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
-            },
-            "connection_rows": conns,
-        }
+                user_buffer_bytes=int(cost["user_buffer_bytes"].get(pid, 0)),
+                socket_kernel_bytes=int(cost["socket_kernel_bytes"].get(pid, 0)),
+                bytes=float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
+            ),
+            connection_rows=conns,
+        )
     return out
 
 
@@ -183,13 +198,11 @@ def timeline(
     writes: pd.DataFrame,
     resolution_s: float,
     idle_threshold_s: float,
-) -> list[dict[str, Any]]:
-    """The per-process time series, as JSON rows. `reads`: the network reads' intervals,
+) -> list[TimelinePoint]:
+    """The per-process time series. `reads`: the network reads' intervals,
     `posted` their posted_timeline(), `allocations` allocation_intervals(), `writes` the
     writes' intervals."""
-    start = int(
-        trace.meta.get("tracing_since_ns") or trace.meta.get("clock", {}).get("monotonic_ns", 0)
-    )
+    start = trace.meta.tracing_since_ns or trace.meta.clock.monotonic_ns
     end = end_of_recording(trace)
     if not start:
         stamps = [
@@ -216,7 +229,11 @@ def timeline(
         posted_timeline(writes),
     )
     return [
-        {str(k): (float(v) if k == "t_s" else int(v)) for k, v in row.items()}
+        TimelinePoint(
+            pid=int(row["pid"]),
+            t_s=float(row["t_s"]),
+            **{k: int(row[k]) for k in TIMELINE_FIGURES},
+        )
         for row in frame.to_dict("records")
     ]
 
@@ -224,10 +241,9 @@ def timeline(
 def summarize(
     trace: Trace,
     idle_threshold_s: float = 1.0,
-    connections: bool = False,
     timeline_s: float | None = None,
-) -> dict[str, Any]:
-    """`{"processes": [...], "drops": {...}, "complete": bool}`; "now" = end of recording."""
+) -> TraceSummary:
+    """Every process's figures; "now" is the end of the recording."""
     completed = read_intervals(trace["posts"], trace["completions"])
     parked = parked_reads(completed, trace["waits"])
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
@@ -259,113 +275,83 @@ def summarize(
     out = []
     for pid in pids:
         rows = by_label[by_label["pid"] == pid]
-        by_source: dict[str, Any] = {}
-        for source, src_rows in rows.groupby("source"):
-            by_source[str(source)] = {
-                **_totals(src_rows),
-                "by_op": {str(r.label): _totals(pd.DataFrame([r])) for r in src_rows.itertuples()},
-            }
+        by_source = {
+            str(source): SourceFigures(
+                **_totals(src_rows).to_json(),
+                by_op={str(r.label): _totals(pd.DataFrame([r])) for r in src_rows.itertuples()},
+            )
+            for source, src_rows in rows.groupby("source")
+        }
         totals = _totals(rows[rows["source"].isin(NETWORK_SOURCES)])
         extra = _intermediate(uses[uses["pid"] == pid])
         if "uring" in by_source:
-            for k in ("reads_completed", "bytes_received"):
-                by_source["uring"][k] += extra[k]
+            by_source["uring"].reads_completed += extra.reads_completed
+            by_source["uring"].bytes_received += extra.bytes_received
         out.append(
-            {
-                "pid": int(pid),
-                "comm": str(processes["comm"].get(pid, "")) if pid in processes.index else "",
-                "posted_reads": {
-                    "now": totals["posted_reads"],
-                    "peak": int(peaks["posted_peak"].get(pid, 0)),
-                },
-                "pinned_bytes": {
-                    "now": totals["pinned_bytes"],
-                    "peak": int(peaks["pinned_peak"].get(pid, 0)),
-                },
-                "buffer_select_posted": totals["buffer_select_posted"],
-                "by_source": by_source,
-                "readiness_waits": {
-                    "count": int(waits_begun.get(pid, 0)),
-                    "now": int(waits_begun.get(pid, 0) - waits_ended.get(pid, 0)),
-                },
-                "writes": {
-                    k: int(writes[k].get(pid, 0))
-                    for k in (
-                        "pending_writes",
-                        "pending_write_bytes",
-                        "pending_peak",
-                        "pending_bytes_peak",
-                        "writes_completed",
-                        "bytes_sent",
+            ProcessSummary(
+                pid=int(pid),
+                comm=str(processes["comm"].get(pid, "")) if pid in processes.index else "",
+                posted_reads=NowAndPeak(totals.posted_reads, int(peaks["posted_peak"].get(pid, 0))),
+                pinned_bytes=NowAndPeak(totals.pinned_bytes, int(peaks["pinned_peak"].get(pid, 0))),
+                buffer_select_posted=totals.buffer_select_posted,
+                by_source=by_source,
+                readiness_waits=ReadinessWaits(
+                    int(waits_begun.get(pid, 0)),
+                    int(waits_begun.get(pid, 0) - waits_ended.get(pid, 0)),
+                ),
+                writes=WriteFigures(
+                    **{k: int(writes[k].get(pid, 0)) for k in WriteFigures.__dataclass_fields__}
+                ),
+                reads_completed=totals.reads_completed + extra.reads_completed,
+                reads_failed=totals.reads_failed,
+                bytes_received=totals.bytes_received + extra.bytes_received,
+                buffer_groups=[
+                    BufferGroup(
+                        ring=int(g["ring"]),
+                        group=int(g["group"]),
+                        how=str(g["how"]),
+                        buffers=int(g["buffers"]),
+                        bytes=int(g["bytes"]),
+                        consumed=int(g["consumed"]),
+                        available=int(g["available"]),
                     )
-                },
-                "reads_completed": totals["reads_completed"] + extra["reads_completed"],
-                "reads_failed": totals["reads_failed"],
-                "bytes_received": totals["bytes_received"] + extra["bytes_received"],
-                "buffer_groups": [
-                    {k: (v if isinstance(v, str) else int(v)) for k, v in g.items() if k != "pid"}
                     for g in groups[groups["pid"] == pid].to_dict("records")
                 ],
-                **(
-                    {"memory": _memory_json(memory[int(pid)], connections)}
-                    if int(pid) in memory
-                    else {}
-                ),
-            }
+                memory=memory.get(int(pid)),
+            )
         )
-    return {
-        "processes": out,
-        "drops": {k: int(v) for k, v in trace.drops.items()},
-        "complete": trace.complete,
-        "duration_s": trace.meta.get("elapsed_s"),
-        "stop_reason": trace.meta.get("stop_reason"),
-        "alternate_s": trace.meta.get("alternate_s"),
-        "uring": trace.meta.get("probes", {}).get("reads", {}).get("uring"),
-        "uring_before_attach": list(trace.meta.get("uring_before_attach", [])),
-        "idle_threshold_s": idle_threshold_s,
-        **(
-            {
-                "timeline": timeline(
-                    trace,
-                    reads,
-                    posted,
-                    allocations,
-                    write_intervals,
-                    timeline_s,
-                    idle_threshold_s,
-                )
-            }
+    meta = trace.meta
+    return TraceSummary(
+        processes=out,
+        drops={k: int(v) for k, v in meta.drops.items()},
+        complete=meta.complete,
+        duration_s=meta.elapsed_s,
+        stop_reason=meta.stop_reason,
+        alternate_s=meta.alternate_s,
+        uring=meta.probes.reads.uring,
+        uring_before_attach=list(meta.uring_before_attach),
+        idle_threshold_s=idle_threshold_s,
+        timeline=(
+            timeline(
+                trace, reads, posted, allocations, write_intervals, timeline_s, idle_threshold_s
+            )
             if timeline_s
-            else {}
+            else None
         ),
-        "memory": trace.meta.get("memory"),
-    }
+        memory=meta.memory,
+    )
 
 
 def _per_connection(total: float, connections: int) -> float:
     return float(total) / connections if connections else 0.0
 
 
-def _memory_json(memory: dict[str, Any], with_rows: bool) -> dict[str, Any]:
-    """The memory section as JSON: the per-connection rows only when asked for."""
-    out = {k: v for k, v in memory.items() if k != "connection_rows"}
-    if with_rows:
-        rows = (
-            memory["connection_rows"].astype(object).where(memory["connection_rows"].notna(), None)
-        )
-        out["connection_table"] = [
-            {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items() if k != "pid"}
-            for r in rows.to_dict("records")
-        ]
-    return out
-
-
-def _intermediate(uses: pd.DataFrame) -> dict[str, int]:
+def _intermediate(uses: pd.DataFrame) -> ReadCounts:
     """Data delivered by multishot completions other than the final one (which carry no
     request pointer and are not in the completions table)."""
     mid = uses[(uses["request"] == 0) & (uses["bytes"] > 0)]
-    return {"reads_completed": len(mid), "bytes_received": int(mid["bytes"].sum())}
+    return ReadCounts(reads_completed=len(mid), bytes_received=int(mid["bytes"].sum()))
 
 
-def _totals(rows: pd.DataFrame) -> dict[str, int]:
-    return {k: int(rows[k].sum()) for k in SUMMARY_COUNTS}
+def _totals(rows: pd.DataFrame) -> ReadCounts:
+    return ReadCounts(**{k: int(rows[k].sum()) for k in SUMMARY_COUNTS})

@@ -1,7 +1,8 @@
 """The `idlebuf` command: a registry of subcommands, `main(argv) -> int`.
 
-Every expected failure is an IdlebufError (or a module's own one-line error), printed as one
-sentence with a non-zero exit; a traceback means a bug.
+Every expected failure raises an IdlebufError (probes.format.errors), printed as one sentence
+with the exit code of its kind; anything else is a bug, shown as one line unless IDLEBUF_DEBUG
+asks for the traceback.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from analysis.trace import TraceError
 from idlebuf.commands import compare, demo, doctor, record, report, sweep
-from idlebuf.errors import IdlebufError
-from probes.recorder import RecordError
-from probes.trace_writer import OutputError
+from probes.format.errors import IdlebufError
 
 COMMANDS = {
     "record": record,
@@ -25,7 +23,6 @@ COMMANDS = {
     "sweep": sweep,
     "doctor": doctor,
 }
-_ONE_LINE_ERRORS = (IdlebufError, TraceError, RecordError, OutputError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except _ONE_LINE_ERRORS as exc:
+    except IdlebufError as exc:
         print(f"idlebuf {args.subcommand}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"idlebuf {args.subcommand}: interrupted", file=sys.stderr)
         return 130

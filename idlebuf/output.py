@@ -7,8 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from idlebuf.errors import IdlebufError
-from probes.trace_writer import invoking_user
+from probes.format.errors import OutputError
+from probes.format.writer import invoking_user
 
 
 def give_away(path: Path) -> None:
@@ -25,7 +25,7 @@ def output_dir(path: Path | None, prefix: str) -> Path:
         else:
             path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise IdlebufError(f"cannot create {path or prefix}: {exc.strerror}") from None
+        raise OutputError(f"cannot create {path or prefix}: {exc.strerror}") from None
     give_away(path)
     return path
 
@@ -41,5 +41,5 @@ def write_file(path: Path, data: str | bytes) -> Path:
         give_away(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        raise IdlebufError(f"cannot write {path}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
     return path

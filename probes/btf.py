@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from probes.format.errors import BTFError
+
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 _MAGIC = 0xEB9F
 
@@ -33,10 +35,6 @@ _TRAILER = {
     ENUM64: (0, 12),
 }
 _MODIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
-
-
-class BTFError(Exception):
-    """BTF is missing, malformed, or lacks what a probe needs."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probes.layout import GroupKind, Kind
+from probes.format.schema import GroupKind, Kind
 
 _ENTRY = struct.Struct("<QIHH")  # struct io_uring_buf {u64 addr; u32 len; u16 bid; u16 resv}
 _MAX_ENTRIES = 1 << 15

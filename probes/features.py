@@ -1,16 +1,23 @@
-"""What this machine offers for tracing, detected at start and shown by `idlebuf doctor`.
+"""What this machine offers for tracing: detected at start (`preflight`, which refuses in one
+sentence when recording is impossible), shown by `idlebuf doctor`, and consulted by the loader
+(which probes can run here: io_uring, the scheduler wait hooks).
 
 Each check says what is missing and what that costs, so users see plainly what cannot be traced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from probes.btf import BTF, BTFError
+from probes import offsets
+from probes.btf import BTF
+from probes.format.errors import BTFError, ProbeError, RecordError
+from probes.format.meta import Host
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
@@ -32,6 +39,15 @@ TRACEPOINTS: dict[str, str] = {
     "sock/sock_recv_length": "--min-wait uses syscall tracepoints (every syscall pays ~0.5 us)",
     "sock/sock_send_length": "--min-wait uses syscall tracepoints (every syscall pays ~0.5 us)",
 }
+URING_TRACEPOINTS = (
+    "io_uring/io_uring_submit_req",
+    "io_uring/io_uring_complete",
+    "io_uring/io_uring_register",
+)
+# --min-wait sees calls wait through the scheduler and the socket layer, not syscall
+# tracepoints, where the kernel has these and thread pidfds (6.9+: the recorder reads and
+# seeds each thread's call through one).
+BLOCK_TRACEPOINTS = ("sock/sock_recv_length", "sock/sock_send_length")
 # Tracepoints without which the read probes cannot load at all.
 REQUIRED_TRACEPOINTS = tuple(t for t in TRACEPOINTS if t.startswith(("syscalls/", "sched/")))
 
@@ -45,6 +61,7 @@ class Check:
     detail: str
     cost: str  # what is lost when not ok
     required: bool = True
+    refusal: str = ""  # why recording is refused when a required check fails (one sentence)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -70,8 +87,9 @@ def has_tracing_privileges() -> bool:
 
 def tracefs() -> Path | None:
     for candidate in TRACEFS_CANDIDATES:
-        if (candidate / "events").is_dir():
-            return candidate
+        with contextlib.suppress(OSError):  # not mounted, or not ours to look at
+            if (candidate / "events").is_dir():
+                return candidate
     return None
 
 
@@ -109,38 +127,108 @@ def bcc_importable() -> tuple[bool, str]:
     return True, "bcc importable"
 
 
+def _kernel_check() -> Check:
+    major, minor = kernel_version()
+    return Check(
+        "kernel >= 5.8",
+        (major, minor) >= (5, 8),
+        platform.release(),
+        "no BPF ring buffer: nothing can be recorded",
+        refusal=f"kernel {platform.release()} is too old: idlebuf needs 5.8+",
+    )
+
+
+def _privileges_check() -> Check:
+    privileged = has_tracing_privileges()
+    return Check(
+        "privileges",
+        privileged,
+        "root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE"
+        + ("" if privileged else f" (effective caps {effective_caps():#x})"),
+        "cannot load probes: run as root (sudo)",
+        refusal="recording needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE)",
+    )
+
+
+def _tracefs_check() -> Check:
+    root = tracefs()
+    return Check(
+        "tracefs mounted",
+        root is not None,
+        str(root) if root else "not mounted",
+        "tracepoints cannot be attached: mount -t tracefs nodev /sys/kernel/tracing "
+        "(scripts/bootstrap does this)",
+        refusal="tracefs is not mounted: run scripts/bootstrap (or mount it)",
+    )
+
+
+def _tracepoint_checks(root: Path | None) -> list[Check]:
+    checks = []
+    for name, cost in TRACEPOINTS.items():
+        present = tracepoint_present(name, root) if root else False
+        shown = name.replace("/", ":")
+        checks.append(
+            Check(
+                f"tracepoint {shown}",
+                present,
+                "present" if present else "absent",
+                cost,
+                required=name in REQUIRED_TRACEPOINTS,
+                refusal=f"this kernel has no tracepoint {shown}",
+            )
+        )
+    return checks
+
+
+def preflight() -> None:
+    """RecordError, in one sentence, if this machine or user cannot record at all: the
+    required checks `idlebuf doctor` shows, cheapest first and one at a time (without
+    privileges, tracefs cannot even be looked at), without parsing BTF."""
+    steps: list[Callable[[], list[Check]]] = [
+        lambda: [_privileges_check()],
+        lambda: [_tracefs_check()],
+        lambda: _tracepoint_checks(tracefs()),
+        lambda: [_kernel_check()],
+    ]
+    for step in steps:
+        for check in missing_required(step()):
+            raise RecordError(check.refusal)
+
+
+def uring_support(btf: BTF) -> tuple[dict[str, int] | None, str]:
+    """(constants, why): the io_uring probes' constants, or None and why io_uring cannot be
+    traced here."""
+    missing = [t for t in URING_TRACEPOINTS if not tracepoint_present(t)]
+    if missing:
+        return None, "no tracepoint " + ", ".join(m.replace("/", ":") for m in missing)
+    try:
+        return offsets.uring_constants(btf), "traced"
+    except BTFError as exc:
+        return None, f"this kernel's io_uring layout is not understood: {exc}"
+
+
+def wait_hooks(min_wait_ns: int, asked: str = "auto") -> str | None:
+    """How --min-wait sees calls wait here: "scheduler" (no syscall tracepoint; a call that
+    does not wait costs a lookup at its return), "syscalls" (older kernels), None without
+    --min-wait. ProbeError if the scheduler hooks are `asked` for where they cannot run."""
+    if not min_wait_ns:
+        return None
+    if asked == "syscalls":
+        return "syscalls"
+    missing = [t.replace("/", ":") for t in BLOCK_TRACEPOINTS if not tracepoint_present(t)]
+    if kernel_version() < (6, 9):
+        missing.append("thread pidfds (Linux 6.9)")
+    if not missing:
+        return "scheduler"
+    if asked == "scheduler":
+        raise ProbeError("the scheduler wait hooks need " + ", ".join(missing))
+    return "syscalls"
+
+
 def run_checks(parsed_btf: BTF | None = None) -> list[Check]:
     """Every check; `parsed_btf` spares parsing the kernel's BTF again when a caller has it."""
-    checks = []
-    major, minor = kernel_version()
-    checks.append(
-        Check(
-            "kernel >= 5.8",
-            (major, minor) >= (5, 8),
-            platform.release(),
-            "no BPF ring buffer: nothing can be recorded",
-        )
-    )
-    privileged = has_tracing_privileges()
-    checks.append(
-        Check(
-            "privileges",
-            privileged,
-            "root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE"
-            + ("" if privileged else f" (effective caps {effective_caps():#x})"),
-            "cannot load probes: run as root (sudo)",
-        )
-    )
     root = tracefs()
-    checks.append(
-        Check(
-            "tracefs mounted",
-            root is not None,
-            str(root) if root else "not mounted",
-            "tracepoints cannot be attached: mount -t tracefs nodev /sys/kernel/tracing "
-            "(scripts/bootstrap does this)",
-        )
-    )
+    checks = [_kernel_check(), _privileges_check(), _tracefs_check()]
     btf = Path("/sys/kernel/btf/vmlinux")
     checks.append(
         Check(
@@ -148,6 +236,7 @@ def run_checks(parsed_btf: BTF | None = None) -> list[Check]:
             btf.exists(),
             str(btf),
             "kernel structure offsets unknown: sockets cannot be told from files",
+            refusal="this kernel has no BTF (/sys/kernel/btf/vmlinux)",
         )
     )
     mode = lockdown_mode()
@@ -157,6 +246,7 @@ def run_checks(parsed_btf: BTF | None = None) -> list[Check]:
             mode in (None, "none", "integrity"),
             mode or "not reported (securityfs not mounted or no lockdown LSM)",
             "confidentiality lockdown forbids reading kernel memory from BPF",
+            refusal="lockdown mode 'confidentiality' forbids reading kernel memory from BPF",
         )
     )
     headers = Path(f"/lib/modules/{platform.release()}/build/include")
@@ -166,11 +256,10 @@ def run_checks(parsed_btf: BTF | None = None) -> list[Check]:
             headers.exists(),
             str(headers.parent.resolve()) if headers.exists() else "absent",
             "bcc cannot compile probes: run scripts/bootstrap",
+            refusal="no kernel header tree for bcc: run scripts/bootstrap",
         )
     )
     if btf.exists():
-        from probes.loader import uring_support  # noqa: PLC0415 - loader imports this module
-
         try:
             constants, why = uring_support(parsed_btf or BTF.load())
         except BTFError as exc:
@@ -185,18 +274,16 @@ def run_checks(parsed_btf: BTF | None = None) -> list[Check]:
             )
         )
     ok, detail = bcc_importable()
-    checks.append(Check("bcc", ok, detail, "cannot load probes: run scripts/bootstrap"))
-    for name, cost in TRACEPOINTS.items():
-        present = tracepoint_present(name, root) if root else False
-        checks.append(
-            Check(
-                f"tracepoint {name.replace('/', ':')}",
-                present,
-                "present" if present else "absent",
-                cost,
-                required=name in REQUIRED_TRACEPOINTS,
-            )
+    checks.append(
+        Check(
+            "bcc",
+            ok,
+            detail,
+            "cannot load probes: run scripts/bootstrap",
+            refusal="bcc is not importable: run scripts/bootstrap",
         )
+    )
+    checks += _tracepoint_checks(root)
     return checks
 
 
@@ -204,10 +291,5 @@ def missing_required(checks: list[Check]) -> list[Check]:
     return [c for c in checks if c.required and not c.ok]
 
 
-def host_facts() -> dict[str, str]:
-    return {
-        "hostname": platform.node(),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpus": str(os.cpu_count()),
-    }
+def host_facts() -> Host:
+    return Host(platform.node(), platform.release(), platform.machine(), str(os.cpu_count()))

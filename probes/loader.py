@@ -1,6 +1,8 @@
 """Compile and attach the BPF programs; the only module that imports bcc (lazily).
 
-Options reach the C code as -D constants; kernel structure offsets come from BTF.
+The C text is assembled from probes/bpf/ by what a recording enables (`program_files`): the
+shared part, then one program per source. Options reach it as -D constants; kernel structure
+offsets come from BTF (probes.offsets).
 """
 
 from __future__ import annotations
@@ -17,59 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from probes import layout
-from probes.btf import BTF, BTFError
+from probes import features
+from probes.btf import BTF
+from probes.format import schema
+from probes.format.errors import ProbeError
+from probes.format.meta import Allocator
+from probes.offsets import kernel_offsets
 from probes.ringbuf import RingBufferConsumer
-
-# Kernel structure members the read probes read (fd_is_socket() walks them):
-# constant name -> (struct, member).
-KERNEL_OFFSETS = {
-    "OFF_TASK_FILES": ("task_struct", "files"),
-    "OFF_FILES_FDT": ("files_struct", "fdt"),
-    "OFF_FDT_MAX_FDS": ("fdtable", "max_fds"),
-    "OFF_FDT_FD": ("fdtable", "fd"),
-    "OFF_FILE_INODE": ("file", "f_inode"),
-    "OFF_INODE_MODE": ("inode", "i_mode"),
-}
-
-# io_uring request layout, as (constant, struct, member path within the struct); op-specific
-# structures live in io_kiocb's `cmd` area, so their offsets add io_kiocb.cmd.
-URING_OFFSETS = {
-    "URING_OFF_CQE_FD": [("io_kiocb", "cqe"), ("io_cqe", "fd")],
-    "URING_OFF_ASYNC": [("io_kiocb", "async_data")],
-    "URING_OFF_BUF_INDEX": [("io_kiocb", "buf_index")],
-    "URING_OFF_SR_BUF": [("io_kiocb", "cmd"), ("io_sr_msg", "buf")],
-    "URING_OFF_SR_LEN": [("io_kiocb", "cmd"), ("io_sr_msg", "len")],
-    "URING_OFF_SR_FLAGS": [("io_kiocb", "cmd"), ("io_sr_msg", "flags")],
-    "URING_OFF_RW_ADDR": [("io_kiocb", "cmd"), ("io_rw", "addr")],
-    "URING_OFF_RW_LEN": [("io_kiocb", "cmd"), ("io_rw", "len")],
-    "URING_OFF_PB_ADDR": [("io_kiocb", "cmd"), ("io_provide_buf", "addr")],
-    "URING_OFF_PB_LEN": [("io_kiocb", "cmd"), ("io_provide_buf", "len")],
-    "URING_OFF_PB_BGID": [("io_kiocb", "cmd"), ("io_provide_buf", "bgid")],
-    "URING_OFF_PB_NBUFS": [("io_kiocb", "cmd"), ("io_provide_buf", "nbufs")],
-    "URING_OFF_PB_BID": [("io_kiocb", "cmd"), ("io_provide_buf", "bid")],
-    "URING_OFF_ARW_ITER": [("io_async_rw", "iter")],
-    "URING_OFF_AMSG_ITER": [("io_async_msghdr", "msg"), ("msghdr", "msg_iter")],
-    "ITER_OFF_TYPE": [("iov_iter", "iter_type")],
-    "ITER_OFF_IOV": [("iov_iter", "__iov")],
-    "ITER_OFF_COUNT": [("iov_iter", "count")],
-    "ITER_OFF_NR_SEGS": [("iov_iter", "nr_segs")],
-}
-# request flag bits (anonymous enum in io_uring_types.h), passed as masks
-URING_FLAG_BITS = {
-    "REQ_F_FIXED_FILE_MASK": "REQ_F_FIXED_FILE_BIT",
-    "REQ_F_BUFFER_SELECT_MASK": "REQ_F_BUFFER_SELECT_BIT",
-    "REQ_F_APOLL_MULTISHOT_MASK": "REQ_F_APOLL_MULTISHOT_BIT",
-}
-URING_TRACEPOINTS = (
-    "io_uring/io_uring_submit_req",
-    "io_uring/io_uring_complete",
-    "io_uring/io_uring_register",
-)
-# --min-wait sees calls wait through the scheduler and the socket layer, not syscall
-# tracepoints, where the kernel has these and thread pidfds (6.9+: the recorder reads and
-# seeds each thread's call through one).
-BLOCK_TRACEPOINTS = ("sock/sock_recv_length", "sock/sock_send_length")
 
 BPF_NOEXIST = 1
 PIDFD_THREAD = os.O_EXCL  # pidfd_open(2) of a thread, not a process (Linux 6.9)
@@ -104,12 +60,8 @@ def _is_socket(pid: int, fd: int) -> bool:
         return False
 
 
-class ProbeError(Exception):
-    """A probe could not be compiled or attached; the message says why in one line."""
-
-
 @dataclass(frozen=True)
-class ReadProbeOptions:
+class ProbeOptions:
     follow_children: bool = False
     max_targets: int = 4096
     max_inflight: int = 65536
@@ -156,26 +108,6 @@ def allocator_of(pid: int) -> str | None:
     return None
 
 
-def kernel_offsets(btf: BTF) -> dict[str, int]:
-    try:
-        return {c: btf.offsetof(s, m) for c, (s, m) in KERNEL_OFFSETS.items()}
-    except BTFError as exc:
-        raise ProbeError(f"kernel BTF lacks what the socket check needs: {exc}") from None
-
-
-def uring_constants(btf: BTF) -> dict[str, int]:
-    """Offsets and constants the io_uring probes need; BTFError says what this kernel lacks."""
-    out = {name: sum(btf.offsetof(s, m) for s, m in path) for name, path in URING_OFFSETS.items()}
-    for mask, bit in URING_FLAG_BITS.items():
-        out[mask] = 1 << btf.enumerator(bit)
-    out["ITER_UBUF_VAL"] = btf.enum_value("iter_type", "ITER_UBUF")
-    out["ITER_IOVEC_VAL"] = btf.enum_value("iter_type", "ITER_IOVEC")
-    for name, value in layout.URING_READ_OPS.items():
-        if btf.enum_value("io_uring_op", f"IORING_OP_{name}") != value:
-            raise BTFError(f"IORING_OP_{name} is not {value} on this kernel")
-    return out
-
-
 def pid_max() -> int:
     """The largest process id plus one (the size of the target bitmap)."""
     try:
@@ -184,35 +116,27 @@ def pid_max() -> int:
         return 1 << 22  # PID_MAX_LIMIT on 64-bit
 
 
-def read_probe_source(memory: bool = False) -> str:
-    files = ["reads.bpf.c"] + (["alloc.bpf.c"] if memory else [])
-    return layout.c_header() + "".join(
-        resources.files("probes").joinpath(f).read_text() for f in files
-    )
+def program_files(options: ProbeOptions, hooks: str | None, uring: bool) -> list[str]:
+    """The sources under probes/bpf/ a recording with `options` compiles, in order."""
+    files = ["common.bpf.c", "sched_hooks.bpf.c" if hooks == "scheduler" else "syscalls.bpf.c"]
+    if options.follow_children:
+        files.append("children.bpf.c")
+    if uring:
+        files.append("uring.bpf.c")
+    if not options.min_wait_ns:  # --min-wait records only calls that wait: no parked reads
+        files.append("readiness.bpf.c")
+    if options.memory:
+        files.append("alloc.bpf.c")
+    return files
 
 
-def wait_hooks(options: ReadProbeOptions) -> str | None:
-    """How --min-wait sees calls wait here: "scheduler" (no syscall tracepoint; a call that
-    does not wait costs a lookup at its return), "syscalls" (older kernels), None without
-    --min-wait. ProbeError if the scheduler hooks are asked for where they cannot run."""
-    from probes import features  # noqa: PLC0415
-
-    if not options.min_wait_ns:
-        return None
-    if options.wait_hooks == "syscalls":
-        return "syscalls"
-    missing = [t.replace("/", ":") for t in BLOCK_TRACEPOINTS if not features.tracepoint_present(t)]
-    if features.kernel_version() < (6, 9):
-        missing.append("thread pidfds (Linux 6.9)")
-    if not missing:
-        return "scheduler"
-    if options.wait_hooks == "scheduler":
-        raise ProbeError("the scheduler wait hooks need " + ", ".join(missing))
-    return "syscalls"
+def probe_source(files: list[str]) -> str:
+    sources = resources.files("probes").joinpath("bpf")
+    return schema.c_header() + "".join(sources.joinpath(f).read_text() for f in files)
 
 
-def read_probe_cflags(
-    options: ReadProbeOptions,
+def probe_cflags(
+    options: ProbeOptions,
     offsets: dict[str, int],
     uring: dict[str, int] | None = None,
     hooks: str | None = None,
@@ -220,12 +144,10 @@ def read_probe_cflags(
     consts = dict(offsets)
     consts.update(uring or {})
     consts.update(
-        WITH_URING=int(uring is not None),
         MAX_TARGETS=options.max_targets,
         TARGET_WORDS=(pid_max() + 63) // 64,
         MAX_INFLIGHT=options.max_inflight,
         RINGBUF_PAGES=options.ringbuf_pages,
-        FOLLOW_CHILDREN=int(options.follow_children),
         MAX_IOV=options.max_iov,
         MIN_ALLOC=options.min_alloc,
         SAMPLE_EVERY=options.sample_every,
@@ -238,34 +160,40 @@ def read_probe_cflags(
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
 
 
-def uring_support(btf: BTF) -> tuple[dict[str, int] | None, str]:
-    """(constants, why) - constants is None when io_uring cannot be traced here."""
-    from probes import features  # noqa: PLC0415
+@dataclass(frozen=True)
+class Program:
+    """What bcc compiles for a recording: the sources, their constants, and what they say
+    about this kernel."""
 
-    missing = [t for t in URING_TRACEPOINTS if not features.tracepoint_present(t)]
-    if missing:
-        return None, "no tracepoint " + ", ".join(m.replace("/", ":") for m in missing)
-    try:
-        return uring_constants(btf), "traced"
-    except BTFError as exc:
-        return None, f"this kernel's io_uring layout is not understood: {exc}"
+    files: list[str]
+    cflags: list[str]
+    uring_status: str  # "traced", or why io_uring is not
+    wait_hooks: str | None
+
+    @classmethod
+    def for_options(cls, options: ProbeOptions, btf: BTF) -> Program:
+        uring, uring_status = features.uring_support(btf)
+        hooks = features.wait_hooks(options.min_wait_ns, options.wait_hooks)
+        cflags = probe_cflags(options, kernel_offsets(btf), uring, hooks)
+        return cls(program_files(options, hooks, uring is not None), cflags, uring_status, hooks)
+
+    def source(self) -> str:
+        return probe_source(self.files)
+
+    def rendered(self) -> str:
+        """The final C text bcc compiles, with its -D constants as #defines (for debugging)."""
+        defines = [f"#define {flag[2:].replace('=', ' ', 1)}" for flag in self.cflags]
+        return "\n".join(
+            [f"/* {' + '.join(self.files)}; cflags: {' '.join(self.cflags)} */", *defines]
+            + [self.source()]
+        )
 
 
-def render_read_probe(options: ReadProbeOptions, btf: BTF | None = None) -> str:
-    """The final C text bcc compiles, with its -D constants as #defines (for debugging)."""
-    btf = btf or BTF.load()
-    cflags = read_probe_cflags(
-        options, kernel_offsets(btf), uring_support(btf)[0], wait_hooks(options)
-    )
-    defines = [f"#define {flag[2:].replace('=', ' ', 1)}" for flag in cflags]
-    source = read_probe_source(options.memory)
-    return "\n".join(["/* cflags: " + " ".join(cflags) + " */", *defines, source])
+class Probes:
+    """The loaded programs and their maps: the ring buffer of events, the targets, the
+    calls in flight, the kernel's counters."""
 
-
-class ReadProbes:
-    """The loaded posted-read programs and their maps."""
-
-    def __init__(self, options: ReadProbeOptions, btf: BTF | None = None) -> None:
+    def __init__(self, options: ProbeOptions, btf: BTF | None = None) -> None:
         try:
             from bcc import BPF  # noqa: PLC0415 - bcc is optional outside recording
         except ImportError:
@@ -275,14 +203,13 @@ class ReadProbes:
             ) from None
         self.options = options
         self._swept: set[tuple[int, int]] = set()  # (tid, start) of calls the sweep recorded
-        btf = btf or BTF.load()
-        uring, self.uring_status = uring_support(btf)
-        self.wait_hooks = wait_hooks(options)
-        self.cflags = read_probe_cflags(options, kernel_offsets(btf), uring, self.wait_hooks)
+        program = Program.for_options(options, btf or BTF.load())
+        self.uring_status, self.wait_hooks = program.uring_status, program.wait_hooks
+        self.cflags = program.cflags
         try:
-            self.bpf: Any = BPF(text=read_probe_source(options.memory), cflags=self.cflags)
+            self.bpf: Any = BPF(text=program.source(), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception on compile/load failure
-            raise ProbeError(f"cannot load the read probes: {exc}") from None
+            raise ProbeError(f"cannot load the probes: {exc}") from None
         # what is attached, to detach and attach again (pause/resume): the hooks bcc attached
         # at load, and the allocator uprobes added per target
         self._hooks: list[tuple[bytes, bytes]] = [
@@ -295,7 +222,7 @@ class ReadProbes:
         self.counters = self.bpf["counters"]
         events = self.bpf["events"]
         self.consumer = RingBufferConsumer(
-            events.map_fd, events.max_entries, layout.READ_EVENT.dtype
+            events.map_fd, events.max_entries, schema.WIRE_EVENT.dtype
         )
 
     def add_target(self, pid: int) -> None:
@@ -304,14 +231,14 @@ class ReadProbes:
         word = bits.Key(pid >> 6)
         bits[word] = bits.Leaf(bits[word].value | 1 << (pid & 63))
 
-    def attach_allocator(self, pid: int) -> dict[str, object]:
+    def attach_allocator(self, pid: int) -> Allocator:
         """Attach the allocation probes to the allocator `pid` uses (filtered to its memory).
 
         Returns what was attached; functions the library lacks are listed, not fatal.
         """
         library = allocator_of(pid)
         if library is None:
-            return {"pid": pid, "library": None, "missing": list(ALLOC_ENTRY)}
+            return Allocator(pid, None, list(ALLOC_ENTRY))
         missing = []
         for sym, fn in ALLOC_ENTRY.items():
             try:
@@ -323,7 +250,7 @@ class ReadProbes:
             self._attach_uprobe(library, "free", "free_enter", pid, False)
         except Exception:  # noqa: BLE001
             missing.append("free")
-        return {"pid": pid, "library": library, "missing": missing}
+        return Allocator(pid, library, missing)
 
     def _attach_uprobe(self, library: str, sym: str, fn: str, pid: int, ret: bool) -> None:
         attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
@@ -433,7 +360,7 @@ class ReadProbes:
             call = (tid, int(leaf.ts_ns))
             seen.add(call)
             if (
-                leaf.flags & layout.PostFlag.SCANNED
+                leaf.flags & schema.PostFlag.SCANNED
                 or call in self._swept
                 or now_ns - leaf.ts_ns < self.options.min_wait_ns
             ):
@@ -441,8 +368,8 @@ class ReadProbes:
             self._swept.add(call)
             if self.wait_hooks == "scheduler" and not _is_socket(int(leaf.pid), int(leaf.fd)):
                 continue  # the scheduler hooks leave the socket check to the return
-            leaf.flags |= layout.PostFlag.SWEPT
-            write = bool(leaf.flags & layout.PostFlag.WRITE)
+            leaf.flags |= schema.PostFlag.SWEPT
+            write = bool(leaf.flags & schema.PostFlag.WRITE)
             rows.append(
                 {
                     "ts_ns": int(leaf.ts_ns),
@@ -455,8 +382,8 @@ class ReadProbes:
                     "flags": int(leaf.flags),
                     "nvec": int(leaf.nvec),
                     "op": int(leaf.op),
-                    "kind": layout.Kind.WRITE_POST if write else layout.Kind.POST,
-                    "source": layout.Source.SYSCALL,
+                    "kind": schema.Kind.WRITE_POST if write else schema.Kind.POST,
+                    "source": schema.Source.SYSCALL,
                 }
             )
         self._swept &= seen  # forget calls that have returned
@@ -512,7 +439,7 @@ class ReadProbes:
         return frames, symbols
 
     def counter_values(self) -> dict[str, int]:
-        return {c.name.lower(): int(sum(self.counters[c.value])) for c in layout.Counter}
+        return {c.name.lower(): int(sum(self.counters[c.value])) for c in schema.Counter}
 
     def drain(self) -> np.ndarray:
         return self.consumer.drain()

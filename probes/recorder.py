@@ -1,15 +1,15 @@
-"""A recording session: attach the probes to target processes, stream records to a trace directory.
+"""A recording: attach the probes to target processes and stream their events to a trace
+directory, with the state found at attach and the measurements taken at the end.
 
 Targets are live processes (`pids`, all their threads, including threads created later) or a
-command the recorder launches and traces from its first instruction, children included. The
-session stops on its duration, on SIGINT/SIGTERM or when every target has exited, and always
-finalizes the trace; records are flushed in bounded groups while it runs.
+command the recorder launches (probes.launch) and traces from its first instruction, children
+included. The loop (probes.session) stops on the duration, on SIGINT/SIGTERM or when every
+target has exited; the trace is finalized in every case, and a bug keeps what was recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -18,25 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from probes import features, layout, residency, scan
-from probes.btf import BTF, BTFError
+from probes import features, residency, scan, session
+from probes.batches import split_by_kind, write_records, write_rows
+from probes.btf import BTF
 from probes.buffer_rings import BufferRingWatcher
-from probes.loader import ProbeError, ReadProbeOptions, ReadProbes
+from probes.format import schema
+from probes.format.errors import RecordError
+from probes.format.meta import (
+    Clock,
+    EventCounts,
+    MemoryOptions,
+    Meta,
+    Probes,
+    ProbeState,
+    Switch,
+    Targets,
+)
+from probes.format.writer import TraceWriter
+from probes.launch import Child, alive, check_targets, finish_child, is_process, launch_paused
+from probes.launch import proc_text as _proc_text
+from probes.loader import ProbeOptions
+from probes.loader import Probes as LoadedProbes
 from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler
-from probes.trace_writer import TraceWriter
 
 VERSION = "0.1.0"
-SMALL_BATCH = 16384
-BATCH_PAUSE_S = 0.003
-EXIT_QUIET_S = 0.3  # after the targets exit: stop once no event came for this long...
-EXIT_GRACE_S = 3.0  # ...or after this long at most
-
-
-class RecordError(Exception):
-    """The recording cannot start; the message says why in one line."""
 
 
 @dataclass
@@ -50,7 +57,15 @@ class RecordConfig:
     flush_interval: float = 1.0  # ...and at least every this many seconds
     # switch tracing off and on every this many seconds (measuring what tracing costs)
     alternate: float | None = None
-    probe_options: ReadProbeOptions = field(default_factory=ReadProbeOptions)
+    probe_options: ProbeOptions = field(default_factory=ProbeOptions)
+
+    def pacing(self) -> session.Pacing:
+        return session.Pacing(
+            duration=self.duration,
+            flush_rows=self.flush_rows,
+            flush_interval=self.flush_interval,
+            alternate=self.alternate,
+        )
 
 
 @dataclass
@@ -66,29 +81,6 @@ class RecordSummary:
 
 def _now_ns() -> int:
     return time.monotonic_ns()  # the clock of bpf_ktime_get_ns
-
-
-def _proc_text(pid: int, name: str) -> str:
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def check_targets(pids: list[int]) -> None:
-    for pid in pids:
-        if pid <= 0 or not _alive(pid):
-            raise RecordError(f"no process with PID {pid}")
 
 
 class _Stop:
@@ -111,49 +103,19 @@ class _Stop:
             signal.signal(sig, handler)
 
 
-def split_by_kind(records: np.ndarray) -> dict[int, np.ndarray]:
-    """The records of each kind, in their original order: one stable sort of the batch as
-    raw bytes (moving structured records field by field is several times slower), then a
-    contiguous slice per kind."""
-    kinds = records["kind"]
-    order = np.argsort(kinds, kind="stable")
-    raw = records.view(np.dtype((np.void, records.dtype.itemsize)))
-    ordered = raw[order].view(records.dtype)
-    sorted_kinds = kinds[order]
-    present = np.unique(sorted_kinds)
-    starts = np.searchsorted(sorted_kinds, present, side="left")
-    ends = np.searchsorted(sorted_kinds, present, side="right")
-    return {int(k): ordered[a:b] for k, a, b in zip(present.tolist(), starts, ends)}
-
-
-def write_records(writer: TraceWriter, by_kind: dict[int, np.ndarray]) -> None:
-    """Each kind's wire records as rows of its table (split_by_kind's output)."""
-    for kind, records in by_kind.items():
-        table = layout.TABLE_OF_KIND[layout.Kind(kind)]
-        writer.append(table, pa.table({c.name: records[c.wire] for c in table.columns if c.wire}))
-
-
-def check_machine() -> None:
-    """RecordError, in one sentence, if this machine or user cannot record."""
-    if not features.has_tracing_privileges():
-        raise RecordError("recording needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE)")
-    if features.tracefs() is None:
-        raise RecordError("tracefs is not mounted: run scripts/bootstrap (or mount it)")
-    for name in features.REQUIRED_TRACEPOINTS:
-        if not features.tracepoint_present(name):
-            raise RecordError(f"this kernel has no tracepoint {name.replace('/', ':')}")
-    if features.kernel_version() < (5, 8):
-        raise RecordError(f"kernel {features.platform.release()} is too old: idlebuf needs 5.8+")
-
-
 class Recorder:
+    """One recording. Towards the loop (probes.session) it is the Sink: it takes drained
+    batches, flushes them as table parts, switches tracing and says when targets exited."""
+
     def __init__(
         self,
         config: RecordConfig,
         progress: Callable[[str], None] | None = None,
+        clock: session.Clock | None = None,
     ) -> None:
         self.config = config
         self.progress = progress
+        self.clock = clock or session.SystemClock()
         self._batches: list[np.ndarray] = []
         self._buffered = 0
         self._known_pids: set[int] = set()
@@ -165,45 +127,43 @@ class Recorder:
         self._buffers: BufferTracker | None = None
         self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
         self._target_pids: list[int] = []
-        self._probes: ReadProbes | None = None
-        self._alternations: list[dict[str, Any]] = []  # --alternate: when tracing switched
+        self._probes: LoadedProbes | None = None
+        self._child: Child | None = None
+        self.meta = Meta()
 
     # --- set-up -------------------------------------------------------------------------
     def _preflight(self) -> None:
         cfg = self.config
         if bool(cfg.pids) == bool(cfg.command):
             raise RecordError("give either -p PID or -- COMMAND (not both, not neither)")
-        check_machine()
+        features.preflight()
         check_targets(cfg.pids)
 
-    def _meta(self, complete: bool, probes: ReadProbes | None, extra: dict[str, Any]) -> dict:
+    def _write_meta(self, complete: bool = False) -> None:
+        """meta.json as things are now (the writer serializes it at once)."""
+        probes, meta = self._probes, self.meta
         counters = probes.counter_values() if probes else {}
-        drops = {c.name.lower(): counters.get(c.name.lower(), 0) for c in layout.DROP_COUNTERS}
-        return {
-            **self._static_meta,
-            "probes": {
-                "reads": {
-                    "attached": probes is not None,
-                    "cflags": probes.cflags if probes else [],
-                    "uring": probes.uring_status if probes else "not loaded",
-                    "wait_hooks": probes.wait_hooks if probes else None,
-                    "events": {"posts": self._posts, "completions": self._completions},
-                    "kernel_counts": counters,
-                }
-            },
-            "drops": drops,
-            **(
-                {"alternate_s": self.config.alternate, "alternations": self._alternations}
-                if self.config.alternate
-                else {}
-            ),
-            "rows": self._writer.rows,
-            "complete": complete,
-            **extra,
-        }
+        meta.probes = Probes(
+            ProbeState(
+                attached=probes is not None,
+                cflags=probes.cflags if probes else [],
+                uring=probes.uring_status if probes else "not loaded",
+                wait_hooks=probes.wait_hooks if probes else None,
+                events=EventCounts(self._posts, self._completions),
+                kernel_counts=counters,
+            )
+        )
+        meta.drops = {c.name.lower(): counters.get(c.name.lower(), 0) for c in schema.DROP_COUNTERS}
+        meta.rows = dict(self._writer.rows)
+        meta.complete = complete
+        self._writer.write_meta(meta)
 
-    # --- the stream -----------------------------------------------------------------------
-    def _take(self, batch: np.ndarray) -> None:
+    # --- the sink the loop feeds ------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    def take(self, batch: np.ndarray) -> None:
         if batch.size == 0:
             return
         self._batches.append(batch)
@@ -211,15 +171,44 @@ class Recorder:
         for pid in np.unique(batch["pid"]).tolist():
             self._note_process(int(pid), int(batch["ts_ns"][0]))
 
+    def flush(self, elapsed: float) -> None:
+        self._flush()
+        self._write_meta()
+        if self.progress and self._probes is not None:
+            self.progress(self._status(elapsed, self._probes))
+
+    def targets_exited(self) -> bool:
+        if self._child is not None:
+            return self._child.poll() is not None
+        return not any(alive(p) for p in self.config.pids)
+
+    def switch_tracing(self) -> None:
+        """--alternate: tracing off, or on again (with the reads already waiting found by the
+        /proc scan, as on attaching); when the switch began and ended goes to meta.json."""
+        probes = self._probes
+        assert probes is not None
+        began = _now_ns()
+        if probes.paused:
+            probes.resume()
+            for pid in self._live_targets():
+                self._scan_blocked(probes, pid)
+        else:
+            # what the traced stretch produced is written now, not during the untraced one
+            self.take(probes.drain())
+            self._flush()
+            probes.pause()
+        assert self.meta.alternations is not None
+        self.meta.alternations.append(Switch(began, _now_ns(), not probes.paused))
+
+    # --- what the recorder writes besides the events -----------------------------------------
     def _note_process(self, pid: int, ts: int) -> None:
         if pid in self._known_pids:
             return
         self._known_pids.add(pid)
-        comm = _proc_text(pid, "comm")
         self._processes.append(
             {
                 "pid": pid,
-                "comm": comm,
+                "comm": _proc_text(pid, "comm"),
                 "cmdline": _proc_text(pid, "cmdline")[:4096],
                 "first_seen_ns": ts,
             }
@@ -233,55 +222,45 @@ class Recorder:
             # --min-wait: calls still waiting are recorded by this sweep, not at entry
             waiting = probes.sweep_waiting(_now_ns())
             if waiting:
-                self._take(layout.wire_records(waiting))
+                self.take(schema.wire_records(waiting))
         if self._batches:
             records = np.concatenate(self._batches)
             self._batches, self._buffered = [], 0
             by_kind = split_by_kind(records)
             empty = records[:0]
-            self._rings.note(by_kind.get(layout.Kind.BUFFER_GROUP, empty))
-            allocs = by_kind.get(layout.Kind.ALLOC, empty)
+            self._rings.note(by_kind.get(schema.Kind.BUFFER_GROUP, empty))
+            allocs = by_kind.get(schema.Kind.ALLOC, empty)
             if allocs.size:
                 self._stack_ids.update(zip(allocs["pid"].tolist(), allocs["key"].tolist()))
-            posts = by_kind.get(layout.Kind.POST, empty)
-            completions = by_kind.get(layout.Kind.COMPLETE, empty)
+            posts = by_kind.get(schema.Kind.POST, empty)
+            completions = by_kind.get(schema.Kind.COMPLETE, empty)
             if self._buffers is not None:
                 self._buffers.note(posts, completions)
             write_records(self._writer, by_kind)
             self._posts += posts.size
             self._completions += completions.size
         if self._sockets is not None and sampling:
-            rows = self._sockets.sample(self._live_targets(), _now_ns())
-            if rows:
-                self._writer.append(
-                    layout.SOCKETS, pa.Table.from_pylist(rows, schema=layout.SOCKETS.arrow_schema())
-                )
-        rings = self._rings.snapshot(_now_ns()) if sampling else []
-        if rings:
-            self._writer.append(
-                layout.BUFFER_RINGS,
-                pa.Table.from_pylist(rings, schema=layout.BUFFER_RINGS.arrow_schema()),
+            write_rows(
+                self._writer, schema.SOCKETS, self._sockets.sample(self._live_targets(), _now_ns())
             )
-        if self._processes:
-            self._writer.append(
-                layout.PROCESSES,
-                pa.Table.from_pylist(self._processes, schema=layout.PROCESSES.arrow_schema()),
-            )
-            self._processes = []
+        if sampling:
+            write_rows(self._writer, schema.BUFFER_RINGS, self._rings.snapshot(_now_ns()))
+        write_rows(self._writer, schema.PROCESSES, self._processes)
+        self._processes = []
 
-    def _scan_blocked(self, probes: ReadProbes, pid: int) -> None:
+    def _scan_blocked(self, probes: LoadedProbes, pid: int) -> None:
         """Seed the in-flight table and the trace with reads blocked before tracing began."""
         found = []
         for read in scan.blocked_reads(pid, probes.options.max_iov):
             ts = _now_ns()
-            flags = read.flags | layout.PostFlag.SCANNED
+            flags = read.flags | schema.PostFlag.SCANNED
             if not probes.track_inflight(
                 read.tid, read.fd, read.addr, read.length, read.op, flags, read.nvec, ts, pid
             ):
                 continue  # the probes saw this read enter: they already have it
             if scan.syscall_of(pid, read.tid) != read.call:
                 # It returned while we looked: undo, unless the probes already replaced it.
-                if (probes.inflight_flags(read.tid) or 0) & layout.PostFlag.SCANNED:
+                if (probes.inflight_flags(read.tid) or 0) & schema.PostFlag.SCANNED:
                     probes.forget_inflight(read.tid)
                 continue
             found.append(
@@ -296,36 +275,33 @@ class Recorder:
                     "flags": flags,
                     "nvec": read.nvec,
                     "op": read.op,
-                    "kind": layout.Kind.POST,
-                    "source": layout.Source.SYSCALL,
+                    "kind": schema.Kind.POST,
+                    "source": schema.Source.SYSCALL,
                 }
             )
         if found:
-            self._take(layout.wire_records(found))
+            self.take(schema.wire_records(found))
 
-    # --- the session ------------------------------------------------------------------------
+    # --- the recording ------------------------------------------------------------------------
     def run(self) -> RecordSummary:
         cfg = self.config
         self._preflight()
-        try:
-            self._btf = BTF.load()  # parsed once: the checks and the probes both need it
-        except BTFError as exc:
-            raise RecordError(f"kernel BTF is needed for structure offsets: {exc}") from None
-        self._static_meta: dict[str, Any] = {
-            "format": layout.FORMAT_NAME,
-            "format_version": layout.FORMAT_VERSION,
-            "idlebuf_version": VERSION,
-            "host": features.host_facts(),
-            "features": {c.name: c.ok for c in features.run_checks(self._btf)},
-            "clock": {"monotonic_ns": _now_ns(), "realtime_ns": time.time_ns()},
-            "targets": {"pids": cfg.pids, "command": cfg.command},
-        }
+        btf = BTF.load()  # parsed once: the checks and the probes both need it
+        self.meta = Meta(
+            idlebuf_version=VERSION,
+            host=features.host_facts(),
+            features={c.name: c.ok for c in features.run_checks(btf)},
+            clock=Clock(_now_ns(), time.time_ns()),
+            targets=Targets(list(cfg.pids), list(cfg.command)),
+            alternate_s=cfg.alternate,
+            alternations=[] if cfg.alternate else None,
+        )
         self._writer = TraceWriter(cfg.output, cfg.force)
         # Signals are caught from here on: one that arrives while the probes compile ends
         # the session as soon as they are loaded, with the trace finalized.
         try:
             with _Stop() as stop:
-                return self._run(stop)
+                return self._record(stop, btf)
         except RecordError:
             raise
         except Exception as exc:
@@ -340,82 +316,74 @@ class Recorder:
         # the original error is the one to report, not one met while salvaging
         with contextlib.suppress(Exception):
             self._flush()
+        self.meta.error = repr(exc)[:500]
         with contextlib.suppress(Exception):
-            self._writer.write_meta(self._meta(False, None, {"error": repr(exc)[:500]}))
+            self._write_meta()
             self._writer.sync()
 
-    def _run(self, stop: _Stop) -> RecordSummary:
+    def _record(self, stop: _Stop, btf: BTF) -> RecordSummary:
         cfg = self.config
-        self._writer.write_meta(self._meta(False, None, {}))
+        self._write_meta()
         options = cfg.probe_options
         if cfg.command:
-            options = ReadProbeOptions(**{**options.__dict__, "follow_children": True})
+            options = ProbeOptions(**{**options.__dict__, "follow_children": True})
+        probes = LoadedProbes(options, btf)
+        started = self.clock.monotonic()
+        self.meta.tracing_since_ns = _now_ns()
+        if options.min_wait_ns:
+            self.meta.min_wait_ns = options.min_wait_ns
         try:
-            probes = ReadProbes(options, self._btf)
-        except ProbeError as exc:
-            raise RecordError(str(exc)) from None
-
-        child: Child | None = None
-        started = time.monotonic()
-        self._static_meta["tracing_since_ns"] = _now_ns()
-        try:
+            self._probes = probes
             if cfg.command:
-                child = _launch_paused(cfg.command, lambda pid: self._attach(probes, pid))
-                self._note_process(child.pid, _now_ns())
+                self._child = launch_paused(cfg.command, lambda pid: self._attach(probes, pid))
+                self._note_process(self._child.pid, _now_ns())
             else:
                 for pid in cfg.pids:
                     self._attach(probes, pid)
                     self._note_process(pid, _now_ns())
                 for pid in cfg.pids:
                     self._scan_blocked(probes, pid)
-                self._static_meta["uring_before_attach"] = [
-                    pid for pid in cfg.pids if scan.has_io_uring(pid)
-                ]
-            self._writer.write_meta(self._meta(False, probes, {}))
-            stop_reason = self._stream(probes, stop, child, started)
+                self.meta.uring_before_attach = [p for p in cfg.pids if scan.has_io_uring(p)]
+            self._write_meta()
+            if self.meta.alternations is not None:  # the first traced stretch
+                self.meta.alternations.append(Switch(self.meta.tracing_since_ns, _now_ns(), True))
+            stop_reason = session.run(
+                probes, self, lambda: stop.reason, cfg.pacing(), self.clock, started
+            )
             # A final drain after the loop: what the kernel emitted up to the stop.
-            self._take(probes.drain())
+            self.take(probes.drain())
             self._flush()
             if self._buffers is not None:  # while the targets still run
                 self._measure_buffers(probes)
-            exit_code = _finish_child(child, probes)
-            elapsed = time.monotonic() - started
-            meta = self._meta(
-                True,
-                probes,
-                {
-                    "stop_reason": stop_reason,
-                    "elapsed_s": round(elapsed, 3),
-                    "end_monotonic_ns": _now_ns(),
-                },
-            )
-            self._writer.write_meta(meta)
+            exit_code = finish_child(self._child, probes.target_pids())
+            elapsed = self.clock.monotonic() - started
+            self.meta.stop_reason = stop_reason
+            self.meta.elapsed_s = round(elapsed, 3)
+            self.meta.end_monotonic_ns = _now_ns()
+            self._write_meta(complete=True)
             self._writer.sync()
             return RecordSummary(
                 cfg.output,
                 self._posts,
                 self._completions,
-                meta["drops"],
+                dict(self.meta.drops),
                 elapsed,
                 stop_reason,
                 exit_code,
             )
         finally:
-            if child is not None and child.poll() is None:
-                child.signal(signal.SIGKILL)
-                child.wait()
+            if self._child is not None and self._child.poll() is None:
+                self._child.signal(signal.SIGKILL)
+                self._child.wait()
             probes.close()
             if self._sockets is not None:
                 self._sockets.close()
 
-    def _measure_buffers(self, probes: ReadProbes) -> None:
+    def _measure_buffers(self, probes: LoadedProbes) -> None:
         """Residency of the buffers that matter and the allocation stacks, symbolized:
         both need the processes alive, so they are taken as the recording ends."""
         assert self._buffers is not None
-        rows = residency.measure(self._buffers.ranges())
-        if rows:
-            schema = layout.RESIDENCY.arrow_schema()
-            self._writer.append(layout.RESIDENCY, pa.Table.from_pylist(rows, schema=schema))
+        write_rows(self._writer, schema.RESIDENCY, residency.measure(self._buffers.ranges()))
         stacks = []
         for pid, stack_id in sorted(self._stack_ids):
             if stack_id:
@@ -423,202 +391,32 @@ class Recorder:
                 stacks.append(
                     {"pid": pid, "stack_id": stack_id, "frames": frames, "symbols": symbols}
                 )
-        if stacks:
-            schema = layout.STACKS.arrow_schema()
-            self._writer.append(layout.STACKS, pa.Table.from_pylist(stacks, schema=schema))
+        write_rows(self._writer, schema.STACKS, stacks)
 
     def _live_targets(self) -> list[int]:
         """The targets now: those given or launched, and the children followed in the kernel."""
         pids = set(self._target_pids)
         if self._probes is not None and self._probes.options.follow_children:
-            pids |= {p for p in self._probes.target_pids() if _is_process(p)}
-        return sorted(p for p in pids if _alive(p))
+            pids |= {p for p in self._probes.target_pids() if is_process(p)}
+        return sorted(p for p in pids if alive(p))
 
-    def _attach(self, probes: ReadProbes, pid: int) -> None:
+    def _attach(self, probes: LoadedProbes, pid: int) -> None:
         """Make `pid` a target; with the memory side, probe the allocator it uses."""
         probes.add_target(pid)
-        self._probes = probes
         self._target_pids.append(pid)
-        if probes.options.min_wait_ns:
-            self._static_meta["min_wait_ns"] = probes.options.min_wait_ns
         if probes.options.memory:
             if self._sockets is None:
                 self._sockets = SocketSampler()
                 self._buffers = BufferTracker()
-            memory = self._static_meta.setdefault(
-                "memory",
-                {
-                    "min_alloc": probes.options.min_alloc,
-                    "sample_every": probes.options.sample_every,
-                    "allocators": [],
-                },
-            )
-            memory["allocators"].append(probes.attach_allocator(pid))
+            if self.meta.memory is None:
+                self.meta.memory = MemoryOptions(
+                    probes.options.min_alloc, probes.options.sample_every
+                )
+            self.meta.memory.allocators.append(probes.attach_allocator(pid))
 
-    def _stream(self, probes: ReadProbes, stop: _Stop, child: Child | None, started: float) -> str:
-        """Drain and flush until a stop condition holds; returns why it stopped."""
-        cfg = self.config
-        last_flush = time.monotonic()
-        exited_at: float | None = None
-        last_event = last_flush
-        next_switch = None
-        if cfg.alternate:
-            at = self._static_meta["tracing_since_ns"]
-            self._alternations.append({"from_ns": at, "to_ns": _now_ns(), "tracing": True})
-            next_switch = last_flush + cfg.alternate
-        while True:
-            probes.wait(0.05 if exited_at else 0.1)
-            batch = probes.drain()
-            self._take(batch)
-            now = time.monotonic()
-            if batch.size:
-                last_event = now
-            if 0 < batch.size < SMALL_BATCH:
-                # Under a steady stream every drain would take a few records: let them pile up
-                # (the ring holds ~200k) so that decoding works on large batches.
-                time.sleep(BATCH_PAUSE_S)
-            if self._buffered >= cfg.flush_rows or now - last_flush >= cfg.flush_interval:
-                self._flush()
-                self._writer.write_meta(self._meta(False, probes, {}))
-                last_flush = now
-                if self.progress:
-                    self.progress(self._status(now - started, probes))
-            if next_switch is not None and now >= next_switch:
-                self._switch_tracing(probes)
-                next_switch = time.monotonic() + (cfg.alternate or 0)
-            if stop.reason:
-                return stop.reason
-            if cfg.duration is not None and now - started >= cfg.duration:
-                return "duration"
-            if exited_at is None and (
-                child.poll() is not None if child else not any(_alive(p) for p in cfg.pids)
-            ):
-                exited_at = now
-            # The kernel cancels an exited process's io_uring requests from a worker, a little
-            # later: keep draining until it has been quiet for a moment.
-            if exited_at is not None and (
-                now - last_event >= EXIT_QUIET_S or now - exited_at >= EXIT_GRACE_S
-            ):
-                return "all targets exited"
-
-    def _switch_tracing(self, probes: ReadProbes) -> None:
-        """--alternate: tracing off, or on again (with the reads already waiting found by the
-        /proc scan, as on attaching); when the switch began and ended goes to meta.json."""
-        began = _now_ns()
-        if probes.paused:
-            probes.resume()
-            for pid in self._live_targets():
-                self._scan_blocked(probes, pid)
-        else:
-            # what the traced stretch produced is written now, not during the untraced one
-            self._take(probes.drain())
-            self._flush()
-            probes.pause()
-        self._alternations.append(
-            {"from_ns": began, "to_ns": _now_ns(), "tracing": not probes.paused}
-        )
-
-    def _status(self, elapsed: float, probes: ReadProbes) -> str:
+    def _status(self, elapsed: float, probes: LoadedProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))
         return (
             f"{elapsed:6.1f}s  posts {self._posts:,}  completions {self._completions:,}  "
             f"drops {drops:,}"
         )
-
-
-class Child:
-    """A command the recorder launched (a forked process, so it can be held before exec)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(0.02)
-        return self.returncode
-
-    def signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-
-def _launch_paused(command: list[str], attach: Callable[[int], None]) -> Child:
-    """Start `command` held before exec, `attach` the probes to it, then let it exec.
-
-    The forked child waits on a pipe until its pid is in the target table, so the probes see
-    the command from its first instruction. A second, close-on-exec pipe reports exec failure.
-    """
-    gate_r, gate_w = os.pipe()
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # child: wait for the gate, then become the command
-        try:
-            os.close(gate_w)
-            os.close(err_r)
-            os.read(gate_r, 1)
-            os.close(gate_r)
-            os.execvp(command[0], command)
-        except OSError as exc:
-            os.write(err_w, (exc.strerror or "exec failed").encode())
-        finally:
-            os._exit(127)
-    os.close(gate_r)
-    os.close(err_w)
-    child = Child(pid)
-    try:
-        attach(pid)
-    finally:
-        os.write(gate_w, b"g")
-        os.close(gate_w)
-    with os.fdopen(err_r, "rb") as err:
-        failure = err.read().decode(errors="replace")
-    if failure:
-        child.wait()
-        raise RecordError(f"cannot run {command[0]}: {failure}")
-    return child
-
-
-def _finish_child(child: Child | None, probes: ReadProbes, grace: float = 3.0) -> int | None:
-    """Stop a launched command that is still running, and the children it started."""
-    if child is None:
-        return None
-    others = [p for p in probes.target_pids() if p != child.pid and _is_process(p)]
-    if child.poll() is None or any(_alive(p) for p in others):
-        child.signal(signal.SIGTERM)
-        for pid in others:
-            _kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        child.wait(grace)
-        while any(_alive(p) for p in others) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        child.signal(signal.SIGKILL)
-        for pid in others:
-            if _alive(pid):
-                _kill(pid, signal.SIGKILL)
-        child.wait()
-    return child.returncode
-
-
-def _is_process(pid: int) -> bool:
-    """A thread-group leader (the target table also holds thread ids of followed children)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            return any(line.split() == ["Tgid:", str(pid)] for line in f)
-    except OSError:
-        return False
-
-
-def _kill(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from probes.layout import SYSCALLS, PostFlag
+from probes.format.schema import SYSCALLS, PostFlag
 
 _VECTORED = {SYSCALLS["readv"], SYSCALLS["preadv2"]}
 _MSGHDR = {SYSCALLS["recvmsg"], SYSCALLS["recvmmsg"]}

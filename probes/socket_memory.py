@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from probes.layout import SKMEM_FIELDS
+from probes.format.schema import SKMEM_FIELDS
 
 _INET_DIAG_SKMEMINFO = 7
 _UDIAG_SHOW_NAME, _UDIAG_SHOW_PEER, _UDIAG_SHOW_RQLEN, _UDIAG_SHOW_MEMINFO = 1, 4, 0x10, 0x20

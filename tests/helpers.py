@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analysis.trace import recording_started
-from idlebuf.scenario import read_event, spawn, stop
+from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
+from probes.format.reader import recording_started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +137,8 @@ class Recording:
     """
 
     def __init__(self, trace: Path, command: list[str], record_args: tuple[str, ...] = ()):
-        self.proc = spawn_idlebuf("record", "-o", str(trace), *record_args, "--", *command)
+        self.recorder = RecorderProcess(trace, *record_args, "--", *command, stdout=subprocess.PIPE)
+        self.proc = self.recorder.proc
         try:
             self.listening = read_event(self.proc.stdout, "listening", 60)  # type: ignore[arg-type]
         except BaseException:

@@ -7,6 +7,7 @@ timeline with Perfetto's own protobuf schema - and return plain data a test can 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -97,3 +98,81 @@ def read_timeline(path: Path) -> dict[str, Process]:
             assert e.type == TrackEvent.TYPE_COUNTER
             counters[e.track_uuid].append((packet.timestamp, e.counter_value))
     return {name: proc for name, proc in processes.values()}
+
+
+# Measures the page once it is laid out, and writes what it saw into <pre id="measured">.
+_MEASURE = """
+<script>
+(() => {
+  const box = (el) => { const r = el.getBoundingClientRect(); return [r.width, r.height]; };
+  const lines = (el) => { const r = document.createRange(); r.selectNodeContents(el);
+                          return new Set([...r.getClientRects()].map((q) => q.top)).size; };
+  const table = document.querySelector("table");
+  const out = {
+    table: table ? box(table) : null,
+    cells: [...document.querySelectorAll("td, th")].map((c) => [c.textContent, lines(c)]),
+    charts: [...document.querySelectorAll("figure.chart svg")].map((svg) => ({
+      title: svg.getAttribute("aria-label"), box: box(svg),
+      marks: [...svg.querySelectorAll("polyline, rect")].map((m) => box(m)),
+    })),
+  };
+  const pre = document.createElement("pre");
+  pre.id = "measured";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+})();
+</script>
+"""
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=900,2400",  # narrower than the table: cells must still not wrap
+]
+
+
+@dataclass
+class Rendered:
+    """What a real browser laid out: sizes in CSS pixels."""
+
+    table: tuple[float, float] | None
+    cells: list[tuple[str, int]]  # text, lines it takes
+    charts: list[dict]  # title, box, marks (each polyline's or bar's box)
+
+
+def render_in_chromium(page: Path, workdir: Path) -> Rendered:
+    """Lay `page` out in headless Chromium (Debian's, installed by scripts/bootstrap), keep a
+    screenshot beside it (page.png) for a person to look at, and measure it."""
+    import json
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed: run scripts/bootstrap"
+    measured = workdir / "measured.html"
+    measured.write_text(page.read_text().replace("</body>", _MEASURE + "</body>"))
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    run(f"--screenshot={workdir / 'page.png'}", page.as_uri())
+    dom = run("--dump-dom", measured.as_uri())
+    start = dom.index('<pre id="measured">') + len('<pre id="measured">')
+    data = json.loads(unescape(dom[start : dom.index("</pre>", start)]))
+    return Rendered(
+        tuple(data["table"]) if data["table"] else None,
+        [(text, n) for text, n in data["cells"]],
+        data["charts"],
+    )

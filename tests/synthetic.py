@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probes import layout
-from probes.layout import Source
-from probes.trace_writer import TraceWriter
+import pyarrow as pa
+
+from probes.format import schema
+from probes.format.meta import MemoryOptions, Meta, Probes, ProbeState
+from probes.format.schema import GroupKind, MapFn, PostFlag, Source
+from probes.format.writer import TraceWriter
 
 SECOND = 1_000_000_000
 T0 = 10 * SECOND  # the recording starts here (monotonic ns) and lasts 3 s
@@ -25,20 +28,26 @@ SOCKET_RMEM = 768  # rmem_alloc + fwd_alloc of each socket in the last sample
 def server_trace(
     path: Path, pid: int, connections: int, active: int, buffer: int, queued: bool
 ) -> Path:
-    fds = list(range(100, 100 + connections))
     w = TraceWriter(path)
     w.write_meta(
-        {
-            "format": layout.FORMAT_NAME,
-            "format_version": layout.FORMAT_VERSION,
-            "complete": True,
-            "drops": {},
-            "tracing_since_ns": T0,
-            "end_monotonic_ns": T0 + 3 * SECOND,
-            "memory": {"sample_every": 1},
-        }
+        Meta(
+            complete=True,
+            tracing_since_ns=T0,
+            end_monotonic_ns=T0 + 3 * SECOND,
+            memory=MemoryOptions(),
+        )
     )
-    w.append(layout.PROCESSES, layout.PROCESSES.filled(1, pid=pid, comm="srv", first_seen_ns=T0))
+    server_tables(w, pid, connections, active, buffer, queued)
+    w.close()
+    return path
+
+
+def server_tables(
+    w: TraceWriter, pid: int, connections: int, active: int, buffer: int, queued: bool
+) -> None:
+    """server_trace's tables, written through `w`."""
+    fds = list(range(100, 100 + connections))
+    w.append(schema.PROCESSES, schema.PROCESSES.filled(1, pid=pid, comm="srv", first_seen_ns=T0))
     posts: list[tuple[int, int, int, int]] = []  # (ts, fd, key, addr)
     completions: list[tuple[int, int, int]] = []  # (ts, key, ret)
     key = 1
@@ -62,8 +71,8 @@ def server_trace(
                 completions.append((ts + 10, key, 100))
             key += 1
     w.append(
-        layout.POSTS,
-        layout.POSTS.filled(
+        schema.POSTS,
+        schema.POSTS.filled(
             len(posts),
             ts_ns=[p[0] for p in posts],
             pid=pid,
@@ -77,8 +86,8 @@ def server_trace(
         ),
     )
     w.append(
-        layout.COMPLETIONS,
-        layout.COMPLETIONS.filled(
+        schema.COMPLETIONS,
+        schema.COMPLETIONS.filled(
             len(completions),
             ts_ns=[c[0] for c in completions],
             pid=pid,
@@ -89,8 +98,8 @@ def server_trace(
         ),
     )
     w.append(
-        layout.ALLOCS,
-        layout.ALLOCS.filled(
+        schema.ALLOCS,
+        schema.ALLOCS.filled(
             len(allocs),
             ts_ns=[a[0] for a in allocs],
             pid=pid,
@@ -102,19 +111,19 @@ def server_trace(
     base_rss = 8 << 20
     grown = base_rss + len(allocs) * buffer
     w.append(
-        layout.RSS,
-        layout.RSS.filled(
+        schema.RSS,
+        schema.RSS.filled(
             2,
             ts_ns=[T0, T0 + SECOND // 2],
             pid=pid,
             mm_id=1,
-            member=int(layout.RssMember.ANON),
+            member=int(schema.RssMember.ANON),
             bytes=[base_rss, grown],
         ),
     )
     w.append(
-        layout.SOCKETS,
-        layout.SOCKETS.filled(  # sampled twice: half a second in, and at the end
+        schema.SOCKETS,
+        schema.SOCKETS.filled(  # sampled twice: half a second in, and at the end
             2 * connections,
             ts_ns=[T0 + SECOND // 2] * connections + [T0 + 3 * SECOND - 1] * connections,
             pid=pid,
@@ -124,6 +133,173 @@ def server_trace(
             state="ESTABLISHED",
             rmem_alloc=SOCKET_RMEM // 2,
             fwd_alloc=SOCKET_RMEM // 2,
+        ),
+    )
+
+
+def mixed_trace(path: Path, pid: int = 4242) -> Path:
+    """server_trace's queued server (23 connections, 3 active, 4,099-byte buffers) plus what
+    the other tables carry: writes (4 pending, 2 returned), readiness waits (3 begun, 2
+    ended), io_uring RECVs (5 posted on sockets, one buffer-select; 2 completed; a READ of a
+    file), a PROVIDE_BUFFERS group of 7 buffers of 512 bytes with 2 used, a mapping holding
+    one posted buffer, brk growth, an allocation stack, and residency of the posted buffers.
+    Pins every section of `report --json` (the golden files)."""
+    w = TraceWriter(path)
+    w.write_meta(
+        Meta(
+            complete=True,
+            drops={"ringbuf_full": 0, "inflight_full": 2},
+            tracing_since_ns=T0,
+            end_monotonic_ns=T0 + 3 * SECOND,
+            elapsed_s=3.0,
+            stop_reason="duration",
+            probes=Probes(ProbeState(uring="traced")),
+            memory=MemoryOptions(),
+        )
+    )
+    server_tables(w, pid, 23, 3, 4099, queued=True)
+    ms = SECOND // 1000
+    w.append(
+        schema.WRITES,
+        schema.WRITES.filled(
+            6,
+            ts_ns=[T0 + k * ms for k in range(1, 7)],
+            pid=pid,
+            tid=[pid + k for k in range(6)],
+            fd=[200 + k for k in range(6)],
+            source=int(Source.SYSCALL),
+            op=44,
+            key=[pid + k for k in range(6)],
+            addr=[HEAP + 0x100_0000 + k * 8192 for k in range(6)],
+            len=8191,
+        ),
+    )
+    w.append(
+        schema.WRITE_COMPLETIONS,
+        schema.WRITE_COMPLETIONS.filled(
+            2,
+            ts_ns=[T0 + 10 * ms, T0 + 11 * ms],
+            pid=pid,
+            tid=[pid, pid + 1],
+            source=int(Source.SYSCALL),
+            key=[pid, pid + 1],
+            ret=[8191, 100],
+        ),
+    )
+    w.append(
+        schema.WAITS,
+        schema.WAITS.filled(
+            3, ts_ns=[T0 + k * ms for k in (1, 2, 3)], pid=pid, tid=pid, call=1, fd=9, watched=64
+        ),
+    )
+    w.append(
+        schema.WAIT_ENDS,
+        schema.WAIT_ENDS.filled(2, ts_ns=[T0 + 4 * ms, T0 + 5 * ms], pid=pid, tid=pid, ret=1),
+    )
+    ring = 0xFFFF_8880_0000_0000
+    flags = [int(PostFlag.SOCKET)] * 4 + [int(PostFlag.SOCKET | PostFlag.BUFFER_SELECT), 0]
+    uring_addr = [HEAP + 0x200_0000 + k * 2048 for k in range(5)] + [HEAP + 0x300_0000]
+    w.append(
+        schema.POSTS,
+        schema.POSTS.filled(
+            6,
+            ts_ns=[T0 + 2 * SECOND + k * ms for k in range(6)],
+            pid=pid,
+            tid=pid,
+            fd=[300 + k for k in range(6)],
+            source=int(Source.URING),
+            op=[27] * 5 + [22],
+            key=[ring + 0x100 * (k + 1) for k in range(6)],
+            addr=[a if f != flags[4] else 0 for a, f in zip(uring_addr, flags)],
+            len=[2048] * 4 + [0, 4096],
+            flags=flags,
+            ring=ring,
+            user_data=list(range(1, 7)),
+            group=[0, 0, 0, 0, 3, 0],
+        ),
+    )
+    w.append(
+        schema.COMPLETIONS,
+        schema.COMPLETIONS.filled(
+            2,
+            ts_ns=[T0 + 2 * SECOND + 20 * ms, T0 + 2 * SECOND + 21 * ms],
+            pid=pid,
+            tid=pid,
+            source=int(Source.URING),
+            key=[ring + 0x100, ring + 0x200],
+            ret=[300, -104],
+            ring=ring,
+        ),
+    )
+    w.append(
+        schema.BUFFER_GROUPS,
+        schema.BUFFER_GROUPS.filled(
+            1,
+            ts_ns=T0 + ms,
+            pid=pid,
+            ring=ring,
+            group=3,
+            how=int(GroupKind.PROVIDE),
+            addr=HEAP + 0x400_0000,
+            entries_or_size=512,
+            buffers=7,
+        ),
+    )
+    w.append(
+        schema.BUFFER_USES,
+        schema.BUFFER_USES.filled(
+            2,
+            ts_ns=[T0 + 2 * SECOND, T0 + 2 * SECOND + ms],
+            pid=pid,
+            ring=ring,
+            group=3,
+            buffer_id=[0, 1],
+            bytes=[40, 50],
+            user_data=5,
+            request=[0, ring + 0x500],
+        ),
+    )
+    w.append(
+        schema.MAPS,
+        schema.MAPS.filled(
+            3,
+            ts_ns=[T0 + ms, T0 + 2 * ms, T0 + 3 * ms],
+            pid=pid,
+            addr=[HEAP + 0x200_0000, 0x55_0000_0000, 0x55_0002_1000],
+            len=[1 << 20, 0, 0],
+            fn=[int(MapFn.MMAP), int(MapFn.BRK), int(MapFn.BRK)],
+            flags=0x22,
+            fd=-1,
+        ),
+    )
+    w.append(
+        schema.STACKS,
+        pa.Table.from_pylist(
+            [{"pid": pid, "stack_id": 5, "frames": [1, 2], "symbols": ["malloc", "handle"]}],
+            schema=schema.STACKS.arrow_schema(),
+        ),
+    )
+    w.append(
+        schema.ALLOCS,
+        schema.ALLOCS.filled(
+            1, ts_ns=T0 + ms, pid=pid, tid=pid, addr=HEAP + 0x100_0000, size=8192, stack_id=5
+        ),
+    )
+    w.append(
+        schema.RESIDENCY,
+        pa.Table.from_pylist(
+            [
+                {
+                    "pid": pid,
+                    "fd": 100 + k,
+                    "addr": HEAP + k * 2 * 4099,
+                    "len": 4099,
+                    "what": "posted",
+                    "resident_bytes": 4096 * (k % 2),
+                }
+                for k in range(23)
+            ],
+            schema=schema.RESIDENCY.arrow_schema(),
         ),
     )
     w.close()

@@ -8,11 +8,12 @@ import json
 import mmap
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 
@@ -107,6 +108,29 @@ def accept_pending(listener: socket.socket, blocking: bool) -> Iterator[socket.s
             return
         sock.setblocking(blocking)
         yield sock
+
+
+def epoll_loop(
+    epoll: select.epoll,
+    listener: socket.socket,
+    stopping: list[bool],
+    accept: Callable[[], None],
+    ready: Callable[[int], None],
+) -> None:
+    """A readiness server's loop: `accept()` when the listener is readable, `ready(fd)` for
+    any other fd epoll reports, until `stopping[0]`."""
+    listener.setblocking(False)
+    epoll.register(listener.fileno(), select.EPOLLIN)
+    while not stopping[0]:
+        try:
+            events = epoll.poll(1.0)
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == listener.fileno():
+                accept()
+            else:
+                ready(fd)
 
 
 def address_of(buf: bytearray) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from workloads.common import (
     Buffers,
     accept_pending,
+    epoll_loop,
     listen,
     raise_fd_limit,
     serve,
@@ -98,18 +99,11 @@ class Server:
         }
 
     def run(self, listener: socket.socket, stopping: list[bool]) -> None:
-        listener.setblocking(False)
-        self.epoll.register(listener.fileno(), select.EPOLLIN)
-        while not stopping[0]:
-            try:
-                events = self.epoll.poll(1.0)
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                if fd == listener.fileno():
-                    self.accept(listener)
-                elif fd in self.socks:
-                    self.readable(fd)
+        epoll_loop(self.epoll, listener, stopping, lambda: self.accept(listener), self.ready)
+
+    def ready(self, fd: int) -> None:
+        if fd in self.socks:
+            self.readable(fd)
 
     def accept(self, listener: socket.socket) -> None:
         for sock in accept_pending(listener, blocking=False):

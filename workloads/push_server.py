@@ -24,6 +24,7 @@ from typing import Any
 from workloads.common import (
     accept_pending,
     address_of,
+    epoll_loop,
     listen,
     raise_fd_limit,
     serve,
@@ -130,22 +131,14 @@ class Readiness:
             self.socks.pop(fd).close()
 
     def run(self, listener: socket.socket, stopping: list[bool]) -> None:
-        listener.setblocking(False)
-        self.epoll.register(listener.fileno(), select.EPOLLIN)
-        while not stopping[0]:
-            try:
-                events = self.epoll.poll(1.0)
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                if fd == listener.fileno():
-                    for conn in accept_pending(listener, blocking=False):
-                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
-                        self.accepted += 1
-                        self.socks[conn.fileno()] = conn
-                        self.epoll.register(conn.fileno(), select.EPOLLOUT)
-                else:
-                    self.writable(fd)
+        epoll_loop(self.epoll, listener, stopping, lambda: self.accept(listener), self.writable)
+
+    def accept(self, listener: socket.socket) -> None:
+        for conn in accept_pending(listener, blocking=False):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+            self.accepted += 1
+            self.socks[conn.fileno()] = conn
+            self.epoll.register(conn.fileno(), select.EPOLLOUT)
 
     def ground_truth(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from idlebuf.bench.overhead import CONFIGS
-from idlebuf.render import human_bytes, table
+from idlebuf.reporters.text import table
+from idlebuf.reporters.units import human_bytes
+from probes.format.errors import IdlebufError
 
 PARTS = ("overhead", "ceiling", "analysis", "scale")
 
@@ -198,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: unknown config {sorted(unknown)[0]!r}", file=sys.stderr)
         return 2
     if set(parts) - {"analysis"}:
-        from probes.recorder import RecordError, check_machine
+        from probes.features import preflight
+        from probes.format.errors import RecordError
 
         try:
-            check_machine()
+            preflight()
         except RecordError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1
@@ -225,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in parts:
             try:
                 results[name] = runners[name]()
-            except (RuntimeError, OSError, ValueError) as exc:  # one part failing keeps the rest
+            except (
+                IdlebufError,
+                RuntimeError,
+                OSError,
+                ValueError,
+            ) as exc:  # one failing part keeps the rest
                 log(f"{name}: failed: {exc}")
                 results[name + "_error"] = str(exc)
             args.output.write_text(json.dumps(results, indent=1))  # nothing measured is lost

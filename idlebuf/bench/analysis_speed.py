@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from probes import layout
-from probes.layout import Source
-from probes.trace_writer import TraceWriter
+from probes.format import schema
+from probes.format.meta import MemoryOptions, Meta
+from probes.format.schema import Source
+from probes.format.writer import TraceWriter
 
 SECOND = 1_000_000_000
 HEAP = 0x7F00_0000_0000
-RECVFROM = layout.SYSCALLS["recvfrom"]
+RECVFROM = schema.SYSCALLS["recvfrom"]
 
 
 def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int) -> int:
@@ -36,21 +37,18 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     duration = 60 * SECOND
     w = TraceWriter(path)
     w.write_meta(
-        {
-            "format": layout.FORMAT_NAME,
-            "format_version": layout.FORMAT_VERSION,
-            "complete": True,
-            "drops": {},
-            "tracing_since_ns": SECOND,
-            "end_monotonic_ns": SECOND + duration,
-            "memory": {"sample_every": 1},
-        }
+        Meta(
+            complete=True,
+            tracing_since_ns=SECOND,
+            end_monotonic_ns=SECOND + duration,
+            memory=MemoryOptions(),
+        )
     )
     w.append(
-        layout.PROCESSES,
+        schema.PROCESSES,
         pa.table(
             {"pid": [4242], "comm": ["synthetic"], "cmdline": ["synthetic"], "first_seen_ns": [1]},
-            schema=layout.PROCESSES.arrow_schema(),
+            schema=schema.PROCESSES.arrow_schema(),
         ),
     )
     conns = np.arange(connections)
@@ -67,8 +65,8 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     for a in range(0, reads, chunk):
         c, p = conn[a : a + chunk], post[a : a + chunk].astype(np.uint64)
         w.append(
-            layout.POSTS,
-            layout.POSTS.filled(
+            schema.POSTS,
+            schema.POSTS.filled(
                 len(c),
                 ts_ns=p,
                 pid=4242,
@@ -90,8 +88,8 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
         c = conn[a : a + chunk][done[a : a + chunk]]
         p = post[a : a + chunk][done[a : a + chunk]].astype(np.uint64) + 20_000
         w.append(
-            layout.COMPLETIONS,
-            layout.COMPLETIONS.filled(
+            schema.COMPLETIONS,
+            schema.COMPLETIONS.filled(
                 len(c),
                 ts_ns=p,
                 pid=4242,
@@ -105,8 +103,8 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     other = HEAP + np.uint64(1 << 32) + np.arange(other_allocs, dtype=np.uint64) * 4096
     made = SECOND + np.sort(rng.integers(0, duration, other_allocs)).astype(np.uint64)
     w.append(
-        layout.ALLOCS,
-        layout.ALLOCS.filled(
+        schema.ALLOCS,
+        schema.ALLOCS.filled(
             connections + other_allocs,
             ts_ns=np.concatenate([np.full(connections, SECOND // 2, np.uint64), made]),
             pid=4242,
@@ -117,28 +115,28 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
         ),
     )
     w.append(
-        layout.FREES,
-        layout.FREES.filled(
+        schema.FREES,
+        schema.FREES.filled(
             other_allocs, ts_ns=made + np.uint64(SECOND // 10), pid=4242, tid=4242, addr=other
         ),
     )
     samples = np.arange(1, 61, dtype=np.uint64) * SECOND
     w.append(
-        layout.RSS,
-        layout.RSS.filled(
+        schema.RSS,
+        schema.RSS.filled(
             len(samples),
             ts_ns=samples,
             pid=4242,
             mm_id=1,
-            member=int(layout.RssMember.ANON),
+            member=int(schema.RssMember.ANON),
             bytes=np.full(len(samples), 200 << 20),
         ),
     )
     sample_ts = np.repeat(np.arange(1, 61, 6, dtype=np.uint64) * SECOND, connections)
     fds = np.tile(100 + conns, len(sample_ts) // connections).astype(np.int32)
     w.append(
-        layout.SOCKETS,
-        layout.SOCKETS.filled(
+        schema.SOCKETS,
+        schema.SOCKETS.filled(
             len(fds),
             ts_ns=sample_ts,
             pid=4242,
@@ -156,22 +154,24 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
 IDLEBUF_SIDE = """
 import json, sys, time
 from analysis.summary import summarize
-from analysis.trace import open_trace
+from probes.format.reader import open_trace
 t0 = time.perf_counter()
 trace = open_trace(sys.argv[1])
 loaded = time.perf_counter()
-s = summarize(trace, connections=True, timeline_s=1.0)
-(p,) = s["processes"]
-m = p["memory"]
+s = summarize(trace, timeline_s=1.0)
+(p,) = s.processes
+m = p.memory
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"load_s": loaded - t0, "relate_s": time.perf_counter() - loaded, "hwm": hwm,
-    "posted_now": p["posted_reads"]["now"], "idle_bytes": m["io_buffer_heap"]["idle_bytes"],
-    "connections": len(m["connection_table"]), "timeline_points": len(s["timeline"])}))
+    "posted_now": p.posted_reads.now, "idle_bytes": m.io_buffer_heap.idle_bytes,
+    "connections": len(m.connection_rows), "timeline_points": len(s.timeline)}))
 """
 
 DUCKDB_SIDE = """
 import json, sys, time
+from pathlib import Path
 import duckdb
+from probes.format.reader import read_meta
 t0 = time.perf_counter()
 d = sys.argv[1]
 con = duckdb.connect()
@@ -180,7 +180,7 @@ con.execute(f"CREATE VIEW posts AS SELECT * FROM read_parquet('{d}/posts/*.parqu
 con.execute(f"CREATE VIEW completions AS SELECT * FROM read_parquet('{d}/completions/*.parquet')")
 con.execute(f"CREATE VIEW allocs AS SELECT * FROM read_parquet('{d}/allocs/*.parquet')")
 con.execute(f"CREATE VIEW frees AS SELECT * FROM read_parquet('{d}/frees/*.parquet')")
-end_ns = json.load(open(f"{d}/meta.json"))["end_monotonic_ns"]
+end_ns = read_meta(Path(d)).end_monotonic_ns
 rows = con.execute(f'''
 WITH ev AS (
   SELECT pid, source, key, ts_ns, 1 AS is_post, fd, addr, len, NULL::BIGINT AS ret FROM posts

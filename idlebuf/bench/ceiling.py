@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from idlebuf.bench.common import RecorderRun, spread, table_rows, trace_drops
-from idlebuf.scenario import read_event, spawn
-from probes import layout
-from probes.recorder import split_by_kind, write_records
-from probes.trace_writer import TraceWriter
+from idlebuf.bench.common import spread, table_rows, trace_drops
+from idlebuf.experiments.processes import RecorderProcess, read_event, spawn
+from probes.batches import split_by_kind, write_records
+from probes.format import schema
+from probes.format.writer import TraceWriter
 
 EVENT_TABLES = ("posts", "completions", "writes", "write_completions")
 RING_MIB = 64  # ~760k events of slack: the storm and the recorder share two CPUs
@@ -43,7 +43,7 @@ def untraced_rate(count: int, procs: int) -> float:
 def live(count: int, procs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "storm"
-        rec = RecorderRun(
+        rec = RecorderProcess(
             trace,
             *("--ring-buffer", str(RING_MIB)),
             "--",
@@ -71,14 +71,14 @@ def live(count: int, procs: int) -> dict[str, Any]:
 
 
 def pipeline(n: int = 4_000_000, batch: int = 200_000) -> dict[str, Any]:
-    records = np.zeros(n, dtype=layout.READ_EVENT.dtype)
+    records = np.zeros(n, dtype=schema.WIRE_EVENT.dtype)
     records["ts_ns"] = np.arange(n, dtype=np.uint64) * 250
     kinds = np.array(
         [
-            layout.Kind.POST,
-            layout.Kind.COMPLETE,
-            layout.Kind.WRITE_POST,
-            layout.Kind.WRITE_COMPLETE,
+            schema.Kind.POST,
+            schema.Kind.COMPLETE,
+            schema.Kind.WRITE_POST,
+            schema.Kind.WRITE_COMPLETE,
         ],
         dtype=np.uint8,
     )

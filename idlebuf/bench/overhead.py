@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from analysis.trace import switches
-from idlebuf.bench.common import RecorderRun, spread
-from idlebuf.scenario import read_event, spawn, stop
+from idlebuf.bench.common import spread
+from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
+from probes.format.meta import Switch
+from probes.format.reader import switches
 
 SERVERS = {
     "readiness": ("workloads.epoll_server", ("--buffers", "pool")),
@@ -75,18 +76,18 @@ def start_load(port: int, connections: int, samples: Path, cpus: set[int] | None
 
 
 def windows(
-    alternations: list[dict[str, Any]], start: float, end: float, seconds: float
+    alternations: list[Switch], start: float, end: float, seconds: float
 ) -> list[tuple[float, float, bool]]:
     """(from, to, tracing) in CLOCK_MONOTONIC seconds: the stretches between one switch's end
     (plus SETTLE x seconds) and the next one's beginning, within [start, end]; stretches cut
     short by the load's start or end are left out."""
     out = []
     for i, switch in enumerate(alternations):
-        lo = max(switch["to_ns"] / 1e9 + SETTLE * seconds, start)
-        nxt = alternations[i + 1]["from_ns"] / 1e9 if i + 1 < len(alternations) else end
+        lo = max(switch.to_ns / 1e9 + SETTLE * seconds, start)
+        nxt = alternations[i + 1].from_ns / 1e9 if i + 1 < len(alternations) else end
         hi = min(nxt, end)
         if hi - lo >= (MIN_WINDOW - SETTLE) * seconds:
-            out.append((lo, hi, bool(switch["tracing"])))
+            out.append((lo, hi, switch.tracing))
     return out
 
 
@@ -127,7 +128,7 @@ def measure(
 ) -> dict[str, Any]:
     """One config on one running server: `rounds` traced windows, each between two untraced."""
     trace = workdir / "trace"
-    rec = RecorderRun(trace, "-p", str(pid), *record_args, "--alternate", str(seconds))
+    rec = RecorderProcess(trace, "-p", str(pid), *record_args, "--alternate", str(seconds))
     samples = workdir / "samples"
     try:
         rec.wait_attached()
@@ -162,7 +163,7 @@ def measure(
         "p99_ratio": spread(p99),
         "untraced_requests_per_s": spread(base),
         "windows": len(stretches),
-        "switch_s": spread([(a["to_ns"] - a["from_ns"]) / 1e9 for a in alternations[1:]] or [0.0]),
+        "switch_s": spread([(a.to_ns - a.from_ns) / 1e9 for a in alternations[1:]] or [0.0]),
         "recorder_cpu_share": spread([footprint["cpu_share"]]),
         "recorder_peak_rss_bytes": footprint["peak_rss_bytes"],
     }

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis.summary import summarize
-from analysis.trace import open_trace
-from idlebuf.bench.common import RecorderRun, trace_drops
-from idlebuf.scenario import read_event, spawn, stop
+from idlebuf.bench.common import trace_drops
+from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
+from probes.format.reader import open_trace
 
 SERVERS = {
     "uring": ("workloads.uring_server", "--op", "recv"),
@@ -28,7 +28,7 @@ SERVERS = {
 def one(server: tuple[str, ...], connections: int, buffer: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "scale"
-        rec = RecorderRun(
+        rec = RecorderProcess(
             trace,
             *("--", sys.executable, "-m", *server, "--buffer-size", str(buffer)),
             stdout=subprocess.PIPE,
@@ -58,16 +58,16 @@ def one(server: tuple[str, ...], connections: int, buffer: int) -> dict[str, Any
             if load is not None:
                 stop(load)
         summary = summarize(open_trace(trace))
-        (proc,) = [p for p in summary["processes"] if p["pid"] == listening["pid"]]
+        proc = summary.process(listening["pid"])
         return {
             "connections": connections,
             "seconds_to_settle": settled,
-            "posted_reads": proc["posted_reads"]["now"],
-            "pinned_bytes": proc["pinned_bytes"]["now"],
+            "posted_reads": proc.posted_reads.now,
+            "pinned_bytes": proc.pinned_bytes.now,
             "truth_posted_reads": truth["posted_reads"],
             "truth_pinned_bytes": truth["pinned_bytes"],
-            "exact": proc["posted_reads"]["now"] == truth["posted_reads"] == connections
-            and proc["pinned_bytes"]["now"] == truth["pinned_bytes"],
+            "exact": proc.posted_reads.now == truth["posted_reads"] == connections
+            and proc.pinned_bytes.now == truth["pinned_bytes"],
             "drops": sum(trace_drops(trace).values()),
             "trace_bytes": sum(f.stat().st_size for f in trace.rglob("*") if f.is_file()),
             **footprint,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from idlebuf.compare import comparison_of, render_table, write_reports
-from idlebuf.errors import IdlebufError
+from idlebuf.experiments.saved import comparison_of
 from idlebuf.output import output_dir
+from idlebuf.reporters import write_reports
+from idlebuf.reporters.json import rows_json
+from idlebuf.reporters.text import render_comparison
+from probes.format.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,16 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.timeline_step <= 0:
-        raise IdlebufError("--timeline-step must be positive")
+        raise UsageError("--timeline-step must be positive")
     comparison = comparison_of(args.paths, args.timeline_step)
     paths = {}
     if args.output:
         title = "idlebuf: " + ", ".join(p.name for p in args.paths)
         paths = write_reports(comparison, output_dir(args.output, ""), title)
     if args.json:
-        print(json.dumps({"rows": comparison["rows"], **paths}, indent=2))
+        print(rows_json(comparison, **paths))
         return 0
-    print(render_table(comparison["rows"]))
+    print(render_comparison(comparison.rows))
     for what, path in paths.items():
         print(f"{what}: {path}")
     return 0

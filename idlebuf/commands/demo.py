@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from idlebuf.compare import PUSH_COLUMNS, Load, render_table, run_comparison, write_reports
-from idlebuf.errors import IdlebufError
-from idlebuf.models import Model, models, push_models
+from idlebuf.experiments.comparison import run_comparison
+from idlebuf.experiments.models import Load, Model, chosen_models, models
+from idlebuf.experiments.saved import save_comparison
 from idlebuf.output import output_dir
-from idlebuf.render import human_bytes
-from probes.recorder import check_machine
+from idlebuf.reporters import columns, write_reports
+from idlebuf.reporters.json import rows_json
+from idlebuf.reporters.text import render_comparison
+from idlebuf.reporters.units import human_bytes
+from probes.features import preflight
+from probes.format.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,26 +88,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def chosen_models(spec: str | None, active: int, push: bool = False) -> list[Model]:
-    available = push_models() if push else models(active)
-    if not spec:
-        return available
-    names = {m.name: m for m in available}
-    unknown = [n for n in spec.split(",") if n not in names]
-    if unknown:
-        raise IdlebufError(f"unknown model {unknown[0]!r}; choose from {', '.join(names)}")
-    return [names[n] for n in spec.split(",")]
-
-
 def validate(args: argparse.Namespace) -> Load:
     if args.connections < 1:
-        raise IdlebufError("--connections must be at least 1")
+        raise UsageError("--connections must be at least 1")
     if not 0 <= args.active <= 1:
-        raise IdlebufError("--active is a fraction, between 0 and 1")
+        raise UsageError("--active is a fraction, between 0 and 1")
     if args.buffer_size < 64:
-        raise IdlebufError("--buffer-size must be at least 64 bytes")
+        raise UsageError("--buffer-size must be at least 64 bytes")
     if args.duration < 1:
-        raise IdlebufError("--duration must be at least 1 second")
+        raise UsageError("--duration must be at least 1 second")
     return Load(
         connections=args.connections,
         active=round(args.connections * args.active),
@@ -138,7 +130,7 @@ class Progress:
 def run(args: argparse.Namespace) -> int:
     load = validate(args)
     chosen = chosen_models(args.models, load.active, args.push)
-    check_machine()
+    preflight()
     base = output_dir(Path(args.output) if args.output else None, "idlebuf-demo-")
     progress = Progress(len(chosen))
     print(
@@ -153,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
             load = replace(load, netns=stack.enter_context(client_namespace()))
         try:
-            ratio_of = "write_buffer_heap" if args.push else "io_buffer_heap"
-            comparison = run_comparison(load, chosen, base, progress, ratio_of)
+            ratio_of = "write_buffer_heap" if args.push else "io_buffer_memory"
+            comparison = run_comparison(
+                load, chosen, base, progress, ratio_of, lambda c: save_comparison(c, base)
+            )
         except KeyboardInterrupt:
             print(
                 f"\ndemo: interrupted; the models recorded so far are in {base} "
@@ -167,17 +161,17 @@ def run(args: argparse.Namespace) -> int:
     )
     paths = write_reports(comparison, base, title)
     if args.json:
-        print(json.dumps({"rows": comparison["rows"], **paths, "output": str(base)}, indent=2))
+        print(rows_json(comparison, **paths, output=str(base)))
         return 0
     if args.push:
-        print(render_table(comparison["rows"], PUSH_COLUMNS))
+        print(render_comparison(comparison.rows, columns.WRITES))
         print(
             f"\n{load.connections:,} connections, {load.active:,} reading, "
             f"{human_bytes(load.buffer_size)} chunks. Write-buffer memory: live allocations "
             "that writes were sent from; x readiness: over the first row's."
         )
     else:
-        print(render_table(comparison["rows"]))
+        print(render_comparison(comparison.rows))
         print(
             f"\n{load.connections:,} connections, {load.active:,} active, "
             f"{human_bytes(load.buffer_size)} buffers. IO-buffer memory: user memory committed "

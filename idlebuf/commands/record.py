@@ -8,8 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from idlebuf.errors import IdlebufError
-from probes.loader import ReadProbeOptions
+from probes.format.errors import UsageError
+from probes.loader import ProbeOptions
 from probes.recorder import RecordConfig, Recorder
 
 
@@ -117,19 +117,19 @@ def run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if args.duration is not None and args.duration <= 0:
-        raise IdlebufError("--duration must be positive")
+        raise UsageError("--duration must be positive")
     if args.min_alloc < 1 or args.sample < 1:
-        raise IdlebufError("--min-alloc and --sample must be at least 1")
+        raise UsageError("--min-alloc and --sample must be at least 1")
     if args.wait_hooks != "auto" and not args.min_wait:
-        raise IdlebufError("--wait-hooks applies to --min-wait recordings only")
+        raise UsageError("--wait-hooks applies to --min-wait recordings only")
     if args.alternate is not None and args.alternate <= 0:
-        raise IdlebufError("--alternate must be positive")
+        raise UsageError("--alternate must be positive")
     if args.min_wait < 0:
-        raise IdlebufError("--min-wait must be zero (record every call) or positive")
+        raise UsageError("--min-wait must be zero (record every call) or positive")
     mib = args.ring_buffer
     if mib < 1 or mib & (mib - 1) or mib > 1024:
-        raise IdlebufError("--ring-buffer must be a power of two MiB, from 1 to 1024")
-    options = ReadProbeOptions(
+        raise UsageError("--ring-buffer must be a power of two MiB, from 1 to 1024")
+    options = ProbeOptions(
         memory=args.memory,
         min_alloc=args.min_alloc,
         sample_every=args.sample,
@@ -139,13 +139,11 @@ def run(args: argparse.Namespace) -> int:
         writes=not args.no_writes,
     )
     if args.print_bpf:
-        from probes.btf import BTFError
-        from probes.loader import ProbeError, render_read_probe
+        from probes.btf import BTF
+        from probes.loader import Program
 
-        try:
-            print(render_read_probe(replace(options, follow_children=bool(command))))
-        except (BTFError, ProbeError) as exc:
-            raise IdlebufError(str(exc)) from None
+        options = replace(options, follow_children=bool(command))
+        print(Program.for_options(options, BTF.load()).rendered())
         return 0
     config = RecordConfig(
         output=args.output,

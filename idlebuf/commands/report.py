@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from analysis.summary import summarize
-from analysis.trace import open_trace
-from idlebuf.errors import IdlebufError
-from idlebuf.render import render_report
+from idlebuf.reporters.json import report_json
+from idlebuf.reporters.text import render_report
+from probes.format.errors import UsageError
+from probes.format.reader import open_trace
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,15 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.timeline is not None and args.timeline <= 0:
-        raise IdlebufError("--timeline must be positive")
+        raise UsageError("--timeline must be positive")
     summary = summarize(
         open_trace(args.trace),
         idle_threshold_s=args.idle_threshold,
-        connections=args.connections,
         timeline_s=args.timeline,
     )
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(report_json(summary, args.connections))
     else:
         print(render_report(summary, str(args.trace)))
     return 0

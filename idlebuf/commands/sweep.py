@@ -7,12 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from idlebuf.commands.demo import chosen_models
-from idlebuf.compare import Load
-from idlebuf.errors import IdlebufError
+from analysis.results import to_json
+from idlebuf.experiments.models import Load, chosen_models
+from idlebuf.experiments.saved import SWEEP_FILE, save_sweep
+from idlebuf.experiments.sweep import run_sweep
 from idlebuf.output import output_dir, write_file
-from idlebuf.sweep import render_fits, run_sweep, sweep_html
-from probes.recorder import check_machine
+from idlebuf.reporters.html import sweep_html
+from idlebuf.reporters.text import render_fits
+from probes.features import preflight
+from probes.format.errors import UsageError
 
 
 def numbers(kind: type, text: str) -> list:
@@ -59,11 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if any(n < 1 for n in args.connections) or any(not 0 <= f <= 1 for f in args.active):
-        raise IdlebufError("connections must be positive and fractions between 0 and 1")
+        raise UsageError("connections must be positive and fractions between 0 and 1")
     if args.duration < 1:
-        raise IdlebufError("--duration must be at least 1 second")
+        raise UsageError("--duration must be at least 1 second")
     chosen_models(args.models, 0)  # fails early on an unknown name
-    check_machine()
+    preflight()
     base = output_dir(args.output, "idlebuf-sweep-")
     template = Load(connections=0, active=0, buffer_size=args.buffer_size, duration=args.duration)
     tty = sys.stderr.isatty()
@@ -82,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if tty:
         sys.stderr.write("\n")
-    write_file(base / "sweep.json", json.dumps(sweep, indent=1))
+    save_sweep(sweep, base)
     report = write_file(base / "sweep.html", sweep_html(sweep))
     if args.json:
-        print(json.dumps({"fits": sweep["fits"], "report": str(report), "output": str(base)}))
+        print(json.dumps({"fits": to_json(sweep.fits), "report": str(report), "output": str(base)}))
         return 0
     print(render_fits(sweep))
-    print(f"\nreport: {report}\ndata:   {base / 'sweep.json'}")
+    print(f"\nreport: {report}\ndata:   {base / SWEEP_FILE}")
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from analysis.trace import open_trace
+from probes.format.reader import open_trace
 from tests.helpers import idlebuf
 from tests.readers import read_report, read_timeline
 
@@ -83,16 +83,16 @@ def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> Non
     for name in ("queued-threads", "queued-green", "queued-uring"):
         row = rows[name]
         assert (row["posted_reads"], row["pinned_bytes"]) == (CONNECTIONS, CONNECTIONS * BUFFER)
-        assert row["io_buffer_heap"] == CONNECTIONS * BUFFER
+        assert row["io_buffer_memory"] == CONNECTIONS * BUFFER
         assert row["ratio_to_readiness"] >= 10
     pool, retain = rows["readiness-pool"], rows["readiness-retain"]
     # readiness pins nothing and holds at most the active connections' buffers
-    assert pool["pinned_bytes"] == 0 and 0 < pool["io_buffer_heap"] <= ACTIVE * BUFFER
-    assert retain["pinned_bytes"] == 0 and retain["io_buffer_heap"] == ACTIVE * BUFFER
+    assert pool["pinned_bytes"] == 0 and 0 < pool["io_buffer_memory"] <= ACTIVE * BUFFER
+    assert retain["pinned_bytes"] == 0 and retain["io_buffer_memory"] == ACTIVE * BUFFER
     ring, poll = rows["uring-buffer-ring"], rows["uring-poll-first"]
     assert ring["posted_reads"] == CONNECTIONS and ring["pinned_bytes"] == 0
-    assert ring["io_buffer_heap"] == RING * BUFFER
-    assert poll["posted_reads"] == 0 and 0 < poll["io_buffer_heap"] <= POOL * BUFFER
+    assert ring["io_buffer_memory"] == RING * BUFFER
+    assert poll["posted_reads"] == 0 and 0 < poll["io_buffer_memory"] <= POOL * BUFFER
 
 
 def test_report_and_timeline_show_every_model(demo: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.trace import open_trace
+from probes.format.reader import open_trace, read_meta
 from tests.helpers import (
     Recording,
     go,
@@ -101,7 +101,7 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
         # buffer allocations have their user stacks (a walk can fail: the kernel counts those),
         # and the stacks were kept
         mine = allocs[allocs["size"] == BUFFER]
-        missed = json.loads((trace / "meta.json").read_text())["probes"]["reads"]["kernel_counts"]
+        missed = read_meta(trace).probes.reads.kernel_counts
         assert len(mine) == CONNECTIONS
         assert (allocs["stack_id"] == 0).sum() <= missed["stack_missed"]
         assert (mine["stack_id"] > 0).sum() >= CONNECTIONS * 0.9

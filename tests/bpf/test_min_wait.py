@@ -12,7 +12,6 @@ blocked calls), and no syscall tracepoint is used.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from analysis.reads import read_intervals
-from analysis.trace import open_trace
-from probes.layout import PostFlag
+from probes.format.reader import open_trace, read_meta
+from probes.format.schema import PostFlag
 from tests.helpers import (
     Recording,
     go,
@@ -66,10 +65,10 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
     (proc,) = [p for p in report_json(trace)["processes"] if p["pid"] == rec.pid]
     assert proc["posted_reads"]["now"] == CONNECTIONS == truth["posted_reads"]
     assert proc["pinned_bytes"]["now"] == CONNECTIONS * BUFFER == truth["pinned_bytes"]
-    meta = json.loads((trace / "meta.json").read_text())
-    assert meta["min_wait_ns"] == 50_000_000
-    assert meta["probes"]["reads"]["wait_hooks"] == hooks
-    counts = meta["probes"]["reads"]["kernel_counts"]
+    meta = read_meta(trace)
+    assert meta.min_wait_ns == 50_000_000
+    assert meta.probes.reads.wait_hooks == hooks
+    counts = meta.probes.reads.kernel_counts
     quick = counts["quick"]
     t = open_trace(trace)
     mine = t["completions"]["pid"] == rec.pid
@@ -94,8 +93,8 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
         # each call that blocked was counted, or recorded (returned, or still waiting)
         assert counts["blocked"] == quick + len(intervals) + waited_writes
         assert len(intervals) == waited_reads + CONNECTIONS  # the 23 still waiting
-        assert "BLOCK_HOOKS=1" in meta["probes"]["reads"]["cflags"] or any(
-            f == "-DBLOCK_HOOKS=1" for f in meta["probes"]["reads"]["cflags"]
+        assert "BLOCK_HOOKS=1" in meta.probes.reads.cflags or any(
+            f == "-DBLOCK_HOOKS=1" for f in meta.probes.reads.cflags
         )
     assert quick > 0
     # no readiness waits are traced in this mode

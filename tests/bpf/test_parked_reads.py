@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from analysis.reads import parked_reads, read_intervals
-from analysis.trace import open_trace
+from probes.format.reader import open_trace
 from tests.helpers import (
     Recording,
     python_module,

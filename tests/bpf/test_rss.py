@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.trace import open_trace
-from probes.layout import RssMember
+from probes.format.reader import open_trace
+from probes.format.schema import RssMember
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.bpf

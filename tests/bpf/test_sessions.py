@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.trace import open_trace, switches
+from probes.format.reader import open_trace, read_meta, switches
 from tests.helpers import (
     Recording,
     idlebuf,
@@ -41,9 +41,9 @@ def test_target_exit_ends_the_recording(tmp_path: Path) -> None:
     trace = tmp_path / "t"
     done = idlebuf("record", "-o", str(trace), "--", sys.executable, "-c", "pass")
     assert done.returncode == 0, done.stderr
-    meta = json.loads((trace / "meta.json").read_text())
-    assert meta["complete"] is True and meta["stop_reason"] == "all targets exited"
-    assert meta["features"]["BTF"] is True
+    meta = read_meta(trace)
+    assert meta.complete is True and meta.stop_reason == "all targets exited"
+    assert meta.features["BTF"] is True
 
 
 def test_sigterm_finalizes_and_several_pids(tmp_path: Path) -> None:
@@ -111,19 +111,19 @@ def test_alternate_switches_tracing_off_and_on(tmp_path: Path) -> None:
         finally:
             stop(load)
     assert done["requests"] > 0
-    meta = json.loads((trace / "meta.json").read_text())
-    alts = meta["alternations"]
-    assert meta["alternate_s"] == 0.3 and len(alts) >= 7
-    assert [s["tracing"] for s in alts] == [i % 2 == 0 for i in range(len(alts))]
-    assert all(s["from_ns"] <= s["to_ns"] for s in alts)
-    assert all(a["to_ns"] < b["from_ns"] for a, b in zip(alts, alts[1:]))
+    meta = read_meta(trace)
+    alts = meta.alternations or []
+    assert meta.alternate_s == 0.3 and len(alts) >= 7
+    assert [s.tracing for s in alts] == [i % 2 == 0 for i in range(len(alts))]
+    assert all(s.from_ns <= s.to_ns for s in alts)
+    assert all(a.to_ns < b.from_ns for a, b in zip(alts, alts[1:]))
     posts = open_trace(trace)["posts"]
     ts = posts[posts["pid"] == rec.pid]["ts_ns"].to_numpy()
     traced = 0
     for i, s in enumerate(alts):
-        end = alts[i + 1]["from_ns"] if i + 1 < len(alts) else 2**63 - 1
-        inside = int(((ts > s["to_ns"]) & (ts < end)).sum())
-        if s["tracing"]:
+        end = alts[i + 1].from_ns if i + 1 < len(alts) else 2**63 - 1
+        inside = int(((ts > s.to_ns) & (ts < end)).sum())
+        if s.tracing:
             traced += inside > 0
         else:
             assert inside == 0, f"{inside} reads recorded while switched off"

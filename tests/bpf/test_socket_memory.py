@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.trace import open_trace
-from probes.layout import SKMEM_FIELDS
+from probes.format.reader import open_trace
+from probes.format.schema import SKMEM_FIELDS
 from tests.helpers import read_event, spawn_idlebuf, spawn_workload, stop, wait_for_trace_started
 
 pytestmark = pytest.mark.bpf

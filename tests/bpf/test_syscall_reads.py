@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.trace import open_trace
-from probes.layout import PostFlag
+from probes.format.reader import open_trace, read_meta
+from probes.format.schema import PostFlag
 from tests.helpers import (
     read_event,
     report_json,
@@ -169,8 +169,7 @@ def test_attached_late_sees_the_same(tmp_path: Path, record_args: tuple[str, ...
     report = report_json(trace)
     if record_args:
         assert_posted(report, server.pid, truth)
-        meta = json.loads((trace / "meta.json").read_text())
-        assert meta["probes"]["reads"]["wait_hooks"] == "scheduler"
+        assert read_meta(trace).probes.reads.wait_hooks == "scheduler"
     else:
         assert_exact(report, server.pid, truth, done)
     assert_buffers_match(trace, truth)

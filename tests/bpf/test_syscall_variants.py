@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from analysis.reads import read_intervals
-from analysis.trace import open_trace
-from probes.layout import PostFlag
+from probes.format.reader import open_trace
+from probes.format.schema import PostFlag
 from tests.helpers import (
     Recording,
     python_module,

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from analysis.reads import read_intervals
-from analysis.trace import open_trace
-from probes.layout import URING_OP_NAMES, PostFlag, Source
+from probes.format.reader import open_trace
+from probes.format.schema import URING_OP_NAMES, PostFlag, Source
 from tests.helpers import (
     Recording,
     go,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from analysis.reads import read_intervals
-from analysis.trace import open_trace
+from probes.format.reader import open_trace
 from tests.helpers import Recording, python_module, read_event, report_json, spawn_workload, stop
 
 pytestmark = pytest.mark.bpf

@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 
 from idlebuf.bench.overhead import compare, windows
+from probes.format.meta import Switch
 
 S = 1_000_000_000
 
 
-def switches(n: int, every: float = 1.0, switch: float = 0.1) -> list[dict]:
+def switches(n: int, every: float = 1.0, switch: float = 0.1) -> list[Switch]:
     """The attach at 0, then n switches: each begins `every` s after the previous one ended."""
-    out = [{"from_ns": 0, "to_ns": 0, "tracing": True}]
+    out = [Switch(0, 0, True)]
     for i in range(n):
-        began = out[-1]["to_ns"] + int(every * S)
-        out.append({"from_ns": began, "to_ns": began + int(switch * S), "tracing": i % 2 == 1})
+        began = out[-1].to_ns + int(every * S)
+        out.append(Switch(began, began + int(switch * S), i % 2 == 1))
     return out
 
 
@@ -48,7 +49,7 @@ def test_windows_leave_out_switches_and_cut_stretches() -> None:
 
 def test_each_traced_window_is_compared_with_its_neighbours() -> None:
     alts = switches(11)
-    stretches = windows(alts, 0.0, alts[-1]["to_ns"] / S + 1.0, 1.0)
+    stretches = windows(alts, 0.0, alts[-1].to_ns / S + 1.0, 1.0)
     ends, lat = exchanges(stretches, traced=9_000, untraced=10_000)
     throughput, p99, base = compare(stretches, ends, lat)
     # traced stretches 2, 4, ..., 10 have untraced ones on both sides; the first has not

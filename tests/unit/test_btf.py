@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from probes.btf import BTF, VMLINUX
-from probes.loader import KERNEL_OFFSETS
+from probes.offsets import KERNEL_OFFSETS
 
 pytestmark = pytest.mark.skipif(not VMLINUX.exists(), reason="no kernel BTF")
 

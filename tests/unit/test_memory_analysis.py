@@ -12,7 +12,7 @@ from analysis.memory import (
     live_at,
     rss_now_and_peak,
 )
-from probes.layout import RssMember
+from probes.format.schema import RssMember
 
 
 def allocs(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
@@ -220,7 +220,7 @@ def test_process_timeline_steps() -> None:
 
 def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
     from analysis.memory import mapping_intervals, program_break
-    from probes.layout import MapFn
+    from probes.format.schema import MapFn
 
     cols = ["ts_ns", "pid", "addr", "len", "fn", "flags", "fd", "old_addr"]
     maps = pd.DataFrame(

@@ -74,16 +74,17 @@ def test_wait_hooks_follow_the_kernel(capable: pytest.MonkeyPatch) -> None:
     """--min-wait sees waits through the scheduler on 6.9+ with the socket tracepoints,
     through syscall tracepoints otherwise; asking for the scheduler where it cannot be is
     one sentence naming what is missing."""
-    from probes.loader import ProbeError, ReadProbeOptions, wait_hooks
+    from probes.features import wait_hooks
+    from probes.format.errors import ProbeError
 
-    assert wait_hooks(ReadProbeOptions()) is None
-    waiting = ReadProbeOptions(min_wait_ns=1_000_000)
+    assert wait_hooks(0) is None
+    waiting = 1_000_000
     assert wait_hooks(waiting) == "scheduler"
-    assert wait_hooks(ReadProbeOptions(min_wait_ns=1, wait_hooks="syscalls")) == "syscalls"
+    assert wait_hooks(1, "syscalls") == "syscalls"
     capable.setattr(features, "kernel_version", lambda: (6, 8))
     assert wait_hooks(waiting) == "syscalls"
     capable.setattr(features, "kernel_version", lambda: (6, 18))
     capable.setattr(features, "tracepoint_present", lambda name, root=None: "sock/" not in name)
     assert wait_hooks(waiting) == "syscalls"
     with pytest.raises(ProbeError, match="sock:sock_recv_length, sock:sock_send_length"):
-        wait_hooks(ReadProbeOptions(min_wait_ns=1, wait_hooks="scheduler"))
+        wait_hooks(1, "scheduler")

@@ -99,7 +99,7 @@ def test_a_call_recorded_by_the_sweep_and_at_its_return_counts_once() -> None:
     """--min-wait: the recorder's sweep records a waiting call (SWEPT); the kernel records it
     again when it returns, with the same start. One read, completed; a swept call that is
     still waiting stays posted."""
-    from probes.layout import PostFlag
+    from probes.format.schema import PostFlag
 
     p = posts([(10, 1, 11, 100), (10, 1, 11, 100), (12, 1, 12, 200)])
     p.loc[[1, 2], "flags"] = int(PostFlag.SWEPT)  # row 0: the kernel's, at the return

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import idlebuf
-from tests.readers import read_report, read_timeline
+from tests.readers import read_report, read_timeline, render_in_chromium
 from tests.synthetic import SOCKET_RMEM, server_trace
 
 CONNECTIONS, ACTIVE, BUFFER = 23, 3, 4099
@@ -37,12 +37,12 @@ def test_rows_carry_each_recordings_figures(compared: tuple[dict, Path]) -> None
     ready, queued = result["rows"]
     assert (ready["model"], queued["model"]) == ("ready", "queued")
     assert (ready["connections"], ready["active"]) == (CONNECTIONS, ACTIVE)
-    assert (ready["posted_reads"], ready["pinned_bytes"], ready["io_buffer_heap"]) == (
+    assert (ready["posted_reads"], ready["pinned_bytes"], ready["io_buffer_memory"]) == (
         0,
         0,
         BUFFER,
     )
-    assert (queued["posted_reads"], queued["pinned_bytes"], queued["io_buffer_heap"]) == (
+    assert (queued["posted_reads"], queued["pinned_bytes"], queued["io_buffer_memory"]) == (
         CONNECTIONS,
         CONNECTIONS * BUFFER,
         CONNECTIONS * BUFFER,
@@ -113,3 +113,23 @@ def test_demo_and_sweep_refuse_in_one_line(tmp_path: Path) -> None:
         assert done.returncode != 0 and "needs root" in done.stderr, done.stderr
         assert not (tmp_path / "d").exists()
     assert "Traceback" not in done.stderr
+
+
+def test_html_report_renders_in_a_real_browser(compared: tuple[dict, Path], tmp_path: Path) -> None:
+    """The page as headless Chromium lays it out: the table and every plot are there with a
+    size, and no figure or model name wraps inside its cell (page.png is kept beside it)."""
+    result, _ = compared
+    page = render_in_chromium(Path(result["report"]), tmp_path)
+    assert page.table is not None and min(page.table) > 0
+    texts = [text for text, _ in page.cells]
+    assert (
+        "ready" in texts and "queued" in texts and f"{BUFFER * CONNECTIONS / 1024:.1f} KiB" in texts
+    )
+    wrapped = [text for text, lines in page.cells if lines > 1]
+    assert not wrapped, wrapped
+    titles = [c["title"] for c in page.charts]
+    assert len(titles) == 7, titles  # 2 bars per model, 5 series over time (no writes)
+    for chart in page.charts:
+        assert min(chart["box"]) > 0, chart["title"]
+        assert any(w > 0 for w, _ in chart["marks"]), chart["title"]  # something was drawn
+    assert (tmp_path / "page.png").stat().st_size > 10_000

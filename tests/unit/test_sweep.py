@@ -5,56 +5,60 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from idlebuf.sweep import fit, sweep_html
+from analysis.comparison import ComparisonRow
+from idlebuf.experiments.sweep import Sweep, SweepPoint, fit
+from idlebuf.reporters.html import sweep_html
 from tests.readers import read_report
 
 PER_IDLE, PER_ACTIVE, FIXED = 16411, 4099, 65537
 
 
-def row(model: str, connections: int, active: int, per_idle: int) -> dict:
+def row(model: str, connections: int, active: int, per_idle: int) -> ComparisonRow:
     memory = FIXED + per_idle * (connections - active) + PER_ACTIVE * active
-    return {
-        "model": model,
-        "connections": connections,
-        "active": active,
-        "io_buffer_heap": memory - 768 * connections,
-        "socket_kernel_bytes": 768 * connections,
-    }
+    return ComparisonRow(
+        model=model,
+        pid=0,
+        connections=connections,
+        active=active,
+        posted_reads=0,
+        pinned_bytes=0,
+        io_buffer_memory=memory - 768 * connections,
+        io_buffer_memory_resident=0,
+        rss_growth=0,
+        rss_bytes=0,
+        socket_kernel_bytes=768 * connections,
+        per_idle_connection_bytes=0,
+        pending_writes=0,
+        pending_write_bytes=0,
+        write_buffer_heap=0,
+    )
 
 
-def grid(per_idle: dict[str, int]) -> dict:
+def grid(per_idle: dict[str, int]) -> Sweep:
     points = [
-        {
-            "connections": n,
-            "fraction": f,
-            "rows": [row(m, n, round(n * f), cost) for m, cost in per_idle.items()],
-        }
+        SweepPoint(n, f, [row(m, n, round(n * f), cost) for m, cost in per_idle.items()])
         for n in (101, 307, 1009)
         for f in (0.05, 0.2)
     ]
-    names = list(per_idle)
-    return {
-        "scenario": {"connections": [101, 307, 1009], "fractions": [0.05, 0.2]},
-        "points": points,
-        "fits": {m: fit([r for p in points for r in p["rows"] if r["model"] == m]) for m in names},
-    }
+    return Sweep.fitted([101, 307, 1009], [0.05, 0.2], points)
 
 
 def test_fit_recovers_the_costs_per_idle_and_active_connection() -> None:
     sweep = grid({"queued": PER_IDLE, "readiness": 0})
-    queued, readiness = sweep["fits"]["queued"], sweep["fits"]["readiness"]
-    assert math.isclose(queued["per_idle_connection_bytes"], PER_IDLE, rel_tol=1e-9)
-    assert math.isclose(queued["per_active_connection_bytes"], PER_ACTIVE, rel_tol=1e-9)
-    assert math.isclose(queued["fixed_bytes"], FIXED, rel_tol=1e-6)
-    assert abs(readiness["per_idle_connection_bytes"]) < 1e-6
-    assert queued["r2"] > 0.999999 and queued["points"] == 6
+    queued, readiness = sweep.fits["queued"], sweep.fits["readiness"]
+    assert math.isclose(queued.per_idle_connection_bytes, PER_IDLE, rel_tol=1e-9)
+    assert queued.per_active_connection_bytes is not None
+    assert math.isclose(queued.per_active_connection_bytes, PER_ACTIVE, rel_tol=1e-9)
+    assert math.isclose(queued.fixed_bytes, FIXED, rel_tol=1e-6)
+    assert abs(readiness.per_idle_connection_bytes) < 1e-6
+    assert queued.r2 is not None and queued.r2 > 0.999999 and queued.points == 6
 
 
 def test_one_fraction_cannot_separate_active_from_idle() -> None:
     points = [row("queued", n, round(n * 0.05), PER_IDLE) for n in (101, 307, 1009)]
     result = fit(points)
-    assert math.isnan(result["per_active_connection_bytes"])
-    assert result["per_idle_connection_bytes"] > 0
+    assert result.per_active_connection_bytes is None  # cannot be told: not a number
+    assert result.per_idle_connection_bytes > 0
 
 
 def test_page_plots_memory_against_connections_and_fraction(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 
 from analysis.summary import summarize
-from analysis.trace import TraceError, open_trace
-from probes import layout
-from probes.trace_writer import OutputError, TraceWriter
+from probes.format import schema
+from probes.format.meta import Meta
+from probes.format.reader import TraceError, open_trace
+from probes.format.writer import OutputError, TraceWriter
 from tests.helpers import idlebuf
 
 BUF = 16411
@@ -20,21 +21,14 @@ BUF = 16411
 
 def write_trace(path: Path, complete: bool = True, version: int = 1) -> Path:
     w = TraceWriter(path)
-    w.write_meta(
-        {
-            "format": layout.FORMAT_NAME,
-            "format_version": version,
-            "complete": complete,
-            "drops": {"ringbuf_full": 0},
-        }
-    )
+    w.write_meta(Meta(format_version=version, complete=complete, drops={"ringbuf_full": 0}))
     w.append(
-        layout.PROCESSES,
+        schema.PROCESSES,
         pa.table({"pid": [42], "comm": ["srv"], "cmdline": ["srv"], "first_seen_ns": [1]}),
     )
     n = 13
     w.append(
-        layout.POSTS,
+        schema.POSTS,
         pa.table(
             {
                 "ts_ns": list(range(1, n + 1)),
@@ -55,7 +49,7 @@ def write_trace(path: Path, complete: bool = True, version: int = 1) -> Path:
         ),
     )
     w.append(
-        layout.COMPLETIONS,
+        schema.COMPLETIONS,
         pa.table(
             {
                 "ts_ns": [50, 51],
@@ -74,7 +68,7 @@ def write_trace(path: Path, complete: bool = True, version: int = 1) -> Path:
 
 
 def test_round_trip_and_summary(tmp_path: Path) -> None:
-    s = summarize(open_trace(write_trace(tmp_path / "t")))
+    s = summarize(open_trace(write_trace(tmp_path / "t"))).to_json()
     (proc,) = s["processes"]
     assert proc["posted_reads"] == {"now": 11, "peak": 13}
     assert proc["pinned_bytes"] == {"now": 11 * BUF, "peak": 13 * BUF}

@@ -6,7 +6,7 @@ import pandas as pd
 
 from analysis.buffers import buffer_group_summary
 from analysis.reads import label_reads, network_reads
-from probes.layout import GroupKind, PostFlag, Source
+from probes.format.schema import GroupKind, PostFlag, Source
 
 RECV, READ = 27, 22
 

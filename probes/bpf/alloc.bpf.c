@@ -7,7 +7,7 @@
  *   `live_allocs` holds the tracked allocations so a free of anything else costs one lookup.
  * Attach points: uprobes/uretprobes on the allocator library each target maps (pid-filtered),
  *   kmem:rss_stat.
- * Needs: uprobes; kmem:rss_stat (Linux 5.5+).
+ * Needs: common.bpf.c; uprobes; kmem:rss_stat (Linux 5.5+).
  * Overhead: ~1,100 ns per allocation call of a target (uprobe + uretprobe), ~600 ns per free:
  *   allocators are hot, so raise MIN_ALLOC or sample (SAMPLE_EVERY) on busy processes.
  *
@@ -40,7 +40,7 @@ static __always_inline int sampled(u64 addr)
 
 static __always_inline void emit_alloc(u8 kind, u64 addr, u64 size, u32 fn, s64 stack)
 {
-    struct read_event *e = new_event(kind, 0);
+    struct wire_event *e = new_event(kind, 0);
     if (!e)
         return;
     e->addr = addr;
@@ -128,7 +128,7 @@ TRACEPOINT_PROBE(kmem, rss_stat)
     u64 id = bpf_get_current_pid_tgid();
     if (!args->curr || !is_target(id >> 32))
         return 0;
-    struct read_event *e = new_event(KIND_RSS, 0);
+    struct wire_event *e = new_event(KIND_RSS, 0);
     if (!e)
         return 0;
     e->key = args->mm_id;
@@ -177,7 +177,7 @@ static __always_inline int map_exit(long ret)
     map_calls.delete(&tid);
     if (ret < 0 && ret > -4096) /* an error, not an address */
         return 0;
-    struct read_event *e = new_event(KIND_MAP, 0);
+    struct wire_event *e = new_event(KIND_MAP, 0);
     if (!e)
         return 0;
     e->addr = ret;
@@ -207,7 +207,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
 {
     if (!is_target(bpf_get_current_pid_tgid() >> 32))
         return 0;
-    struct read_event *e = new_event(KIND_UNMAP, 0);
+    struct wire_event *e = new_event(KIND_UNMAP, 0);
     if (!e)
         return 0;
     e->addr = args->addr;

@@ -1,4 +1,5 @@
-"""Time series as a Perfetto trace (protobuf), which ui.perfetto.dev opens directly.
+"""The Perfetto reporter: time series as a Perfetto trace (protobuf), which ui.perfetto.dev
+opens directly.
 
 Each model (or recording) is a process track, named after it, holding one counter track per
 figure: posted reads, pinned bytes, IO-buffer heap, tracked heap, RSS, socket memory. Models
@@ -7,14 +8,14 @@ recorded one after another are aligned at zero so their tracks can be compared b
 
 from __future__ import annotations
 
-from typing import Any
-
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import (
     CounterDescriptor,
     Trace,
     TracePacket,
     TrackEvent,
 )
+
+from analysis.results import TimelinePoint
 
 SEQUENCE = 1
 COUNTERS = [
@@ -30,7 +31,7 @@ COUNTERS = [
 ]
 
 
-def timeline_trace(timelines: dict[str, list[dict[str, Any]]], pids: dict[str, int]) -> Trace:
+def timeline_trace(timelines: dict[str, list[TimelinePoint]], pids: dict[str, int]) -> Trace:
     """One process per series name (with its recorded pid where known), counters under it."""
     trace = Trace()
     used: set[int] = set()
@@ -54,7 +55,7 @@ def timeline_trace(timelines: dict[str, list[dict[str, Any]]], pids: dict[str, i
         d.process.pid = pid
         d.process.process_name = name
         for column, title, unit in COUNTERS:
-            if not points or column not in points[0]:
+            if not points:
                 continue
             track, uuid = uuid, uuid + 1
             d = packet().track_descriptor
@@ -62,8 +63,8 @@ def timeline_trace(timelines: dict[str, list[dict[str, Any]]], pids: dict[str, i
             d.counter.unit = unit
             for point in points:
                 p = packet()
-                p.timestamp = round(point["t_s"] * 1e9)
+                p.timestamp = round(point.t_s * 1e9)
                 p.track_event.type = TrackEvent.TYPE_COUNTER
                 p.track_event.track_uuid = track
-                p.track_event.counter_value = int(point[column])
+                p.track_event.counter_value = int(point.figure(column))
     return trace

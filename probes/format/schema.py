@@ -204,8 +204,8 @@ class Record:
 
 # One wire record for the whole read lifecycle: one size means the ring buffer can be
 # bulk-decoded as a strided array (probes/ringbuf.py).
-READ_EVENT = Record(
-    "read_event",
+WIRE_EVENT = Record(
+    "wire_event",
     (
         Field("ts_ns", "__u64"),  # bpf_ktime_get_ns (CLOCK_MONOTONIC)
         Field("key", "__u64"),  # identifies the read in flight: tid (syscall), req (uring)
@@ -229,8 +229,8 @@ READ_EVENT = Record(
 
 
 def wire_records(rows: list[dict[str, int]]) -> np.ndarray:
-    """READ_EVENT records made in user space (fields not given are zero)."""
-    out = np.zeros(len(rows), dtype=READ_EVENT.dtype)
+    """WIRE_EVENT records made in user space (fields not given are zero)."""
+    out = np.zeros(len(rows), dtype=WIRE_EVENT.dtype)
     for name in rows[0] if rows else ():
         out[name] = [r[name] for r in rows]
     return out
@@ -240,7 +240,7 @@ def wire_records(rows: list[dict[str, int]]) -> np.ndarray:
 class Column:
     name: str
     arrow_type: pa.DataType
-    wire: str | None = None  # the READ_EVENT field it comes from, if any
+    wire: str | None = None  # the WIRE_EVENT field it comes from, if any
 
 
 @dataclass(frozen=True)
@@ -273,9 +273,9 @@ class Table:
 
 
 def _wire(name: str, field: str | None = None) -> Column:
-    """A table column taken as-is from a READ_EVENT field."""
+    """A table column taken as-is from a WIRE_EVENT field."""
     field = field or name
-    ctype = next(f.ctype for f in READ_EVENT.fields if f.name == field)
+    ctype = next(f.ctype for f in WIRE_EVENT.fields if f.name == field)
     return Column(name, _TYPES[ctype][1], field)
 
 
@@ -574,9 +574,9 @@ def c_header() -> str:
     consts += [f"#define WAIT_{w.name} {w.value}" for w in WaitCall]
     return "\n".join(
         [
-            "/* Generated from probes/layout.py: do not edit. */",
+            "/* Generated from probes/format/schema.py: do not edit. */",
             *consts,
-            READ_EVENT.c_struct(),
+            WIRE_EVENT.c_struct(),
             "",
         ]
     )

@@ -1,4 +1,5 @@
-"""Opens a trace directory: checks its format and version, loads its tables as DataFrames.
+"""Opens a trace directory: checks its format and version, reads its typed metadata, loads
+its tables as DataFrames.
 
 No root and no bcc needed. A foreign, newer or damaged trace is refused with a one-line reason.
 """
@@ -8,39 +9,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from probes import layout
+from probes.format import schema
+from probes.format.errors import TraceError
+from probes.format.meta import Meta, Switch
 
-
-class TraceError(Exception):
-    """The trace cannot be read; the message says why in one line."""
+META = "meta.json"
 
 
 @dataclass
 class Trace:
     path: Path
-    meta: dict[str, Any]
+    meta: Meta
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.meta.get("complete"))
-
-    @property
-    def drops(self) -> dict[str, int]:
-        return dict(self.meta.get("drops", {}))
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.tables[name]
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / "meta.json"
+def read_meta(path: Path) -> Meta:
+    meta_path = path / META
     if not path.is_dir():
         raise TraceError(f"{path} is not a trace directory")
     try:
@@ -49,40 +41,42 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise TraceError(f"{path} is not an idlebuf trace: it has no meta.json") from None
     except (OSError, ValueError) as exc:
         raise TraceError(f"{meta_path} is damaged: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != layout.FORMAT_NAME:
+    if not isinstance(meta, dict) or meta.get("format") != schema.FORMAT_NAME:
         raise TraceError(f"{path} is not an idlebuf trace (meta.json has another format)")
     version = meta.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise TraceError(f"{meta_path} has an invalid format_version {version!r}")
-    if version > layout.FORMAT_VERSION:
+    if version > schema.FORMAT_VERSION:
         raise TraceError(
             f"{path} uses trace format {version}, newer than this idlebuf reads "
-            f"({layout.FORMAT_VERSION}); upgrade idlebuf"
+            f"({schema.FORMAT_VERSION}); upgrade idlebuf"
         )
-    return meta
+    return Meta.from_json(meta, str(meta_path))
 
 
-def meta_so_far(path: Path) -> dict[str, Any]:
-    """meta.json of a trace a recorder may still be writing: {} until it has written one."""
+def meta_so_far(path: Path) -> Meta | None:
+    """meta.json of a trace a recorder may still be writing: None until it has written one
+    (it is replaced atomically, so it is never seen half written)."""
     try:
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        return read_meta(path)
+    except TraceError:
+        return None
 
 
 def recording_started(path: Path) -> bool:
     """Whether a recorder writing `path` is tracing yet: it rewrites meta.json with attached
     probes once it is (and a trace not started yet may have no meta.json at all)."""
-    return bool(meta_so_far(path).get("probes", {}).get("reads", {}).get("attached"))
+    meta = meta_so_far(path)
+    return meta is not None and meta.probes.reads.attached
 
 
-def switches(path: Path) -> list[dict[str, Any]]:
+def switches(path: Path) -> list[Switch]:
     """`record --alternate`: when tracing was switched off and on so far (meta.json)."""
-    return list(meta_so_far(path).get("alternations", []))
+    meta = meta_so_far(path)
+    return list(meta.alternations or []) if meta else []
 
 
-def read_table(path: Path, table: layout.Table) -> pd.DataFrame:
+def read_table(path: Path, table: schema.Table) -> pd.DataFrame:
     """All parts of one table, in order; an absent table is empty."""
     schema = table.arrow_schema()
     folder = path / table.name
@@ -104,4 +98,4 @@ def read_table(path: Path, table: layout.Table) -> pd.DataFrame:
 def open_trace(path: str | Path) -> Trace:
     path = Path(path)
     meta = read_meta(path)
-    return Trace(path, meta, {name: read_table(path, t) for name, t in layout.TABLES.items()})
+    return Trace(path, meta, {name: read_table(path, t) for name, t in schema.TABLES.items()})

@@ -1,4 +1,4 @@
-"""Writes a trace directory (format version 1, DESIGN.md) safely and incrementally.
+"""Writes a trace directory (DESIGN.md) safely and incrementally.
 
 Safety: the directory is created owner-only (0700, files 0600) with mkdir, which never follows
 a symlink planted at the output path, and every file is then opened relative to that directory's
@@ -21,20 +21,17 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from probes import layout
+from probes.format import schema
+from probes.format.errors import OutputError
+from probes.format.meta import Meta
+from probes.format.reader import META
 
-META = "meta.json"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class OutputError(Exception):
-    """The output directory cannot be used; the message says why in one line."""
 
 
 def invoking_user() -> tuple[int, int] | None:
@@ -48,7 +45,7 @@ def invoking_user() -> tuple[int, int] | None:
 def _is_trace_dir(path: Path) -> bool:
     try:
         with open(path / META, encoding="utf-8") as f:
-            return json.load(f).get("format") == layout.FORMAT_NAME
+            return json.load(f).get("format") == schema.FORMAT_NAME
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -59,7 +56,7 @@ class TraceWriter:
         self._owner = invoking_user()
         self._parts: dict[str, int] = {}
         self._table_fds: dict[str, int] = {}
-        self.rows: dict[str, int] = {name: 0 for name in layout.TABLES}
+        self.rows: dict[str, int] = {name: 0 for name in schema.TABLES}
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=16)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="trace-writer", daemon=True)
@@ -144,11 +141,11 @@ class TraceWriter:
         self._jobs.join()
         self._check()
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
-        body = json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
+    def write_meta(self, meta: Meta) -> None:
+        body = json.dumps(meta.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         self._submit(lambda: self._write_file(self._fd, META, body))
 
-    def append(self, table: layout.Table, rows: pa.Table) -> None:
+    def append(self, table: schema.Table, rows: pa.Table) -> None:
         """Write one row group of `table` as the next part file."""
         if rows.num_rows == 0:
             return

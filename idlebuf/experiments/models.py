@@ -1,10 +1,70 @@
-"""The IO models idlebuf compares: which workload runs each, and what it does with buffers."""
+"""The IO models idlebuf compares: the load, which workload runs each model, what drives
+it, and what each does with buffers. A new model is one entry in `models()`."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
+from probes.format.errors import UsageError
+
 POOL_BUFFERS = 4  # the readiness and poll-first servers' shared pools
+NETNS_SERVER = "10.231.0.1"  # the server's side of the veth pair a --netns load is behind
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the load generator does to every model."""
+
+    connections: int
+    active: int
+    buffer_size: int = 16384
+    duration: float = 5.0  # seconds recorded per model
+    rate: float = 20.0  # messages per second per active connection
+    netns: str | None = None  # run the load generator in this network namespace
+
+
+@dataclass(frozen=True)
+class Client:
+    """The program that drives a model's server."""
+
+    module: str
+
+    def args(self, load: Load, port: int) -> list[str]:
+        """Its arguments under `load`. It stops a second before the recording does, so that
+        the recording's "now" sees every read re-posted rather than a few caught between a
+        completion and the next post."""
+        return [
+            *(("--netns", load.netns, "--host", NETNS_SERVER) if load.netns else ()),
+            *("--port", str(port), "--connections", str(load.connections)),
+            *("--active", str(load.active)),
+            *self.pace(load),
+            *("--duration", str(max(0.5, load.duration - 1)), "--hold", "120"),
+        ]
+
+    def pace(self, load: Load) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EchoLoad(Client):
+    """workloads.loadgen: active connections exchange messages at a steady rate."""
+
+    module: str = "workloads.loadgen"
+
+    def pace(self, load: Load) -> list[str]:
+        messages = int(load.duration * load.rate) + 100
+        return ["--messages", str(messages), "--rate", str(load.rate)]
+
+
+@dataclass(frozen=True)
+class SlowReaders(Client):
+    """workloads.push_client: readers of a pushing server, most of which never read."""
+
+    module: str = "workloads.push_client"
+
+    def pace(self, load: Load) -> list[str]:
+        return ["--rate", str(4 * load.buffer_size)]  # bytes/s per active reader
 
 
 @dataclass(frozen=True)
@@ -15,7 +75,15 @@ class Model:
     about: str  # one line, for progress and tables
     explain: str  # a paragraph, for the HTML report
     kind: str  # "readiness", "queued" or "mitigation"
-    client: str = "workloads.loadgen"  # what drives it: the echo load generator, or slow readers
+    client: Client = EchoLoad()  # what drives it: the echo load generator, or slow readers
+
+    def server_command(self, load: Load) -> list[str]:
+        """The server's command line under `load`."""
+        return [
+            *(sys.executable, "-m", self.module, "--buffer-size", str(load.buffer_size)),
+            *(("--host", "0.0.0.0") if load.netns else ()),
+            *self.args,
+        ]
 
 
 def models(active: int) -> list[Model]:
@@ -110,7 +178,7 @@ def push_models() -> list[Model]:
             "a chunk into one shared buffer and sends what fits without blocking. A reader "
             "that stops reading costs the server nothing but its socket's queue.",
             "readiness",
-            "workloads.push_client",
+            SlowReaders(),
         ),
         Model(
             "push-queued",
@@ -121,6 +189,19 @@ def push_models() -> list[Model]:
             "blocks in send() until the reader takes it. Every stalled reader holds a whole "
             "chunk of user memory pending in a write, on top of the socket's queue.",
             "queued",
-            "workloads.push_client",
+            SlowReaders(),
         ),
     ]
+
+
+def chosen_models(spec: str | None, active: int, push: bool = False) -> list[Model]:
+    """The models named in `spec` ("a,b", in that order), or all of them; UsageError names an
+    unknown one. `active` sizes the provided-buffer ring."""
+    available = push_models() if push else models(active)
+    if not spec:
+        return available
+    names = {m.name: m for m in available}
+    unknown = [n for n in spec.split(",") if n not in names]
+    if unknown:
+        raise UsageError(f"unknown model {unknown[0]!r}; choose from {', '.join(names)}")
+    return [names[n] for n in spec.split(",")]

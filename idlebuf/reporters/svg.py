@@ -126,9 +126,12 @@ def bar_chart(
 
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
+  padding: 0 1em; }
+#rows, #fits { display: block; overflow-x: auto; max-width: 100%; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
-table { border-collapse: collapse; } td, th { padding: 3px 9px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; }
+td, th { padding: 3px 9px; border-bottom: 1px solid #ddd; white-space: nowrap; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .charts { display: flex; flex-wrap: wrap; gap: 8px; } figure.chart { margin: 0; }
 svg text { font: 11px system-ui, sans-serif; fill: #333; } svg .title { font-weight: 600; }

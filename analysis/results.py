@@ -1,0 +1,306 @@
+"""What the analysis concludes, as typed results: the one thing reporters are given.
+
+`summarize()` (analysis.summary) returns a `TraceSummary`; `comparison_row()`
+(analysis.comparison) turns one of its processes into a `ComparisonRow`. Each result renders
+itself as JSON with `to_json()`, field by field in declaration order: the field names are the
+documented JSON keys of `idlebuf report --json` (tests/golden pins them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from probes.format.meta import MemoryOptions
+
+NOT_IN_JSON = {"json": False}  # dataclass field metadata: a field to_json() leaves out
+
+
+def to_json(value: Any) -> Any:
+    """A result (or a list, dict or scalar of results) as plain JSON values."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _fields_json(value)
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if hasattr(value, "item"):  # a numpy scalar
+        return value.item()
+    return value
+
+
+def _fields_json(result: Any) -> dict[str, Any]:
+    return {
+        f.name: to_json(getattr(result, f.name))
+        for f in dataclasses.fields(result)
+        if f.metadata.get("json", True)
+    }
+
+
+class Result:
+    """A dataclass rendered as a JSON object of its fields."""
+
+    def to_json(self) -> dict[str, Any]:
+        return _fields_json(self)
+
+
+@dataclass
+class NowAndPeak(Result):
+    now: int
+    peak: int
+
+
+@dataclass
+class ReadCounts(Result):
+    """Reads of one process, source or label: posted now, completed, received."""
+
+    posted_reads: int = 0
+    pinned_bytes: int = 0
+    buffer_select_posted: int = 0  # posted reads that pin no buffer of their own
+    multishot_posted: int = 0
+    reads_completed: int = 0
+    reads_failed: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class SourceFigures(ReadCounts):
+    """A source's counts (syscall, uring, parked, file) and each syscall or opcode's."""
+
+    by_op: dict[str, ReadCounts] = field(default_factory=dict)
+
+
+@dataclass
+class ReadinessWaits(Result):
+    count: int = 0  # begun while recording
+    now: int = 0  # still waiting at the end
+
+
+@dataclass
+class WriteFigures(Result):
+    pending_writes: int = 0
+    pending_write_bytes: int = 0
+    pending_peak: int = 0
+    pending_bytes_peak: int = 0
+    writes_completed: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass
+class BufferGroup(Result):
+    """A provided-buffer group of an io_uring ring."""
+
+    ring: int
+    group: int
+    how: str  # "ring" (registered) or "provide" (PROVIDE_BUFFERS)
+    buffers: int
+    bytes: int
+    consumed: int
+    available: int
+
+
+@dataclass
+class IoBufferHeap(Result):
+    """Heap allocations holding the buffers of reads posted (or parked) at the end."""
+
+    bytes: int = 0  # buffer bytes inside tracked allocations
+    idle_bytes: int = 0  # ... of idle connections
+    allocations: int = 0  # the allocations holding them, each once
+    allocation_bytes: int = 0
+    mapped_bytes: int = 0  # buffer bytes in memory the program mapped itself
+    idle_mapped_bytes: int = 0
+    resident_bytes: int = 0
+    idle_resident_bytes: int = 0
+
+
+@dataclass
+class BufferSite(Result):
+    """Where allocations holding IO buffers were made: a user stack, innermost first."""
+
+    bytes: int
+    buffers: int
+    stack: list[str]
+
+
+@dataclass
+class Allocations(Result):
+    allocations: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Buffers(Result):
+    buffers: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class RetainedBuffers(Buffers):
+    """Last-data buffers still held by idle connections with nothing posted."""
+
+    resident_bytes: int = 0
+
+
+@dataclass
+class HeapLive(Result):
+    allocations: int = 0  # tracked allocations live at the end (scaled when sampled)
+    bytes: int = 0
+    estimated: bool = False  # scaled from a sample
+    brk_heap_bytes: int = 0
+    mappings: int = 0  # mappings the program made itself, live at the end
+    mapped_bytes: int = 0
+
+
+@dataclass
+class ResidentMemory(Result):
+    first: int = 0
+    now: int = 0
+    peak: int = 0
+
+
+@dataclass
+class ConnectionCounts(Result):
+    open: int = 0
+    idle: int = 0
+
+
+@dataclass
+class PerIdleConnection(Result):
+    """What one idle connection costs on average: its user buffer plus its kernel socket
+    memory (committed), and the resident part."""
+
+    resident_bytes: float = 0.0
+    user_buffer_bytes: int = 0  # over all idle connections
+    socket_kernel_bytes: int = 0  # over all idle connections
+    bytes: float = 0.0  # per idle connection
+
+
+@dataclass
+class MemoryFigures(Result):
+    """A process's memory side (recordings made with --memory)."""
+
+    io_buffer_heap: IoBufferHeap
+    idle_posted_reads: int
+    io_buffer_sites: list[BufferSite]
+    write_buffer_heap: Allocations
+    held_data_buffers: Buffers  # every connection's last-data buffer still held
+    retained: RetainedBuffers  # those of idle connections
+    heap_live: HeapLive
+    rss: ResidentMemory
+    connections: ConnectionCounts
+    socket_kernel_bytes: int
+    per_idle_connection: PerIdleConnection
+    # analysis.memory.connection_table(), this process's rows
+    connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
+
+    def to_json(self, connections: bool = False) -> dict[str, Any]:
+        out = _fields_json(self)
+        if connections:
+            out["connection_table"] = connection_table_json(self.connection_rows)
+        return out
+
+
+def connection_table_json(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """The per-connection rows as JSON objects (NaN as null), without the pid."""
+    rows = rows.astype(object).where(rows.notna(), None)
+    return [
+        {str(k): (v.item() if hasattr(v, "item") else v) for k, v in r.items() if k != "pid"}
+        for r in rows.to_dict("records")
+    ]
+
+
+@dataclass
+class ProcessSummary(Result):
+    pid: int
+    comm: str
+    posted_reads: NowAndPeak
+    pinned_bytes: NowAndPeak
+    buffer_select_posted: int
+    by_source: dict[str, SourceFigures]
+    readiness_waits: ReadinessWaits
+    writes: WriteFigures
+    reads_completed: int
+    reads_failed: int
+    bytes_received: int
+    buffer_groups: list[BufferGroup]
+    memory: MemoryFigures | None = None
+
+    def to_json(self, connections: bool = False) -> dict[str, Any]:
+        out = _fields_json(self)
+        if self.memory is None:
+            del out["memory"]
+        else:
+            out["memory"] = self.memory.to_json(connections)
+        return out
+
+
+# The time series' figures, in order (besides pid and t_s).
+TIMELINE_FIGURES = (
+    "posted_reads",
+    "pinned_bytes",
+    "io_buffer_heap_bytes",
+    "heap_live_bytes",
+    "rss_bytes",
+    "socket_kernel_bytes",
+    "connections_open",
+    "idle_connections",
+    "pending_writes",
+    "pending_write_bytes",
+)
+
+
+@dataclass
+class TimelinePoint(Result):
+    """A process's state at the end of one step of the time series."""
+
+    pid: int
+    t_s: float  # seconds since tracing began
+    posted_reads: int = 0
+    pinned_bytes: int = 0
+    io_buffer_heap_bytes: int = 0
+    heap_live_bytes: int = 0
+    rss_bytes: int = 0
+    socket_kernel_bytes: int = 0
+    connections_open: int = 0
+    idle_connections: int = 0
+    pending_writes: int = 0
+    pending_write_bytes: int = 0
+
+    def figure(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+@dataclass
+class TraceSummary(Result):
+    """Everything `idlebuf report` shows about one trace; "now" is the recording's end."""
+
+    processes: list[ProcessSummary]
+    drops: dict[str, int]
+    complete: bool
+    duration_s: float | None
+    stop_reason: str | None
+    alternate_s: float | None
+    uring: str | None  # "traced", or why io_uring was not
+    uring_before_attach: list[int]  # pids that had rings before the recording
+    idle_threshold_s: float
+    timeline: list[TimelinePoint] | None = None  # with --timeline
+    memory: MemoryOptions | None = None  # the recording's --memory options
+
+    def to_json(self, connections: bool = False) -> dict[str, Any]:
+        out = _fields_json(self)
+        out["processes"] = [p.to_json(connections) for p in self.processes]
+        if self.timeline is None:
+            del out["timeline"]
+        return out
+
+    def process(self, pid: int) -> ProcessSummary:
+        (found,) = [p for p in self.processes if p.pid == pid]
+        return found
+
+    def timeline_of(self, pid: int) -> list[TimelinePoint]:
+        return [p for p in self.timeline or [] if p.pid == pid]

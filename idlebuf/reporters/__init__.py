@@ -1,0 +1,26 @@
+"""Reporters: typed results (analysis.results, the experiments' Comparison and Sweep) rendered
+for people and tools. One module per format - text (terminal tables), json, html (with its
+svg plots), perfetto (timelines) - each computing nothing of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from idlebuf.experiments.comparison import Comparison
+
+
+def write_reports(comparison: Comparison, directory: Path, title: str) -> dict[str, str]:
+    """A comparison's HTML page and Perfetto timeline, written into `directory`: their paths
+    as {"report", "timeline"}."""
+    from idlebuf.output import write_file
+    from idlebuf.reporters.html import comparison_html
+    from idlebuf.reporters.perfetto import timeline_trace
+
+    report = write_file(directory / "report.html", comparison_html(comparison, title))
+    timeline = write_file(
+        directory / "timeline.pftrace",
+        timeline_trace(comparison.timelines, comparison.pids()).SerializeToString(),
+    )
+    return {"report": str(report), "timeline": str(timeline)}

@@ -1,0 +1,46 @@
+"""The columns a comparison is shown in: one list for the terminal table and the HTML page."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from idlebuf.reporters.units import count, human_bytes, ratio
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # a ComparisonRow field
+    short: str  # header in the terminal
+    title: str  # header on the HTML page
+    fmt: Callable[[Any], str]
+
+
+MODEL = Column("model", "model", "model", str)
+CONNECTIONS = Column("connections", "conns", "connections", count)
+ACTIVE = Column("active", "active", "active", count)
+RSS_GROWTH = Column("rss_growth", "RSS growth", "RSS growth", human_bytes)
+SOCKET_MEMORY = Column("socket_kernel_bytes", "socket mem", "kernel socket memory", human_bytes)
+RATIO = Column("ratio_to_readiness", "x readiness", "x readiness", ratio)
+
+READS = [
+    MODEL,
+    CONNECTIONS,
+    ACTIVE,
+    Column("posted_reads", "posted", "posted reads", count),
+    Column("pinned_bytes", "pinned", "pinned", human_bytes),
+    Column("io_buffer_memory", "IO-buffer memory", "IO-buffer memory", human_bytes),
+    Column("io_buffer_memory_resident", "resident", "resident", human_bytes),
+    RSS_GROWTH,
+    SOCKET_MEMORY,
+    Column("per_idle_connection_bytes", "per idle conn", "per idle connection", human_bytes),
+    RATIO,
+]
+WRITE_FIGURES = [
+    Column("pending_writes", "pending writes", "pending writes", count),
+    Column("pending_write_bytes", "pending bytes", "pending write bytes", human_bytes),
+    Column("write_buffer_heap", "write-buffer memory", "write-buffer memory", human_bytes),
+]
+# the write side (demo --push): its own figures instead of the reads'
+WRITES = [MODEL, CONNECTIONS, ACTIVE, *WRITE_FIGURES, RSS_GROWTH, SOCKET_MEMORY, RATIO]

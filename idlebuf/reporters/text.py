@@ -1,0 +1,262 @@
+"""The terminal reporter: a trace's summary, a comparison's rows, a sweep's fits, as text
+tables. It renders typed results and computes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from analysis.comparison import ComparisonRow
+from analysis.results import (
+    MemoryFigures,
+    ProcessSummary,
+    ReadCounts,
+    TimelinePoint,
+    TraceSummary,
+)
+from idlebuf.experiments.sweep import Sweep
+from idlebuf.reporters import columns
+from idlebuf.reporters.columns import Column
+from idlebuf.reporters.units import human_bytes
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def render_report(summary: TraceSummary, title: str) -> str:
+    out = [f"idlebuf report: {title}"]
+    if not summary.complete:
+        out.append(
+            "WARNING: the recording did not finish (killed?); figures cover its flushed prefix only"
+        )
+    if summary.alternate_s:
+        out.append(
+            f"NOTE: recorded with --alternate {summary.alternate_s:g}: traced half the time "
+            "(to measure its cost); calls in flight across a switch are incomplete"
+        )
+    drops = {k: v for k, v in summary.drops.items() if v}
+    if drops:
+        out.append(
+            "WARNING: events were dropped, figures are lower bounds: "
+            + ", ".join(f"{k} {v:,}" for k, v in drops.items())
+        )
+    if not summary.processes:
+        out.append("no process of the targets made a socket read")
+    if summary.uring and summary.uring != "traced":
+        out.append(f"note: io_uring was not traced: {summary.uring}")
+    for pid in summary.uring_before_attach:
+        out.append(
+            f"note: pid {pid} had io_uring instances open before the recording: requests it "
+            "submitted earlier (and buffer rings it registered) are not visible"
+        )
+    for proc in summary.processes:
+        out.append("")
+        out.append(f"pid {proc.pid} ({proc.comm or '?'})")
+        rows = [_totals_row(proc)]
+        for source, figures in proc.by_source.items():
+            for op, o in figures.by_op.items():
+                rows.append(_row(f"  {source}:{op}", o))
+        out.append(
+            table(
+                [
+                    "",
+                    "posted now",
+                    "peak",
+                    "pinned now",
+                    "peak",
+                    "buf-select",
+                    "completed",
+                    "received",
+                ],
+                rows,
+            )
+        )
+        w = proc.writes
+        if w.pending_peak:
+            out.append(
+                f"writes to sockets: {w.pending_writes:,} pending now holding "
+                f"{human_bytes(w.pending_write_bytes)} (peak {w.pending_peak:,}, "
+                f"{human_bytes(w.pending_bytes_peak)}); {w.writes_completed:,} returned, "
+                f"{human_bytes(w.bytes_sent)} sent"
+            )
+        if proc.memory is not None:
+            out.append("")
+            out.append(render_memory(proc.memory, summary.idle_threshold_s))
+        if proc.buffer_groups:
+            out.append("")
+            out.append("provided-buffer groups (buffers taken only when data arrives)")
+            out.append(
+                table(
+                    ["ring", "group", "how", "buffers", "memory", "consumed", "available"],
+                    [
+                        [
+                            f"{g.ring:#x}",
+                            str(g.group),
+                            g.how,
+                            f"{g.buffers:,}",
+                            human_bytes(g.bytes),
+                            f"{g.consumed:,}",
+                            f"{g.available:,}",
+                        ]
+                        for g in proc.buffer_groups
+                    ],
+                )
+            )
+    if summary.timeline:
+        out.append("")
+        out.append(render_timeline(summary.timeline))
+    return "\n".join(out)
+
+
+def render_timeline(rows: list[TimelinePoint]) -> str:
+    sizes = [
+        "pinned_bytes",
+        "io_buffer_heap_bytes",
+        "heap_live_bytes",
+        "rss_bytes",
+        "socket_kernel_bytes",
+    ]
+    body = [
+        [
+            str(r.pid),
+            f"{r.t_s:.1f}",
+            f"{r.posted_reads:,}",
+            *(human_bytes(r.figure(c)) for c in sizes),
+            f"{r.connections_open:,}",
+            f"{r.idle_connections:,}",
+        ]
+        for r in rows
+    ]
+    return "timeline\n" + table(
+        [
+            "pid",
+            "t (s)",
+            "posted",
+            "pinned",
+            "IO-buffer heap",
+            "heap live",
+            "RSS",
+            "socket mem",
+            "conns",
+            "idle",
+        ],
+        body,
+    )
+
+
+def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
+    io_heap, heap, rss = memory.io_buffer_heap, memory.heap_live, memory.rss
+    estimate = " (estimated from a sample)" if heap.estimated else ""
+    rows = [
+        [
+            "IO-buffer heap (posted reads' buffers)",
+            human_bytes(io_heap.bytes),
+            f"in {io_heap.allocations:,} allocations of " + human_bytes(io_heap.allocation_bytes),
+        ],
+        [
+            f"  of idle connections (no data for {idle_threshold_s:g}s)",
+            human_bytes(io_heap.idle_bytes),
+            f"{memory.idle_posted_reads:,} posted reads; resident "
+            + human_bytes(io_heap.idle_resident_bytes),
+        ],
+        *(
+            [
+                [
+                    "  in memory the program mapped itself",
+                    human_bytes(io_heap.mapped_bytes),
+                    f"{human_bytes(io_heap.idle_mapped_bytes)} of idle connections",
+                ]
+            ]
+            if io_heap.mapped_bytes
+            else []
+        ),
+        [
+            "retained buffers of idle connections",
+            human_bytes(memory.retained.bytes),
+            f"{memory.retained.buffers:,} buffers kept after their last data",
+        ],
+        [
+            "heap live (tracked allocations)",
+            human_bytes(heap.bytes),
+            f"{heap.allocations:,} allocations{estimate}",
+        ],
+        ["resident memory", human_bytes(rss.now), f"peak {human_bytes(rss.peak)}"],
+        [
+            "kernel socket memory",
+            human_bytes(memory.socket_kernel_bytes),
+            f"{memory.connections.open:,} connections open, {memory.connections.idle:,} idle",
+        ],
+        [
+            "per idle connection",
+            human_bytes(memory.per_idle_connection.bytes),
+            "user buffer + kernel socket memory (committed); resident: "
+            + human_bytes(memory.per_idle_connection.resident_bytes),
+        ],
+    ]
+    return table(["memory", "now", ""], rows)
+
+
+def _totals_row(proc: ProcessSummary) -> list[str]:
+    """A process's own row: now and peak."""
+    select = proc.buffer_select_posted
+    return [
+        "all",
+        f"{proc.posted_reads.now:,}",
+        f"{proc.posted_reads.peak:,}",
+        human_bytes(proc.pinned_bytes.now),
+        human_bytes(proc.pinned_bytes.peak),
+        f"{select:,}" if select else "",
+        f"{proc.reads_completed:,}",
+        human_bytes(proc.bytes_received),
+    ]
+
+
+def _row(name: str, figures: ReadCounts) -> list[str]:
+    """A source's or operation's row: now only."""
+    select = figures.buffer_select_posted
+    return [
+        name,
+        f"{figures.posted_reads:,}",
+        "",
+        human_bytes(figures.pinned_bytes),
+        "",
+        f"{select:,}" if select else "",
+        f"{figures.reads_completed:,}",
+        human_bytes(figures.bytes_received),
+    ]
+
+
+def render_comparison(
+    rows: Sequence[ComparisonRow], shown: Sequence[Column] = columns.READS
+) -> str:
+    return table(
+        [c.short for c in shown], [[c.fmt(getattr(r, c.key)) for c in shown] for r in rows]
+    )
+
+
+def render_fits(sweep: Sweep) -> str:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else human_bytes(round(v))  # round: no "-0 B"
+
+    return table(
+        ["model", "per idle connection", "per active connection", "fixed", "R^2", "points"],
+        [
+            [
+                name,
+                fmt(f.per_idle_connection_bytes),
+                fmt(f.per_active_connection_bytes),
+                fmt(f.fixed_bytes),
+                "-" if f.r2 is None else f"{f.r2:.3f}",
+                str(f.points),
+            ]
+            for name, f in sweep.fits.items()
+        ],
+    )

@@ -1,0 +1,199 @@
+"""meta.json, typed: every key a trace's metadata can hold, defined once.
+
+The recorder fills a `Meta` and writes `meta.to_json()`; readers get one back from
+`Meta.from_json()`, which checks every field's type (finite numbers, no booleans for integers)
+and fills what an older recording did not write with its default. A trace is data that may
+have been damaged or made by hand: a field of the wrong type is a TraceError naming the
+field, never a crash further on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from probes.format import schema
+from probes.format.errors import TraceError
+
+
+@dataclass
+class Host:
+    hostname: str = ""
+    kernel: str = ""
+    machine: str = ""
+    cpus: str = ""
+
+
+@dataclass
+class Clock:
+    """The recording's clock base: CLOCK_MONOTONIC (every ts_ns) and wall time at start."""
+
+    monotonic_ns: int = 0
+    realtime_ns: int = 0
+
+
+@dataclass
+class Targets:
+    pids: list[int] = field(default_factory=list)  # given with -p
+    command: list[str] = field(default_factory=list)  # launched (-- COMMAND ARGS)
+
+
+@dataclass
+class Allocator:
+    """The allocator library a target uses, as the memory side's uprobes found it."""
+
+    pid: int = 0
+    library: str | None = None  # None: no known allocator mapped
+    missing: list[str] = field(default_factory=list)  # functions it lacks
+
+
+@dataclass
+class MemoryOptions:
+    """`record --memory`: what the allocation probes kept."""
+
+    min_alloc: int = 1024
+    sample_every: int = 1  # one allocation address in N is tracked
+    allocators: list[Allocator] = field(default_factory=list)
+
+
+@dataclass
+class EventCounts:
+    posts: int = 0
+    completions: int = 0
+
+
+@dataclass
+class ProbeState:
+    """What the probes were and did (meta.json's probes.reads)."""
+
+    attached: bool = False  # true once tracing has begun
+    cflags: list[str] = field(default_factory=list)
+    uring: str | None = None  # "traced", or why io_uring was not
+    wait_hooks: str | None = None  # --min-wait: "scheduler" or "syscalls"
+    events: EventCounts = field(default_factory=EventCounts)
+    kernel_counts: dict[str, int] = field(default_factory=dict)  # schema.Counter, by name
+
+
+@dataclass
+class Probes:
+    reads: ProbeState = field(default_factory=ProbeState)
+
+
+@dataclass
+class Switch:
+    """`record --alternate`: one switch of tracing, from its start to its end."""
+
+    from_ns: int = 0
+    to_ns: int = 0
+    tracing: bool = False  # the state after the switch
+
+
+@dataclass
+class Meta:
+    format: str = schema.FORMAT_NAME
+    format_version: int = schema.FORMAT_VERSION
+    idlebuf_version: str = ""
+    host: Host = field(default_factory=Host)
+    features: dict[str, bool] = field(default_factory=dict)  # doctor's checks at start
+    clock: Clock = field(default_factory=Clock)
+    targets: Targets = field(default_factory=Targets)
+    tracing_since_ns: int | None = None
+    uring_before_attach: list[int] = field(default_factory=list)  # pids with rings already
+    min_wait_ns: int | None = None
+    memory: MemoryOptions | None = None  # recorded with --memory
+    probes: Probes = field(default_factory=Probes)
+    drops: dict[str, int] = field(default_factory=dict)  # schema.DROP_COUNTERS, by name
+    alternate_s: float | None = None
+    alternations: list[Switch] | None = None
+    rows: dict[str, int] = field(default_factory=dict)  # rows written per table
+    complete: bool = False
+    stop_reason: str | None = None
+    elapsed_s: float | None = None
+    end_monotonic_ns: int | None = None
+    error: str | None = None  # why a recording ended early
+
+    def to_json(self) -> dict[str, Any]:
+        """The meta.json object; fields that are None are left out."""
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "meta.json") -> Meta:
+        """A Meta from a parsed meta.json; TraceError (naming `where` and the field) when a
+        field has the wrong type or is not finite."""
+        return _from_json(cls, data, where)
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _to_json(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) is not None
+        }
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+T = TypeVar("T")
+
+
+def _from_json(cls: type[T], data: object, where: str) -> T:
+    if not isinstance(data, dict):
+        raise TraceError(f"{where} should be an object, not {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            values[f.name] = _convert(data[f.name], hints[f.name], f"{where}: {f.name}")
+    return cls(**values)
+
+
+def _convert(value: object, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, where)
+    if dataclasses.is_dataclass(hint):
+        return _from_json(hint, value, where)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise TraceError(f"{where} should be a list, not {_kind(value)}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TraceError(f"{where} should be an object, not {_kind(value)}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TraceError(f"{where} should be true or false, not {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TraceError(f"{where} should be an integer, not {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TraceError(f"{where} should be a number, not {_kind(value)}")
+        if not math.isfinite(value):
+            raise TraceError(f"{where} should be a finite number, not {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TraceError(f"{where} should be a string, not {_kind(value)}")
+        return value
+    raise TypeError(f"meta field type {hint!r} is not handled")  # a bug in this module
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else f"the number {value!r}"
+    )
