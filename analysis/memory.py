@@ -134,6 +134,26 @@ def retained_buffers(
     return held[held["attributed_bytes"] > 0].reset_index(drop=True)
 
 
+def resident_events(rss: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
+    """kmem:rss_stat events with the /proc/PID/status samples (at attach and at the end) as
+    events of the same shape: a sample sets the anonymous, file and shared counters at once.
+    A sample whose address space is unknown (mm_id 0) takes the process's last one seen."""
+    if status.empty:
+        return rss
+    members = {"rss_anon": RssMember.ANON, "rss_file": RssMember.FILE, "rss_shmem": RssMember.SHMEM}
+    samples = status.assign(mm_id=status["mm_id"].astype("uint64"))
+    unknown = samples["mm_id"] == 0
+    if unknown.any() and not rss.empty:
+        last = rss.sort_values("ts_ns").groupby("pid")["mm_id"].last()
+        samples.loc[unknown, "mm_id"] = samples.loc[unknown, "pid"].map(last).fillna(0)
+    rows = [
+        samples[["ts_ns", "pid", "mm_id"]].assign(member=int(member), bytes=samples[column])
+        for column, member in members.items()
+    ]
+    combined = pd.concat([rss, *rows], ignore_index=True)
+    return combined.astype({c: rss[c].dtype for c in rss.columns if c in combined})
+
+
 def rss_at(rss: pd.DataFrame, pid: int, ts_ns: int) -> int:
     """Resident bytes (anonymous + file + shared) of `pid`'s last address space at `ts_ns`."""
     resident = (RssMember.ANON, RssMember.FILE, RssMember.SHMEM)

@@ -156,6 +156,22 @@ def parked_reads(intervals: pd.DataFrame, waits: pd.DataFrame | None = None) -> 
     return out.reset_index(drop=True)
 
 
+def parked_at_attach(intervals: pd.DataFrame) -> pd.DataFrame:
+    """`intervals` with the parked reads found at attach (posts of source `parked`: goroutines
+    the recorder found parked in a read) ended by the next read the process makes on the same
+    fd, as parked_reads() ends those it derives; NaN: still parked at the end."""
+    if intervals.empty:
+        return intervals
+    seeded = (intervals["source"] == Source.PARKED).to_numpy()
+    if not seeded.any():
+        return intervals
+    out = intervals.copy()
+    syscall = intervals[intervals["source"] == Source.SYSCALL]
+    rows = intervals[seeded]
+    out.loc[seeded, "end_ns"] = _next_post(rows, "post_ns", syscall, ["pid", "fd"], "at")
+    return out
+
+
 def posted_timeline(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per pid, the number of posted reads and pinned bytes after every change."""
     if intervals.empty:

@@ -18,6 +18,7 @@ from analysis.memory import (
     mapping_intervals,
     process_timeline,
     program_break,
+    resident_events,
     retained_buffers,
     rss_now_and_peak,
     timeline_edges,
@@ -27,6 +28,7 @@ from analysis.memory import (
 from analysis.reads import (
     SUMMARY_COUNTS,
     network_reads,
+    parked_at_attach,
     parked_reads,
     posted_timeline,
     process_peaks,
@@ -116,7 +118,7 @@ def memory_by_process(
         .fillna(0)
     )
     retained["resident_bytes"] = with_residency(retained, residency, "last_data").fillna(0)
-    rss = rss_now_and_peak(trace["rss"]).set_index("pid")
+    rss = rss_now_and_peak(resident_events(trace["rss"], trace["proc_status"])).set_index("pid")
     write_heap = write_buffer_heap(trace["writes"], live).set_index("pid")
     connections = connection_table(
         reads, trace["sockets"], retained, end_ns, int(idle_threshold_s * 1e9)
@@ -220,7 +222,7 @@ def timeline(
     frame = process_timeline(
         posted,
         allocations,
-        trace["rss"],
+        resident_events(trace["rss"], trace["proc_status"]),
         trace["sockets"],
         start,
         end,
@@ -244,7 +246,7 @@ def summarize(
     timeline_s: float | None = None,
 ) -> TraceSummary:
     """Every process's figures; "now" is the end of the recording."""
-    completed = read_intervals(trace["posts"], trace["completions"])
+    completed = parked_at_attach(read_intervals(trace["posts"], trace["completions"]))
     parked = parked_reads(completed, trace["waits"])
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
     end_ns = end_of_recording(trace)
@@ -261,7 +263,8 @@ def summarize(
     # multishot requests complete many times before their final completion; those
     # intermediate completions are buffer uses without a request pointer
     uses = trace["buffer_uses"]
-    processes = trace["processes"].drop_duplicates("pid").set_index("pid")
+    # the last name each process had (a process that execs is noted again)
+    processes = trace["processes"].drop_duplicates("pid", keep="last").set_index("pid")
     writes = write_summary(write_intervals).set_index("pid")
     waits_begun = trace["waits"].groupby("pid").size()
     waits_ended = trace["wait_ends"].groupby("pid").size()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from probes import features
+from probes.attach.kernel import KernelState
 from probes.btf import BTF
 from probes.format import schema
 from probes.format.errors import ProbeError
@@ -127,6 +128,7 @@ def program_files(options: ProbeOptions, hooks: str | None, uring: bool) -> list
         files.append("readiness.bpf.c")
     if options.memory:
         files.append("alloc.bpf.c")
+    files.append("attach.bpf.c")  # run on demand only: nothing attached, nothing paid
     return files
 
 
@@ -437,6 +439,21 @@ class Probes:
             for a in frames
         ]
         return frames, symbols
+
+    @functools.cached_property
+    def kernel_state(self) -> KernelState:
+        """The programs that read what the targets held before tracing (attach.bpf.c)."""
+        return KernelState(self.bpf)
+
+    def uring_entry(self, req: int) -> bool | None:
+        """Whether the io_uring in-flight table holds `req` as the walk at attach entered it
+        (True), as a submission the probes saw (False), or not at all (None)."""
+        try:
+            table = self.bpf["uring_inflight"]
+        except KeyError:
+            return None
+        entry = table.get(table.Key(req))
+        return None if entry is None else bool(entry.flags & schema.PostFlag.SCANNED)
 
     def counter_values(self) -> dict[str, int]:
         return {c.name.lower(): int(sum(self.counters[c.value])) for c in schema.Counter}

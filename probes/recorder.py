@@ -10,6 +10,7 @@ target has exited; the trace is finalized in every case, and a bug keeps what wa
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -19,19 +20,23 @@ from typing import Any
 
 import numpy as np
 
-from probes import features, residency, scan, session
+from probes import features, residency, session
+from probes.attach import blocked, goroutines, process
+from probes.attach import uring as uring_state
 from probes.batches import split_by_kind, write_records, write_rows
 from probes.btf import BTF
 from probes.buffer_rings import BufferRingWatcher
 from probes.format import schema
-from probes.format.errors import RecordError
+from probes.format.errors import BTFError, ProbeError, RecordError
 from probes.format.meta import (
     Clock,
     EventCounts,
+    GoAtAttach,
     MemoryOptions,
     Meta,
     Probes,
     ProbeState,
+    ProcessAtAttach,
     Switch,
     Targets,
 )
@@ -83,6 +88,13 @@ def _now_ns() -> int:
     return time.monotonic_ns()  # the clock of bpf_ktime_get_ns
 
 
+def _fds(pid: int) -> list[int]:
+    try:
+        return [int(n) for n in os.listdir(f"/proc/{pid}/fd")]
+    except (OSError, ValueError):
+        return []
+
+
 class _Stop:
     """Turns SIGINT/SIGTERM into a flag the loop checks, so the trace is always finalized."""
 
@@ -118,7 +130,7 @@ class Recorder:
         self.clock = clock or session.SystemClock()
         self._batches: list[np.ndarray] = []
         self._buffered = 0
-        self._known_pids: set[int] = set()
+        self._known: dict[int, str] = {}  # pid -> comm as last noted
         self._processes: list[dict[str, Any]] = []
         self._posts = 0
         self._completions = 0
@@ -202,17 +214,29 @@ class Recorder:
 
     # --- what the recorder writes besides the events -----------------------------------------
     def _note_process(self, pid: int, ts: int) -> None:
-        if pid in self._known_pids:
+        if pid in self._known:
             return
-        self._known_pids.add(pid)
+        self._note_name(pid, ts)
+
+    def _note_name(self, pid: int, ts: int) -> None:
+        comm = _proc_text(pid, "comm")
+        self._known[pid] = comm
         self._processes.append(
             {
                 "pid": pid,
-                "comm": _proc_text(pid, "comm"),
+                "comm": comm,
                 "cmdline": _proc_text(pid, "cmdline")[:4096],
                 "first_seen_ns": ts,
             }
         )
+
+    def _renamed(self) -> None:
+        """A target that exec'd since it was noted is noted again, under its new name."""
+        now = _now_ns()
+        for pid in self._live_targets():
+            comm = _proc_text(pid, "comm")
+            if comm and self._known.get(pid) not in (None, comm):
+                self._note_name(pid, now)
 
     def _flush(self) -> None:
         probes = self._probes
@@ -245,20 +269,21 @@ class Recorder:
             )
         if sampling:
             write_rows(self._writer, schema.BUFFER_RINGS, self._rings.snapshot(_now_ns()))
+            self._renamed()
         write_rows(self._writer, schema.PROCESSES, self._processes)
         self._processes = []
 
-    def _scan_blocked(self, probes: LoadedProbes, pid: int) -> None:
+    def _scan_blocked(self, probes: LoadedProbes, pid: int) -> int:
         """Seed the in-flight table and the trace with reads blocked before tracing began."""
         found = []
-        for read in scan.blocked_reads(pid, probes.options.max_iov):
+        for read in blocked.blocked_reads(pid, probes.options.max_iov):
             ts = _now_ns()
             flags = read.flags | schema.PostFlag.SCANNED
             if not probes.track_inflight(
                 read.tid, read.fd, read.addr, read.length, read.op, flags, read.nvec, ts, pid
             ):
                 continue  # the probes saw this read enter: they already have it
-            if scan.syscall_of(pid, read.tid) != read.call:
+            if blocked.syscall_of(pid, read.tid) != read.call:
                 # It returned while we looked: undo, unless the probes already replaced it.
                 if (probes.inflight_flags(read.tid) or 0) & schema.PostFlag.SCANNED:
                     probes.forget_inflight(read.tid)
@@ -281,6 +306,7 @@ class Recorder:
             )
         if found:
             self.take(schema.wire_records(found))
+        return len(found)
 
     # --- the recording ------------------------------------------------------------------------
     def run(self) -> RecordSummary:
@@ -341,9 +367,8 @@ class Recorder:
                 for pid in cfg.pids:
                     self._attach(probes, pid)
                     self._note_process(pid, _now_ns())
-                for pid in cfg.pids:
-                    self._scan_blocked(probes, pid)
-                self.meta.uring_before_attach = [p for p in cfg.pids if scan.has_io_uring(p)]
+                self._state_at_attach(probes, btf, cfg.pids)
+                self._sample_status(probes, "attach")  # a launched command is seen from exec
             self._write_meta()
             if self.meta.alternations is not None:  # the first traced stretch
                 self.meta.alternations.append(Switch(self.meta.tracing_since_ns, _now_ns(), True))
@@ -352,6 +377,7 @@ class Recorder:
             )
             # A final drain after the loop: what the kernel emitted up to the stop.
             self.take(probes.drain())
+            self._sample_status(probes, "end")
             self._flush()
             if self._buffers is not None:  # while the targets still run
                 self._measure_buffers(probes)
@@ -378,6 +404,122 @@ class Recorder:
             probes.close()
             if self._sockets is not None:
                 self._sockets.close()
+
+    def _state_at_attach(self, probes: LoadedProbes, btf: BTF, pids: list[int]) -> None:
+        """What the targets held before tracing began: threads blocked in socket reads
+        (/proc), io_uring requests and buffer groups (the kernel's rings), goroutines parked
+        in reads (a Go runtime's memory), anonymous mappings (/proc/PID/maps)."""
+        kernel, files, why = None, [], None
+        try:
+            kernel = probes.kernel_state
+            files = kernel.open_files()
+        except ProbeError as exc:
+            kernel, why = None, f"the kernel's state could not be read: {exc}"
+        layout = None
+        if probes.uring_status != "traced":
+            why = f"io_uring is not traced: {probes.uring_status}"
+        elif kernel is not None:
+            try:
+                layout = uring_state.Layout.from_btf(btf)
+            except BTFError as exc:
+                why = f"this kernel's io_uring rings are not understood: {exc}"
+        for pid in pids:
+            began = time.perf_counter()
+            found = ProcessAtAttach(pid=pid, blocked_syscalls=self._scan_blocked(probes, pid))
+            rings = uring_state.at_attach(pid, kernel, layout, files, why, probes.uring_entry)
+            if rings.posts:
+                self.take(np.array(rings.posts, dtype=schema.WIRE_EVENT.dtype))
+            if rings.groups:
+                self.take(schema.wire_records(rings.groups))
+            for ring, group, addr, entries in rings.kernel_rings:
+                assert kernel is not None
+                self._rings.watch_kernel(pid, ring, group, addr, entries, kernel.read)
+            found.rings = rings.rings
+            found.go = self._goroutines(pid)
+            mappings = process.anonymous_mappings(pid)
+            found.mappings = len(mappings)
+            self._take_mappings(pid, mappings)
+            found.walk_ms = round((time.perf_counter() - began) * 1000, 1)
+            self.meta.at_attach.append(found)
+        self.meta.uring_before_attach = [
+            f.pid for f in self.meta.at_attach if any(r.how != "walked" for r in f.rings)
+        ]
+
+    def _goroutines(self, pid: int) -> GoAtAttach | None:
+        """A Go target's goroutines parked in socket reads, as parked posts."""
+        scan = goroutines.parked_reads(pid, lambda fd: blocked.is_socket(pid, fd))
+        if not scan.reads and scan.unknown_why is None and not scan.io_waiting:
+            return None  # not Go, or no goroutine waiting on IO
+        ts = _now_ns()
+        rows = [
+            {
+                "ts_ns": ts,
+                "key": r.goid,
+                "addr": r.addr,
+                "value": r.length,
+                "pid": pid,
+                "fd": r.fd,
+                "flags": schema.PostFlag.SCANNED,
+                "op": schema.SYSCALLS["read"],
+                "kind": schema.Kind.POST,
+                "source": schema.Source.PARKED,
+            }
+            for r in scan.reads
+        ]
+        if rows:
+            self.take(schema.wire_records(rows))
+        sockets = 0
+        if scan.unknown_why:
+            sockets = sum(1 for fd in _fds(pid) if blocked.is_socket(pid, fd))
+        return GoAtAttach(
+            parked_reads=len(rows),
+            io_waiting=scan.io_waiting,
+            skipped=scan.skipped,
+            why=scan.unknown_why,
+            sockets=sockets,
+        )
+
+    def _take_mappings(self, pid: int, mappings: list[process.Mapping]) -> None:
+        if not mappings:
+            return
+        ts = _now_ns()
+        self.take(
+            schema.wire_records(
+                [
+                    {
+                        "ts_ns": ts,
+                        "pid": pid,
+                        "addr": m.addr,
+                        "value": m.length,
+                        "op": schema.MapFn.AT_ATTACH,
+                        "fd": -1,
+                        "kind": schema.Kind.MAP,
+                    }
+                    for m in mappings
+                ]
+            )
+        )
+
+    def _sample_status(self, probes: LoadedProbes, what: str) -> None:
+        """Resident memory of every live target from /proc/PID/status, with its address
+        space's id (as kmem:rss_stat names it) from the kernel."""
+        mm: dict[int, int] = {}
+        with contextlib.suppress(ProbeError):
+            mm = {f.pid: f.mm for f in probes.kernel_state.open_files()}
+        rows = []
+        for pid in self._live_targets():
+            counts = process.status(pid)
+            if counts is not None:
+                rows.append(
+                    {
+                        "ts_ns": _now_ns(),
+                        "pid": pid,
+                        "mm_id": mm.get(pid, 0),
+                        "what": what,
+                        **counts,
+                    }
+                )
+        write_rows(self._writer, schema.PROC_STATUS, rows)
 
     def _measure_buffers(self, probes: LoadedProbes) -> None:
         """Residency of the buffers that matter and the allocation stacks, symbolized:

@@ -82,13 +82,27 @@ static __always_inline void mark_target(u32 pid, int on)
         __sync_fetch_and_and(bits, ~(1ULL << (pid & 63)));
 }
 
-/* current->files->fdt->fd[fd]->f_inode->i_mode is a socket: files and pipes do not count. */
+/* file->f_inode->i_mode is a socket: files and pipes do not count. */
+static __always_inline int file_is_socket(const void *file)
+{
+    void *inode = NULL;
+    u16 mode = 0;
+
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&inode, sizeof(inode), (char *)file + OFF_FILE_INODE);
+    if (!inode)
+        return 0;
+    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_MODE);
+    return (mode & S_IFMT_) == S_IFSOCK_;
+}
+
+/* current->files->fdt->fd[fd] is a socket. */
 static __always_inline int fd_is_socket(int fd)
 {
     struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-    void *files = NULL, *fdt = NULL, *fdarr = NULL, *file = NULL, *inode = NULL;
+    void *files = NULL, *fdt = NULL, *fdarr = NULL, *file = NULL;
     unsigned int max_fds = 0;
-    u16 mode = 0;
 
     if (fd < 0)
         return 0;
@@ -105,13 +119,7 @@ static __always_inline int fd_is_socket(int fd)
     if (!fdarr)
         return 0;
     bpf_probe_read_kernel(&file, sizeof(file), (char *)fdarr + (u64)fd * sizeof(void *));
-    if (!file)
-        return 0;
-    bpf_probe_read_kernel(&inode, sizeof(inode), (char *)file + OFF_FILE_INODE);
-    if (!inode)
-        return 0;
-    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_MODE);
-    return (mode & S_IFMT_) == S_IFSOCK_;
+    return file_is_socket(file);
 }
 
 /* The user registers the current thread saved on entering the kernel that hold a syscall's

@@ -93,6 +93,42 @@ class Switch:
 
 
 @dataclass
+class RingAtAttach:
+    """An io_uring instance a target had open when the recording began."""
+
+    fd: int = -1
+    ring: int = 0  # its struct io_ring_ctx (the trace's `ring`), 0 if unknown
+    how: str = "walked"  # "walked": requests read from the kernel; "fdinfo": only counted
+    requests: int = 0  # read requests found posted (walked) or poll-armed (fdinfo)
+    by_op: dict[str, int] = field(default_factory=dict)
+    groups: int = 0  # provided-buffer groups found
+    why: str | None = None  # why it was only counted
+
+
+@dataclass
+class GoAtAttach:
+    """A Go target's goroutines as the runtime showed them when the recording began."""
+
+    parked_reads: int = 0  # goroutines parked in a socket read, with their buffers
+    io_waiting: int = 0  # goroutines waiting on the netpoller, reading or not
+    skipped: int = 0  # goroutines that could not be decoded (they moved while read)
+    why: str | None = None  # why parked reads could not be looked for (a stripped binary)
+    sockets: int = 0  # with `why`: the sockets whose readers stay unknown
+
+
+@dataclass
+class ProcessAtAttach:
+    """What one process already held when tracing began (`record -p`)."""
+
+    pid: int = 0
+    blocked_syscalls: int = 0  # threads found blocked in socket reads (/proc scan)
+    rings: list[RingAtAttach] = field(default_factory=list)
+    go: GoAtAttach | None = None
+    mappings: int = 0  # anonymous mappings found in /proc/PID/maps
+    walk_ms: float = 0.0  # how long finding all this took
+
+
+@dataclass
 class Meta:
     format: str = schema.FORMAT_NAME
     format_version: int = schema.FORMAT_VERSION
@@ -103,6 +139,7 @@ class Meta:
     targets: Targets = field(default_factory=Targets)
     tracing_since_ns: int | None = None
     uring_before_attach: list[int] = field(default_factory=list)  # pids with rings already
+    at_attach: list[ProcessAtAttach] = field(default_factory=list)  # state found at attach
     min_wait_ns: int | None = None
     memory: MemoryOptions | None = None  # recorded with --memory
     probes: Probes = field(default_factory=Probes)

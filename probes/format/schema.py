@@ -113,6 +113,7 @@ class MapFn(IntEnum):
     MMAP = 1
     MREMAP = 2
     BRK = 3  # addr = the new program break
+    AT_ATTACH = 4  # not a syscall: an anonymous mapping /proc/PID/maps showed at attach
 
 
 class RssMember(IntEnum):
@@ -481,6 +482,22 @@ BUFFER_RINGS = Table(
     ),
 )
 
+# Resident memory read from /proc/PID/status when the recording began and ended: the exact
+# counts kmem:rss_stat does not give for a process that allocates nothing meanwhile.
+PROC_STATUS = Table(
+    "proc_status",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("mm_id", pa.uint64()),  # the address space, as kmem:rss_stat names it (0: unknown)
+        Column("what", pa.string()),  # "attach" (or launch) and "end"
+        Column("vm_rss", pa.uint64()),
+        Column("rss_anon", pa.uint64()),
+        Column("rss_file", pa.uint64()),
+        Column("rss_shmem", pa.uint64()),
+    ),
+)
+
 PROCESSES = Table(
     "processes",
     (
@@ -511,6 +528,7 @@ TABLES: dict[str, Table] = {
         SOCKETS,
         RESIDENCY,
         STACKS,
+        PROC_STATUS,
         PROCESSES,
     )
 }
