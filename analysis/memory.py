@@ -399,10 +399,12 @@ MAPPING_COLUMNS = ["pid", "addr", "size", "fn", "map_ns", "unmap_ns"]
 def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
     """Address ranges the targets mapped (mmap, and mremap's new range), with when they went
     (`unmap_ns` NaN: still mapped): the first later munmap covering the range's start, or an
-    mremap that moved it. brk records are not ranges and are left out."""
+    mremap that moved it. brk records are not ranges and are left out, and so are the
+    anonymous mappings found at attach: whose they are (an allocator's arena, or the
+    program's own pool) cannot be told from /proc/PID/maps."""
     from probes.format.schema import MapFn  # noqa: PLC0415
 
-    ranges = maps[maps["fn"] != MapFn.BRK]
+    ranges = maps[(maps["fn"] != MapFn.BRK) & (maps["fn"] != MapFn.AT_ATTACH)]
     if ranges.empty:
         return pd.DataFrame(columns=MAPPING_COLUMNS)
     out = ranges.rename(columns={"len": "size", "ts_ns": "map_ns"}).reset_index(drop=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from analysis.buffers import buffer_group_summary
@@ -49,6 +50,7 @@ from analysis.results import (
     NowAndPeak,
     PerIdleConnection,
     ProcessSummary,
+    Provenance,
     ReadCounts,
     ReadinessWaits,
     ResidentMemory,
@@ -56,10 +58,11 @@ from analysis.results import (
     SourceFigures,
     TimelinePoint,
     TraceSummary,
+    Unknown,
     WriteFigures,
 )
 from probes.format.reader import Trace
-from probes.format.schema import Source
+from probes.format.schema import PostFlag, Source
 
 # Sources whose reads count in a process's totals (io_uring reads of files do not).
 NETWORK_SOURCES = ("syscall", "uring", "parked")
@@ -124,6 +127,19 @@ def memory_by_process(
         reads, trace["sockets"], retained, end_ns, int(idle_threshold_s * 1e9)
     )
     cost = idle_connection_cost(connections).set_index("pid")
+    late = bool(trace.meta.targets.pids)
+    min_alloc = trace.meta.memory.min_alloc
+    # posted buffers in no tracked allocation and no mapping: unknown if their allocation could
+    # not be seen (made before the attach, or smaller than what is tracked), else not heap
+    unseen = (attributed["alloc_size"] == 0) & (attributed["mapped_bytes"] == 0)
+    unseen &= attributed["len"] > 0  # a buffer-select read pins no buffer of its own
+    too_small = unseen & (attributed["len"] < min_alloc)
+    before = unseen & ~too_small & late
+    # idle connections that received nothing since the attach and hold no read now: what
+    # they kept from before cannot be seen
+    quiet = connections["idle"] & connections["last_data_ns"].isna()
+    quiet &= (connections["posted_bytes"] == 0) & late
+    sources = _rss_sources(trace)
     out = {}
     for pid in set(live["pid"]) | set(attributed["pid"]) | set(rss.index):
         conns = connections[connections["pid"] == pid]
@@ -133,6 +149,18 @@ def memory_by_process(
         holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
         heap = live[live["pid"] == pid]
         mine_retained = retained[retained["pid"] == pid]
+        heap_unknown = [
+            Unknown(int(rows.sum()), why, int(mine.loc[rows[rows].index, "len"].sum()))
+            for rows, why in (
+                (before[mine.index], "buffers allocated before the attach: not traced"),
+                (too_small[mine.index], f"buffers smaller than --min-alloc {min_alloc:,}"),
+            )
+            if rows.any()
+        ]
+        n_quiet = int((quiet & (connections["pid"] == pid)).sum())
+        retained_unknown = (
+            [Unknown(n_quiet, "idle connections with no data since the attach")] if n_quiet else []
+        )
         out[int(pid)] = MemoryFigures(
             io_buffer_heap=IoBufferHeap(
                 bytes=int(mine["attributed_bytes"].sum()),
@@ -143,6 +171,7 @@ def memory_by_process(
                 idle_mapped_bytes=int(mine_idle["mapped_bytes"].sum()),
                 resident_bytes=int(mine["resident_bytes"].sum()),
                 idle_resident_bytes=int(mine_idle["resident_bytes"].sum()),
+                unknown=heap_unknown,
             ),
             idle_posted_reads=int(len(mine_idle)),
             io_buffer_sites=[
@@ -160,6 +189,7 @@ def memory_by_process(
                 len(mine_retained),
                 int(mine_retained["attributed_bytes"].sum()),
                 int(mine_retained["resident_bytes"].sum()),
+                retained_unknown,
             ),
             heap_live=HeapLive(
                 allocations=len(heap) * sample,
@@ -168,11 +198,13 @@ def memory_by_process(
                 brk_heap_bytes=int(brk["brk_heap_bytes"].get(pid, 0)),
                 mappings=int((mapped["pid"] == pid).sum()),
                 mapped_bytes=int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
+                since_attach=late,
             ),
             rss=ResidentMemory(
-                int(rss["rss_first"].get(pid, 0)),
-                int(rss["rss_now"].get(pid, 0)),
-                int(rss["rss_peak"].get(pid, 0)),
+                _maybe_int(rss["rss_first"].get(pid)),
+                _maybe_int(rss["rss_now"].get(pid)),
+                _maybe_int(rss["rss_peak"].get(pid)),
+                sources.get(int(pid), "unknown") if pid in rss.index else "unknown",
             ),
             connections=ConnectionCounts(len(open_conns), int(open_conns["idle"].sum())),
             socket_kernel_bytes=int(open_conns["socket_kernel_bytes"].sum()),
@@ -186,6 +218,7 @@ def memory_by_process(
                 user_buffer_bytes=int(cost["user_buffer_bytes"].get(pid, 0)),
                 socket_kernel_bytes=int(cost["socket_kernel_bytes"].get(pid, 0)),
                 bytes=float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
+                unknown=retained_unknown,
             ),
             connection_rows=conns,
         )
@@ -251,6 +284,7 @@ def summarize(
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
     end_ns = end_of_recording(trace)
     reads = network_reads(intervals)
+    provenance = posted_provenance(reads[reads["end_ns"].isna()], trace)
     posted = posted_timeline(reads)
     write_intervals = read_intervals(trace["writes"], trace["write_completions"])
     allocations = allocation_intervals(trace["allocs"], trace["frees"])
@@ -270,6 +304,7 @@ def summarize(
     waits_ended = trace["wait_ends"].groupby("pid").size()
     pids = sorted(
         set(processes.index)
+        | set(provenance)
         | set(by_label["pid"])
         | set(groups["pid"])
         | set(memory)
@@ -321,6 +356,7 @@ def summarize(
                     for g in groups[groups["pid"] == pid].to_dict("records")
                 ],
                 memory=memory.get(int(pid)),
+                provenance=provenance.get(int(pid), Provenance()),
             )
         )
     meta = trace.meta
@@ -342,7 +378,53 @@ def summarize(
             else None
         ),
         memory=meta.memory,
+        at_attach=list(meta.at_attach),
     )
+
+
+def _maybe_int(value: object) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)  # type: ignore[call-overload]
+
+
+def _rss_sources(trace: Trace) -> dict[int, str]:
+    """Per pid, where its resident-memory figures come from."""
+    status = trace["proc_status"]
+    live = set(trace["rss"]["pid"].tolist())
+    out = {}
+    for pid in set(status["pid"].tolist()) | live:
+        what = set(status.loc[status["pid"] == pid, "what"].tolist())
+        parts = [f"/proc/PID/status at {' and '.join(sorted(what))}"] if what else []
+        if pid in live:
+            parts.append("kmem:rss_stat while recording")
+        out[int(pid)] = "; ".join(parts)
+    return out
+
+
+def posted_provenance(posted_now: pd.DataFrame, trace: Trace) -> dict[int, Provenance]:
+    """Per pid, where its posted reads now come from: found at attach (flagged SCANNED) or
+    seen live, and what could not be found (rings only counted, stripped Go binaries)."""
+    scanned = (posted_now["flags"].to_numpy(np.int64) & PostFlag.SCANNED) != 0
+    found = pd.Series(scanned, index=posted_now.index).groupby(posted_now["pid"]).sum()
+    total = posted_now.groupby("pid").size()
+    out = {
+        int(pid): Provenance(live=int(total[pid] - found[pid]), at_attach=int(found[pid]))
+        for pid in total.index
+    }
+    for process in trace.meta.at_attach:
+        unknown = out.setdefault(process.pid, Provenance()).unknown
+        for ring in process.rings:
+            if ring.how != "walked" and ring.requests:
+                unknown.append(
+                    Unknown(
+                        ring.requests,
+                        f"io_uring requests posted before the attach on ring fd {ring.fd}, "
+                        f"counted from /proc but not read: {ring.why}",
+                    )
+                )
+        go = process.go
+        if go is not None and go.why:
+            unknown.append(Unknown(go.sockets, f"sockets of {go.why}: readers unknown"))
+    return out
 
 
 def _per_connection(total: float, connections: int) -> float:
