@@ -280,7 +280,7 @@ def summarize(
 ) -> TraceSummary:
     """Every process's figures; "now" is the end of the recording."""
     completed = parked_at_attach(read_intervals(trace["posts"], trace["completions"]))
-    parked = parked_reads(completed, trace["waits"])
+    parked = parked_reads(completed, trace["waits"], trace["wait_ends"])
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
     end_ns = end_of_recording(trace)
     reads = network_reads(intervals)
