@@ -44,6 +44,48 @@ def allocation_intervals(allocs: pd.DataFrame, frees: pd.DataFrame) -> pd.DataFr
     return out[ALLOCATION_COLUMNS]
 
 
+def walked_blocks(blocks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The allocator walkers' findings (heap_blocks), each buffer's latest: (allocations in
+    the shape of allocation_intervals(), the program's own mappings in the shape of
+    mapping_intervals(), and the lookups that failed: pid, buffer, why). A block counts from
+    when it was first found."""
+    latest = blocks.sort_values("ts_ns", kind="stable").drop_duplicates(
+        ["pid", "buffer"], keep="last"
+    )
+    found = latest[latest["size"] > 0]
+    first = blocks.groupby(["pid", "addr", "size"])["ts_ns"].min().rename("since").reset_index()
+    found = found.merge(first, on=["pid", "addr", "size"], how="left")
+    heap = found[found["allocator"] != "mapping"].drop_duplicates(["pid", "addr"])
+    own = found[found["allocator"] == "mapping"].drop_duplicates(["pid", "addr"])
+    allocations = pd.DataFrame(
+        {
+            "pid": heap["pid"],
+            "addr": heap["addr"],
+            "size": heap["size"],
+            "fn": 0,
+            "stack_id": 0,
+            "alloc_ns": heap["since"].astype("int64"),
+            "free_ns": np.nan,
+        }
+    )
+    mappings = pd.DataFrame(
+        {
+            "pid": own["pid"],
+            "addr": own["addr"],
+            "size": own["size"],
+            "fn": 0,
+            "map_ns": own["since"].astype("int64"),
+            "unmap_ns": np.nan,
+        }
+    )
+    failed = latest.loc[latest["size"] == 0, ["pid", "buffer", "why"]]
+    return (
+        allocations.reset_index(drop=True)[ALLOCATION_COLUMNS],
+        mappings.reset_index(drop=True),
+        failed.reset_index(drop=True),
+    )
+
+
 def live_at(intervals: pd.DataFrame, at_ns: int, start: str, end: str) -> pd.DataFrame:
     """Rows of `intervals` alive at `at_ns` (started at or before it, not ended by it)."""
     return intervals[(intervals[start] <= at_ns) & ~(intervals[end] <= at_ns)]

@@ -173,8 +173,11 @@ class RetainedBuffers(Buffers):
 
 @dataclass
 class HeapLive(Result):
-    allocations: int = 0  # tracked allocations live at the end (scaled when sampled)
-    bytes: int = 0
+    """Allocations the allocator probes tracked, live at the end; None when allocations
+    were looked up (allocator walkers), not traced."""
+
+    allocations: int | None = 0  # tracked allocations live at the end (scaled when sampled)
+    bytes: int | None = 0
     estimated: bool = False  # scaled from a sample
     brk_heap_bytes: int = 0
     mappings: int = 0  # mappings the program made itself, live at the end

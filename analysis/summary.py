@@ -23,6 +23,7 @@ from analysis.memory import (
     retained_buffers,
     rss_now_and_peak,
     timeline_edges,
+    walked_blocks,
     with_residency,
     write_buffer_heap,
 )
@@ -92,13 +93,26 @@ def memory_by_process(
     if trace.meta.memory is None:
         return {}
     sample = trace.meta.memory.sample_every
+    probed = {a.pid for a in trace.meta.memory.allocators if a.method == "probes"}
+    walked_heap, walked_maps, failed = walked_blocks(trace["heap_blocks"])
+    if trace.meta.memory.alloc_probes:  # the probes saw it all; the walk is a cross-check
+        walked_heap, walked_maps = walked_heap.iloc[0:0], walked_maps.iloc[0:0]
+    else:
+        walked_heap = walked_heap[~walked_heap["pid"].isin(probed)]
+        walked_maps = walked_maps[~walked_maps["pid"].isin(probed)]
     live = live_at(allocations, end_ns, "alloc_ns", "free_ns")
+    tracked = live  # what the allocator probes saw (heap live)
+    live = pd.concat([live, walked_heap], ignore_index=True) if not walked_heap.empty else live
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
-    # buffers outside every tracked allocation: in memory the program mapped itself?
+    # buffers outside every allocation: in memory the program mapped itself?
     mapped = live_at(
         mapping_intervals(trace["maps"], trace["unmaps"]), end_ns, "map_ns", "unmap_ns"
     )
+    if not walked_maps.empty:
+        mapped = pd.concat([mapped, walked_maps], ignore_index=True).drop_duplicates(
+            ["pid", "addr"]
+        )
     outside = attributed["alloc_size"] == 0
     in_maps = buffer_attribution(
         attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
@@ -129,12 +143,21 @@ def memory_by_process(
     cost = idle_connection_cost(connections).set_index("pid")
     late = bool(trace.meta.targets.pids)
     min_alloc = trace.meta.memory.min_alloc
-    # posted buffers in no tracked allocation and no mapping: unknown if their allocation could
-    # not be seen (made before the attach, or smaller than what is tracked), else not heap
+    if trace.meta.memory.alloc_probes:  # every allocator probed
+        probed |= set(attributed["pid"].tolist())
+    # posted buffers in no allocation and no mapping: unknown if their allocation could not be
+    # seen - by the probes: made before the attach, or smaller than what they track; by the
+    # walkers: the lookup failed, and says why - else not heap
     unseen = (attributed["alloc_size"] == 0) & (attributed["mapped_bytes"] == 0)
     unseen &= attributed["len"] > 0  # a buffer-select read pins no buffer of its own
-    too_small = unseen & (attributed["len"] < min_alloc)
-    before = unseen & ~too_small & late
+    by_probes = attributed["pid"].isin(probed)
+    too_small = unseen & by_probes & (attributed["len"] < min_alloc)
+    before = unseen & by_probes & ~too_small & late
+    why_failed = attributed[["pid", "addr"]].merge(
+        failed.rename(columns={"buffer": "addr"}), on=["pid", "addr"], how="left"
+    )["why"]
+    why_failed.index = attributed.index
+    lookup_failed = unseen & ~by_probes & why_failed.notna()
     # idle connections that received nothing since the attach and hold no read now: what
     # they kept from before cannot be seen
     quiet = connections["idle"] & connections["last_data_ns"].isna()
@@ -147,7 +170,7 @@ def memory_by_process(
         mine = attributed[attributed["pid"] == pid]
         mine_idle = mine[idle[mine.index]]
         holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
-        heap = live[live["pid"] == pid]
+        heap = tracked[tracked["pid"] == pid]
         mine_retained = retained[retained["pid"] == pid]
         heap_unknown = [
             Unknown(int(rows.sum()), why, int(mine.loc[rows[rows].index, "len"].sum()))
@@ -157,6 +180,10 @@ def memory_by_process(
             )
             if rows.any()
         ]
+        failed_here = lookup_failed[mine.index]
+        for why, rows in mine[failed_here].groupby(why_failed[mine.index][failed_here]):
+            heap_unknown.append(Unknown(len(rows), str(why), int(rows["len"].sum())))
+        walked_pid = int(pid) not in probed
         n_quiet = int((quiet & (connections["pid"] == pid)).sum())
         retained_unknown = (
             [Unknown(n_quiet, "idle connections with no data since the attach")] if n_quiet else []
@@ -192,8 +219,8 @@ def memory_by_process(
                 retained_unknown,
             ),
             heap_live=HeapLive(
-                allocations=len(heap) * sample,
-                bytes=int(heap["size"].sum()) * sample,
+                allocations=None if walked_pid else len(heap) * sample,
+                bytes=None if walked_pid else int(heap["size"].sum()) * sample,
                 estimated=sample > 1,
                 brk_heap_bytes=int(brk["brk_heap_bytes"].get(pid, 0)),
                 mappings=int((mapped["pid"] == pid).sum()),
@@ -372,7 +399,13 @@ def summarize(
         idle_threshold_s=idle_threshold_s,
         timeline=(
             timeline(
-                trace, reads, posted, allocations, write_intervals, timeline_s, idle_threshold_s
+                trace,
+                reads,
+                posted,
+                pd.concat([allocations, walked_blocks(trace["heap_blocks"])[0]], ignore_index=True),
+                write_intervals,
+                timeline_s,
+                idle_threshold_s,
             )
             if timeline_s
             else None

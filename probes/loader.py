@@ -68,7 +68,10 @@ class ProbeOptions:
     max_inflight: int = 65536
     ringbuf_pages: int = 4096  # 16 MiB: ~200k records of slack before a burst drops events
     max_iov: int = 8
-    memory: bool = False  # allocation probes (uprobes on the allocator) and resident memory
+    memory: bool = False  # the memory side: resident memory, buffers' allocations
+    # with memory: probe every allocation (uprobes on the allocator, and mmap/brk) instead of
+    # reading the allocator's structures when a buffer's allocation is needed
+    alloc_probes: bool = False
     min_alloc: int = 1024  # allocations smaller than this are not tracked
     sample_every: int = 1  # track one allocation address in N (by a hash of the address)
     max_allocs: int = 262144
@@ -126,8 +129,10 @@ def program_files(options: ProbeOptions, hooks: str | None, uring: bool) -> list
         files.append("uring.bpf.c")
     if not options.min_wait_ns:  # --min-wait records only calls that wait: no parked reads
         files.append("readiness.bpf.c")
-    if options.memory:
-        files.append("alloc.bpf.c")
+    if options.memory:  # the uprobes are attached per target, only where they are needed
+        files += ["rss.bpf.c", "alloc.bpf.c"]
+    if options.memory and options.alloc_probes:
+        files.append("maps.bpf.c")
     files.append("attach.bpf.c")  # run on demand only: nothing attached, nothing paid
     return files
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from probes import features, residency, session
+from probes.allocators import HeapWalker
+from probes.allocators.base import Allocation
 from probes.attach import blocked, goroutines, process
 from probes.attach import uring as uring_state
 from probes.batches import split_by_kind, write_records, write_rows
@@ -29,6 +31,7 @@ from probes.buffer_rings import BufferRingWatcher
 from probes.format import schema
 from probes.format.errors import BTFError, ProbeError, RecordError
 from probes.format.meta import (
+    Allocator,
     Clock,
     EventCounts,
     GoAtAttach,
@@ -45,6 +48,7 @@ from probes.launch import Child, alive, check_targets, finish_child, is_process,
 from probes.launch import proc_text as _proc_text
 from probes.loader import ProbeOptions
 from probes.loader import Probes as LoadedProbes
+from probes.process_memory import MemoryReadError
 from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler
 
@@ -137,6 +141,10 @@ class Recorder:
         self._rings = BufferRingWatcher()
         self._sockets: SocketSampler | None = None
         self._buffers: BufferTracker | None = None
+        # the memory side without allocator probes: each target's heap walker (made at its
+        # first walk: a launched command must have exec'd), and the buffers looked up so far
+        self._walkers: dict[int, HeapWalker | None] = {}
+        self._looked_up: set[tuple[int, int]] = set()
         self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
         self._target_pids: list[int] = []
         self._probes: LoadedProbes | None = None
@@ -260,6 +268,8 @@ class Recorder:
             completions = by_kind.get(schema.Kind.COMPLETE, empty)
             if self._buffers is not None:
                 self._buffers.note(posts, completions)
+                if probes is not None and not probes.options.alloc_probes and sampling:
+                    self._walk_heaps(probes, "flush")
             write_records(self._writer, by_kind)
             self._posts += posts.size
             self._completions += completions.size
@@ -404,6 +414,9 @@ class Recorder:
             probes.close()
             if self._sockets is not None:
                 self._sockets.close()
+            for walker in self._walkers.values():
+                if walker is not None:
+                    walker.close()
 
     def _state_at_attach(self, probes: LoadedProbes, btf: BTF, pids: list[int]) -> None:
         """What the targets held before tracing began: threads blocked in socket reads
@@ -526,6 +539,8 @@ class Recorder:
         both need the processes alive, so they are taken as the recording ends."""
         assert self._buffers is not None
         write_rows(self._writer, schema.RESIDENCY, residency.measure(self._buffers.ranges()))
+        # with the probes too: the walk is then a cross-check of what they saw
+        self._walk_heaps(probes, "end")
         stacks = []
         for pid, stack_id in sorted(self._stack_ids):
             if stack_id:
@@ -543,18 +558,74 @@ class Recorder:
         return sorted(p for p in pids if alive(p))
 
     def _attach(self, probes: LoadedProbes, pid: int) -> None:
-        """Make `pid` a target; with the memory side, probe the allocator it uses."""
+        """Make `pid` a target; with the memory side, probe its allocator if asked to
+        (--alloc-probes), else look its buffers' allocations up when needed."""
         probes.add_target(pid)
         self._target_pids.append(pid)
-        if probes.options.memory:
-            if self._sockets is None:
-                self._sockets = SocketSampler()
-                self._buffers = BufferTracker()
-            if self.meta.memory is None:
-                self.meta.memory = MemoryOptions(
-                    probes.options.min_alloc, probes.options.sample_every
-                )
+        options = probes.options
+        if not options.memory:
+            return
+        if self._sockets is None:
+            self._sockets = SocketSampler()
+            self._buffers = BufferTracker()
+        if self.meta.memory is None:
+            self.meta.memory = MemoryOptions(
+                options.min_alloc, options.sample_every, alloc_probes=options.alloc_probes
+            )
+        if options.alloc_probes:
             self.meta.memory.allocators.append(probes.attach_allocator(pid))
+
+    def _walker(self, probes: LoadedProbes, pid: int) -> HeapWalker | None:
+        """The heap walker of `pid`, made at its first use; a process whose allocator has no
+        walker (jemalloc...) gets its allocator probed from then on instead."""
+        if pid in self._walkers:
+            return self._walkers[pid]
+        walker: HeapWalker | None = None
+        with contextlib.suppress(MemoryReadError):  # gone
+            walker = HeapWalker(pid)
+        assert self.meta.memory is not None
+        if walker is not None and not walker.walks:
+            walker.close()
+            walker = None
+            if not probes.options.alloc_probes:
+                self.meta.memory.allocators.append(probes.attach_allocator(pid))
+        elif walker is not None and not probes.options.alloc_probes:
+            self.meta.memory.allocators.append(Allocator(pid=pid, method=walker.method))
+        self._walkers[pid] = walker
+        return walker
+
+    def _walk_heaps(self, probes: LoadedProbes, what: str) -> None:
+        """Look up the allocation of each buffer that matters (posted, parked, last data):
+        at every flush those not looked up yet, at the end all of them again."""
+        assert self._buffers is not None
+        if what == "end":
+            self._looked_up.clear()
+        wanted: dict[int, set[int]] = {}
+        for r in self._buffers.ranges():
+            if (r["pid"], r["addr"]) not in self._looked_up:
+                wanted.setdefault(r["pid"], set()).add(r["addr"])
+        rows = []
+        for pid, addrs in wanted.items():
+            walker = self._walker(probes, pid)
+            if walker is None:
+                continue
+            now = _now_ns()
+            for addr, found in walker.find(sorted(addrs)).items():
+                self._looked_up.add((pid, addr))
+                rows.append(
+                    {"ts_ns": now, "pid": pid, "buffer": addr, "what": what}
+                    | (
+                        {
+                            "addr": found.addr,
+                            "size": found.size,
+                            "allocator": found.allocator,
+                            "why": "",
+                        }
+                        if isinstance(found, Allocation)
+                        else {"addr": 0, "size": 0, "allocator": "", "why": found.why}
+                    )
+                )
+        write_rows(self._writer, schema.HEAP_BLOCKS, rows)
 
     def _status(self, elapsed: float, probes: LoadedProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))

@@ -226,8 +226,10 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         ],
         [
             "heap live (tracked allocations)",
-            human_bytes(heap.bytes),
-            f"{heap.allocations:,} allocations{estimate}",
+            human_bytes(heap.bytes) if heap.bytes is not None else "not traced",
+            f"{heap.allocations:,} allocations{estimate}"
+            if heap.allocations is not None
+            else "buffers' allocations were looked up in the allocator (--alloc-probes traces all)",
         ],
         ["resident memory", human_bytes(rss.now), f"peak {human_bytes(rss.peak)} ({rss.source})"],
         [

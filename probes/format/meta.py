@@ -44,20 +44,25 @@ class Targets:
 
 @dataclass
 class Allocator:
-    """The allocator library a target uses, as the memory side's uprobes found it."""
+    """How a target's allocations were found: by probing its allocator library (uprobes), or
+    by walking its allocator's structures when a buffer's allocation was needed."""
 
     pid: int = 0
-    library: str | None = None  # None: no known allocator mapped
-    missing: list[str] = field(default_factory=list)  # functions it lacks
+    library: str | None = None  # probed: the library (None: no known allocator mapped)
+    missing: list[str] = field(default_factory=list)  # probed: functions it lacks
+    # "probes" (every allocation traced), or "walk:glibc", "walk:go+glibc" (looked up); a
+    # recording made before walkers existed probed everything
+    method: str = "probes"
 
 
 @dataclass
 class MemoryOptions:
-    """`record --memory`: what the allocation probes kept."""
+    """`record --memory`: how buffers' allocations were found, and what probes kept."""
 
-    min_alloc: int = 1024
-    sample_every: int = 1  # one allocation address in N is tracked
+    min_alloc: int = 1024  # with probes: smaller allocations are not tracked
+    sample_every: int = 1  # with probes: one allocation address in N is tracked
     allocators: list[Allocator] = field(default_factory=list)
+    alloc_probes: bool = True  # --alloc-probes (every recording before the walkers)
 
 
 @dataclass

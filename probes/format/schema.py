@@ -482,6 +482,24 @@ BUFFER_RINGS = Table(
     ),
 )
 
+# The allocation holding each buffer that matters (posted, parked, last data), found by
+# reading the allocator's own structures (record --memory, the default method): no probe on
+# malloc. `what`: the walk it came from ("flush", "end"); a lookup that failed has size 0 and
+# says why.
+HEAP_BLOCKS = Table(
+    "heap_blocks",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("buffer", pa.uint64()),  # the address looked up
+        Column("addr", pa.uint64()),  # the block holding it
+        Column("size", pa.uint64()),
+        Column("allocator", pa.string()),  # glibc, glibc thread arena, glibc mmap, go, mapping
+        Column("what", pa.string()),
+        Column("why", pa.string()),  # when not found
+    ),
+)
+
 # Resident memory read from /proc/PID/status when the recording began and ended: the exact
 # counts kmem:rss_stat does not give for a process that allocates nothing meanwhile.
 PROC_STATUS = Table(
@@ -529,6 +547,7 @@ TABLES: dict[str, Table] = {
         RESIDENCY,
         STACKS,
         PROC_STATUS,
+        HEAP_BLOCKS,
         PROCESSES,
     )
 }
