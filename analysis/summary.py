@@ -102,17 +102,14 @@ def memory_by_process(
         walked_maps = walked_maps[~walked_maps["pid"].isin(probed)]
     live = live_at(allocations, end_ns, "alloc_ns", "free_ns")
     tracked = live  # what the allocator probes saw (heap live)
-    live = pd.concat([live, walked_heap], ignore_index=True) if not walked_heap.empty else live
+    live = _stacked(live, walked_heap)
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
     # buffers outside every allocation: in memory the program mapped itself?
     mapped = live_at(
         mapping_intervals(trace["maps"], trace["unmaps"]), end_ns, "map_ns", "unmap_ns"
     )
-    if not walked_maps.empty:
-        mapped = pd.concat([mapped, walked_maps], ignore_index=True).drop_duplicates(
-            ["pid", "addr"]
-        )
+    mapped = _stacked(mapped, walked_maps).drop_duplicates(["pid", "addr"])
     outside = attributed["alloc_size"] == 0
     in_maps = buffer_attribution(
         attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
@@ -402,7 +399,7 @@ def summarize(
                 trace,
                 reads,
                 posted,
-                pd.concat([allocations, walked_blocks(trace["heap_blocks"])[0]], ignore_index=True),
+                _stacked(allocations, walked_blocks(trace["heap_blocks"])[0]),
                 write_intervals,
                 timeline_s,
                 idle_threshold_s,
@@ -413,6 +410,15 @@ def summarize(
         memory=meta.memory,
         at_attach=list(meta.at_attach),
     )
+
+
+def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Frames of the same columns one after the other; empty ones (whose columns have no
+    dtype) left out so that the others' dtypes stay."""
+    full = [f for f in frames if not f.empty]
+    if not full:
+        return frames[0]
+    return full[0] if len(full) == 1 else pd.concat(full, ignore_index=True)
 
 
 def _maybe_int(value: object) -> int | None:

@@ -605,6 +605,7 @@ class Recorder:
             if (r["pid"], r["addr"]) not in self._looked_up:
                 wanted.setdefault(r["pid"], set()).add(r["addr"])
         rows = []
+        began = time.perf_counter()
         for pid, addrs in wanted.items():
             walker = self._walker(probes, pid)
             if walker is None:
@@ -626,6 +627,15 @@ class Recorder:
                     )
                 )
         write_rows(self._writer, schema.HEAP_BLOCKS, rows)
+        assert self.meta.memory is not None
+        took, walks = (time.perf_counter() - began) * 1000, self.meta.memory.walks
+        if what == "end":
+            walks.end_buffers, walks.end_ms = len(rows), round(took, 2)
+        elif rows:
+            walks.flushes += 1
+            walks.buffers += len(rows)
+            walks.total_ms = round(walks.total_ms + took, 2)
+            walks.max_ms = max(walks.max_ms, round(took, 2))
 
     def _status(self, elapsed: float, probes: LoadedProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))

@@ -167,7 +167,19 @@ def render(results: dict[str, Any]) -> str:
         ]
         out.append(
             "State at attach (record -p on an idle server)\n"
-            + table(["server", "conns", "found / server", "exact", "walk ms", "record s"], rows)
+            + table(
+                [
+                    "server",
+                    "conns",
+                    "found / server",
+                    "exact",
+                    "walk ms",
+                    "record s",
+                    "heap walk ms",
+                    "at end ms",
+                ],
+                rows,
+            )
         )
     return "\n\n".join(out)
 

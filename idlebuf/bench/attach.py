@@ -1,6 +1,7 @@
-"""State at attach: how long `record -p` takes to find what an idle server already holds, at
-N connections, for each queued model (threads blocked in recv(), io_uring RECVs, goroutines
-parked in reads), and whether it found all of it (against the server's own count)."""
+"""State at attach: how long `record -p --memory` takes to find what an idle server already
+holds, at N connections, for each queued model (threads blocked in recv(), io_uring RECVs,
+goroutines parked in reads), whether it found all of it (against the server's own count), and
+what the allocator walkers spent looking up those N buffers' allocations."""
 
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def one(name: str, connections: int, buffer: int) -> dict[str, Any]:
             wall = time.monotonic() - began
             if done.returncode:
                 raise RuntimeError(done.stderr.strip())
-            (found,) = read_meta(trace).at_attach
+            meta = read_meta(trace)
+            (found,) = meta.at_attach
+            walks = meta.memory.walks if meta.memory else None
     finally:
         if load is not None:
             stop(load)
@@ -84,6 +87,9 @@ def one(name: str, connections: int, buffer: int) -> dict[str, Any]:
         "exact": seen == truth["posted_reads"] == connections,
         "walk_ms": found.walk_ms,
         "record_wall_s": wall,
+        "heap_walk_ms": walks.max_ms if walks else None,  # the first flush: every buffer
+        "heap_walk_buffers": walks.buffers if walks else None,
+        "heap_walk_end_ms": walks.end_ms if walks else None,
     }
 
 

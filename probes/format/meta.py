@@ -56,6 +56,18 @@ class Allocator:
 
 
 @dataclass
+class HeapWalks:
+    """What the allocator walkers cost the recorder (they cost the target nothing)."""
+
+    flushes: int = 0  # flushes that looked new buffers up
+    buffers: int = 0  # lookups made at flushes
+    total_ms: float = 0.0
+    max_ms: float = 0.0  # the longest flush walk
+    end_buffers: int = 0  # lookups of the walk at the end (every buffer that matters)
+    end_ms: float = 0.0
+
+
+@dataclass
 class MemoryOptions:
     """`record --memory`: how buffers' allocations were found, and what probes kept."""
 
@@ -63,6 +75,7 @@ class MemoryOptions:
     sample_every: int = 1  # with probes: one allocation address in N is tracked
     allocators: list[Allocator] = field(default_factory=list)
     alloc_probes: bool = True  # --alloc-probes (every recording before the walkers)
+    walks: HeapWalks = field(default_factory=HeapWalks)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from probes.format.reader import read_meta
+from probes.format.reader import open_trace, read_meta
 from tests.helpers import ROOT, Recording, idlebuf, python_module, report_json, start_loadgen, stop
 
 pytestmark = pytest.mark.bpf
@@ -160,20 +160,31 @@ def test_a_stripped_go_binary_says_what_it_cannot_see(tmp_path: Path) -> None:
     assert "UNKNOWN posted reads" in text
 
 
-def test_memory_figures_attached_late_say_what_they_do_not_know(tmp_path: Path) -> None:
-    """Threads blocked in recv() on malloc'ed buffers, attached late with --memory: the reads
-    are found; their allocations were made before the attach, so the IO-buffer heap says
-    so (unknown, with the buffers' bytes) instead of 0; resident memory comes from /proc."""
+@pytest.mark.parametrize("method", ["walkers", "probes"])
+def test_memory_figures_attached_late(tmp_path: Path, method: str) -> None:
+    """Threads blocked in recv() on malloc'ed buffers, attached late with --memory: the
+    allocator walkers find the buffers' blocks in glibc's heap, allocated before the attach
+    or not; the allocator probes cannot see those allocations, and the IO-buffer heap says
+    so (unknown, with the buffers' bytes) instead of 0. Resident memory comes from /proc."""
     command = python_module(
         "workloads.threaded_server", "--buffer-size", str(URING_BUFFER), "--alloc", "malloc"
     )
     trace = tmp_path / "late"
+    probes = ("--alloc-probes",) if method == "probes" else ()
     with Recording(tmp_path / "early", command) as rec:
         load = start_loadgen(rec.port, THREAD_CONNECTIONS, 0, 1, 100, "--hold", "120")
         try:
             truth = rec.wait_for(lambda t: t["posted_reads"] == THREAD_CONNECTIONS)
             done = idlebuf(
-                "record", "-o", str(trace), "-p", str(rec.pid), "--memory", "--duration", "1.5"
+                "record",
+                "-o",
+                str(trace),
+                "-p",
+                str(rec.pid),
+                "--memory",
+                *probes,
+                "--duration",
+                "1.5",
             )
             assert done.returncode == 0, done.stderr
             rec.finish()
@@ -182,14 +193,52 @@ def test_memory_figures_attached_late_say_what_they_do_not_know(tmp_path: Path) 
     (proc,) = [p for p in report_json(trace)["processes"] if p["pid"] == rec.pid]
     assert proc["posted_reads"]["now"] == THREAD_CONNECTIONS
     heap = proc["memory"]["io_buffer_heap"]
+    rss = proc["memory"]["rss"]
+    assert "/proc/PID/status" in rss["source"]
+    assert abs(rss["first"] - truth["rss_bytes"]) < 1 << 20  # read at attach, the server idle
+    if method == "walkers":
+        assert heap["bytes"] == THREAD_CONNECTIONS * URING_BUFFER and heap["unknown"] == []
+        assert heap["allocations"] == THREAD_CONNECTIONS
+        blocks = {a["addr"] for a in truth["allocations"]}
+        walked = open_trace(trace)["heap_blocks"]
+        assert set(walked.loc[walked["what"] == "end", "addr"]) == blocks
+        return
     assert heap["bytes"] == 0 and heap["allocations"] == 0
     (unknown,) = heap["unknown"]
     assert unknown["connections"] == THREAD_CONNECTIONS
     assert unknown["bytes"] == THREAD_CONNECTIONS * URING_BUFFER
     assert "before the attach" in unknown["why"]
     assert proc["memory"]["heap_live"]["since_attach"] is True
-    rss = proc["memory"]["rss"]
-    assert "/proc/PID/status" in rss["source"]
-    assert abs(rss["first"] - truth["rss_bytes"]) < 1 << 20  # read at attach, the server idle
     text = idlebuf("report", str(trace)).stdout
     assert "UNKNOWN IO-buffer heap" in text
+
+
+def test_go_buffers_found_in_the_go_heap(tmp_path: Path) -> None:
+    """The Go server attached late with --memory: each parked goroutine's buffer is an
+    object of Go's heap, found in the runtime's spans, of its size class (16,384 exactly)."""
+    command = [str(GO_SERVER), "--buffer-size", str(GO_BUFFER)]
+    trace = tmp_path / "late"
+    with Recording(tmp_path / "early", command) as rec:
+        load = start_loadgen(rec.port, GO_CONNECTIONS, 0, 1, 100, "--hold", "120")
+        try:
+            truth = rec.wait_for(lambda t: t["posted_reads"] == GO_CONNECTIONS)
+            done = idlebuf(
+                "record", "-o", str(trace), "-p", str(rec.pid), "--memory", "--duration", "1.5"
+            )
+            assert done.returncode == 0, done.stderr
+            rec.finish()
+        finally:
+            stop(load)
+    (proc,) = [p for p in report_json(trace)["processes"] if p["pid"] == rec.pid]
+    heap = proc["memory"]["io_buffer_heap"]
+    assert heap["bytes"] == GO_CONNECTIONS * GO_BUFFER == truth["pinned_bytes"]
+    assert (heap["allocations"], heap["allocation_bytes"]) == (
+        GO_CONNECTIONS,
+        GO_CONNECTIONS * GO_BUFFER,
+    )
+    walked = open_trace(trace)["heap_blocks"]
+    end = walked[walked["what"] == "end"]
+    assert set(end["allocator"]) == {"go"}
+    assert set(end["addr"]) == {b["addr"] for b in truth["buffers"]}
+    (method,) = {a.method for a in read_meta(trace).memory.allocators}
+    assert method == "walk:go+glibc"
