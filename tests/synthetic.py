@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from probes.format import schema
 from probes.format.meta import (
+    Allocator,
     GoAtAttach,
     MemoryOptions,
     Meta,
@@ -389,3 +390,59 @@ def late_trace(path: Path, pid: int = 4244, connections: int = 23, buffer: int =
     )
     w.close()
     return path
+
+
+def walked_trace(path: Path, pid: int = 4245, connections: int = 23, buffer: int = 4099) -> Path:
+    """late_trace's server recorded with the allocator walkers (record --memory): the walk at
+    the end found 20 buffers in glibc chunks of buffer + 13 bytes, 2 in a mapping the program
+    made itself, and could not read the heap for the last one."""
+    late_trace(path, pid, connections, buffer)
+    # late_trace wrote its tables; this writer starts over with the same ones and the walk
+    late_tables = open_trace_tables(path)
+    w = TraceWriter(path, force=True)
+    w.write_meta(
+        Meta(
+            complete=True,
+            tracing_since_ns=T0,
+            end_monotonic_ns=T0 + 3 * SECOND,
+            targets=Targets(pids=[pid]),
+            memory=MemoryOptions(
+                alloc_probes=False, allocators=[Allocator(pid=pid, method="walk:glibc")]
+            ),
+        )
+    )
+    for table, rows in late_tables.items():
+        w.append(schema.TABLES[table], rows)
+    addrs = [HEAP + i * 2 * buffer for i in range(connections)]
+    found = [
+        {"addr": a, "size": buffer + 13, "allocator": "glibc thread arena", "why": ""}
+        for a in addrs[:20]
+    ] + [
+        {"addr": addrs[20], "size": 4 * buffer, "allocator": "mapping", "why": ""},
+        {"addr": addrs[20], "size": 4 * buffer, "allocator": "mapping", "why": ""},
+        {"addr": 0, "size": 0, "allocator": "", "why": "glibc's heap could not be read: test"},
+    ]
+    w.append(
+        schema.HEAP_BLOCKS,
+        pa.Table.from_pylist(
+            [
+                {"ts_ns": T0 + 3 * SECOND - 5, "pid": pid, "buffer": a, "what": "end", **f}
+                for a, f in zip(addrs, found)
+            ],
+            schema=schema.HEAP_BLOCKS.arrow_schema(),
+        ),
+    )
+    w.close()
+    return path
+
+
+def open_trace_tables(path: Path) -> dict[str, pa.Table]:
+    """A trace's tables as Arrow tables (to write them again)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for name in schema.TABLES:
+        parts = sorted((path / name).glob("part-*.parquet"))
+        if parts:
+            out[name] = pa.concat_tables([pq.read_table(p) for p in parts])
+    return out
