@@ -53,6 +53,7 @@ from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler
 
 VERSION = "0.1.0"
+MAX_WRITE_BUFFERS = 1 << 20  # distinct write buffers looked up at the end
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Recorder:
         # first walk: a launched command must have exec'd), and the buffers looked up so far
         self._walkers: dict[int, HeapWalker | None] = {}
         self._looked_up: set[tuple[int, int]] = set()
+        self._write_buffers: set[tuple[int, int]] = set()  # (pid, addr) writes were sent from
         self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
         self._target_pids: list[int] = []
         self._probes: LoadedProbes | None = None
@@ -266,6 +268,9 @@ class Recorder:
                 self._stack_ids.update(zip(allocs["pid"].tolist(), allocs["key"].tolist()))
             posts = by_kind.get(schema.Kind.POST, empty)
             completions = by_kind.get(schema.Kind.COMPLETE, empty)
+            writes = by_kind.get(schema.Kind.WRITE_POST, empty)
+            if writes.size and len(self._write_buffers) < MAX_WRITE_BUFFERS:
+                self._write_buffers.update(zip(writes["pid"].tolist(), writes["addr"].tolist()))
             if self._buffers is not None:
                 self._buffers.note(posts, completions)
                 if probes is not None and not probes.options.alloc_probes and sampling:
@@ -601,9 +606,11 @@ class Recorder:
         if what == "end":
             self._looked_up.clear()
         wanted: dict[int, set[int]] = {}
-        for r in self._buffers.ranges():
-            if (r["pid"], r["addr"]) not in self._looked_up:
-                wanted.setdefault(r["pid"], set()).add(r["addr"])
+        buffers = {(r["pid"], r["addr"]) for r in self._buffers.ranges()}
+        if what == "end":  # what writes were sent from (write-buffer memory)
+            buffers |= self._write_buffers
+        for pid, addr in buffers - self._looked_up:
+            wanted.setdefault(pid, set()).add(addr)
         rows = []
         began = time.perf_counter()
         for pid, addrs in wanted.items():
