@@ -14,6 +14,7 @@ SOURCE_NAMES = {s.value: s.name.lower() for s in Source}
 
 _INTERVAL_COLUMNS = [
     "pid",
+    "stack_id",  # posts only: the user stack that posted it
     "tid",
     "fd",
     "source",
@@ -91,7 +92,7 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     )
     if not out["post_ns"].is_monotonic_increasing:
         out = out.sort_values("post_ns", kind="stable")
-    return out.reset_index(drop=True)[_INTERVAL_COLUMNS]
+    return out.reset_index(drop=True)[[c for c in _INTERVAL_COLUMNS if c in out.columns]]
 
 
 EAGAIN = 11

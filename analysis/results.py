@@ -219,7 +219,8 @@ class MemoryFigures(Result):
 
     io_buffer_heap: IoBufferHeap
     idle_posted_reads: int
-    io_buffer_sites: list[BufferSite]
+    io_buffer_sites: list[BufferSite]  # where the allocations holding them were made
+    read_sites: list[BufferSite]  # where the reads were posted from (the code to change)
     write_buffer_heap: Allocations
     held_data_buffers: Buffers  # every connection's last-data buffer still held
     retained: RetainedBuffers  # those of idle connections

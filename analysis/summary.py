@@ -19,6 +19,7 @@ from analysis.memory import (
     mapping_intervals,
     process_timeline,
     program_break,
+    read_sites,
     resident_events,
     retained_buffers,
     rss_now_and_peak,
@@ -118,6 +119,11 @@ def memory_by_process(
     attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
     brk = program_break(trace["maps"]).set_index("pid")
     sites = buffer_sites(attributed, live, trace["stacks"])
+    posted_from = (
+        read_sites(attributed, trace["stacks"])
+        if "stack_id" in attributed
+        else read_sites(attributed.assign(stack_id=0), trace["stacks"])
+    )
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     # every connection's last data buffer still held, idle or not (a pool's buffers once each);
     # those of idle connections are the retained buffers
@@ -201,6 +207,10 @@ def memory_by_process(
             io_buffer_sites=[
                 BufferSite(int(r["bytes"]), int(r["buffers"]), [str(x) for x in r["symbols"]])
                 for r in sites[sites["pid"] == pid].to_dict("records")
+            ],
+            read_sites=[
+                BufferSite(int(r["bytes"]), int(r["buffers"]), [str(x) for x in r["symbols"]])
+                for r in posted_from[posted_from["pid"] == pid].to_dict("records")
             ],
             write_buffer_heap=Allocations(
                 int(write_heap["allocations"].get(pid, 0)), int(write_heap["bytes"].get(pid, 0))

@@ -162,6 +162,7 @@ def probe_cflags(
         MAX_STACKS=options.max_stacks,
         MIN_WAIT_NS=options.min_wait_ns,
         WITH_WRITES=int(options.writes),
+        POST_STACKS=int(options.memory),
         BLOCK_HOOKS=int(hooks == "scheduler"),
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
@@ -432,11 +433,13 @@ class Probes:
             if key is not None:
                 lib.bpf_delete_elem(self._calls_fd, ctypes.byref(key))
 
-    def stack(self, stack_id: int, pid: int) -> tuple[list[int], list[str]]:
-        """The frames of an allocation stack (ids as in ALLOC records: id + 1) and their
-        symbols, resolved against the process while it still runs."""
+    def stack(self, stack_id: int, pid: int, kind: str = "alloc") -> tuple[list[int], list[str]]:
+        """The frames of a user stack (ids as in the records: id + 1) of allocations
+        ("alloc") or of posted reads ("post"), and their symbols, resolved against the
+        process while it still runs."""
         try:
-            frames = [int(a) for a in self.bpf["alloc_stacks"].walk(stack_id - 1)]
+            table = self.bpf["alloc_stacks" if kind == "alloc" else "post_stacks"]
+            frames = [int(a) for a in table.walk(stack_id - 1)]
         except KeyError:
             return [], []
         symbols = [

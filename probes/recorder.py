@@ -147,7 +147,8 @@ class Recorder:
         self._walkers: dict[int, HeapWalker | None] = {}
         self._looked_up: set[tuple[int, int]] = set()
         self._write_buffers: set[tuple[int, int]] = set()  # (pid, addr) writes were sent from
-        self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
+        # (kind, pid, stack id + 1) of allocations ("alloc") and of posted reads ("post")
+        self._stack_ids: set[tuple[str, int, int]] = set()
         self._target_pids: list[int] = []
         self._probes: LoadedProbes | None = None
         self._child: Child | None = None
@@ -265,9 +266,16 @@ class Recorder:
             self._rings.note(by_kind.get(schema.Kind.BUFFER_GROUP, empty))
             allocs = by_kind.get(schema.Kind.ALLOC, empty)
             if allocs.size:
-                self._stack_ids.update(zip(allocs["pid"].tolist(), allocs["key"].tolist()))
+                self._stack_ids.update(
+                    ("alloc", p, k) for p, k in zip(allocs["pid"].tolist(), allocs["key"].tolist())
+                )
             posts = by_kind.get(schema.Kind.POST, empty)
             completions = by_kind.get(schema.Kind.COMPLETE, empty)
+            posted_from = posts[posts["first_id"] != 0]
+            self._stack_ids.update(
+                ("post", p, k)
+                for p, k in zip(posted_from["pid"].tolist(), posted_from["first_id"].tolist())
+            )
             writes = by_kind.get(schema.Kind.WRITE_POST, empty)
             if writes.size and len(self._write_buffers) < MAX_WRITE_BUFFERS:
                 self._write_buffers.update(zip(writes["pid"].tolist(), writes["addr"].tolist()))
@@ -547,11 +555,17 @@ class Recorder:
         # with the probes too: the walk is then a cross-check of what they saw
         self._walk_heaps(probes, "end")
         stacks = []
-        for pid, stack_id in sorted(self._stack_ids):
+        for kind, pid, stack_id in sorted(self._stack_ids):
             if stack_id:
-                frames, symbols = probes.stack(stack_id, pid)
+                frames, symbols = probes.stack(stack_id, pid, kind)
                 stacks.append(
-                    {"pid": pid, "stack_id": stack_id, "frames": frames, "symbols": symbols}
+                    {
+                        "pid": pid,
+                        "stack_id": stack_id,
+                        "frames": frames,
+                        "symbols": symbols,
+                        "kind": kind,
+                    }
                 )
         write_rows(self._writer, schema.STACKS, stacks)
 

@@ -244,6 +244,13 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
             + human_bytes(memory.per_idle_connection.resident_bytes),
         ],
     ]
+    sites = [
+        f"  {site.buffers:,} reads, {human_bytes(site.bytes)}: "
+        + " <- ".join(site.stack[:4] or ["(no frames)"])
+        for site in memory.read_sites
+    ]
+    if sites:
+        sites.insert(0, "posted from (the code holding these buffers, innermost frame first):")
     unknowns = [
         _unknown(figure, u)
         for figure, found in (
@@ -252,7 +259,7 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         )
         for u in found
     ]
-    return "\n".join([table(["memory", "now", ""], rows), *unknowns])
+    return "\n".join([table(["memory", "now", ""], rows), *unknowns, *sites])
 
 
 def _totals_row(proc: ProcessSummary) -> list[str]:

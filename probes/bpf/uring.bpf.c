@@ -214,6 +214,7 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
     e->nvec = d.nvec;
     e->op = d.op;
     e->group = d.group;
+    e->first_id = post_stack(args);
     events.ringbuf_submit(e, 0);
     return 0;
 }

@@ -122,6 +122,12 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str, method: 
             )
         blocks = set(walked["addr"]) - {0}
         assert blocks <= set(server_blocks), "a buffer was attributed to another allocation"
+        # where the reads were posted from: user stacks taken as they were posted (a walk
+        # can fail: the kernel counts those)
+        posted_from = sum(site["buffers"] for site in memory["read_sites"])
+        missed = read_meta(trace).probes.reads.kernel_counts["stack_missed"]
+        assert posted_from + missed >= CONNECTIONS
+        assert all(site["stack"] for site in memory["read_sites"])
         return
     # the probes' recording walked the heap too, at its end: both agree on every block
     for row in walked.itertuples():
