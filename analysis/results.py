@@ -229,6 +229,8 @@ class MemoryFigures(Result):
     connections: ConnectionCounts
     socket_kernel_bytes: int
     per_idle_connection: PerIdleConnection
+    # how buffers' allocations were found: "walk:glibc", "walk:go+glibc", "probes"
+    allocations_found_by: str = "probes"
     # analysis.memory.connection_table(), this process's rows
     connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
 

@@ -166,6 +166,7 @@ def memory_by_process(
     quiet = connections["idle"] & connections["last_data_ns"].isna()
     quiet &= (connections["posted_bytes"] == 0) & late
     sources = _rss_sources(trace)
+    methods = {a.pid: a.method for a in trace.meta.memory.allocators}
     out = {}
     for pid in set(live["pid"]) | set(attributed["pid"]) | set(rss.index):
         conns = connections[connections["pid"] == pid]
@@ -254,6 +255,7 @@ def memory_by_process(
                 bytes=float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
                 unknown=retained_unknown,
             ),
+            allocations_found_by=methods.get(int(pid), "probes"),
             connection_rows=conns,
         )
     return out

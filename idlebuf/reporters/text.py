@@ -196,7 +196,13 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
     estimate = " (estimated from a sample)" if heap.estimated else ""
     if heap.since_attach:
         estimate += " made since the attach"
+    found_by = {
+        "probes": "allocator probes (every allocation traced)",
+        "walk:glibc": "walking glibc's heap",
+        "walk:go+glibc": "walking Go's heap (and glibc's)",
+    }.get(memory.allocations_found_by, memory.allocations_found_by)
     rows = [
+        ["allocations found by", found_by, ""],
         [
             "IO-buffer heap (posted reads' buffers)",
             _plus_unknown(io_heap.bytes, io_heap.unknown),
