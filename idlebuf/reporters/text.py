@@ -202,7 +202,7 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         "walk:go+glibc": "walking Go's heap (and glibc's)",
     }.get(memory.allocations_found_by, memory.allocations_found_by)
     rows = [
-        ["allocations found by", found_by, ""],
+        ["allocations found by", "", found_by],
         [
             "IO-buffer heap (posted reads' buffers)",
             _plus_unknown(io_heap.bytes, io_heap.unknown),
