@@ -483,51 +483,51 @@ def program_break(maps: pd.DataFrame) -> pd.DataFrame:
     return (g.last() - g.first()).rename("brk_heap_bytes").reset_index()
 
 
+SITE_COLUMNS = ["pid", "stack_id", "bytes", "buffers", "symbols"]
+
+
 def buffer_sites(
     attributed: pd.DataFrame, allocations: pd.DataFrame, stacks: pd.DataFrame, top: int = 5
 ) -> pd.DataFrame:
     """Where the allocations holding IO buffers were made: per (pid, stack) the attributed
     bytes and buffers, largest first, with the stack's symbols (innermost first)."""
-    cols = ["pid", "stack_id", "bytes", "buffers", "symbols"]
     held = attributed[attributed["alloc_size"] > 0]
     if held.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=SITE_COLUMNS)
     sites = held.drop(columns=["stack_id"], errors="ignore").merge(
         allocations[["pid", "addr", "stack_id"]].rename(columns={"addr": "alloc_addr"}),
         on=["pid", "alloc_addr"],
         how="left",
     )
     sites["stack_id"] = sites["stack_id"].fillna(0).astype("int64")
-    g = sites.groupby(["pid", "stack_id"])
-    out = pd.DataFrame({"bytes": g["attributed_bytes"].sum(), "buffers": g.size()}).reset_index()
-    named = stacks[stacks["kind"] == "alloc"].astype({"stack_id": "int64"})
+    return _top_sites(sites, "attributed_bytes", stacks, "alloc", top)
+
+
+def _top_sites(
+    rows: pd.DataFrame, size: str, stacks: pd.DataFrame, kind: str, top: int
+) -> pd.DataFrame:
+    """Per (pid, stack_id) of `rows` the bytes (`size` summed) and buffers, with the
+    symbols of the stacks of `kind`, the `top` largest per pid."""
+    g = rows.groupby(["pid", "stack_id"])
+    out = pd.DataFrame({"bytes": g[size].sum(), "buffers": g.size()}).reset_index()
+    named = stacks[stacks["kind"] == kind].astype({"stack_id": "int64"})
     out = out.merge(named[["pid", "stack_id", "symbols"]], on=["pid", "stack_id"], how="left")
     out["symbols"] = out["symbols"].apply(
         lambda s: list(s) if isinstance(s, (list, np.ndarray)) else []
     )
     out = out.sort_values(["pid", "bytes"], ascending=[True, False])
-    return out.groupby("pid").head(top)[cols].reset_index(drop=True)
+    return out.groupby("pid").head(top)[SITE_COLUMNS].reset_index(drop=True)
 
 
 def read_sites(posted: pd.DataFrame, stacks: pd.DataFrame, top: int = 5) -> pd.DataFrame:
     """Where the reads posted now were posted from: per (pid, user stack of the posting
     code) their buffers and bytes, largest first, with the stack's symbols (innermost
     first). Reads with no stack (not recorded with --memory, found at attach) are left out."""
-    cols = ["pid", "stack_id", "bytes", "buffers", "symbols"]
     with_stack = posted[posted["stack_id"] > 0]
     if with_stack.empty:
-        return pd.DataFrame(columns=cols)
-    g = with_stack.assign(stack_id=with_stack["stack_id"].astype("int64")).groupby(
-        ["pid", "stack_id"]
-    )
-    out = pd.DataFrame({"bytes": g["len"].sum(), "buffers": g.size()}).reset_index()
-    named = stacks[stacks["kind"] == "post"].astype({"stack_id": "int64"})
-    out = out.merge(named[["pid", "stack_id", "symbols"]], on=["pid", "stack_id"], how="left")
-    out["symbols"] = out["symbols"].apply(
-        lambda s: list(s) if isinstance(s, (list, np.ndarray)) else []
-    )
-    out = out.sort_values(["pid", "bytes"], ascending=[True, False])
-    return out.groupby("pid").head(top)[cols].reset_index(drop=True)
+        return pd.DataFrame(columns=SITE_COLUMNS)
+    with_stack = with_stack.assign(stack_id=with_stack["stack_id"].astype("int64"))
+    return _top_sites(with_stack, "len", stacks, "post", top)
 
 
 def _idle_at_edges(
