@@ -24,8 +24,8 @@ class ComparisonRow(Result):
     pinned_bytes: int
     io_buffer_memory: int  # user memory held for reads: see io_buffer_memory()
     io_buffer_memory_resident: int
-    rss_growth: int
-    rss_bytes: int
+    rss_growth: int | None  # None: resident memory was not measured
+    rss_bytes: int | None
     socket_kernel_bytes: int
     per_idle_connection_bytes: int
     pending_writes: int
@@ -65,6 +65,7 @@ def comparison_row(
     committed, resident = io_buffer_memory(process)
     seen = memory.connections
     base = memory.rss.first if rss_base is None else rss_base
+    peak = memory.rss.peak
     return ComparisonRow(
         model=name,
         pid=process.pid,
@@ -74,7 +75,7 @@ def comparison_row(
         pinned_bytes=process.pinned_bytes.now,
         io_buffer_memory=committed,
         io_buffer_memory_resident=resident,
-        rss_growth=memory.rss.peak - base,
+        rss_growth=None if peak is None or base is None else peak - base,
         rss_bytes=memory.rss.now,
         socket_kernel_bytes=memory.socket_kernel_bytes,
         per_idle_connection_bytes=round(memory.per_idle_connection.bytes),

@@ -44,6 +44,48 @@ def allocation_intervals(allocs: pd.DataFrame, frees: pd.DataFrame) -> pd.DataFr
     return out[ALLOCATION_COLUMNS]
 
 
+def walked_blocks(blocks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The allocator walkers' findings (heap_blocks), each buffer's latest: (allocations in
+    the shape of allocation_intervals(), the program's own mappings in the shape of
+    mapping_intervals(), and the lookups that failed: pid, buffer, why). A block counts from
+    when it was first found."""
+    latest = blocks.sort_values("ts_ns", kind="stable").drop_duplicates(
+        ["pid", "buffer"], keep="last"
+    )
+    found = latest[latest["size"] > 0]
+    first = blocks.groupby(["pid", "addr", "size"])["ts_ns"].min().rename("since").reset_index()
+    found = found.merge(first, on=["pid", "addr", "size"], how="left")
+    heap = found[found["allocator"] != "mapping"].drop_duplicates(["pid", "addr"])
+    own = found[found["allocator"] == "mapping"].drop_duplicates(["pid", "addr"])
+    allocations = pd.DataFrame(
+        {
+            "pid": heap["pid"],
+            "addr": heap["addr"],
+            "size": heap["size"],
+            "fn": 0,
+            "stack_id": 0,
+            "alloc_ns": heap["since"].astype("int64"),
+            "free_ns": np.nan,
+        }
+    )
+    mappings = pd.DataFrame(
+        {
+            "pid": own["pid"],
+            "addr": own["addr"],
+            "size": own["size"],
+            "fn": 0,
+            "map_ns": own["since"].astype("int64"),
+            "unmap_ns": np.nan,
+        }
+    )
+    failed = latest.loc[latest["size"] == 0, ["pid", "buffer", "why"]]
+    return (
+        allocations.reset_index(drop=True)[ALLOCATION_COLUMNS],
+        mappings.reset_index(drop=True),
+        failed.reset_index(drop=True),
+    )
+
+
 def live_at(intervals: pd.DataFrame, at_ns: int, start: str, end: str) -> pd.DataFrame:
     """Rows of `intervals` alive at `at_ns` (started at or before it, not ended by it)."""
     return intervals[(intervals[start] <= at_ns) & ~(intervals[end] <= at_ns)]
@@ -132,6 +174,26 @@ def retained_buffers(
     last = last[(moved_on == -1) | (moved_on == last["fd"])]
     held = buffer_attribution(last, allocations)
     return held[held["attributed_bytes"] > 0].reset_index(drop=True)
+
+
+def resident_events(rss: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
+    """kmem:rss_stat events with the /proc/PID/status samples (at attach and at the end) as
+    events of the same shape: a sample sets the anonymous, file and shared counters at once.
+    A sample whose address space is unknown (mm_id 0) takes the process's last one seen."""
+    if status.empty:
+        return rss
+    members = {"rss_anon": RssMember.ANON, "rss_file": RssMember.FILE, "rss_shmem": RssMember.SHMEM}
+    samples = status.assign(mm_id=status["mm_id"].astype("uint64"))
+    unknown = samples["mm_id"] == 0
+    if unknown.any() and not rss.empty:
+        last = rss.sort_values("ts_ns").groupby("pid")["mm_id"].last()
+        samples.loc[unknown, "mm_id"] = samples.loc[unknown, "pid"].map(last).fillna(0)
+    rows = [
+        samples[["ts_ns", "pid", "mm_id"]].assign(member=int(member), bytes=samples[column])
+        for column, member in members.items()
+    ]
+    combined = pd.concat([rss, *rows], ignore_index=True)
+    return combined.astype({c: rss[c].dtype for c in rss.columns if c in combined})
 
 
 def rss_at(rss: pd.DataFrame, pid: int, ts_ns: int) -> int:
@@ -379,10 +441,12 @@ MAPPING_COLUMNS = ["pid", "addr", "size", "fn", "map_ns", "unmap_ns"]
 def mapping_intervals(maps: pd.DataFrame, unmaps: pd.DataFrame) -> pd.DataFrame:
     """Address ranges the targets mapped (mmap, and mremap's new range), with when they went
     (`unmap_ns` NaN: still mapped): the first later munmap covering the range's start, or an
-    mremap that moved it. brk records are not ranges and are left out."""
+    mremap that moved it. brk records are not ranges and are left out, and so are the
+    anonymous mappings found at attach: whose they are (an allocator's arena, or the
+    program's own pool) cannot be told from /proc/PID/maps."""
     from probes.format.schema import MapFn  # noqa: PLC0415
 
-    ranges = maps[maps["fn"] != MapFn.BRK]
+    ranges = maps[(maps["fn"] != MapFn.BRK) & (maps["fn"] != MapFn.AT_ATTACH)]
     if ranges.empty:
         return pd.DataFrame(columns=MAPPING_COLUMNS)
     out = ranges.rename(columns={"len": "size", "ts_ns": "map_ns"}).reset_index(drop=True)
@@ -419,30 +483,51 @@ def program_break(maps: pd.DataFrame) -> pd.DataFrame:
     return (g.last() - g.first()).rename("brk_heap_bytes").reset_index()
 
 
+SITE_COLUMNS = ["pid", "stack_id", "bytes", "buffers", "symbols"]
+
+
 def buffer_sites(
     attributed: pd.DataFrame, allocations: pd.DataFrame, stacks: pd.DataFrame, top: int = 5
 ) -> pd.DataFrame:
     """Where the allocations holding IO buffers were made: per (pid, stack) the attributed
     bytes and buffers, largest first, with the stack's symbols (innermost first)."""
-    cols = ["pid", "stack_id", "bytes", "buffers", "symbols"]
     held = attributed[attributed["alloc_size"] > 0]
     if held.empty:
-        return pd.DataFrame(columns=cols)
-    sites = held.merge(
+        return pd.DataFrame(columns=SITE_COLUMNS)
+    sites = held.drop(columns=["stack_id"], errors="ignore").merge(
         allocations[["pid", "addr", "stack_id"]].rename(columns={"addr": "alloc_addr"}),
         on=["pid", "alloc_addr"],
         how="left",
     )
     sites["stack_id"] = sites["stack_id"].fillna(0).astype("int64")
-    g = sites.groupby(["pid", "stack_id"])
-    out = pd.DataFrame({"bytes": g["attributed_bytes"].sum(), "buffers": g.size()}).reset_index()
-    named = stacks.astype({"stack_id": "int64"})[["pid", "stack_id", "symbols"]]
-    out = out.merge(named, on=["pid", "stack_id"], how="left")
+    return _top_sites(sites, "attributed_bytes", stacks, "alloc", top)
+
+
+def _top_sites(
+    rows: pd.DataFrame, size: str, stacks: pd.DataFrame, kind: str, top: int
+) -> pd.DataFrame:
+    """Per (pid, stack_id) of `rows` the bytes (`size` summed) and buffers, with the
+    symbols of the stacks of `kind`, the `top` largest per pid."""
+    g = rows.groupby(["pid", "stack_id"])
+    out = pd.DataFrame({"bytes": g[size].sum(), "buffers": g.size()}).reset_index()
+    named = stacks[stacks["kind"] == kind].astype({"stack_id": "int64"})
+    out = out.merge(named[["pid", "stack_id", "symbols"]], on=["pid", "stack_id"], how="left")
     out["symbols"] = out["symbols"].apply(
         lambda s: list(s) if isinstance(s, (list, np.ndarray)) else []
     )
     out = out.sort_values(["pid", "bytes"], ascending=[True, False])
-    return out.groupby("pid").head(top)[cols].reset_index(drop=True)
+    return out.groupby("pid").head(top)[SITE_COLUMNS].reset_index(drop=True)
+
+
+def read_sites(posted: pd.DataFrame, stacks: pd.DataFrame, top: int = 5) -> pd.DataFrame:
+    """Where the reads posted now were posted from: per (pid, user stack of the posting
+    code) their buffers and bytes, largest first, with the stack's symbols (innermost
+    first). Reads with no stack (not recorded with --memory, found at attach) are left out."""
+    with_stack = posted[posted["stack_id"] > 0]
+    if with_stack.empty:
+        return pd.DataFrame(columns=SITE_COLUMNS)
+    with_stack = with_stack.assign(stack_id=with_stack["stack_id"].astype("int64"))
+    return _top_sites(with_stack, "len", stacks, "post", top)
 
 
 def _idle_at_edges(

@@ -14,6 +14,7 @@ SOURCE_NAMES = {s.value: s.name.lower() for s in Source}
 
 _INTERVAL_COLUMNS = [
     "pid",
+    "stack_id",  # posts only: the user stack that posted it
     "tid",
     "fd",
     "source",
@@ -91,7 +92,7 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     )
     if not out["post_ns"].is_monotonic_increasing:
         out = out.sort_values("post_ns", kind="stable")
-    return out.reset_index(drop=True)[_INTERVAL_COLUMNS]
+    return out.reset_index(drop=True)[[c for c in _INTERVAL_COLUMNS if c in out.columns]]
 
 
 EAGAIN = 11
@@ -124,16 +125,61 @@ def next_user_of_buffer(rows: pd.DataFrame, time_col: str, reads: pd.DataFrame) 
     return _next_post(rows, time_col, reads, ["pid", "addr"], "next_fd").fillna(-1)
 
 
-def parked_reads(intervals: pd.DataFrame, waits: pd.DataFrame | None = None) -> pd.DataFrame:
+def _waiting_between(
+    rows: pd.DataFrame, waits: pd.DataFrame, wait_ends: pd.DataFrame | None
+) -> pd.Series:
+    """For each row (pid, end_ns = an EAGAIN's return, `retry` = the next read's post or NaN),
+    whether some thread of the process was in a readiness wait at some moment in between: a
+    wait begun before the retry and not ended before the EAGAIN. A process's netpoller may
+    have been blocked in epoll_wait since long before (one thread waits for all)."""
+    w = (
+        waits[["pid", "tid", "ts_ns"]]
+        .astype({"ts_ns": "float64"})
+        .rename(columns={"ts_ns": "begin"})
+    )
+    if wait_ends is not None and not wait_ends.empty:
+        ends = wait_ends[["pid", "tid", "ts_ns"]].astype({"ts_ns": "float64"})
+        w = pd.merge_asof(
+            w.sort_values("begin"),
+            ends.rename(columns={"ts_ns": "end"}).sort_values("end"),
+            left_on="begin",
+            right_on="end",
+            by=["pid", "tid"],
+            direction="forward",
+        )
+    else:
+        w = w.assign(end=np.nan)
+    w = w.assign(end=w["end"].fillna(np.inf)).sort_values(["pid", "begin"], kind="stable")
+    w["latest_end"] = w.groupby("pid")["end"].cummax()  # of the waits begun so far
+    left = rows[["pid"]].assign(
+        _t=rows["retry"].fillna(np.inf).astype("float64"), _eagain=rows["end_ns"]
+    )
+    found = pd.merge_asof(
+        left.reset_index().sort_values("_t"),
+        w[["pid", "begin", "latest_end"]].sort_values("begin"),
+        left_on="_t",
+        right_on="begin",
+        by="pid",
+        direction="backward",
+    ).set_index("index")
+    return (found["latest_end"] >= found["_eagain"]).reindex(rows.index).fillna(False)
+
+
+def parked_reads(
+    intervals: pd.DataFrame,
+    waits: pd.DataFrame | None = None,
+    wait_ends: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Buffers held by threads parked on readiness after a non-blocking read (source `parked`).
 
     The pattern (Go's netpoller, green threads, virtual threads): a socket read returns EAGAIN,
     the program waits for readiness, then retries with the same buffer, which it held all
     along. One row per such wait, in the shape of `read_intervals`: posted when the EAGAIN
     returned, ended by the next read on the same fd (NaN: still parked). Not counted: a wait
-    with no readiness wait (epoll/poll/select) by the process between the EAGAIN and the
-    retry (when `waits` are given), or whose buffer the program next reads into for another
-    fd (a pool's buffer, not a parked thread's).
+    with no readiness wait (epoll/poll/select) of the process in progress at some moment
+    between the EAGAIN and the retry (when `waits`, and their `wait_ends`, are given), or
+    whose buffer the program next reads into for another fd (a pool's buffer, not a parked
+    thread's).
     """
     syscall = intervals[intervals["source"] == Source.SYSCALL] if not intervals.empty else intervals
     candidates = syscall[syscall["ret"] == -EAGAIN] if not syscall.empty else syscall
@@ -143,9 +189,7 @@ def parked_reads(intervals: pd.DataFrame, waits: pd.DataFrame | None = None) -> 
     retry = _next_post(candidates, "end_ns", syscall, ["pid", "fd"], "at")
     keep = (next_fd == -1) | (next_fd == candidates["fd"])
     if waits is not None:
-        started = waits.rename(columns={"ts_ns": "post_ns"}).assign(fd=-1)
-        wait_at = _next_post(candidates, "end_ns", started, ["pid"], "at")
-        keep &= wait_at.notna() & ~(wait_at > retry)
+        keep &= _waiting_between(candidates.assign(retry=retry), waits, wait_ends)
     keep_arr = keep.to_numpy()
     out = candidates[keep_arr].copy()
     out["post_ns"] = out["end_ns"].astype("int64")
@@ -154,6 +198,22 @@ def parked_reads(intervals: pd.DataFrame, waits: pd.DataFrame | None = None) -> 
     out["superseded"] = False
     out["source"] = Source.PARKED
     return out.reset_index(drop=True)
+
+
+def parked_at_attach(intervals: pd.DataFrame) -> pd.DataFrame:
+    """`intervals` with the parked reads found at attach (posts of source `parked`: goroutines
+    the recorder found parked in a read) ended by the next read the process makes on the same
+    fd, as parked_reads() ends those it derives; NaN: still parked at the end."""
+    if intervals.empty:
+        return intervals
+    seeded = (intervals["source"] == Source.PARKED).to_numpy()
+    if not seeded.any():
+        return intervals
+    out = intervals.copy()
+    syscall = intervals[intervals["source"] == Source.SYSCALL]
+    rows = intervals[seeded]
+    out.loc[seeded, "end_ns"] = _next_post(rows, "post_ns", syscall, ["pid", "fd"], "at")
+    return out
 
 
 def posted_timeline(intervals: pd.DataFrame) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from probes.format.meta import MemoryOptions
+from probes.format.meta import MemoryOptions, ProcessAtAttach
 
 NOT_IN_JSON = {"json": False}  # dataclass field metadata: a field to_json() leaves out
 
@@ -47,6 +47,26 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         return _fields_json(self)
+
+
+@dataclass
+class Unknown(Result):
+    """A part of a figure that cannot be known: how many connections (or reads) it concerns,
+    and why. Never folded into the figure as 0."""
+
+    connections: int
+    why: str
+    bytes: int | None = None  # the bytes concerned, where their size is known
+
+
+@dataclass
+class Provenance(Result):
+    """Where a count comes from: seen live, found at attach (a /proc scan, a walk of the
+    kernel's or the runtime's structures), or unknown."""
+
+    live: int = 0
+    at_attach: int = 0
+    unknown: list[Unknown] = field(default_factory=list)
 
 
 @dataclass
@@ -106,7 +126,9 @@ class BufferGroup(Result):
 
 @dataclass
 class IoBufferHeap(Result):
-    """Heap allocations holding the buffers of reads posted (or parked) at the end."""
+    """Heap allocations holding the buffers of reads posted (or parked) at the end. Buffers
+    whose allocation was not seen (made before the attach, or too small to be tracked) are
+    `unknown`, not counted as 0."""
 
     bytes: int = 0  # buffer bytes inside tracked allocations
     idle_bytes: int = 0  # ... of idle connections
@@ -116,6 +138,7 @@ class IoBufferHeap(Result):
     idle_mapped_bytes: int = 0
     resident_bytes: int = 0
     idle_resident_bytes: int = 0
+    unknown: list[Unknown] = field(default_factory=list)
 
 
 @dataclass
@@ -141,26 +164,35 @@ class Buffers(Result):
 
 @dataclass
 class RetainedBuffers(Buffers):
-    """Last-data buffers still held by idle connections with nothing posted."""
+    """Last-data buffers still held by idle connections with nothing posted; `unknown`: idle
+    connections that received nothing since the attach (what they keep cannot be seen)."""
 
     resident_bytes: int = 0
+    unknown: list[Unknown] = field(default_factory=list)
 
 
 @dataclass
 class HeapLive(Result):
-    allocations: int = 0  # tracked allocations live at the end (scaled when sampled)
-    bytes: int = 0
+    """Allocations the allocator probes tracked, live at the end; None when allocations
+    were looked up (allocator walkers), not traced."""
+
+    allocations: int | None = 0  # tracked allocations live at the end (scaled when sampled)
+    bytes: int | None = 0
     estimated: bool = False  # scaled from a sample
     brk_heap_bytes: int = 0
     mappings: int = 0  # mappings the program made itself, live at the end
     mapped_bytes: int = 0
+    since_attach: bool = False  # only allocations made since the attach are tracked
 
 
 @dataclass
 class ResidentMemory(Result):
-    first: int = 0
-    now: int = 0
-    peak: int = 0
+    """Resident bytes (anonymous + file + shared): None when nothing measured them."""
+
+    first: int | None = None
+    now: int | None = None
+    peak: int | None = None
+    source: str = "unknown"  # where first and now come from
 
 
 @dataclass
@@ -178,6 +210,7 @@ class PerIdleConnection(Result):
     user_buffer_bytes: int = 0  # over all idle connections
     socket_kernel_bytes: int = 0  # over all idle connections
     bytes: float = 0.0  # per idle connection
+    unknown: list[Unknown] = field(default_factory=list)  # idle connections not fully known
 
 
 @dataclass
@@ -186,7 +219,8 @@ class MemoryFigures(Result):
 
     io_buffer_heap: IoBufferHeap
     idle_posted_reads: int
-    io_buffer_sites: list[BufferSite]
+    io_buffer_sites: list[BufferSite]  # where the allocations holding them were made
+    read_sites: list[BufferSite]  # where the reads were posted from (the code to change)
     write_buffer_heap: Allocations
     held_data_buffers: Buffers  # every connection's last-data buffer still held
     retained: RetainedBuffers  # those of idle connections
@@ -195,6 +229,8 @@ class MemoryFigures(Result):
     connections: ConnectionCounts
     socket_kernel_bytes: int
     per_idle_connection: PerIdleConnection
+    # how buffers' allocations were found: "walk:glibc", "walk:go+glibc", "probes"
+    allocations_found_by: str = "probes"
     # analysis.memory.connection_table(), this process's rows
     connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
 
@@ -229,6 +265,8 @@ class ProcessSummary(Result):
     bytes_received: int
     buffer_groups: list[BufferGroup]
     memory: MemoryFigures | None = None
+    # where the posted reads come from (seen live, found at attach, unknown)
+    provenance: Provenance = field(default_factory=Provenance)
 
     def to_json(self, connections: bool = False) -> dict[str, Any]:
         out = _fields_json(self)
@@ -286,10 +324,11 @@ class TraceSummary(Result):
     stop_reason: str | None
     alternate_s: float | None
     uring: str | None  # "traced", or why io_uring was not
-    uring_before_attach: list[int]  # pids that had rings before the recording
+    uring_before_attach: list[int]  # pids with rings whose requests could only be counted
     idle_threshold_s: float
     timeline: list[TimelinePoint] | None = None  # with --timeline
     memory: MemoryOptions | None = None  # the recording's --memory options
+    at_attach: list[ProcessAtAttach] = field(default_factory=list)  # what was found at attach
 
     def to_json(self, connections: bool = False) -> dict[str, Any]:
         out = _fields_json(self)

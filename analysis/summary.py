@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from analysis.buffers import buffer_group_summary
@@ -18,15 +19,19 @@ from analysis.memory import (
     mapping_intervals,
     process_timeline,
     program_break,
+    read_sites,
+    resident_events,
     retained_buffers,
     rss_now_and_peak,
     timeline_edges,
+    walked_blocks,
     with_residency,
     write_buffer_heap,
 )
 from analysis.reads import (
     SUMMARY_COUNTS,
     network_reads,
+    parked_at_attach,
     parked_reads,
     posted_timeline,
     process_peaks,
@@ -47,6 +52,7 @@ from analysis.results import (
     NowAndPeak,
     PerIdleConnection,
     ProcessSummary,
+    Provenance,
     ReadCounts,
     ReadinessWaits,
     ResidentMemory,
@@ -54,10 +60,11 @@ from analysis.results import (
     SourceFigures,
     TimelinePoint,
     TraceSummary,
+    Unknown,
     WriteFigures,
 )
 from probes.format.reader import Trace
-from probes.format.schema import Source
+from probes.format.schema import PostFlag, Source
 
 # Sources whose reads count in a process's totals (io_uring reads of files do not).
 NETWORK_SOURCES = ("syscall", "uring", "parked")
@@ -87,13 +94,23 @@ def memory_by_process(
     if trace.meta.memory is None:
         return {}
     sample = trace.meta.memory.sample_every
+    probed = {a.pid for a in trace.meta.memory.allocators if a.method == "probes"}
+    walked_heap, walked_maps, failed = walked_blocks(trace["heap_blocks"])
+    if trace.meta.memory.alloc_probes:  # the probes saw it all; the walk is a cross-check
+        walked_heap, walked_maps = walked_heap.iloc[0:0], walked_maps.iloc[0:0]
+    else:
+        walked_heap = walked_heap[~walked_heap["pid"].isin(probed)]
+        walked_maps = walked_maps[~walked_maps["pid"].isin(probed)]
     live = live_at(allocations, end_ns, "alloc_ns", "free_ns")
+    tracked = live  # what the allocator probes saw (heap live)
+    live = _stacked(live, walked_heap)
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
-    # buffers outside every tracked allocation: in memory the program mapped itself?
+    # buffers outside every allocation: in memory the program mapped itself?
     mapped = live_at(
         mapping_intervals(trace["maps"], trace["unmaps"]), end_ns, "map_ns", "unmap_ns"
     )
+    mapped = _stacked(mapped, walked_maps).drop_duplicates(["pid", "addr"])
     outside = attributed["alloc_size"] == 0
     in_maps = buffer_attribution(
         attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
@@ -102,6 +119,11 @@ def memory_by_process(
     attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
     brk = program_break(trace["maps"]).set_index("pid")
     sites = buffer_sites(attributed, live, trace["stacks"])
+    posted_from = (
+        read_sites(attributed, trace["stacks"])
+        if "stack_id" in attributed
+        else read_sites(attributed.assign(stack_id=0), trace["stacks"])
+    )
     idle = idle_reads(attributed, connection_activity(reads), end_ns, int(idle_threshold_s * 1e9))
     # every connection's last data buffer still held, idle or not (a pool's buffers once each);
     # those of idle connections are the retained buffers
@@ -116,12 +138,35 @@ def memory_by_process(
         .fillna(0)
     )
     retained["resident_bytes"] = with_residency(retained, residency, "last_data").fillna(0)
-    rss = rss_now_and_peak(trace["rss"]).set_index("pid")
+    rss = rss_now_and_peak(resident_events(trace["rss"], trace["proc_status"])).set_index("pid")
     write_heap = write_buffer_heap(trace["writes"], live).set_index("pid")
     connections = connection_table(
         reads, trace["sockets"], retained, end_ns, int(idle_threshold_s * 1e9)
     )
     cost = idle_connection_cost(connections).set_index("pid")
+    late = bool(trace.meta.targets.pids)
+    min_alloc = trace.meta.memory.min_alloc
+    if trace.meta.memory.alloc_probes:  # every allocator probed
+        probed |= set(attributed["pid"].tolist())
+    # posted buffers in no allocation and no mapping: unknown if their allocation could not be
+    # seen - by the probes: made before the attach, or smaller than what they track; by the
+    # walkers: the lookup failed, and says why - else not heap
+    unseen = (attributed["alloc_size"] == 0) & (attributed["mapped_bytes"] == 0)
+    unseen &= attributed["len"] > 0  # a buffer-select read pins no buffer of its own
+    by_probes = attributed["pid"].isin(probed)
+    too_small = unseen & by_probes & (attributed["len"] < min_alloc)
+    before = unseen & by_probes & ~too_small & late
+    why_failed = attributed[["pid", "addr"]].merge(
+        failed.rename(columns={"buffer": "addr"}), on=["pid", "addr"], how="left"
+    )["why"]
+    why_failed.index = attributed.index
+    lookup_failed = unseen & ~by_probes & why_failed.notna()
+    # idle connections that received nothing since the attach and hold no read now: what
+    # they kept from before cannot be seen
+    quiet = connections["idle"] & connections["last_data_ns"].isna()
+    quiet &= (connections["posted_bytes"] == 0) & late
+    sources = _rss_sources(trace)
+    methods = {a.pid: a.method for a in trace.meta.memory.allocators}
     out = {}
     for pid in set(live["pid"]) | set(attributed["pid"]) | set(rss.index):
         conns = connections[connections["pid"] == pid]
@@ -129,8 +174,24 @@ def memory_by_process(
         mine = attributed[attributed["pid"] == pid]
         mine_idle = mine[idle[mine.index]]
         holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
-        heap = live[live["pid"] == pid]
+        heap = tracked[tracked["pid"] == pid]
         mine_retained = retained[retained["pid"] == pid]
+        heap_unknown = [
+            Unknown(int(rows.sum()), why, int(mine.loc[rows[rows].index, "len"].sum()))
+            for rows, why in (
+                (before[mine.index], "buffers allocated before the attach: not traced"),
+                (too_small[mine.index], f"buffers smaller than --min-alloc {min_alloc:,}"),
+            )
+            if rows.any()
+        ]
+        failed_here = lookup_failed[mine.index]
+        for why, rows in mine[failed_here].groupby(why_failed[mine.index][failed_here]):
+            heap_unknown.append(Unknown(len(rows), str(why), int(rows["len"].sum())))
+        walked_pid = int(pid) not in probed
+        n_quiet = int((quiet & (connections["pid"] == pid)).sum())
+        retained_unknown = (
+            [Unknown(n_quiet, "idle connections with no data since the attach")] if n_quiet else []
+        )
         out[int(pid)] = MemoryFigures(
             io_buffer_heap=IoBufferHeap(
                 bytes=int(mine["attributed_bytes"].sum()),
@@ -141,11 +202,16 @@ def memory_by_process(
                 idle_mapped_bytes=int(mine_idle["mapped_bytes"].sum()),
                 resident_bytes=int(mine["resident_bytes"].sum()),
                 idle_resident_bytes=int(mine_idle["resident_bytes"].sum()),
+                unknown=heap_unknown,
             ),
             idle_posted_reads=int(len(mine_idle)),
             io_buffer_sites=[
                 BufferSite(int(r["bytes"]), int(r["buffers"]), [str(x) for x in r["symbols"]])
                 for r in sites[sites["pid"] == pid].to_dict("records")
+            ],
+            read_sites=[
+                BufferSite(int(r["bytes"]), int(r["buffers"]), [str(x) for x in r["symbols"]])
+                for r in posted_from[posted_from["pid"] == pid].to_dict("records")
             ],
             write_buffer_heap=Allocations(
                 int(write_heap["allocations"].get(pid, 0)), int(write_heap["bytes"].get(pid, 0))
@@ -158,19 +224,22 @@ def memory_by_process(
                 len(mine_retained),
                 int(mine_retained["attributed_bytes"].sum()),
                 int(mine_retained["resident_bytes"].sum()),
+                retained_unknown,
             ),
             heap_live=HeapLive(
-                allocations=len(heap) * sample,
-                bytes=int(heap["size"].sum()) * sample,
+                allocations=None if walked_pid else len(heap) * sample,
+                bytes=None if walked_pid else int(heap["size"].sum()) * sample,
                 estimated=sample > 1,
                 brk_heap_bytes=int(brk["brk_heap_bytes"].get(pid, 0)),
                 mappings=int((mapped["pid"] == pid).sum()),
                 mapped_bytes=int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
+                since_attach=late,
             ),
             rss=ResidentMemory(
-                int(rss["rss_first"].get(pid, 0)),
-                int(rss["rss_now"].get(pid, 0)),
-                int(rss["rss_peak"].get(pid, 0)),
+                _maybe_int(rss["rss_first"].get(pid)),
+                _maybe_int(rss["rss_now"].get(pid)),
+                _maybe_int(rss["rss_peak"].get(pid)),
+                sources.get(int(pid), "unknown") if pid in rss.index else "unknown",
             ),
             connections=ConnectionCounts(len(open_conns), int(open_conns["idle"].sum())),
             socket_kernel_bytes=int(open_conns["socket_kernel_bytes"].sum()),
@@ -184,7 +253,9 @@ def memory_by_process(
                 user_buffer_bytes=int(cost["user_buffer_bytes"].get(pid, 0)),
                 socket_kernel_bytes=int(cost["socket_kernel_bytes"].get(pid, 0)),
                 bytes=float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
+                unknown=retained_unknown,
             ),
+            allocations_found_by=methods.get(int(pid), "probes"),
             connection_rows=conns,
         )
     return out
@@ -220,7 +291,7 @@ def timeline(
     frame = process_timeline(
         posted,
         allocations,
-        trace["rss"],
+        resident_events(trace["rss"], trace["proc_status"]),
         trace["sockets"],
         start,
         end,
@@ -244,11 +315,12 @@ def summarize(
     timeline_s: float | None = None,
 ) -> TraceSummary:
     """Every process's figures; "now" is the end of the recording."""
-    completed = read_intervals(trace["posts"], trace["completions"])
-    parked = parked_reads(completed, trace["waits"])
+    completed = parked_at_attach(read_intervals(trace["posts"], trace["completions"]))
+    parked = parked_reads(completed, trace["waits"], trace["wait_ends"])
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
     end_ns = end_of_recording(trace)
     reads = network_reads(intervals)
+    provenance = posted_provenance(reads[reads["end_ns"].isna()], trace)
     posted = posted_timeline(reads)
     write_intervals = read_intervals(trace["writes"], trace["write_completions"])
     allocations = allocation_intervals(trace["allocs"], trace["frees"])
@@ -261,12 +333,14 @@ def summarize(
     # multishot requests complete many times before their final completion; those
     # intermediate completions are buffer uses without a request pointer
     uses = trace["buffer_uses"]
-    processes = trace["processes"].drop_duplicates("pid").set_index("pid")
+    # the last name each process had (a process that execs is noted again)
+    processes = trace["processes"].drop_duplicates("pid", keep="last").set_index("pid")
     writes = write_summary(write_intervals).set_index("pid")
     waits_begun = trace["waits"].groupby("pid").size()
     waits_ended = trace["wait_ends"].groupby("pid").size()
     pids = sorted(
         set(processes.index)
+        | set(provenance)
         | set(by_label["pid"])
         | set(groups["pid"])
         | set(memory)
@@ -318,6 +392,7 @@ def summarize(
                     for g in groups[groups["pid"] == pid].to_dict("records")
                 ],
                 memory=memory.get(int(pid)),
+                provenance=provenance.get(int(pid), Provenance()),
             )
         )
     meta = trace.meta
@@ -333,13 +408,74 @@ def summarize(
         idle_threshold_s=idle_threshold_s,
         timeline=(
             timeline(
-                trace, reads, posted, allocations, write_intervals, timeline_s, idle_threshold_s
+                trace,
+                reads,
+                posted,
+                _stacked(allocations, walked_blocks(trace["heap_blocks"])[0]),
+                write_intervals,
+                timeline_s,
+                idle_threshold_s,
             )
             if timeline_s
             else None
         ),
         memory=meta.memory,
+        at_attach=list(meta.at_attach),
     )
+
+
+def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Frames of the same columns one after the other; empty ones (whose columns have no
+    dtype) left out so that the others' dtypes stay."""
+    full = [f for f in frames if not f.empty]
+    if not full:
+        return frames[0]
+    return full[0] if len(full) == 1 else pd.concat(full, ignore_index=True)
+
+
+def _maybe_int(value: object) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)  # type: ignore[call-overload]
+
+
+def _rss_sources(trace: Trace) -> dict[int, str]:
+    """Per pid, where its resident-memory figures come from."""
+    status = trace["proc_status"]
+    live = set(trace["rss"]["pid"].tolist())
+    out = {}
+    for pid in set(status["pid"].tolist()) | live:
+        what = set(status.loc[status["pid"] == pid, "what"].tolist())
+        parts = [f"/proc/PID/status at {' and '.join(sorted(what))}"] if what else []
+        if pid in live:
+            parts.append("kmem:rss_stat while recording")
+        out[int(pid)] = "; ".join(parts)
+    return out
+
+
+def posted_provenance(posted_now: pd.DataFrame, trace: Trace) -> dict[int, Provenance]:
+    """Per pid, where its posted reads now come from: found at attach (flagged SCANNED) or
+    seen live, and what could not be found (rings only counted, stripped Go binaries)."""
+    scanned = (posted_now["flags"].to_numpy(np.int64) & PostFlag.SCANNED) != 0
+    found = pd.Series(scanned, index=posted_now.index).groupby(posted_now["pid"]).sum()
+    total = posted_now.groupby("pid").size()
+    out = {
+        int(pid): Provenance(live=int(total[pid] - found[pid]), at_attach=int(found[pid]))
+        for pid in total.index
+    }
+    for process in trace.meta.at_attach:
+        unknown = out.setdefault(process.pid, Provenance()).unknown
+        for ring in process.rings:
+            if ring.how != "walked" and ring.requests:
+                unknown.append(
+                    Unknown(
+                        ring.requests,
+                        f"io_uring requests posted before the attach on ring fd {ring.fd}, "
+                        f"counted from /proc but not read: {ring.why}",
+                    )
+                )
+        go = process.go
+        if go is not None and go.why:
+            unknown.append(Unknown(go.sockets, f"sockets of {go.why}: readers unknown"))
+    return out
 
 
 def _per_connection(total: float, connections: int) -> float:

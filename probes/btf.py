@@ -137,8 +137,8 @@ class BTF:
                     return m.bit_offset + found[0], found[1]
         return None
 
-    def offsetof(self, struct_name: str, path: str) -> int:
-        """Byte offset of `path` ("a.b.c", through named and anonymous members)."""
+    def _member(self, struct_name: str, path: str) -> tuple[int, int]:
+        """(byte offset, type id) of `path` ("a.b.c", through named and anonymous members)."""
         type_id = self.type_id(STRUCT, struct_name)
         total = 0
         for part in path.split("."):
@@ -150,7 +150,20 @@ class BTF:
                 raise BTFError(f"{struct_name}.{path} is a bitfield")
             total += bits // 8
             type_id = member.type_id
-        return total
+        return total, type_id
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        """Byte offset of `path` ("a.b.c", through named and anonymous members)."""
+        return self._member(struct_name, path)[0]
+
+    def member_size(self, struct_name: str, path: str) -> int:
+        """Size in bytes of the member at `path` (integers, enums, pointers, structs)."""
+        t = self._resolve(self._member(struct_name, path)[1])
+        if t.kind == PTR:
+            return 8
+        if t.kind in (INT, ENUM, STRUCT, UNION):
+            return t.size_or_type
+        raise BTFError(f"{struct_name}.{path} has no fixed size")
 
     def sizeof(self, struct_name: str) -> int:
         return self._resolve(self.type_id(STRUCT, struct_name)).size_or_type

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from probes import features
+from probes.attach.kernel import KernelState
 from probes.btf import BTF
 from probes.format import schema
 from probes.format.errors import ProbeError
@@ -67,7 +68,10 @@ class ProbeOptions:
     max_inflight: int = 65536
     ringbuf_pages: int = 4096  # 16 MiB: ~200k records of slack before a burst drops events
     max_iov: int = 8
-    memory: bool = False  # allocation probes (uprobes on the allocator) and resident memory
+    memory: bool = False  # the memory side: resident memory, buffers' allocations
+    # with memory: probe every allocation (uprobes on the allocator, and mmap/brk) instead of
+    # reading the allocator's structures when a buffer's allocation is needed
+    alloc_probes: bool = False
     min_alloc: int = 1024  # allocations smaller than this are not tracked
     sample_every: int = 1  # track one allocation address in N (by a hash of the address)
     max_allocs: int = 262144
@@ -125,8 +129,11 @@ def program_files(options: ProbeOptions, hooks: str | None, uring: bool) -> list
         files.append("uring.bpf.c")
     if not options.min_wait_ns:  # --min-wait records only calls that wait: no parked reads
         files.append("readiness.bpf.c")
-    if options.memory:
-        files.append("alloc.bpf.c")
+    if options.memory:  # the uprobes are attached per target, only where they are needed
+        files += ["rss.bpf.c", "alloc.bpf.c"]
+    if options.memory and options.alloc_probes:
+        files.append("maps.bpf.c")
+    files.append("attach.bpf.c")  # run on demand only: nothing attached, nothing paid
     return files
 
 
@@ -155,6 +162,7 @@ def probe_cflags(
         MAX_STACKS=options.max_stacks,
         MIN_WAIT_NS=options.min_wait_ns,
         WITH_WRITES=int(options.writes),
+        POST_STACKS=int(options.memory),
         BLOCK_HOOKS=int(hooks == "scheduler"),
     )
     return [f"-D{k}={v}" for k, v in sorted(consts.items())]
@@ -425,11 +433,13 @@ class Probes:
             if key is not None:
                 lib.bpf_delete_elem(self._calls_fd, ctypes.byref(key))
 
-    def stack(self, stack_id: int, pid: int) -> tuple[list[int], list[str]]:
-        """The frames of an allocation stack (ids as in ALLOC records: id + 1) and their
-        symbols, resolved against the process while it still runs."""
+    def stack(self, stack_id: int, pid: int, kind: str = "alloc") -> tuple[list[int], list[str]]:
+        """The frames of a user stack (ids as in the records: id + 1) of allocations
+        ("alloc") or of posted reads ("post"), and their symbols, resolved against the
+        process while it still runs."""
         try:
-            frames = [int(a) for a in self.bpf["alloc_stacks"].walk(stack_id - 1)]
+            table = self.bpf["alloc_stacks" if kind == "alloc" else "post_stacks"]
+            frames = [int(a) for a in table.walk(stack_id - 1)]
         except KeyError:
             return [], []
         symbols = [
@@ -437,6 +447,21 @@ class Probes:
             for a in frames
         ]
         return frames, symbols
+
+    @functools.cached_property
+    def kernel_state(self) -> KernelState:
+        """The programs that read what the targets held before tracing (attach.bpf.c)."""
+        return KernelState(self.bpf)
+
+    def uring_entry(self, req: int) -> bool | None:
+        """Whether the io_uring in-flight table holds `req` as the walk at attach entered it
+        (True), as a submission the probes saw (False), or not at all (None)."""
+        try:
+            table = self.bpf["uring_inflight"]
+        except KeyError:
+            return None
+        entry = table.get(table.Key(req))
+        return None if entry is None else bool(entry.flags & schema.PostFlag.SCANNED)
 
     def counter_values(self) -> dict[str, int]:
         return {c.name.lower(): int(sum(self.counters[c.value])) for c in schema.Counter}

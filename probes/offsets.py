@@ -19,6 +19,10 @@ KERNEL_OFFSETS = {
     "OFF_FDT_FD": ("fdtable", "fd"),
     "OFF_FILE_INODE": ("file", "f_inode"),
     "OFF_INODE_MODE": ("inode", "i_mode"),
+    # state at attach (attach.bpf.c): the iterator's view of tasks and files
+    "OFF_TASK_TGID": ("task_struct", "tgid"),
+    "OFF_TASK_MM": ("task_struct", "mm"),
+    "OFF_FILE_PRIVATE": ("file", "private_data"),
 }
 
 # io_uring request layout, as (constant, struct, member path within the struct); op-specific
@@ -43,6 +47,11 @@ URING_OFFSETS = {
     "ITER_OFF_IOV": [("iov_iter", "__iov")],
     "ITER_OFF_COUNT": [("iov_iter", "count")],
     "ITER_OFF_NR_SEGS": [("iov_iter", "nr_segs")],
+    # a request found at attach is read from memory, not from a tracepoint's fields
+    "URING_OFF_FILE": [("io_kiocb", "file")],
+    "URING_OFF_OPCODE": [("io_kiocb", "opcode")],
+    "URING_OFF_FLAGS": [("io_kiocb", "flags")],
+    "URING_OFF_USER_DATA": [("io_kiocb", "cqe"), ("io_cqe", "user_data")],
 }
 # request flag bits (anonymous enum in io_uring_types.h), passed as masks
 URING_FLAG_BITS = {
@@ -64,6 +73,7 @@ def uring_constants(btf: BTF) -> dict[str, int]:
     out = {name: sum(btf.offsetof(s, m) for s, m in path) for name, path in URING_OFFSETS.items()}
     for mask, bit in URING_FLAG_BITS.items():
         out[mask] = 1 << btf.enumerator(bit)
+    out["URING_FLAGS_SIZE"] = btf.member_size("io_kiocb", "flags")
     out["ITER_UBUF_VAL"] = btf.enum_value("iter_type", "ITER_UBUF")
     out["ITER_IOVEC_VAL"] = btf.enum_value("iter_type", "ITER_IOVEC")
     for name, value in schema.URING_READ_OPS.items():

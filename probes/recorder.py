@@ -10,6 +10,7 @@ target has exited; the trace is finalized in every case, and a bug keeps what wa
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -19,19 +20,26 @@ from typing import Any
 
 import numpy as np
 
-from probes import features, residency, scan, session
+from probes import features, residency, session
+from probes.allocators import HeapWalker
+from probes.allocators.base import Allocation
+from probes.attach import blocked, goroutines, process
+from probes.attach import uring as uring_state
 from probes.batches import split_by_kind, write_records, write_rows
 from probes.btf import BTF
 from probes.buffer_rings import BufferRingWatcher
 from probes.format import schema
-from probes.format.errors import RecordError
+from probes.format.errors import BTFError, ProbeError, RecordError
 from probes.format.meta import (
+    Allocator,
     Clock,
     EventCounts,
+    GoAtAttach,
     MemoryOptions,
     Meta,
     Probes,
     ProbeState,
+    ProcessAtAttach,
     Switch,
     Targets,
 )
@@ -40,10 +48,12 @@ from probes.launch import Child, alive, check_targets, finish_child, is_process,
 from probes.launch import proc_text as _proc_text
 from probes.loader import ProbeOptions
 from probes.loader import Probes as LoadedProbes
+from probes.process_memory import MemoryReadError
 from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler
 
 VERSION = "0.1.0"
+MAX_WRITE_BUFFERS = 1 << 20  # distinct write buffers looked up at the end
 
 
 @dataclass
@@ -83,6 +93,13 @@ def _now_ns() -> int:
     return time.monotonic_ns()  # the clock of bpf_ktime_get_ns
 
 
+def _fds(pid: int) -> list[int]:
+    try:
+        return [int(n) for n in os.listdir(f"/proc/{pid}/fd")]
+    except (OSError, ValueError):
+        return []
+
+
 class _Stop:
     """Turns SIGINT/SIGTERM into a flag the loop checks, so the trace is always finalized."""
 
@@ -118,14 +135,20 @@ class Recorder:
         self.clock = clock or session.SystemClock()
         self._batches: list[np.ndarray] = []
         self._buffered = 0
-        self._known_pids: set[int] = set()
+        self._known: dict[int, str] = {}  # pid -> comm as last noted
         self._processes: list[dict[str, Any]] = []
         self._posts = 0
         self._completions = 0
         self._rings = BufferRingWatcher()
         self._sockets: SocketSampler | None = None
         self._buffers: BufferTracker | None = None
-        self._stack_ids: set[tuple[int, int]] = set()  # (pid, stack id + 1) of allocations
+        # the memory side without allocator probes: each target's heap walker (made at its
+        # first walk: a launched command must have exec'd), and the buffers looked up so far
+        self._walkers: dict[int, HeapWalker | None] = {}
+        self._looked_up: set[tuple[int, int]] = set()
+        self._write_buffers: set[tuple[int, int]] = set()  # (pid, addr) writes were sent from
+        # (kind, pid, stack id + 1) of allocations ("alloc") and of posted reads ("post")
+        self._stack_ids: set[tuple[str, int, int]] = set()
         self._target_pids: list[int] = []
         self._probes: LoadedProbes | None = None
         self._child: Child | None = None
@@ -202,17 +225,29 @@ class Recorder:
 
     # --- what the recorder writes besides the events -----------------------------------------
     def _note_process(self, pid: int, ts: int) -> None:
-        if pid in self._known_pids:
+        if pid in self._known:
             return
-        self._known_pids.add(pid)
+        self._note_name(pid, ts)
+
+    def _note_name(self, pid: int, ts: int) -> None:
+        comm = _proc_text(pid, "comm")
+        self._known[pid] = comm
         self._processes.append(
             {
                 "pid": pid,
-                "comm": _proc_text(pid, "comm"),
+                "comm": comm,
                 "cmdline": _proc_text(pid, "cmdline")[:4096],
                 "first_seen_ns": ts,
             }
         )
+
+    def _renamed(self) -> None:
+        """A target that exec'd since it was noted is noted again, under its new name."""
+        now = _now_ns()
+        for pid in self._live_targets():
+            comm = _proc_text(pid, "comm")
+            if comm and self._known.get(pid) not in (None, comm):
+                self._note_name(pid, now)
 
     def _flush(self) -> None:
         probes = self._probes
@@ -231,11 +266,23 @@ class Recorder:
             self._rings.note(by_kind.get(schema.Kind.BUFFER_GROUP, empty))
             allocs = by_kind.get(schema.Kind.ALLOC, empty)
             if allocs.size:
-                self._stack_ids.update(zip(allocs["pid"].tolist(), allocs["key"].tolist()))
+                self._stack_ids.update(
+                    ("alloc", p, k) for p, k in zip(allocs["pid"].tolist(), allocs["key"].tolist())
+                )
             posts = by_kind.get(schema.Kind.POST, empty)
             completions = by_kind.get(schema.Kind.COMPLETE, empty)
+            posted_from = posts[posts["first_id"] != 0]
+            self._stack_ids.update(
+                ("post", p, k)
+                for p, k in zip(posted_from["pid"].tolist(), posted_from["first_id"].tolist())
+            )
+            writes = by_kind.get(schema.Kind.WRITE_POST, empty)
+            if writes.size and len(self._write_buffers) < MAX_WRITE_BUFFERS:
+                self._write_buffers.update(zip(writes["pid"].tolist(), writes["addr"].tolist()))
             if self._buffers is not None:
                 self._buffers.note(posts, completions)
+                if probes is not None and not probes.options.alloc_probes and sampling:
+                    self._walk_heaps(probes, "flush")
             write_records(self._writer, by_kind)
             self._posts += posts.size
             self._completions += completions.size
@@ -245,20 +292,21 @@ class Recorder:
             )
         if sampling:
             write_rows(self._writer, schema.BUFFER_RINGS, self._rings.snapshot(_now_ns()))
+            self._renamed()
         write_rows(self._writer, schema.PROCESSES, self._processes)
         self._processes = []
 
-    def _scan_blocked(self, probes: LoadedProbes, pid: int) -> None:
+    def _scan_blocked(self, probes: LoadedProbes, pid: int) -> int:
         """Seed the in-flight table and the trace with reads blocked before tracing began."""
         found = []
-        for read in scan.blocked_reads(pid, probes.options.max_iov):
+        for read in blocked.blocked_reads(pid, probes.options.max_iov):
             ts = _now_ns()
             flags = read.flags | schema.PostFlag.SCANNED
             if not probes.track_inflight(
                 read.tid, read.fd, read.addr, read.length, read.op, flags, read.nvec, ts, pid
             ):
                 continue  # the probes saw this read enter: they already have it
-            if scan.syscall_of(pid, read.tid) != read.call:
+            if blocked.syscall_of(pid, read.tid) != read.call:
                 # It returned while we looked: undo, unless the probes already replaced it.
                 if (probes.inflight_flags(read.tid) or 0) & schema.PostFlag.SCANNED:
                     probes.forget_inflight(read.tid)
@@ -281,6 +329,7 @@ class Recorder:
             )
         if found:
             self.take(schema.wire_records(found))
+        return len(found)
 
     # --- the recording ------------------------------------------------------------------------
     def run(self) -> RecordSummary:
@@ -341,9 +390,8 @@ class Recorder:
                 for pid in cfg.pids:
                     self._attach(probes, pid)
                     self._note_process(pid, _now_ns())
-                for pid in cfg.pids:
-                    self._scan_blocked(probes, pid)
-                self.meta.uring_before_attach = [p for p in cfg.pids if scan.has_io_uring(p)]
+                self._state_at_attach(probes, btf, cfg.pids)
+                self._sample_status(probes, "attach")  # a launched command is seen from exec
             self._write_meta()
             if self.meta.alternations is not None:  # the first traced stretch
                 self.meta.alternations.append(Switch(self.meta.tracing_since_ns, _now_ns(), True))
@@ -352,6 +400,7 @@ class Recorder:
             )
             # A final drain after the loop: what the kernel emitted up to the stop.
             self.take(probes.drain())
+            self._sample_status(probes, "end")
             self._flush()
             if self._buffers is not None:  # while the targets still run
                 self._measure_buffers(probes)
@@ -378,18 +427,145 @@ class Recorder:
             probes.close()
             if self._sockets is not None:
                 self._sockets.close()
+            for walker in self._walkers.values():
+                if walker is not None:
+                    walker.close()
+
+    def _state_at_attach(self, probes: LoadedProbes, btf: BTF, pids: list[int]) -> None:
+        """What the targets held before tracing began: threads blocked in socket reads
+        (/proc), io_uring requests and buffer groups (the kernel's rings), goroutines parked
+        in reads (a Go runtime's memory), anonymous mappings (/proc/PID/maps)."""
+        kernel, files, why = None, [], None
+        try:
+            kernel = probes.kernel_state
+            files = kernel.open_files()
+        except ProbeError as exc:
+            kernel, why = None, f"the kernel's state could not be read: {exc}"
+        layout = None
+        if probes.uring_status != "traced":
+            why = f"io_uring is not traced: {probes.uring_status}"
+        elif kernel is not None:
+            try:
+                layout = uring_state.Layout.from_btf(btf)
+            except BTFError as exc:
+                why = f"this kernel's io_uring rings are not understood: {exc}"
+        for pid in pids:
+            began = time.perf_counter()
+            found = ProcessAtAttach(pid=pid, blocked_syscalls=self._scan_blocked(probes, pid))
+            rings = uring_state.at_attach(pid, kernel, layout, files, why, probes.uring_entry)
+            if rings.posts:
+                self.take(np.array(rings.posts, dtype=schema.WIRE_EVENT.dtype))
+            if rings.groups:
+                self.take(schema.wire_records(rings.groups))
+            for ring, group, addr, entries in rings.kernel_rings:
+                assert kernel is not None
+                self._rings.watch_kernel(pid, ring, group, addr, entries, kernel.read)
+            found.rings = rings.rings
+            found.go = self._goroutines(pid)
+            mappings = process.anonymous_mappings(pid)
+            found.mappings = len(mappings)
+            self._take_mappings(pid, mappings)
+            found.walk_ms = round((time.perf_counter() - began) * 1000, 1)
+            self.meta.at_attach.append(found)
+        self.meta.uring_before_attach = [
+            f.pid for f in self.meta.at_attach if any(r.how != "walked" for r in f.rings)
+        ]
+
+    def _goroutines(self, pid: int) -> GoAtAttach | None:
+        """A Go target's goroutines parked in socket reads, as parked posts."""
+        scan = goroutines.parked_reads(pid, lambda fd: blocked.is_socket(pid, fd))
+        if not scan.reads and scan.unknown_why is None and not scan.io_waiting:
+            return None  # not Go, or no goroutine waiting on IO
+        ts = _now_ns()
+        rows = [
+            {
+                "ts_ns": ts,
+                "key": r.goid,
+                "addr": r.addr,
+                "value": r.length,
+                "pid": pid,
+                "fd": r.fd,
+                "flags": schema.PostFlag.SCANNED,
+                "op": schema.SYSCALLS["read"],
+                "kind": schema.Kind.POST,
+                "source": schema.Source.PARKED,
+            }
+            for r in scan.reads
+        ]
+        if rows:
+            self.take(schema.wire_records(rows))
+        sockets = 0
+        if scan.unknown_why:
+            sockets = sum(1 for fd in _fds(pid) if blocked.is_socket(pid, fd))
+        return GoAtAttach(
+            parked_reads=len(rows),
+            io_waiting=scan.io_waiting,
+            skipped=scan.skipped,
+            why=scan.unknown_why,
+            sockets=sockets,
+        )
+
+    def _take_mappings(self, pid: int, mappings: list[process.Mapping]) -> None:
+        if not mappings:
+            return
+        ts = _now_ns()
+        self.take(
+            schema.wire_records(
+                [
+                    {
+                        "ts_ns": ts,
+                        "pid": pid,
+                        "addr": m.addr,
+                        "value": m.length,
+                        "op": schema.MapFn.AT_ATTACH,
+                        "fd": -1,
+                        "kind": schema.Kind.MAP,
+                    }
+                    for m in mappings
+                ]
+            )
+        )
+
+    def _sample_status(self, probes: LoadedProbes, what: str) -> None:
+        """Resident memory of every live target from /proc/PID/status, with its address
+        space's id (as kmem:rss_stat names it) from the kernel."""
+        mm: dict[int, int] = {}
+        with contextlib.suppress(ProbeError):
+            mm = {f.pid: f.mm for f in probes.kernel_state.open_files()}
+        rows = []
+        for pid in self._live_targets():
+            counts = process.status(pid)
+            if counts is not None:
+                rows.append(
+                    {
+                        "ts_ns": _now_ns(),
+                        "pid": pid,
+                        "mm_id": mm.get(pid, 0),
+                        "what": what,
+                        **counts,
+                    }
+                )
+        write_rows(self._writer, schema.PROC_STATUS, rows)
 
     def _measure_buffers(self, probes: LoadedProbes) -> None:
         """Residency of the buffers that matter and the allocation stacks, symbolized:
         both need the processes alive, so they are taken as the recording ends."""
         assert self._buffers is not None
         write_rows(self._writer, schema.RESIDENCY, residency.measure(self._buffers.ranges()))
+        # with the probes too: the walk is then a cross-check of what they saw
+        self._walk_heaps(probes, "end")
         stacks = []
-        for pid, stack_id in sorted(self._stack_ids):
+        for kind, pid, stack_id in sorted(self._stack_ids):
             if stack_id:
-                frames, symbols = probes.stack(stack_id, pid)
+                frames, symbols = probes.stack(stack_id, pid, kind)
                 stacks.append(
-                    {"pid": pid, "stack_id": stack_id, "frames": frames, "symbols": symbols}
+                    {
+                        "pid": pid,
+                        "stack_id": stack_id,
+                        "frames": frames,
+                        "symbols": symbols,
+                        "kind": kind,
+                    }
                 )
         write_rows(self._writer, schema.STACKS, stacks)
 
@@ -401,18 +577,86 @@ class Recorder:
         return sorted(p for p in pids if alive(p))
 
     def _attach(self, probes: LoadedProbes, pid: int) -> None:
-        """Make `pid` a target; with the memory side, probe the allocator it uses."""
+        """Make `pid` a target; with the memory side, probe its allocator if asked to
+        (--alloc-probes), else look its buffers' allocations up when needed."""
         probes.add_target(pid)
         self._target_pids.append(pid)
-        if probes.options.memory:
-            if self._sockets is None:
-                self._sockets = SocketSampler()
-                self._buffers = BufferTracker()
-            if self.meta.memory is None:
-                self.meta.memory = MemoryOptions(
-                    probes.options.min_alloc, probes.options.sample_every
-                )
+        options = probes.options
+        if not options.memory:
+            return
+        if self._sockets is None:
+            self._sockets = SocketSampler()
+            self._buffers = BufferTracker()
+        if self.meta.memory is None:
+            self.meta.memory = MemoryOptions(
+                options.min_alloc, options.sample_every, alloc_probes=options.alloc_probes
+            )
+        if options.alloc_probes:
             self.meta.memory.allocators.append(probes.attach_allocator(pid))
+
+    def _walker(self, probes: LoadedProbes, pid: int) -> HeapWalker | None:
+        """The heap walker of `pid`, made at its first use; a process whose allocator has no
+        walker (jemalloc...) gets its allocator probed from then on instead."""
+        if pid in self._walkers:
+            return self._walkers[pid]
+        walker: HeapWalker | None = None
+        with contextlib.suppress(MemoryReadError):  # gone
+            walker = HeapWalker(pid)
+        assert self.meta.memory is not None
+        if walker is not None and not walker.walks:
+            walker.close()
+            walker = None
+            if not probes.options.alloc_probes:
+                self.meta.memory.allocators.append(probes.attach_allocator(pid))
+        elif walker is not None and not probes.options.alloc_probes:
+            self.meta.memory.allocators.append(Allocator(pid=pid, method=walker.method))
+        self._walkers[pid] = walker
+        return walker
+
+    def _walk_heaps(self, probes: LoadedProbes, what: str) -> None:
+        """Look up the allocation of each buffer that matters (posted, parked, last data):
+        at every flush those not looked up yet, at the end all of them again."""
+        assert self._buffers is not None
+        if what == "end":
+            self._looked_up.clear()
+        wanted: dict[int, set[int]] = {}
+        buffers = {(r["pid"], r["addr"]) for r in self._buffers.ranges()}
+        if what == "end":  # what writes were sent from (write-buffer memory)
+            buffers |= self._write_buffers
+        for pid, addr in buffers - self._looked_up:
+            wanted.setdefault(pid, set()).add(addr)
+        rows = []
+        began = time.perf_counter()
+        for pid, addrs in wanted.items():
+            walker = self._walker(probes, pid)
+            if walker is None:
+                continue
+            now = _now_ns()
+            for addr, found in walker.find(sorted(addrs)).items():
+                self._looked_up.add((pid, addr))
+                rows.append(
+                    {"ts_ns": now, "pid": pid, "buffer": addr, "what": what}
+                    | (
+                        {
+                            "addr": found.addr,
+                            "size": found.size,
+                            "allocator": found.allocator,
+                            "why": "",
+                        }
+                        if isinstance(found, Allocation)
+                        else {"addr": 0, "size": 0, "allocator": "", "why": found.why}
+                    )
+                )
+        write_rows(self._writer, schema.HEAP_BLOCKS, rows)
+        assert self.meta.memory is not None
+        took, walks = (time.perf_counter() - began) * 1000, self.meta.memory.walks
+        if what == "end":
+            walks.end_buffers, walks.end_ms = len(rows), round(took, 2)
+        elif rows:
+            walks.flushes += 1
+            walks.buffers += len(rows)
+            walks.total_ms = round(walks.total_ms + took, 2)
+            walks.max_ms = max(walks.max_ms, round(took, 2))
 
     def _status(self, elapsed: float, probes: LoadedProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))

@@ -14,7 +14,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from probes.format import schema
-from probes.format.meta import MemoryOptions, Meta, Probes, ProbeState
+from probes.format.meta import (
+    Allocator,
+    GoAtAttach,
+    MemoryOptions,
+    Meta,
+    Probes,
+    ProbeState,
+    ProcessAtAttach,
+    RingAtAttach,
+    Targets,
+)
 from probes.format.schema import GroupKind, MapFn, PostFlag, Source
 from probes.format.writer import TraceWriter
 
@@ -304,3 +314,135 @@ def mixed_trace(path: Path, pid: int = 4242) -> Path:
     )
     w.close()
     return path
+
+
+def late_trace(path: Path, pid: int = 4244, connections: int = 23, buffer: int = 4099) -> Path:
+    """A server attached to late with --memory: `connections` threads found blocked in
+    recvfrom by the /proc scan (no allocation seen: they were made before), resident memory
+    from /proc at attach and at the end only, an io_uring ring only counted (5 RECVs, from
+    fdinfo) and a stripped Go runtime (7 sockets whose readers are unknown)."""
+    w = TraceWriter(path)
+    w.write_meta(
+        Meta(
+            complete=True,
+            tracing_since_ns=T0,
+            end_monotonic_ns=T0 + 3 * SECOND,
+            targets=Targets(pids=[pid]),
+            memory=MemoryOptions(),
+            at_attach=[
+                ProcessAtAttach(
+                    pid=pid,
+                    blocked_syscalls=connections,
+                    rings=[
+                        RingAtAttach(
+                            fd=3, how="fdinfo", requests=5, by_op={"RECV": 5}, why="no BTF layout"
+                        )
+                    ],
+                    go=GoAtAttach(why="a Go binary stripped of DWARF", sockets=7),
+                    walk_ms=12.5,
+                )
+            ],
+        )
+    )
+    fds = list(range(100, 100 + connections))
+    w.append(schema.PROCESSES, schema.PROCESSES.filled(1, pid=pid, comm="late", first_seen_ns=T0))
+    w.append(
+        schema.POSTS,
+        schema.POSTS.filled(
+            connections,
+            ts_ns=T0 + 1000,
+            pid=pid,
+            tid=[pid + i for i in range(connections)],
+            fd=fds,
+            source=int(Source.SYSCALL),
+            op=RECVFROM,
+            key=[pid + i for i in range(connections)],
+            addr=[HEAP + i * 2 * buffer for i in range(connections)],
+            len=buffer,
+            flags=int(PostFlag.SCANNED),
+        ),
+    )
+    w.append(
+        schema.PROC_STATUS,
+        schema.PROC_STATUS.filled(
+            2,
+            ts_ns=[T0 + 2000, T0 + 3 * SECOND - 10],
+            pid=pid,
+            mm_id=77,
+            what=["attach", "end"],
+            vm_rss=[9 << 20, 10 << 20],
+            rss_anon=[5 << 20, 6 << 20],
+            rss_file=4 << 20,
+        ),
+    )
+    w.append(
+        schema.SOCKETS,
+        schema.SOCKETS.filled(
+            connections,
+            ts_ns=T0 + 3 * SECOND - 1,
+            pid=pid,
+            fd=fds,
+            inode=[5000 + fd for fd in fds],
+            family="tcp",
+            state="ESTABLISHED",
+            rmem_alloc=SOCKET_RMEM,
+        ),
+    )
+    w.close()
+    return path
+
+
+def walked_trace(path: Path, pid: int = 4245, connections: int = 23, buffer: int = 4099) -> Path:
+    """late_trace's server recorded with the allocator walkers (record --memory): the walk at
+    the end found 20 buffers in glibc chunks of buffer + 13 bytes, 2 in a mapping the program
+    made itself, and could not read the heap for the last one."""
+    late_trace(path, pid, connections, buffer)
+    # late_trace wrote its tables; this writer starts over with the same ones and the walk
+    late_tables = open_trace_tables(path)
+    w = TraceWriter(path, force=True)
+    w.write_meta(
+        Meta(
+            complete=True,
+            tracing_since_ns=T0,
+            end_monotonic_ns=T0 + 3 * SECOND,
+            targets=Targets(pids=[pid]),
+            memory=MemoryOptions(
+                alloc_probes=False, allocators=[Allocator(pid=pid, method="walk:glibc")]
+            ),
+        )
+    )
+    for table, rows in late_tables.items():
+        w.append(schema.TABLES[table], rows)
+    addrs = [HEAP + i * 2 * buffer for i in range(connections)]
+    found = [
+        {"addr": a, "size": buffer + 13, "allocator": "glibc thread arena", "why": ""}
+        for a in addrs[:20]
+    ] + [
+        {"addr": addrs[20], "size": 4 * buffer, "allocator": "mapping", "why": ""},
+        {"addr": addrs[20], "size": 4 * buffer, "allocator": "mapping", "why": ""},
+        {"addr": 0, "size": 0, "allocator": "", "why": "glibc's heap could not be read: test"},
+    ]
+    w.append(
+        schema.HEAP_BLOCKS,
+        pa.Table.from_pylist(
+            [
+                {"ts_ns": T0 + 3 * SECOND - 5, "pid": pid, "buffer": a, "what": "end", **f}
+                for a, f in zip(addrs, found)
+            ],
+            schema=schema.HEAP_BLOCKS.arrow_schema(),
+        ),
+    )
+    w.close()
+    return path
+
+
+def open_trace_tables(path: Path) -> dict[str, pa.Table]:
+    """A trace's tables as Arrow tables (to write them again)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for name in schema.TABLES:
+        parts = sorted((path / name).glob("part-*.parquet"))
+        if parts:
+            out[name] = pa.concat_tables([pq.read_table(p) for p in parts])
+    return out

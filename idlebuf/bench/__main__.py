@@ -20,7 +20,7 @@ from idlebuf.reporters.text import table
 from idlebuf.reporters.units import human_bytes
 from probes.format.errors import IdlebufError
 
-PARTS = ("overhead", "ceiling", "analysis", "scale")
+PARTS = ("overhead", "ceiling", "analysis", "scale", "attach")
 
 
 def machine() -> dict[str, Any]:
@@ -153,6 +153,34 @@ def render(results: dict[str, Any]) -> str:
                 rows,
             )
         )
+    if "attach" in results:
+        rows = [
+            [
+                name,
+                f"{r['connections']:,}",
+                f"{r['found']:,} / {r['truth_posted_reads']:,}",
+                "yes" if r["exact"] else "NO",
+                f"{r['walk_ms']:,.0f}",
+                f"{r['record_wall_s']:.1f}",
+            ]
+            for name, r in results["attach"].items()
+        ]
+        out.append(
+            "State at attach (record -p on an idle server)\n"
+            + table(
+                [
+                    "server",
+                    "conns",
+                    "found / server",
+                    "exact",
+                    "walk ms",
+                    "record s",
+                    "heap walk ms",
+                    "at end ms",
+                ],
+                rows,
+            )
+        )
     return "\n\n".join(out)
 
 
@@ -223,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir, args.events, args.repeats, log
         ),
         "scale": lambda: _part("scale").run(args.scale, 16384, log),
+        "attach": lambda: _part("attach").run(args.scale, 16384, log),
     }
     try:
         for name in parts:

@@ -39,18 +39,22 @@ SERVERS = {
 }
 # what is attached: only reads that wait (>= 1 ms; the rest counted in the kernel; no writes),
 # seen through the scheduler (the default where the kernel allows) or through syscall
-# tracepoints; every read and write, and readiness waits (the default); + the memory side
-# (allocator uprobes on blocks >= 1 KiB, RSS, socket memory); + every allocation however small
+# tracepoints, alone or with the memory side (RSS, socket memory, buffers' allocations looked
+# up by the allocator walkers); every read and write, and readiness waits (the default);
+# + the memory side with walkers, or with allocator probes (uprobes on blocks >= 1 KiB,
+# mmap/brk); + every allocation however small
 CONFIGS = {
     "posted reads": ("--min-wait", "1", "--no-writes"),
+    "posted + memory": ("--min-wait", "1", "--no-writes", "--memory"),
     "posted (syscalls)": ("--min-wait", "1", "--no-writes", "--wait-hooks", "syscalls"),
     "every read": (),
     "+ memory": ("--memory",),
-    "everything": ("--memory", "--min-alloc", "1"),
+    "+ memory (probes)": ("--memory", "--alloc-probes"),
+    "everything": ("--memory", "--alloc-probes", "--min-alloc", "1"),
 }
 MIN_WINDOW = 0.5  # a window shorter than this fraction of SECONDS (at the load's ends) is left out
 SETTLE = 0.25  # this fraction of SECONDS at the start of each window is left out
-PRECISE = ("posted reads", "posted (syscalls)")  # configs measured with every round
+PRECISE = ("posted reads", "posted + memory", "posted (syscalls)")  # measured with every round
 
 
 def placement() -> tuple[set[int] | None, set[int] | None]:

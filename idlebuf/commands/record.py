@@ -39,21 +39,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory",
         action="store_true",
-        help="also trace heap allocations (uprobes on the allocator) and resident memory",
+        help="the memory side: resident memory, kernel socket memory, and the allocation "
+        "behind each buffer, found by reading the allocator's own structures (glibc, Go) "
+        "when it is needed - no probe on malloc",
+    )
+    p.add_argument(
+        "--alloc-probes",
+        action="store_true",
+        help="with --memory: trace every allocation with uprobes on the allocator (and mmap, "
+        "brk) instead: allocation stacks, the live heap over time and allocation rates, at "
+        "~1 us per allocator call. Allocators with no walker (jemalloc, tcmalloc, mimalloc) "
+        "are probed anyway",
     )
     p.add_argument(
         "--min-alloc",
         type=int,
         default=1024,
         metavar="BYTES",
-        help="with --memory: ignore allocations smaller than this (default 1024)",
+        help="with --alloc-probes: ignore allocations smaller than this (default 1024)",
     )
     p.add_argument(
         "--sample",
         type=int,
         default=1,
         metavar="N",
-        help="with --memory: track one allocation address in N (default 1: all); "
+        help="with --alloc-probes: track one allocation address in N (default 1: all); "
         "allocator probes cost ~1 us per call",
     )
     p.add_argument(
@@ -120,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--duration must be positive")
     if args.min_alloc < 1 or args.sample < 1:
         raise UsageError("--min-alloc and --sample must be at least 1")
+    if args.alloc_probes and not args.memory:
+        raise UsageError("--alloc-probes applies to --memory recordings only")
     if args.wait_hooks != "auto" and not args.min_wait:
         raise UsageError("--wait-hooks applies to --min-wait recordings only")
     if args.alternate is not None and args.alternate <= 0:
@@ -131,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--ring-buffer must be a power of two MiB, from 1 to 1024")
     options = ProbeOptions(
         memory=args.memory,
+        alloc_probes=args.alloc_probes,
         min_alloc=args.min_alloc,
         sample_every=args.sample,
         ringbuf_pages=mib * (1 << 20) // mmap.PAGESIZE,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.comparison import ComparisonRow, comparison_row, with_ratios
-from analysis.memory import rss_at
+from analysis.memory import resident_events, rss_at
 from analysis.results import Result, TimelinePoint
 from analysis.summary import summarize
 from idlebuf.experiments.models import Load, Model
@@ -92,7 +92,7 @@ def record_model(
         model.name,
         load.connections,
         load.active,
-        rss_at(trace["rss"], pid, ready_ns),
+        rss_at(resident_events(trace["rss"], trace["proc_status"]), pid, ready_ns),
     )
     row.trace, row.ground_truth = str(path), last_truth(out)
     return row, summary.timeline_of(pid)

@@ -12,11 +12,13 @@ from analysis.results import (
     ReadCounts,
     TimelinePoint,
     TraceSummary,
+    Unknown,
 )
 from idlebuf.experiments.sweep import Sweep
 from idlebuf.reporters import columns
 from idlebuf.reporters.columns import Column
 from idlebuf.reporters.units import human_bytes
+from probes.format.meta import ProcessAtAttach
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -54,8 +56,8 @@ def render_report(summary: TraceSummary, title: str) -> str:
         out.append(f"note: io_uring was not traced: {summary.uring}")
     for pid in summary.uring_before_attach:
         out.append(
-            f"note: pid {pid} had io_uring instances open before the recording: requests it "
-            "submitted earlier (and buffer rings it registered) are not visible"
+            f"note: pid {pid} had io_uring instances open before the recording whose requests "
+            "could only be counted, not read (see UNKNOWN below)"
         )
     for proc in summary.processes:
         out.append("")
@@ -64,6 +66,7 @@ def render_report(summary: TraceSummary, title: str) -> str:
         for source, figures in proc.by_source.items():
             for op, o in figures.by_op.items():
                 rows.append(_row(f"  {source}:{op}", o))
+        attach = [a for a in summary.at_attach if a.pid == proc.pid]
         out.append(
             table(
                 [
@@ -79,6 +82,7 @@ def render_report(summary: TraceSummary, title: str) -> str:
                 rows,
             )
         )
+        out += _provenance_lines(proc, attach[0] if attach else None)
         w = proc.writes
         if w.pending_peak:
             out.append(
@@ -114,6 +118,41 @@ def render_report(summary: TraceSummary, title: str) -> str:
         out.append("")
         out.append(render_timeline(summary.timeline))
     return "\n".join(out)
+
+
+def _provenance_lines(proc: ProcessSummary, attach: ProcessAtAttach | None) -> list[str]:
+    """Where the posted reads come from, and what could not be known."""
+    lines = []
+    prov = proc.provenance
+    if attach is not None:
+        found = [f"{attach.blocked_syscalls:,} threads blocked in socket reads (/proc)"]
+        for ring in attach.rings:
+            what = "walked" if ring.how == "walked" else "counted from fdinfo"
+            found.append(
+                f"io_uring ring fd {ring.fd} ({what}): {ring.requests:,} read requests"
+                + (f", {ring.groups} buffer groups" if ring.groups else "")
+            )
+        if attach.go is not None:
+            found.append(
+                f"{attach.go.parked_reads:,} goroutines parked in socket reads (Go runtime)"
+            )
+        lines.append(
+            f"found at attach ({attach.walk_ms:,.0f} ms): "
+            + "; ".join(found)
+            + f". Posted now: {prov.at_attach:,} found at attach, {prov.live:,} seen live."
+        )
+    lines += [_unknown("posted reads", u) for u in prov.unknown]
+    return lines
+
+
+def _unknown(figure: str, u: Unknown) -> str:
+    size = f", {human_bytes(u.bytes)}" if u.bytes else ""
+    return f"UNKNOWN {figure}: {u.connections:,} connections{size}: {u.why}"
+
+
+def _plus_unknown(n: float, unknown: list[Unknown]) -> str:
+    """A figure with a part that is not known: never shown as if complete."""
+    return human_bytes(n) + (" + unknown" if unknown else "")
 
 
 def render_timeline(rows: list[TimelinePoint]) -> str:
@@ -155,10 +194,18 @@ def render_timeline(rows: list[TimelinePoint]) -> str:
 def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
     io_heap, heap, rss = memory.io_buffer_heap, memory.heap_live, memory.rss
     estimate = " (estimated from a sample)" if heap.estimated else ""
+    if heap.since_attach:
+        estimate += " made since the attach"
+    found_by = {
+        "probes": "allocator probes (every allocation traced)",
+        "walk:glibc": "walking glibc's heap",
+        "walk:go+glibc": "walking Go's heap (and glibc's)",
+    }.get(memory.allocations_found_by, memory.allocations_found_by)
     rows = [
+        ["allocations found by", "", found_by],
         [
             "IO-buffer heap (posted reads' buffers)",
-            human_bytes(io_heap.bytes),
+            _plus_unknown(io_heap.bytes, io_heap.unknown),
             f"in {io_heap.allocations:,} allocations of " + human_bytes(io_heap.allocation_bytes),
         ],
         [
@@ -180,15 +227,17 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         ),
         [
             "retained buffers of idle connections",
-            human_bytes(memory.retained.bytes),
+            _plus_unknown(memory.retained.bytes, memory.retained.unknown),
             f"{memory.retained.buffers:,} buffers kept after their last data",
         ],
         [
             "heap live (tracked allocations)",
-            human_bytes(heap.bytes),
-            f"{heap.allocations:,} allocations{estimate}",
+            human_bytes(heap.bytes) if heap.bytes is not None else "not traced",
+            f"{heap.allocations:,} allocations{estimate}"
+            if heap.allocations is not None
+            else "buffers' allocations were looked up in the allocator (--alloc-probes traces all)",
         ],
-        ["resident memory", human_bytes(rss.now), f"peak {human_bytes(rss.peak)}"],
+        ["resident memory", human_bytes(rss.now), f"peak {human_bytes(rss.peak)} ({rss.source})"],
         [
             "kernel socket memory",
             human_bytes(memory.socket_kernel_bytes),
@@ -196,12 +245,27 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         ],
         [
             "per idle connection",
-            human_bytes(memory.per_idle_connection.bytes),
+            _plus_unknown(memory.per_idle_connection.bytes, memory.per_idle_connection.unknown),
             "user buffer + kernel socket memory (committed); resident: "
             + human_bytes(memory.per_idle_connection.resident_bytes),
         ],
     ]
-    return table(["memory", "now", ""], rows)
+    sites = [
+        f"  {site.buffers:,} reads, {human_bytes(site.bytes)}: "
+        + " <- ".join(site.stack[:4] or ["(no frames)"])
+        for site in memory.read_sites
+    ]
+    if sites:
+        sites.insert(0, "posted from (the code holding these buffers, innermost frame first):")
+    unknowns = [
+        _unknown(figure, u)
+        for figure, found in (
+            ("IO-buffer heap", io_heap.unknown),
+            ("retained buffers", memory.retained.unknown),
+        )
+        for u in found
+    ]
+    return "\n".join([table(["memory", "now", ""], rows), *unknowns, *sites])
 
 
 def _totals_row(proc: ProcessSummary) -> list[str]:

@@ -1,13 +1,14 @@
 /*
- * The memory side: heap allocations and resident memory of the targets.
+ * Allocator probes (record --memory --alloc-probes, or a target whose allocator has no
+ * walker): every heap allocation and free of the targets.
  *
  * Measures: allocations of at least MIN_ALLOC bytes made through the allocator's public API
  *   (malloc, calloc, realloc, posix_memalign, aligned_alloc, memalign, valloc) and their frees,
- *   as ALLOC/FREE records; every resident-memory change (kmem:rss_stat) as an RSS record.
- *   `live_allocs` holds the tracked allocations so a free of anything else costs one lookup.
+ *   as ALLOC/FREE records, with the allocation's user stack. `live_allocs` holds the tracked
+ *   allocations so a free of anything else costs one lookup.
  * Attach points: uprobes/uretprobes on the allocator library each target maps (pid-filtered),
- *   kmem:rss_stat.
- * Needs: common.bpf.c; uprobes; kmem:rss_stat (Linux 5.5+).
+ *   attached per target by the recorder (nothing until then).
+ * Needs: common.bpf.c; uprobes.
  * Overhead: ~1,100 ns per allocation call of a target (uprobe + uretprobe), ~600 ns per free:
  *   allocators are hot, so raise MIN_ALLOC or sample (SAMPLE_EVERY) on busy processes.
  *
@@ -119,99 +120,5 @@ int alloc_exit(struct pt_regs *ctx) { return alloc_return(ctx, PT_REGS_RC(ctx));
 int free_enter(struct pt_regs *ctx)
 {
     track_free(PT_REGS_PARM1(ctx));
-    return 0;
-}
-
-/* Resident memory: the kernel reports each counter's new value (bytes) as it changes. */
-TRACEPOINT_PROBE(kmem, rss_stat)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    if (!args->curr || !is_target(id >> 32))
-        return 0;
-    struct wire_event *e = new_event(KIND_RSS, 0);
-    if (!e)
-        return 0;
-    e->key = args->mm_id;
-    e->value = args->size;
-    e->op = args->member;
-    events.ringbuf_submit(e, 0);
-    return 0;
-}
-
-/*
- * Address-space changes of the targets: mmap, mremap, munmap and brk. Allocators take their
- * big blocks and arenas from here, and so do programs that manage buffer memory themselves
- * (pools, io_uring buffer rings): a buffer outside every tracked allocation is looked for in
- * the mappings.
- */
-struct map_call {
-    u64 len;
-    u64 old_addr;
-    u32 flags;
-    s32 fd;
-    u16 fn;
-    u16 pad0;
-    u32 pad1;
-};
-
-BPF_HASH(map_calls, u32, struct map_call, MAX_TARGETS * 64);
-
-static __always_inline int map_enter(u16 fn, u64 len, u64 old_addr, u32 flags, s32 fd)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct map_call call = {.len = len, .old_addr = old_addr, .flags = flags, .fd = fd, .fn = fn};
-    if (!is_target(id >> 32))
-        return 0;
-    map_calls.update(&tid, &call);
-    return 0;
-}
-
-static __always_inline int map_exit(long ret)
-{
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct map_call *call = map_calls.lookup(&tid);
-    if (!call)
-        return 0;
-    struct map_call c = *call;
-    map_calls.delete(&tid);
-    if (ret < 0 && ret > -4096) /* an error, not an address */
-        return 0;
-    struct wire_event *e = new_event(KIND_MAP, 0);
-    if (!e)
-        return 0;
-    e->addr = ret;
-    e->value = c.len;
-    e->key = c.old_addr;
-    e->flags = c.flags;
-    e->fd = c.fd;
-    e->op = c.fn;
-    events.ringbuf_submit(e, 0);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
-{
-    return map_enter(MAP_MMAP, args->len, 0, args->flags, (s32)args->fd);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_mmap) { return map_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_mremap)
-{
-    return map_enter(MAP_MREMAP, args->new_len, args->addr, args->flags, -1);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_mremap) { return map_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_brk) { return map_enter(MAP_BRK, 0, 0, 0, -1); }
-TRACEPOINT_PROBE(syscalls, sys_exit_brk) { return map_exit(args->ret); }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
-{
-    if (!is_target(bpf_get_current_pid_tgid() >> 32))
-        return 0;
-    struct wire_event *e = new_event(KIND_UNMAP, 0);
-    if (!e)
-        return 0;
-    e->addr = args->addr;
-    e->value = args->len;
-    events.ringbuf_submit(e, 0);
     return 0;
 }

@@ -34,7 +34,7 @@ struct inflight {
     u16 op;
     u16 pad;
     u32 pid; /* the thread group, for the recorder's sweep of waiting calls (--min-wait) */
-    u32 pad2;
+    u32 stack; /* POST_STACKS: the user stack that posted it, id + 1 (0: none) */
 };
 
 /* UAPI struct user_msghdr (64-bit) and struct mmsghdr */
@@ -82,13 +82,27 @@ static __always_inline void mark_target(u32 pid, int on)
         __sync_fetch_and_and(bits, ~(1ULL << (pid & 63)));
 }
 
-/* current->files->fdt->fd[fd]->f_inode->i_mode is a socket: files and pipes do not count. */
+/* file->f_inode->i_mode is a socket: files and pipes do not count. */
+static __always_inline int file_is_socket(const void *file)
+{
+    void *inode = NULL;
+    u16 mode = 0;
+
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&inode, sizeof(inode), (char *)file + OFF_FILE_INODE);
+    if (!inode)
+        return 0;
+    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_MODE);
+    return (mode & S_IFMT_) == S_IFSOCK_;
+}
+
+/* current->files->fdt->fd[fd] is a socket. */
 static __always_inline int fd_is_socket(int fd)
 {
     struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-    void *files = NULL, *fdt = NULL, *fdarr = NULL, *file = NULL, *inode = NULL;
+    void *files = NULL, *fdt = NULL, *fdarr = NULL, *file = NULL;
     unsigned int max_fds = 0;
-    u16 mode = 0;
 
     if (fd < 0)
         return 0;
@@ -105,13 +119,7 @@ static __always_inline int fd_is_socket(int fd)
     if (!fdarr)
         return 0;
     bpf_probe_read_kernel(&file, sizeof(file), (char *)fdarr + (u64)fd * sizeof(void *));
-    if (!file)
-        return 0;
-    bpf_probe_read_kernel(&inode, sizeof(inode), (char *)file + OFF_FILE_INODE);
-    if (!inode)
-        return 0;
-    bpf_probe_read_kernel(&mode, sizeof(mode), (char *)inode + OFF_INODE_MODE);
-    return (mode & S_IFMT_) == S_IFSOCK_;
+    return file_is_socket(file);
 }
 
 /* The user registers the current thread saved on entering the kernel that hold a syscall's
@@ -168,6 +176,24 @@ static __always_inline struct wire_event *new_event(u8 kind, u8 source)
     return e;
 }
 
+#if POST_STACKS
+/* Where reads are posted from (record --memory): a user stack per posted read, symbolized as
+ * the recording ends. Costs a stack walk (~1 us) per post: the memory side only. */
+BPF_STACK_TRACE(post_stacks, MAX_STACKS);
+#endif
+
+/* The user stack of the current thread, id + 1 (0: not taken, or the walk failed). */
+static __always_inline u32 post_stack(void *ctx)
+{
+#if POST_STACKS
+    int id = post_stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    if (id >= 0)
+        return id + 1;
+    count(CNT_STACK_MISSED);
+#endif
+    return 0;
+}
+
 static __always_inline void emit_at(u8 kind, u64 key, u32 pid, const struct inflight *r,
                                     s64 value, u64 ts)
 {
@@ -184,6 +210,7 @@ static __always_inline void emit_at(u8 kind, u64 key, u32 pid, const struct infl
     e->flags = r->flags;
     e->nvec = r->nvec;
     e->op = r->op;
+    e->first_id = r->stack;
     events.ringbuf_submit(e, 0);
 }
 

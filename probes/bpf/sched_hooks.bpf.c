@@ -105,6 +105,8 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     }
     r.ts_ns = bpf_ktime_get_ns();
     r.pid = id >> 32;
+    if (!(r.flags & FLAG_WRITE))
+        r.stack = post_stack(ctx);
     *slot = r;
     count(CNT_BLOCKED);
     return 0;

@@ -13,7 +13,7 @@
  *   ~0.5 us per syscall of every process for the syscall tracepoints' slow path.
  */
 /* Common entry: filter, check the fd, remember the read, emit POST. */
-static __always_inline int read_posted(struct inflight *r)
+static __always_inline int read_posted(void *ctx, struct inflight *r)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
@@ -23,6 +23,7 @@ static __always_inline int read_posted(struct inflight *r)
         return 0;
     r->ts_ns = bpf_ktime_get_ns();
     r->pid = tgid;
+    r->stack = post_stack(ctx);
     if (remember(key, r)) {
         count(CNT_INFLIGHT_FULL);
         return 0;
@@ -57,7 +58,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_read)
     TARGET_ONLY();
     struct inflight r = {.fd = args->fd, .addr = (u64)args->buf, .len = args->count,
                          .op = NR_read};
-    return read_posted(&r);
+    return read_posted(args, &r);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
@@ -65,7 +66,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
     TARGET_ONLY();
     struct inflight r = {.fd = args->fd, .addr = (u64)args->ubuf, .len = args->size,
                          .op = NR_recvfrom};
-    return read_posted(&r);
+    return read_posted(args, &r);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_readv)
@@ -73,7 +74,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_readv)
     TARGET_ONLY();
     struct inflight r = {.fd = args->fd, .op = NR_readv};
     sum_iov(&r, (const struct iovec *)args->vec, args->vlen);
-    return read_posted(&r);
+    return read_posted(args, &r);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_preadv2)
@@ -81,7 +82,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_preadv2)
     TARGET_ONLY();
     struct inflight r = {.fd = args->fd, .op = NR_preadv2};
     sum_iov(&r, (const struct iovec *)args->vec, args->vlen);
-    return read_posted(&r);
+    return read_posted(args, &r);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
@@ -91,7 +92,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
     struct msghdr_u m = {};
     if (bpf_probe_read_user(&m, sizeof(m), (void *)args->msg) == 0)
         sum_iov(&r, m.iov, m.iovlen);
-    return read_posted(&r);
+    return read_posted(args, &r);
 }
 
 /* recvmmsg: the buffers of the first message (the one a blocking call waits for). */
@@ -102,7 +103,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg)
     struct msghdr_u m = {};
     if (bpf_probe_read_user(&m, sizeof(m), (void *)args->mmsg) == 0)
         sum_iov(&r, m.iov, m.iovlen);
-    return read_posted(&r);
+    return read_posted(args, &r);
 }
 
 #if WITH_WRITES

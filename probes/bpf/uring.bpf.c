@@ -77,53 +77,26 @@ static __always_inline int read_iter(const void *iter, u64 *addr, u64 *len, u32 
     return bpf_probe_read_kernel(addr, sizeof(*addr), (void *)ptr); /* iov[0].iov_base */
 }
 
-TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+/* What a read-type request holds: its buffer (address, total length, iovecs), flags and
+ * provided-buffer group, into `e`. `socket`: whether its file is a socket (the caller knows
+ * how to tell). Returns 0 if the request does not read into a buffer. Shared by the submit
+ * probe and the walk of requests posted before the attach (attach.bpf.c). */
+static __always_inline int uring_read_of(const void *req, u8 op, u64 rflags, int socket,
+                                         struct wire_event *e)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    u8 op = args->opcode;
-    u64 rflags = args->flags;
-    void *req = args->req;
-    u64 ring = (u64)args->ctx, user_data = args->user_data;
     u64 addr = 0, len = 0;
     u32 nvec = 0, flags = 0, sr_flags = 0;
     u16 group = 0;
     s32 fd = -1;
-    struct wire_event *e;
 
-    if (!is_target(tgid))
-        return 0;
-
-    if (op == URING_OP_PROVIDE_BUFFERS) {
-        u64 base = 0;
-        u32 size = 0, bgid = 0, nbufs = 0;
-        u16 bid = 0;
-        bpf_probe_read_kernel(&bid, sizeof(bid), req + URING_OFF_PB_BID);
-        bpf_probe_read_kernel(&base, sizeof(base), req + URING_OFF_PB_ADDR);
-        bpf_probe_read_kernel(&size, sizeof(size), req + URING_OFF_PB_LEN);
-        bpf_probe_read_kernel(&bgid, sizeof(bgid), req + URING_OFF_PB_BGID);
-        bpf_probe_read_kernel(&nbufs, sizeof(nbufs), req + URING_OFF_PB_NBUFS);
-        e = uring_event(KIND_BUFFER_GROUP, (u64)req, ring, user_data);
-        if (!e)
-            return 0;
-        e->op = GROUP_PROVIDE;
-        e->group = bgid;
-        e->addr = base;
-        e->value = size;
-        e->nvec = nbufs;
-        e->first_id = bid;
-        events.ringbuf_submit(e, 0);
-        return 0;
-    }
     if (op != URING_OP_RECV && op != URING_OP_READ && op != URING_OP_READV &&
         op != URING_OP_RECVMSG && op != URING_OP_READ_FIXED && op != URING_OP_READ_MULTISHOT)
         return 0;
-
     /* Until the request is issued req->file is unset; the sqe's fd waits in req->cqe.fd. */
     bpf_probe_read_kernel(&fd, sizeof(fd), req + URING_OFF_CQE_FD);
     if (rflags & REQ_F_FIXED_FILE_MASK)
         flags |= FLAG_FIXED_FILE;
-    else if (fd_is_socket(fd))
+    else if (socket)
         flags |= FLAG_SOCKET;
     if (rflags & REQ_F_APOLL_MULTISHOT_MASK || op == URING_OP_READ_MULTISHOT)
         flags |= FLAG_MULTISHOT;
@@ -156,30 +129,92 @@ TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
             count(CNT_URING_UNREADABLE);
         }
     }
-
-    struct uring_req r = {.ring = ring, .user_data = user_data, .pid = tgid, .flags = flags,
-                          .group = group, .op = op};
-    u64 key = (u64)req;
-    if (uring_inflight.update(&key, &r)) {
-        count(CNT_INFLIGHT_FULL);
-        return 0;
-    }
-    if (flags & FLAG_BUFFER_SELECT) {
-        struct select_key sk = {.ring = ring, .user_data = user_data};
-        if (uring_select.update(&sk, &group))
-            count(CNT_SELECT_FULL);
-    }
-    count(CNT_POSTS);
-    e = uring_event(KIND_POST, key, ring, user_data);
-    if (!e)
-        return 0;
     e->addr = addr;
     e->value = len;
     e->fd = fd;
-    e->flags = flags;
+    e->flags |= flags;
     e->nvec = nvec;
     e->op = op;
     e->group = group;
+    return 1;
+}
+
+/* Track a decoded read in flight until its final completion (`e` from uring_read_of, with
+ * pid, ring and aux = user_data set). `replace`: a new submission replaces what the table
+ * held for a recycled request; the walk at attach never replaces what the probes saw.
+ * Returns 0 if it is not tracked. */
+static __always_inline int uring_track(u64 req, const struct wire_event *e, int replace)
+{
+    struct uring_req r = {.ring = e->ring, .user_data = e->aux, .pid = e->pid,
+                          .flags = e->flags, .group = e->group, .op = e->op};
+    if (replace ? uring_inflight.update(&req, &r) : uring_inflight.insert(&req, &r)) {
+        if (replace)
+            count(CNT_INFLIGHT_FULL);
+        return 0;
+    }
+    if (e->flags & FLAG_BUFFER_SELECT) {
+        struct select_key sk = {.ring = e->ring, .user_data = e->aux};
+        if (uring_select.update(&sk, (u16 *)&e->group))
+            count(CNT_SELECT_FULL);
+    }
+    count(CNT_POSTS);
+    return 1;
+}
+
+TRACEPOINT_PROBE(io_uring, io_uring_submit_req)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u8 op = args->opcode;
+    void *req = args->req;
+    u64 ring = (u64)args->ctx, user_data = args->user_data;
+    struct wire_event *e;
+
+    if (!is_target(tgid))
+        return 0;
+
+    if (op == URING_OP_PROVIDE_BUFFERS) {
+        u64 base = 0;
+        u32 size = 0, bgid = 0, nbufs = 0;
+        u16 bid = 0;
+        bpf_probe_read_kernel(&bid, sizeof(bid), req + URING_OFF_PB_BID);
+        bpf_probe_read_kernel(&base, sizeof(base), req + URING_OFF_PB_ADDR);
+        bpf_probe_read_kernel(&size, sizeof(size), req + URING_OFF_PB_LEN);
+        bpf_probe_read_kernel(&bgid, sizeof(bgid), req + URING_OFF_PB_BGID);
+        bpf_probe_read_kernel(&nbufs, sizeof(nbufs), req + URING_OFF_PB_NBUFS);
+        e = uring_event(KIND_BUFFER_GROUP, (u64)req, ring, user_data);
+        if (!e)
+            return 0;
+        e->op = GROUP_PROVIDE;
+        e->group = bgid;
+        e->addr = base;
+        e->value = size;
+        e->nvec = nbufs;
+        e->first_id = bid;
+        events.ringbuf_submit(e, 0);
+        return 0;
+    }
+    struct wire_event d = {.ring = ring, .aux = user_data, .pid = tgid};
+    u64 rflags = args->flags;
+    s32 fd = -1;
+    bpf_probe_read_kernel(&fd, sizeof(fd), req + URING_OFF_CQE_FD);
+    /* a registered file's fd indexes the ring's table, not the process's: no check */
+    int socket = !(rflags & REQ_F_FIXED_FILE_MASK) && fd_is_socket(fd);
+    if (!uring_read_of(req, op, rflags, socket, &d))
+        return 0;
+    if (!uring_track((u64)req, &d, 1))
+        return 0;
+    e = uring_event(KIND_POST, (u64)req, ring, user_data);
+    if (!e)
+        return 0;
+    e->addr = d.addr;
+    e->value = d.value;
+    e->fd = d.fd;
+    e->flags = d.flags;
+    e->nvec = d.nvec;
+    e->op = d.op;
+    e->group = d.group;
+    e->first_id = post_stack(args);
     events.ringbuf_submit(e, 0);
     return 0;
 }

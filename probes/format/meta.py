@@ -44,20 +44,38 @@ class Targets:
 
 @dataclass
 class Allocator:
-    """The allocator library a target uses, as the memory side's uprobes found it."""
+    """How a target's allocations were found: by probing its allocator library (uprobes), or
+    by walking its allocator's structures when a buffer's allocation was needed."""
 
     pid: int = 0
-    library: str | None = None  # None: no known allocator mapped
-    missing: list[str] = field(default_factory=list)  # functions it lacks
+    library: str | None = None  # probed: the library (None: no known allocator mapped)
+    missing: list[str] = field(default_factory=list)  # probed: functions it lacks
+    # "probes" (every allocation traced), or "walk:glibc", "walk:go+glibc" (looked up); a
+    # recording made before walkers existed probed everything
+    method: str = "probes"
+
+
+@dataclass
+class HeapWalks:
+    """What the allocator walkers cost the recorder (they cost the target nothing)."""
+
+    flushes: int = 0  # flushes that looked new buffers up
+    buffers: int = 0  # lookups made at flushes
+    total_ms: float = 0.0
+    max_ms: float = 0.0  # the longest flush walk
+    end_buffers: int = 0  # lookups of the walk at the end (every buffer that matters)
+    end_ms: float = 0.0
 
 
 @dataclass
 class MemoryOptions:
-    """`record --memory`: what the allocation probes kept."""
+    """`record --memory`: how buffers' allocations were found, and what probes kept."""
 
-    min_alloc: int = 1024
-    sample_every: int = 1  # one allocation address in N is tracked
+    min_alloc: int = 1024  # with probes: smaller allocations are not tracked
+    sample_every: int = 1  # with probes: one allocation address in N is tracked
     allocators: list[Allocator] = field(default_factory=list)
+    alloc_probes: bool = True  # --alloc-probes (every recording before the walkers)
+    walks: HeapWalks = field(default_factory=HeapWalks)
 
 
 @dataclass
@@ -93,6 +111,42 @@ class Switch:
 
 
 @dataclass
+class RingAtAttach:
+    """An io_uring instance a target had open when the recording began."""
+
+    fd: int = -1
+    ring: int = 0  # its struct io_ring_ctx (the trace's `ring`), 0 if unknown
+    how: str = "walked"  # "walked": requests read from the kernel; "fdinfo": only counted
+    requests: int = 0  # read requests found posted (walked) or poll-armed (fdinfo)
+    by_op: dict[str, int] = field(default_factory=dict)
+    groups: int = 0  # provided-buffer groups found
+    why: str | None = None  # why it was only counted
+
+
+@dataclass
+class GoAtAttach:
+    """A Go target's goroutines as the runtime showed them when the recording began."""
+
+    parked_reads: int = 0  # goroutines parked in a socket read, with their buffers
+    io_waiting: int = 0  # goroutines waiting on the netpoller, reading or not
+    skipped: int = 0  # goroutines that could not be decoded (they moved while read)
+    why: str | None = None  # why parked reads could not be looked for (a stripped binary)
+    sockets: int = 0  # with `why`: the sockets whose readers stay unknown
+
+
+@dataclass
+class ProcessAtAttach:
+    """What one process already held when tracing began (`record -p`)."""
+
+    pid: int = 0
+    blocked_syscalls: int = 0  # threads found blocked in socket reads (/proc scan)
+    rings: list[RingAtAttach] = field(default_factory=list)
+    go: GoAtAttach | None = None
+    mappings: int = 0  # anonymous mappings found in /proc/PID/maps
+    walk_ms: float = 0.0  # how long finding all this took
+
+
+@dataclass
 class Meta:
     format: str = schema.FORMAT_NAME
     format_version: int = schema.FORMAT_VERSION
@@ -103,6 +157,7 @@ class Meta:
     targets: Targets = field(default_factory=Targets)
     tracing_since_ns: int | None = None
     uring_before_attach: list[int] = field(default_factory=list)  # pids with rings already
+    at_attach: list[ProcessAtAttach] = field(default_factory=list)  # state found at attach
     min_wait_ns: int | None = None
     memory: MemoryOptions | None = None  # recorded with --memory
     probes: Probes = field(default_factory=Probes)

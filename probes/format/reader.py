@@ -87,10 +87,10 @@ def read_table(path: Path, table: schema.Table) -> pd.DataFrame:
             piece = pq.read_table(part)
         except (OSError, pa.ArrowException) as exc:
             raise TraceError(f"{part} is damaged: {exc}") from None
-        missing = set(schema.names) - set(piece.schema.names)
+        missing = table.missing(piece)
         if missing:
             raise TraceError(f"{part} lacks columns {sorted(missing)}")
-        pieces.append(piece.select(schema.names).cast(schema))
+        pieces.append(table.conform(piece))
     combined = pa.concat_tables(pieces) if pieces else schema.empty_table()
     return combined.to_pandas()
 

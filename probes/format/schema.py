@@ -113,6 +113,7 @@ class MapFn(IntEnum):
     MMAP = 1
     MREMAP = 2
     BRK = 3  # addr = the new program break
+    AT_ATTACH = 4  # not a syscall: an anonymous mapping /proc/PID/maps showed at attach
 
 
 class RssMember(IntEnum):
@@ -241,6 +242,9 @@ class Column:
     name: str
     arrow_type: pa.DataType
     wire: str | None = None  # the WIRE_EVENT field it comes from, if any
+    # a column added after the format's first version: parts written before have none, and
+    # read it as this value (None: every part must have the column)
+    default: Any = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,27 @@ class Table:
 
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def missing(self, rows: pa.Table) -> list[str]:
+        """Columns `rows` lacks that have no default."""
+        have = set(rows.schema.names)
+        return [c.name for c in self.columns if c.name not in have and c.default is None]
+
+    def conform(self, rows: pa.Table) -> pa.Table:
+        """`rows` as this table: columns it lacks that have a default (added since it was
+        written) filled in, in order, cast to their types. KeyError if one is missing."""
+        for column in self.columns:
+            if column.default is None:
+                continue
+            if column.name not in rows.schema.names:
+                rows = rows.append_column(
+                    column.name, pa.array([column.default] * rows.num_rows, column.arrow_type)
+                )
+            elif rows[column.name].null_count:
+                i = rows.schema.get_field_index(column.name)
+                filled = rows[column.name].fill_null(pa.scalar(column.default, column.arrow_type))
+                rows = rows.set_column(i, column.name, filled)
+        return rows.select(self.column_names()).cast(self.arrow_schema())
 
     def filled(self, n: int, **columns: Any) -> pa.Table:
         """`n` rows: each given column an array/list of n values or one value for all; the
@@ -272,11 +297,11 @@ class Table:
         return pa.table(data, schema=self.arrow_schema())
 
 
-def _wire(name: str, field: str | None = None) -> Column:
+def _wire(name: str, field: str | None = None, default: Any = None) -> Column:
     """A table column taken as-is from a WIRE_EVENT field."""
     field = field or name
     ctype = next(f.ctype for f in WIRE_EVENT.fields if f.name == field)
-    return Column(name, _TYPES[ctype][1], field)
+    return Column(name, _TYPES[ctype][1], field, default)
 
 
 POSTS = Table(
@@ -296,6 +321,8 @@ POSTS = Table(
         _wire("ring"),
         _wire("user_data", "aux"),
         _wire("group"),
+        # the user stack that posted it (record --memory), id + 1 in `stacks`; 0: none
+        _wire("stack_id", "first_id", default=0),
     ),
 )
 
@@ -315,7 +342,8 @@ COMPLETIONS = Table(
 
 # The write side, recorded the same way: a blocked send() holds its buffer like a posted read.
 WRITES = Table(
-    "writes", tuple(c for c in POSTS.columns if c.name not in ("ring", "user_data", "group"))
+    "writes",
+    tuple(c for c in POSTS.columns if c.name not in ("ring", "user_data", "group", "stack_id")),
 )
 WRITE_COMPLETIONS = Table(
     "write_completions",
@@ -415,6 +443,8 @@ STACKS = Table(
         Column("stack_id", pa.uint64()),
         Column("frames", pa.list_(pa.uint64())),
         Column("symbols", pa.list_(pa.string())),
+        # whose ids: "alloc" (allocations, --alloc-probes) or "post" (where reads were posted)
+        Column("kind", pa.string(), default="alloc"),
     ),
 )
 
@@ -481,6 +511,40 @@ BUFFER_RINGS = Table(
     ),
 )
 
+# The allocation holding each buffer that matters (posted, parked, last data), found by
+# reading the allocator's own structures (record --memory, the default method): no probe on
+# malloc. `what`: the walk it came from ("flush", "end"); a lookup that failed has size 0 and
+# says why.
+HEAP_BLOCKS = Table(
+    "heap_blocks",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("buffer", pa.uint64()),  # the address looked up
+        Column("addr", pa.uint64()),  # the block holding it
+        Column("size", pa.uint64()),
+        Column("allocator", pa.string()),  # glibc, glibc thread arena, glibc mmap, go, mapping
+        Column("what", pa.string()),
+        Column("why", pa.string()),  # when not found
+    ),
+)
+
+# Resident memory read from /proc/PID/status when the recording began and ended: the exact
+# counts kmem:rss_stat does not give for a process that allocates nothing meanwhile.
+PROC_STATUS = Table(
+    "proc_status",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("mm_id", pa.uint64()),  # the address space, as kmem:rss_stat names it (0: unknown)
+        Column("what", pa.string()),  # "attach" (or launch) and "end"
+        Column("vm_rss", pa.uint64()),
+        Column("rss_anon", pa.uint64()),
+        Column("rss_file", pa.uint64()),
+        Column("rss_shmem", pa.uint64()),
+    ),
+)
+
 PROCESSES = Table(
     "processes",
     (
@@ -511,6 +575,8 @@ TABLES: dict[str, Table] = {
         SOCKETS,
         RESIDENCY,
         STACKS,
+        PROC_STATUS,
+        HEAP_BLOCKS,
         PROCESSES,
     )
 }

@@ -149,7 +149,7 @@ class TraceWriter:
         """Write one row group of `table` as the next part file."""
         if rows.num_rows == 0:
             return
-        rows = rows.select(table.column_names()).cast(table.arrow_schema())
+        rows = table.conform(rows)
         part = self._parts.get(table.name, 0)
         self._parts[table.name] = part + 1
         self.rows[table.name] += rows.num_rows

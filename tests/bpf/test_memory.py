@@ -4,6 +4,8 @@
 before the recording ends, the other 127 have been idle for longer than the idle threshold.
 Exactly 127 x 12,347 bytes are IO-buffer heap of idle connections, whether the buffers were
 malloc()ed, posix_memalign()ed or carved from one pool; other allocations are not attributed.
+Both ways of finding allocations: the allocator walkers (the default: glibc's chunks read from
+the process's memory) and the allocator probes (--alloc-probes: uprobes on every call).
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ CONNECTIONS, ACTIVE, BUFFER, OTHERS, OTHER_SIZE, POOL_SLOTS = 131, 4, 12347, 13,
 IDLE_THRESHOLD = 1.0
 
 
+# glibc hands out a block of at least what was asked for: the chunk is the request plus its
+# 8-byte header rounded up to 16 (so at most 23 bytes more); a block above the mmap
+# threshold is a mapping of whole pages (less its 16-byte header)
+HEAP_ROUNDING, PAGE = 23, 4096
+
+
+@pytest.mark.parametrize("method", ["walkers", "probes"])
 @pytest.mark.parametrize("alloc", ["malloc", "posix_memalign", "pool", "mmap"])
-def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
+def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str, method: str) -> None:
     trace = tmp_path / "trace"
     with Recording(
         trace,
@@ -52,7 +61,7 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
             "--pool-slots",
             str(POOL_SLOTS),
         ),
-        record_args=("--memory",),
+        record_args=("--memory", *(("--alloc-probes",) if method == "probes" else ())),
     ) as rec:
         pid = rec.pid
         load = start_loadgen(
@@ -93,9 +102,39 @@ def test_io_buffer_heap_of_idle_connections(tmp_path: Path, alloc: str) -> None:
         return
     assert heap["bytes"] == CONNECTIONS * BUFFER
     assert heap["idle_bytes"] == (CONNECTIONS - ACTIVE) * BUFFER
+    assert heap["unknown"] == []
+    t = open_trace(trace)
+    walked = t["heap_blocks"]
+    walked = walked[(walked["pid"] == pid) & (walked["what"] == "end")]
+    server_blocks = {a["addr"]: a["size"] for a in truth["allocations"]}
+    if method == "walkers":
+        # each buffer's block is the server's own allocation, as glibc rounded it
+        assert (read_meta(trace).memory.allocators[0].method) == "walk:glibc"
+        assert memory["heap_live"]["bytes"] is None  # not traced: looked up
+        if alloc == "pool":
+            (size,) = server_blocks.values()
+            assert heap["allocations"] == 1
+            assert size <= heap["allocation_bytes"] < size + PAGE
+        else:
+            assert heap["allocations"] == CONNECTIONS
+            assert (
+                0 <= heap["allocation_bytes"] - CONNECTIONS * BUFFER <= CONNECTIONS * HEAP_ROUNDING
+            )
+        blocks = set(walked["addr"]) - {0}
+        assert blocks <= set(server_blocks), "a buffer was attributed to another allocation"
+        # where the reads were posted from: user stacks taken as they were posted (a walk
+        # can fail: the kernel counts those)
+        posted_from = sum(site["buffers"] for site in memory["read_sites"])
+        missed = read_meta(trace).probes.reads.kernel_counts["stack_missed"]
+        assert posted_from + missed >= CONNECTIONS
+        assert all(site["stack"] for site in memory["read_sites"])
+        return
+    # the probes' recording walked the heap too, at its end: both agree on every block
+    for row in walked.itertuples():
+        assert row.addr in server_blocks
+        assert server_blocks[row.addr] <= row.size < server_blocks[row.addr] + PAGE
 
     # which allocations hold the buffers: the server's own, and none of the others
-    t = open_trace(trace)
     allocs = t["allocs"][t["allocs"]["pid"] == pid]
     if alloc in ("malloc", "posix_memalign"):
         # buffer allocations have their user stacks (a walk can fail: the kernel counts those),

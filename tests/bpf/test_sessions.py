@@ -130,3 +130,26 @@ def test_alternate_switches_tracing_off_and_on(tmp_path: Path) -> None:
     assert traced >= 3  # reads were recorded in several traced stretches
     report = idlebuf("report", str(trace))
     assert report.returncode == 0 and "--alternate 0.3" in report.stdout
+
+
+def test_a_target_that_execs_is_named_after_what_it_became(tmp_path: Path) -> None:
+    """`record -p` on a shell that then execs a program: the report names the program."""
+    shell = subprocess.Popen(
+        ["sh", "-c", "read line; exec sleep 30"], stdin=subprocess.PIPE, start_new_session=True
+    )
+    trace = tmp_path / "t"
+    try:
+        rec = spawn_idlebuf("record", "-o", str(trace), "-p", str(shell.pid), "--duration", "3")
+        wait_for_trace_started(trace)
+        assert shell.stdin is not None
+        shell.stdin.write(b"go\n")
+        shell.stdin.flush()
+        _, err = rec.communicate(timeout=60)
+        assert rec.returncode == 0, err.decode()
+    finally:
+        shell.kill()
+        shell.wait()
+    names = open_trace(trace)["processes"]
+    assert names[names["pid"] == shell.pid]["comm"].tolist() == ["sh", "sleep"]
+    report = idlebuf("report", "--json", str(trace))
+    assert [p["comm"] for p in json.loads(report.stdout)["processes"]] == ["sleep"]

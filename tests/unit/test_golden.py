@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import idlebuf
-from tests.synthetic import mixed_trace, server_trace
+from tests.synthetic import late_trace, mixed_trace, server_trace, walked_trace
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 UPDATE = bool(os.environ.get("IDLEBUF_UPDATE_GOLDEN"))
@@ -20,6 +20,10 @@ UPDATE = bool(os.environ.get("IDLEBUF_UPDATE_GOLDEN"))
 def trace(base: Path, which: str) -> Path:
     if which == "mixed":
         return mixed_trace(base / which)
+    if which == "late":
+        return late_trace(base / which)
+    if which == "walked":
+        return walked_trace(base / which)
     return server_trace(base / which, 4243, 23, 3, 4099, queued=False)
 
 
@@ -34,7 +38,7 @@ def check(name: str, text: str) -> None:
         assert text == expected, f"{name} differs from the golden file"
 
 
-@pytest.mark.parametrize("which", ["mixed", "readiness"])
+@pytest.mark.parametrize("which", ["mixed", "readiness", "late", "walked"])
 def test_report_json_matches_the_golden_file(tmp_path: Path, which: str) -> None:
     path = trace(tmp_path, which)
     done = idlebuf("report", "--json", "--connections", "--timeline", "0.5", str(path))
@@ -42,8 +46,9 @@ def test_report_json_matches_the_golden_file(tmp_path: Path, which: str) -> None
     check(f"report-{which}.json", done.stdout)
 
 
-def test_report_text_matches_the_golden_file(tmp_path: Path) -> None:
-    path = trace(tmp_path, "mixed")
+@pytest.mark.parametrize("which", ["mixed", "late", "walked"])
+def test_report_text_matches_the_golden_file(tmp_path: Path, which: str) -> None:
+    path = trace(tmp_path, which)
     done = idlebuf("report", str(path))
     assert done.returncode == 0, done.stderr
-    check("report-mixed.txt", done.stdout.replace(str(path), "TRACE"))
+    check(f"report-{which}.txt", done.stdout.replace(str(path), "TRACE"))

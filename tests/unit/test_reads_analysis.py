@@ -95,6 +95,24 @@ def test_parked_needs_a_readiness_wait_when_waits_are_known() -> None:
     assert parked_reads(iv, late).empty
 
 
+def test_parked_when_the_netpoller_was_already_waiting() -> None:
+    """One thread waits in epoll for the whole process (Go's netpoller): a wait begun before
+    the EAGAIN and still going covers it; one that ended before it does not."""
+    from analysis.reads import parked_reads
+
+    p = posts([(10, 1, 11, 100), (50, 1, 11, 100)])
+    c = completions([(20, 1, 11, -11)])
+    iv = read_intervals(p, c)
+    cols = ["ts_ns", "pid", "tid", "call", "fd", "watched"]
+    waits = pd.DataFrame([(5, 1, 99, 1, 9, 64)], columns=cols)  # thread 99, since 5
+    ends = pd.DataFrame([(45, 1, 99, 1)], columns=["ts_ns", "pid", "tid", "ret"])
+    parked = parked_reads(iv, waits, ends)
+    assert parked[["pid", "post_ns", "end_ns"]].values.tolist() == [[1, 20, 50]]
+    over = ends.assign(ts_ns=15)  # its wait ended before the EAGAIN: nobody waited after
+    assert parked_reads(iv, waits, over).empty
+    assert len(parked_reads(iv, waits, ends.iloc[0:0])) == 1  # still waiting at the end
+
+
 def test_a_call_recorded_by_the_sweep_and_at_its_return_counts_once() -> None:
     """--min-wait: the recorder's sweep records a waiting call (SWEPT); the kernel records it
     again when it returns, with the same start. One read, completed; a swept call that is

@@ -1,0 +1,3 @@
+module idlebuf/workloads/go_server
+
+go 1.19
