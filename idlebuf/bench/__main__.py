@@ -162,6 +162,8 @@ def render(results: dict[str, Any]) -> str:
                 "yes" if r["exact"] else "NO",
                 f"{r['walk_ms']:,.0f}",
                 f"{r['record_wall_s']:.1f}",
+                f"{r.get('heap_walk_ms') or 0:,.0f}",
+                f"{r.get('heap_walk_end_ms') or 0:,.0f}",
             ]
             for name, r in results["attach"].items()
         ]

@@ -61,6 +61,7 @@ def one(name: str, connections: int, buffer: int) -> dict[str, Any]:
                     str(trace),
                     "-p",
                     str(server.pid),
+                    "--memory",
                     "--duration",
                     "1",
                 ],
