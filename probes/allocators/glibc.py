@@ -84,6 +84,7 @@ class GlibcHeap:
     def __init__(self, mem: ProcessMemory) -> None:
         self.mem = mem
         self._heaps: dict[int, _Chunks] = {}  # heap start -> its chunks
+        self._arenas: dict[int, tuple[int, int, int]] = {}  # heap -> (info size, first, end)
 
     def find(self, addr: int, mapping: Mapping) -> Allocation | NotFound | None:
         """The malloc'ed block holding `addr` (in `mapping`); NotFound with why when the
@@ -130,15 +131,19 @@ class GlibcHeap:
         ar_ptr, _prev, size, mprotect = struct.unpack_from("<QQQQ", raw)
         if not (0 < size <= HEAP_MAX and size <= mprotect <= HEAP_MAX and addr < h + size):
             return None
+        known = self._arenas.get(h)
+        if known is not None and known[2] == h + size:  # the same heap, not grown: no re-walk
+            return known[1], known[2]
         for info in HEAP_INFO_SIZES:
             if ar_ptr == h + info:  # the arena's first heap: its malloc_state comes first
                 first = (ar_ptr + MALLOC_STATE + ALIGN - 1) & ~(ALIGN - 1)
             else:
                 first = h + info
             try:
-                walk_chunks(self.mem, first, h + size)
+                self._heaps[first] = walk_chunks(self.mem, first, h + size)
             except CorruptHeap:
                 continue
+            self._arenas[h] = (info, first, h + size)
             return first, h + size
         return None
 
