@@ -20,7 +20,7 @@ from typing import Any
 from analysis.comparison import ComparisonRow, comparison_row, with_ratios
 from analysis.memory import resident_events, rss_at
 from analysis.results import Result, TimelinePoint
-from analysis.summary import summarize
+from analysis.summary import summarize, timeline_step
 from idlebuf.experiments.models import Load, Model
 from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
 from probes.format.errors import IdlebufError, RecordError
@@ -144,7 +144,8 @@ def traces_compared(paths: Sequence[Path], timeline_s: float = 0.5) -> Compariso
     (named after the trace, with its pid when a trace has several)."""
     out = Comparison(None, complete=True)
     for path in paths:
-        summary = summarize(open_trace(path), timeline_s=timeline_s)
+        trace = open_trace(path)
+        summary = summarize(trace, timeline_s=timeline_step(trace, timeline_s, at_most=True))
         chosen = [
             p
             for p in summary.processes

@@ -8,11 +8,16 @@ analysed later without root.
 Durability: each flush writes one Parquet part (written to a hidden temporary name, then renamed),
 and meta.json is rewritten atomically, so a recorder killed at any instant leaves a readable
 prefix of the trace, marked incomplete.
+
+Integrity: meta.json lists every part written before it (name, rows, SHA-256), with the rows
+per table, so a reader can tell a trace as written from a damaged or altered one; parts
+written after the last meta.json (a recorder killed between the two) are not listed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -27,7 +32,7 @@ import pyarrow.parquet as pq
 
 from probes.format import schema
 from probes.format.errors import OutputError
-from probes.format.meta import Meta
+from probes.format.meta import Meta, Part
 from probes.format.reader import META
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -57,6 +62,9 @@ class TraceWriter:
         self._parts: dict[str, int] = {}
         self._table_fds: dict[str, int] = {}
         self.rows: dict[str, int] = {name: 0 for name in schema.TABLES}
+        self._written: dict[str, list[Part]] = {}  # parts on disk, by table (writer thread)
+        self._meta: dict[str, object] | None = None  # the last meta.json submitted
+        self._parts_since_meta = False
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=16)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="trace-writer", daemon=True)
@@ -97,19 +105,31 @@ class TraceWriter:
         if self._owner:
             os.fchown(fd, *self._owner)
 
-    def _write_file(self, dir_fd: int, name: str, data: bytes | pa.Table) -> None:
-        """Write a file under a temporary name, then rename it into place."""
+    def _write_file(self, dir_fd: int, name: str, data: bytes) -> None:
+        """Write a file under a temporary name, then rename it into place; a temporary file
+        that could not be completed (disk full) is removed."""
         tmp = f".{name}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
         fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd)
-        self._chown(fd)
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, pa.Table):
-                pq.write_table(data, f, compression="zstd")
-            else:
+        try:
+            self._chown(fd)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
+    def _write_part(self, table: str, name: str, rows: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        self._write_file(self._table_dir(table), name, data)
+        self._written.setdefault(table, []).append(
+            Part(name, rows.num_rows, hashlib.sha256(data).hexdigest())
+        )
 
     # Files are written by one background thread, in submission order, so the recorder keeps
     # draining the ring buffer while Parquet compresses (pyarrow releases the GIL). A full
@@ -122,6 +142,8 @@ class TraceWriter:
                     return
                 if self._error is None:
                     job()
+            except OSError as exc:  # disk full, I/O error: said in one line by the caller
+                self._error = OutputError(f"cannot write the trace in {self.path}: {exc.strerror}")
             except BaseException as exc:  # noqa: BLE001 - re-raised in the recorder's thread
                 self._error = exc
             finally:
@@ -142,8 +164,21 @@ class TraceWriter:
         self._check()
 
     def write_meta(self, meta: Meta) -> None:
-        body = json.dumps(meta.to_json(), indent=2, sort_keys=True).encode() + b"\n"
-        self._submit(lambda: self._write_file(self._fd, META, body))
+        """meta.json, with the parts written before it (it is written after them)."""
+        fields = meta.to_json()  # as it is now: the caller goes on changing it
+        self._meta = fields
+        self._submit(lambda: self._write_meta(fields))
+
+    def _write_meta(self, fields: dict[str, object]) -> None:
+        parts = {t: list(p) for t, p in self._written.items()}
+        fields = {
+            **fields,
+            "parts": {t: [vars(p) for p in ps] for t, ps in parts.items()},
+            "rows": {t: sum(p.rows for p in parts.get(t, [])) for t in schema.TABLES},
+        }
+        body = json.dumps(fields, indent=2, sort_keys=True).encode() + b"\n"
+        self._write_file(self._fd, META, body)
+        self._parts_since_meta = False
 
     def append(self, table: schema.Table, rows: pa.Table) -> None:
         """Write one row group of `table` as the next part file."""
@@ -153,9 +188,8 @@ class TraceWriter:
         part = self._parts.get(table.name, 0)
         self._parts[table.name] = part + 1
         self.rows[table.name] += rows.num_rows
-        self._submit(
-            lambda: self._write_file(self._table_dir(table.name), f"part-{part:06d}.parquet", rows)
-        )
+        self._parts_since_meta = True
+        self._submit(lambda: self._write_part(table.name, f"part-{part:06d}.parquet", rows))
 
     def _table_dir(self, name: str) -> int:
         dir_fd = self._table_fds.get(name)
@@ -167,7 +201,21 @@ class TraceWriter:
             self._table_fds[name] = dir_fd
         return dir_fd
 
+    def discard(self) -> None:
+        """Close and remove the trace: nothing was recorded (the recording could not start),
+        so a retry needs no --force."""
+        self._meta = None
+        self.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.path)
+
     def close(self) -> None:
+        """Wait for what was submitted; meta.json is written again if parts came after it,
+        so that it lists them."""
+        if self._meta is not None and self._parts_since_meta and self._error is None:
+            fields = self._meta
+            with contextlib.suppress(Exception):
+                self._submit(lambda: self._write_meta(fields))
         if self._thread.is_alive():
             self._jobs.join()
             self._jobs.put(None)
