@@ -7,8 +7,9 @@ typed and ranged (probes.format.meta); parts are read only as regular files insi
 trace's own table directories (no symlink is followed, no FIFO or device opened), their
 schemas must be the format's, and each part must be the one meta.json lists (rows and
 SHA-256). A trace that fails is refused in one line naming the file and the problem. A
-recording killed between writing parts and meta.json leaves parts meta.json does not list:
-they are left out, and the trace carries a warning saying so.
+recording killed between writing parts and meta.json leaves parts meta.json does not list,
+numbered after those it does: they are read (their columns checked, their digests unknown),
+and the trace carries a warning saying so.
 """
 
 from __future__ import annotations
@@ -197,15 +198,20 @@ def read_table(
             if absent:
                 raise TraceError(f"{where}/{absent[0]} is missing: meta.json lists it")
             extra = [n for n in on_disk if n not in names]
+            expected = list(listed)
             if extra:
-                if meta is not None and meta.complete:
+                # a killed recorder's last parts (each whole: written, then renamed) come
+                # after every part its last meta.json lists; anything else is not its own
+                later = not names or extra[0] > names[-1]
+                if meta is None or meta.complete or not later:
                     raise TraceError(f"{where}/{extra[0]} is not a part this recording wrote")
                 if warnings is not None:
                     warnings.append(
                         f"{table.name}: {len(extra)} parts written after the last meta.json "
-                        "(the recording was killed) are left out"
+                        "(the recording was killed) are read without their check"
                     )
-            expected = list(listed)
+                names += extra
+                expected += [None] * len(extra)
         pieces = [_part(dir_fd, n, table, str(where), e) for n, e in zip(names, expected)]
     finally:
         os.close(dir_fd)

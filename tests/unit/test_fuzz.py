@@ -56,7 +56,7 @@ def figures(trace: Path) -> dict[str, Any]:
 
 
 Variant = tuple[str, Callable[[Path, Path], None]]
-KILLED = "an extra part, recording killed"
+KILLED = "the last part unlisted, recording killed"
 
 
 def _killed(meta: dict[str, Any]) -> None:
@@ -144,10 +144,11 @@ def variants(other: Path) -> Iterator[Variant]:
             t / "posts" / "part-000000.parquet", t / "posts" / "part-000099.parquet"
         ),
     )
+    yield KILLED, lambda t, o: _set_meta(t, lambda m: (_killed(m), m["parts"]["posts"].pop()))
     yield (
-        KILLED,
+        "an unlisted part before listed ones, recording killed",
         lambda t, o: (
-            shutil.copy(t / "posts" / "part-000000.parquet", t / "posts" / "part-000099.parquet"),
+            shutil.copy(t / "posts" / "part-000000.parquet", t / "posts" / "part-0000005.parquet"),
             _set_meta(t, _killed),
         ),
     )
