@@ -17,6 +17,7 @@ written after the last meta.json (a recorder killed between the two) are not lis
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from probes.format.errors import OutputError
 from probes.format.meta import Meta, Part
 from probes.format.reader import META
 
+RESERVE = ".reserve"  # room kept for the last meta.json, removed when the trace is closed
+RESERVE_BYTES = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -78,6 +81,7 @@ class TraceWriter:
             self._fd = self._create(parent_fd, path, force)
         finally:
             os.close(parent_fd)
+        self._reserved = self._reserve()
         self._thread.start()
 
     def _create(self, parent_fd: int, path: Path, force: bool) -> int:
@@ -100,6 +104,34 @@ class TraceWriter:
         os.fchmod(fd, 0o700)  # mkdir's mode is filtered by the umask
         self._chown(fd)
         return fd
+
+    def _reserve(self) -> bool:
+        """Set aside room for the last meta.json: a disk that fills during the recording
+        must still take the one that lists what was written and says why it ended."""
+        try:
+            st = os.statvfs(self._fd)
+            size = min(RESERVE_BYTES, st.f_bavail * st.f_frsize // 4)
+            fd = os.open(RESERVE, _NEW_FILE, 0o600, dir_fd=self._fd)
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, max(size, 1))
+            return True
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(RESERVE, dir_fd=self._fd)
+            return False
+        finally:
+            os.close(fd)
+
+    def _release(self) -> bool:
+        """Give the reserved room back (for meta.json, or at the end): whether there was."""
+        if not self._reserved:
+            return False
+        self._reserved = False
+        with contextlib.suppress(OSError):
+            os.unlink(RESERVE, dir_fd=self._fd)
+        return True
 
     def _chown(self, fd: int) -> None:
         if self._owner:
@@ -169,6 +201,14 @@ class TraceWriter:
         self._meta = fields
         self._submit(lambda: self._write_meta(fields))
 
+    def write_last_meta(self, meta: Meta) -> None:
+        """After a failure: meta.json saying why, listing every part that did reach the disk
+        (an earlier write's error, already reported, does not stop this one)."""
+        self._jobs.join()
+        self._error = None
+        self.write_meta(meta)
+        self.sync()
+
     def _write_meta(self, fields: dict[str, object]) -> None:
         parts = {t: list(p) for t, p in self._written.items()}
         fields = {
@@ -177,7 +217,12 @@ class TraceWriter:
             "rows": {t: sum(p.rows for p in parts.get(t, [])) for t in schema.TABLES},
         }
         body = json.dumps(fields, indent=2, sort_keys=True).encode() + b"\n"
-        self._write_file(self._fd, META, body)
+        try:
+            self._write_file(self._fd, META, body)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._release():
+                raise
+            self._write_file(self._fd, META, body)
         self._parts_since_meta = False
 
     def append(self, table: schema.Table, rows: pa.Table) -> None:
@@ -220,6 +265,7 @@ class TraceWriter:
             self._jobs.join()
             self._jobs.put(None)
             self._thread.join()
+        self._release()
         for fd in self._table_fds.values():
             os.close(fd)
         self._table_fds.clear()
