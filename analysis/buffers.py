@@ -19,15 +19,17 @@ def buffer_group_summary(
     """Per (pid, ring, group): buffers and bytes provided, buffers consumed and available now.
 
     A registered ring's buffers are those its memory showed (the recorder reads it); available
-    is the ring's tail minus the buffers the kernel took. PROVIDE_BUFFERS groups are the sum of
+    is the ring's tail minus the buffers the kernel took (a recv bundle's completion takes as
+    many of the ring's equal buffers as its bytes span). PROVIDE_BUFFERS groups are the sum of
     what was provided; each use consumes one buffer.
     """
-    consumed = uses[uses["bytes"] >= 0].groupby(KEYS).size().rename("consumed").reset_index()
+    taken = uses[uses["bytes"] >= 0]
+    consumed = taken.groupby(KEYS).size().rename("consumed").reset_index()
 
     registered = groups[groups["how"] == GroupKind.RING][KEYS].drop_duplicates()
     last = rings.sort_values("ts_ns").groupby(KEYS)[["tail", "buffers", "bytes"]].last()
     ring_rows = registered.merge(last.reset_index(), on=KEYS, how="left")
-    ring_rows = ring_rows.merge(consumed, on=KEYS, how="left").fillna(0)
+    ring_rows = ring_rows.merge(_ring_buffers_taken(taken, last), on=KEYS, how="left").fillna(0)
     ring_rows["available"] = (ring_rows["tail"] - ring_rows["consumed"]) % 65536
     ring_rows["how"] = "ring"
 
@@ -51,3 +53,16 @@ def buffer_group_summary(
     for c in ("buffers", "bytes", "consumed", "available"):
         out[c] = out[c].astype("int64")
     return out[GROUP_COLUMNS]
+
+
+def _ring_buffers_taken(taken: pd.DataFrame, last: pd.DataFrame) -> pd.DataFrame:
+    """Per ring group: buffers the kernel took. A completion fills one buffer, or with a recv
+    bundle the consecutive ring entries its bytes span (the ring's buffers are of one size,
+    the ring's bytes over its buffers; where they are not, each completion counts one)."""
+    size = (last["bytes"] // last["buffers"].where(last["buffers"] > 0)).where(
+        last["bytes"] % last["buffers"].where(last["buffers"] > 0) == 0
+    )
+    joined = taken[KEYS + ["bytes"]].merge(size.rename("size").reset_index(), on=KEYS, how="left")
+    per_use = (-(-joined["bytes"] // joined["size"])).clip(lower=1).fillna(1)
+    joined["consumed"] = per_use.astype("int64")
+    return joined.groupby(KEYS)["consumed"].sum().reset_index()

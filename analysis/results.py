@@ -329,6 +329,7 @@ class TraceSummary(Result):
     timeline: list[TimelinePoint] | None = None  # with --timeline
     memory: MemoryOptions | None = None  # the recording's --memory options
     at_attach: list[ProcessAtAttach] = field(default_factory=list)  # what was found at attach
+    warnings: list[str] = field(default_factory=list)  # what reading the trace left out
 
     def to_json(self, connections: bool = False) -> dict[str, Any]:
         out = _fields_json(self)

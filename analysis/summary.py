@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -63,6 +65,7 @@ from analysis.results import (
     Unknown,
     WriteFigures,
 )
+from probes.format.errors import UsageError
 from probes.format.reader import Trace
 from probes.format.schema import PostFlag, Source
 
@@ -261,6 +264,40 @@ def memory_by_process(
     return out
 
 
+MAX_TIMELINE_POINTS = 10_000  # per process: each point is an address join
+
+
+def recording_span(trace: Trace) -> tuple[int, int]:
+    """(start, end) of the recording, CLOCK_MONOTONIC ns."""
+    start = trace.meta.tracing_since_ns or trace.meta.clock.monotonic_ns
+    end = end_of_recording(trace)
+    if not start:
+        stamps = [
+            int(df["ts_ns"].min()) for df in trace.tables.values() if "ts_ns" in df and not df.empty
+        ]
+        start = min(stamps, default=end)
+    return start, max(start, end)
+
+
+def timeline_step(trace: Trace, wanted_s: float, at_most: bool = False) -> float:
+    """`wanted_s` if the recording's time series at that step has at most
+    MAX_TIMELINE_POINTS points; else, with `at_most`, the step that gives that many, and
+    without, a UsageError saying why (a hostile trace's timestamps cannot make it allocate
+    without bound)."""
+    if not math.isfinite(wanted_s) or wanted_s <= 0:
+        raise UsageError(f"a time step must be a positive number of seconds, not {wanted_s}")
+    start, end = recording_span(trace)
+    points = (end - start) / (wanted_s * 1e9)
+    if points <= MAX_TIMELINE_POINTS:
+        return wanted_s
+    if at_most:
+        return (end - start) / 1e9 / MAX_TIMELINE_POINTS
+    raise UsageError(
+        f"a time series every {wanted_s:g} s over this recording's {(end - start) / 1e9:,.1f} s "
+        f"is {points:,.0f} points; at most {MAX_TIMELINE_POINTS:,}"
+    )
+
+
 def timeline(
     trace: Trace,
     reads: pd.DataFrame,
@@ -273,13 +310,7 @@ def timeline(
     """The per-process time series. `reads`: the network reads' intervals,
     `posted` their posted_timeline(), `allocations` allocation_intervals(), `writes` the
     writes' intervals."""
-    start = trace.meta.tracing_since_ns or trace.meta.clock.monotonic_ns
-    end = end_of_recording(trace)
-    if not start:
-        stamps = [
-            int(df["ts_ns"].min()) for df in trace.tables.values() if "ts_ns" in df and not df.empty
-        ]
-        start = min(stamps, default=end)
+    start, end = recording_span(trace)
     resolution = max(1, int(resolution_s * 1e9))
     buffers = buffer_timeline(
         reads,
@@ -315,6 +346,8 @@ def summarize(
     timeline_s: float | None = None,
 ) -> TraceSummary:
     """Every process's figures; "now" is the end of the recording."""
+    if timeline_s is not None:
+        timeline_s = timeline_step(trace, timeline_s)
     completed = parked_at_attach(read_intervals(trace["posts"], trace["completions"]))
     parked = parked_reads(completed, trace["waits"], trace["wait_ends"])
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
@@ -421,6 +454,7 @@ def summarize(
         ),
         memory=meta.memory,
         at_attach=list(meta.at_attach),
+        warnings=list(trace.warnings),
     )
 
 

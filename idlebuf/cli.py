@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from idlebuf.commands import compare, demo, doctor, record, report, sweep
 from probes.format.errors import IdlebufError
@@ -25,13 +26,23 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`idlebuf CMD: error: ...`, exit 2): the usage is what
+    --help is for."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="idlebuf",
         description="Trace the read buffers a process holds waiting for data (queued vs "
         "readiness IO), and the memory behind them.",
     )
-    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="subcommand", metavar="COMMAND", required=True, parser_class=_Parser
+    )
     for _name, module in COMMANDS.items():
         module.add_parser(sub)
     return parser

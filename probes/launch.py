@@ -4,6 +4,7 @@ from its first instruction), following it, and stopping it with the recording.""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -62,11 +63,24 @@ class Child:
             os.kill(self.pid, sig)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a forked child: SIGKILL when the recorder (its parent) exits, however it exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the recorder died before the call took effect
+        os._exit(127)
+
+
 def launch_paused(command: list[str], attach: Callable[[int], None]) -> Child:
     """Start `command` held before exec, `attach` the probes to it, then let it exec.
 
     The forked child waits on a pipe until its pid is in the target table, so the probes see
     the command from its first instruction. A second, close-on-exec pipe reports exec failure.
+    The command is killed if the recorder dies (PR_SET_PDEATHSIG): a recorder killed with
+    SIGKILL leaves no orphan behind.
     """
     gate_r, gate_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -75,6 +89,7 @@ def launch_paused(command: list[str], attach: Callable[[int], None]) -> Child:
         try:
             os.close(gate_w)
             os.close(err_r)
+            _die_with_parent()
             os.read(gate_r, 1)
             os.close(gate_r)
             os.execvp(command[0], command)

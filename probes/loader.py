@@ -472,6 +472,9 @@ class Probes:
     def wait(self, timeout_s: float) -> None:
         self.consumer.wait(timeout_s)
 
+    closed = False
+
     def close(self) -> None:
+        self.closed = True
         self.consumer.close()
         self.bpf.cleanup()

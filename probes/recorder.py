@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from probes.batches import split_by_kind, write_records, write_rows
 from probes.btf import BTF
 from probes.buffer_rings import BufferRingWatcher
 from probes.format import schema
-from probes.format.errors import BTFError, ProbeError, RecordError
+from probes.format.errors import BTFError, IdlebufError, ProbeError, RecordError
 from probes.format.meta import (
     Allocator,
     Clock,
@@ -101,14 +102,15 @@ def _fds(pid: int) -> list[int]:
 
 
 class _Stop:
-    """Turns SIGINT/SIGTERM into a flag the loop checks, so the trace is always finalized."""
+    """Turns SIGINT, SIGTERM and SIGHUP (a closed terminal) into a flag the loop checks, so
+    the trace is always finalized."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -152,6 +154,8 @@ class Recorder:
         self._target_pids: list[int] = []
         self._probes: LoadedProbes | None = None
         self._child: Child | None = None
+        self._started = False  # the targets are attached: from now on the trace is kept
+        self._counters: dict[str, int] = {}  # the kernel's counters, as last read
         self.meta = Meta()
 
     # --- set-up -------------------------------------------------------------------------
@@ -161,11 +165,16 @@ class Recorder:
             raise RecordError("give either -p PID or -- COMMAND (not both, not neither)")
         features.preflight()
         check_targets(cfg.pids)
+        if cfg.command and shutil.which(cfg.command[0]) is None:
+            raise RecordError(f"cannot run {cfg.command[0]}: no such executable")
 
-    def _write_meta(self, complete: bool = False) -> None:
-        """meta.json as things are now (the writer serializes it at once)."""
+    def _write_meta(self, complete: bool = False, last: bool = False) -> None:
+        """meta.json as things are now (the writer serializes it at once); `last`: the one
+        written after a failure, whatever an earlier write met."""
         probes, meta = self._probes, self.meta
-        counters = probes.counter_values() if probes else {}
+        counters = self._counters
+        if probes is not None and not probes.closed:
+            counters = self._counters = probes.counter_values()
         meta.probes = Probes(
             ProbeState(
                 attached=probes is not None,
@@ -179,7 +188,10 @@ class Recorder:
         meta.drops = {c.name.lower(): counters.get(c.name.lower(), 0) for c in schema.DROP_COUNTERS}
         meta.rows = dict(self._writer.rows)
         meta.complete = complete
-        self._writer.write_meta(meta)
+        if last:
+            self._writer.write_last_meta(meta)
+        else:
+            self._writer.write_meta(meta)
 
     # --- the sink the loop feeds ------------------------------------------------------------
     @property
@@ -352,6 +364,8 @@ class Recorder:
             with _Stop() as stop:
                 return self._record(stop, btf)
         except RecordError:
+            if not self._started:  # it never started: leave nothing behind
+                self._writer.discard()
             raise
         except Exception as exc:
             # A bug must not cost the user what was recorded: keep what is buffered and say
@@ -365,10 +379,9 @@ class Recorder:
         # the original error is the one to report, not one met while salvaging
         with contextlib.suppress(Exception):
             self._flush()
-        self.meta.error = repr(exc)[:500]
+        self.meta.error = str(exc)[:500] if isinstance(exc, IdlebufError) else repr(exc)[:500]
         with contextlib.suppress(Exception):
-            self._write_meta()
-            self._writer.sync()
+            self._write_meta(last=True)
 
     def _record(self, stop: _Stop, btf: BTF) -> RecordSummary:
         cfg = self.config
@@ -393,6 +406,7 @@ class Recorder:
                 self._state_at_attach(probes, btf, cfg.pids)
                 self._sample_status(probes, "attach")  # a launched command is seen from exec
             self._write_meta()
+            self._started = True
             if self.meta.alternations is not None:  # the first traced stretch
                 self.meta.alternations.append(Switch(self.meta.tracing_since_ns, _now_ns(), True))
             stop_reason = session.run(
@@ -424,6 +438,8 @@ class Recorder:
             if self._child is not None and self._child.poll() is None:
                 self._child.signal(signal.SIGKILL)
                 self._child.wait()
+            with contextlib.suppress(Exception):  # for a meta.json written after a failure
+                self._counters = probes.counter_values()
             probes.close()
             if self._sockets is not None:
                 self._sockets.close()

@@ -141,7 +141,16 @@ def address_of(buf: bytearray) -> int:
 def listening(listener: socket.socket, **extra: Any) -> None:
     """Announce the server is ready: {"event": "listening", "pid", "host", "port", ...}."""
     host, port = listener.getsockname()[:2]
-    emit({"event": "listening", "pid": os.getpid(), "host": host, "port": port, **extra})
+    emit(
+        {
+            "event": "listening",
+            "pid": os.getpid(),
+            "host": host,
+            "port": port,
+            "rss_bytes": resident_bytes(),  # where RSS growth is counted from
+            **extra,
+        }
+    )
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

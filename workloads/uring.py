@@ -8,6 +8,7 @@ include/uapi/linux/io_uring.h; see io_uring_setup(2), io_uring_enter(2), io_urin
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -172,9 +173,23 @@ class Ring:
                 flags |= IORING_ENTER_SQ_WAKEUP
             if not flags:
                 return 0
-        ret = _check(_libc.syscall(SYS_IO_URING_ENTER, self.fd, to_submit, wait, flags, None, 0))
+        submitted = 0
+        while True:
+            ret = _libc.syscall(SYS_IO_URING_ENTER, self.fd, to_submit, wait, flags, None, 0)
+            if ret < 0 and ctypes.get_errno() == errno.EINTR:
+                continue
+            ret = _check(ret)
+            submitted += ret
+            to_submit -= ret
+            # the kernel may take fewer SQEs than offered (it stops at one it cannot
+            # allocate for); the rest stay queued in the ring and must be offered again
+            if to_submit <= 0 or self.sqpoll:
+                break
+            if ret == 0:
+                raise OSError(errno.EAGAIN, f"io_uring_enter took none of {to_submit} SQEs")
+            wait, flags = 0, flags & ~IORING_ENTER_GETEVENTS
         self._pending = 0
-        return ret
+        return submitted
 
     def sq_empty(self) -> bool:
         return self._sq_head.value == self._sq_tail.value
@@ -243,7 +258,9 @@ class BufferRing:
         # the ring's tail overlays the resv field of entry 0; store it as one 16-bit word
         self._tail_word = ctypes.c_uint16.from_buffer(self._ring_mem, 14)
         self._tail = 0
-        self.consumed = 0  # buffers the kernel filled (CQEs with IORING_CQE_F_BUFFER)
+        self._slots = [0] * entries  # the buffer id in each ring entry
+        self._position: dict[int, int] = {}  # buffer id -> the tail value it was added at
+        self.consumed = 0  # buffers the kernel filled (a bundle's completion fills several)
         for bid in range(count):
             self._add(bid)
         self._publish()
@@ -255,13 +272,24 @@ class BufferRing:
         slot = (self._tail & (self.entries - 1)) * 16
         # struct io_uring_buf {u64 addr; u32 len; u16 bid; u16 resv} (resv of slot 0 = tail)
         struct.pack_into("<QIH", self._ring_mem, slot, self.address(bid), self.size, bid)
+        self._slots[self._tail & (self.entries - 1)] = bid
+        self._position[bid] = self._tail
         self._tail = (self._tail + 1) & 0xFFFF
 
     def _publish(self) -> None:
         self._tail_word.value = self._tail
 
-    def give_back(self, bid: int) -> None:
-        self._add(bid)
+    def taken(self, bid: int, nbytes: int) -> list[int]:
+        """The buffers one completion filled: `bid` alone, or with a recv bundle the ring
+        entries after it too, as many as `nbytes` spans (the kernel takes them in ring
+        order and reports the first)."""
+        count = max(1, -(-nbytes // self.size))
+        first = self._position[bid]
+        return [self._slots[(first + i) & (self.entries - 1)] for i in range(count)]
+
+    def give_back(self, *bids: int) -> None:
+        for bid in bids:
+            self._add(bid)
         self._publish()
 
 
@@ -293,5 +321,11 @@ class ProvidedBuffers:
             buf_group=self.group,
         )
 
-    def give_back(self, bid: int) -> None:
-        self.provide(bid, 1)
+    def taken(self, bid: int, nbytes: int) -> list[int]:
+        """The buffers one completion filled: always one (bundles take one provided buffer
+        from a PROVIDE_BUFFERS group)."""
+        return [bid]
+
+    def give_back(self, *bids: int) -> None:
+        for bid in bids:
+            self.provide(bid, 1)

@@ -227,10 +227,14 @@ class Server:
             self.reads_completed += 1
             self.bytes_received += cqe.res
             if self.group is not None and cqe.buffer_id is not None:
-                start = cqe.buffer_id * self.group.size
-                data = bytes(self.group.memory[start : start + cqe.res])
-                self.group.consumed += 1
-                self.group.give_back(cqe.buffer_id)
+                bids = self.group.taken(cqe.buffer_id, cqe.res)
+                size, left, pieces = self.group.size, cqe.res, []
+                for bid in bids:  # a bundle's data runs on through its buffers in order
+                    pieces.append(self.group.memory[bid * size : bid * size + min(left, size)])
+                    left -= size
+                data = b"".join(pieces)
+                self.group.consumed += len(bids)
+                self.group.give_back(*bids)
             else:
                 data = ctypes.string_at(conn.addr, cqe.res)
             conn.sock.sendall(data)

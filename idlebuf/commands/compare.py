@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from idlebuf.commands.options import number
 from idlebuf.experiments.saved import comparison_of
-from idlebuf.output import output_dir
-from idlebuf.reporters import write_reports
+from idlebuf.output import check_free, output_dir
+from idlebuf.reporters import REPORT_FILES, write_reports
 from idlebuf.reporters.json import rows_json
 from idlebuf.reporters.text import render_comparison
 from probes.format.errors import UsageError
@@ -29,10 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--timeline-step",
-        type=float,
+        type=number(float, 0, above=True),
         default=0.5,
         metavar="S",
         help="seconds between time-series points of traces (default 0.5)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace files of an earlier run in the output"
     )
     p.set_defaults(run=run)
 
@@ -44,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     paths = {}
     if args.output:
         title = "idlebuf: " + ", ".join(p.name for p in args.paths)
-        paths = write_reports(comparison, output_dir(args.output, ""), title)
+        directory = output_dir(args.output, "")
+        check_free(directory, REPORT_FILES, args.force)
+        paths = write_reports(comparison, directory, title)
     if args.json:
         print(rows_json(comparison, **paths))
         return 0

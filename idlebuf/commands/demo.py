@@ -9,11 +9,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from idlebuf.commands.options import number
 from idlebuf.experiments.comparison import run_comparison
 from idlebuf.experiments.models import Load, Model, chosen_models, models
-from idlebuf.experiments.saved import save_comparison
-from idlebuf.output import output_dir
-from idlebuf.reporters import columns, write_reports
+from idlebuf.experiments.saved import COMPARISON_FILE, save_comparison
+from idlebuf.output import check_free, output_dir
+from idlebuf.reporters import REPORT_FILES, columns, write_reports
 from idlebuf.reporters.json import rows_json
 from idlebuf.reporters.text import render_comparison
 from idlebuf.reporters.units import human_bytes
@@ -33,25 +34,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "traces. Needs root.",
     )
     p.add_argument(
-        "--connections", type=int, default=1000, metavar="N", help="connections (default 1000)"
+        "--connections",
+        type=number(int, 1),
+        default=1000,
+        metavar="N",
+        help="connections (default 1000)",
     )
     p.add_argument(
         "--active",
-        type=float,
+        type=number(float, 0, 1, what="a fraction, between 0 and 1"),
         default=0.05,
         metavar="F",
         help="fraction of them exchanging messages (default 0.05)",
     )
     p.add_argument(
         "--buffer-size",
-        type=int,
+        type=number(int, 64),
         default=16384,
         metavar="BYTES",
         help="read buffer (or pushed chunk) per connection (default 16384)",
     )
     p.add_argument(
         "--duration",
-        type=float,
+        type=number(float, 1),
         default=5.0,
         metavar="S",
         help="seconds recorded per model (default 5)",
@@ -84,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--compare",
         action="store_true",
         help=argparse.SUPPRESS,  # what `demo` does now; kept so older commands still work
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace files of an earlier run in the output"
     )
     p.set_defaults(run=run)
 
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = chosen_models(args.models, load.active, args.push)
     preflight()
     base = output_dir(Path(args.output) if args.output else None, "idlebuf-demo-")
+    check_free(base, [COMPARISON_FILE, *REPORT_FILES, *(m.name for m in chosen)], args.force)
     progress = Progress(len(chosen))
     print(
         f"demo: {load.connections:,} connections, {load.active:,} active, "

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from idlebuf.commands.options import number
 from probes.format.errors import UsageError
 from probes.loader import ProbeOptions
 from probes.recorder import RecordConfig, Recorder
@@ -29,12 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "-p",
         "--pid",
         dest="pids",
-        type=int,
+        type=number(int, 1),
         action="append",
         default=[],
         help="trace this process, all its threads (repeatable)",
     )
-    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument(
+        "--duration", type=number(float, 0, above=True), help="stop after this many seconds"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing trace directory")
     p.add_argument(
         "--memory",
@@ -53,14 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--min-alloc",
-        type=int,
+        type=number(int, 1),
         default=1024,
         metavar="BYTES",
         help="with --alloc-probes: ignore allocations smaller than this (default 1024)",
     )
     p.add_argument(
         "--sample",
-        type=int,
+        type=number(int, 1),
         default=1,
         metavar="N",
         help="with --alloc-probes: track one allocation address in N (default 1: all); "
@@ -68,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--min-wait",
-        type=float,
+        type=number(float, 0),
         default=0.0,
         metavar="MS",
         help="record only reads and writes that wait at least MS milliseconds (and so hold "
@@ -94,7 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ring-buffer",
-        type=int,
+        type=number(int, 1, 1024),
         default=16,
         metavar="MIB",
         help="kernel ring buffer size, a power of two (default 16: ~190k events of slack; "
@@ -102,7 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--alternate",
-        type=float,
+        type=number(float, 0, above=True),
         metavar="SECONDS",
         help="switch tracing off and on every SECONDS, to measure what it costs the traced "
         "program: compare its throughput in the two halves (meta.json lists when each switch "
@@ -126,18 +129,12 @@ def run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be positive")
-    if args.min_alloc < 1 or args.sample < 1:
-        raise UsageError("--min-alloc and --sample must be at least 1")
+    if command and not command[0]:
+        raise UsageError("the command to run is empty")
     if args.alloc_probes and not args.memory:
         raise UsageError("--alloc-probes applies to --memory recordings only")
     if args.wait_hooks != "auto" and not args.min_wait:
         raise UsageError("--wait-hooks applies to --min-wait recordings only")
-    if args.alternate is not None and args.alternate <= 0:
-        raise UsageError("--alternate must be positive")
-    if args.min_wait < 0:
-        raise UsageError("--min-wait must be zero (record every call) or positive")
     mib = args.ring_buffer
     if mib < 1 or mib & (mib - 1) or mib > 1024:
         raise UsageError("--ring-buffer must be a power of two MiB, from 1 to 1024")

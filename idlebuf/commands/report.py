@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from analysis.summary import summarize
+from idlebuf.commands.options import number
 from idlebuf.reporters.json import report_json
 from idlebuf.reporters.text import render_report
 from probes.format.errors import UsageError
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument(
         "--idle-threshold",
-        type=float,
+        type=number(float, 0),
         default=1.0,
         metavar="SECONDS",
         help="a connection with no data for this long is idle (default 1)",
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--timeline",
-        type=float,
+        type=number(float, 0, above=True),
         metavar="SECONDS",
         help="add a per-process time series at this resolution",
     )

@@ -8,24 +8,15 @@ import sys
 from pathlib import Path
 
 from analysis.results import to_json
+from idlebuf.commands.options import number, numbers
 from idlebuf.experiments.models import Load, chosen_models
 from idlebuf.experiments.saved import SWEEP_FILE, save_sweep
 from idlebuf.experiments.sweep import run_sweep
-from idlebuf.output import output_dir, write_file
+from idlebuf.output import check_free, output_dir, write_file
 from idlebuf.reporters.html import sweep_html
 from idlebuf.reporters.text import render_fits
 from probes.features import preflight
 from probes.format.errors import UsageError
-
-
-def numbers(kind: type, text: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,23 +31,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--connections",
-        type=lambda t: numbers(int, t),
+        type=numbers(int, 1),
         default=[101, 307, 1009],
         metavar="N,...",
         help="connection counts (default 101,307,1009)",
     )
     p.add_argument(
         "--active",
-        type=lambda t: numbers(float, t),
+        type=numbers(float, 0, 1, what="a fraction, between 0 and 1"),
         default=[0.05, 0.2],
         metavar="F,...",
         help="active fractions (default 0.05,0.2)",
     )
-    p.add_argument("--buffer-size", type=int, default=16384, metavar="BYTES")
-    p.add_argument("--duration", type=float, default=3.0, metavar="S", help="seconds per model")
+    p.add_argument(
+        "--buffer-size",
+        type=number(int, 64),
+        default=16384,
+        metavar="BYTES",
+        help="(default 16384)",
+    )
+    p.add_argument(
+        "--duration", type=number(float, 1), default=3.0, metavar="S", help="seconds per model"
+    )
     p.add_argument("--models", metavar="NAME,...", help="only these models (default: all)")
     p.add_argument("--json", action="store_true", help="print the fits as JSON")
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: a new /tmp dir")
+    p.add_argument(
+        "--force", action="store_true", help="replace files of an earlier run in the output"
+    )
     p.set_defaults(run=run)
 
 
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     chosen_models(args.models, 0)  # fails early on an unknown name
     preflight()
     base = output_dir(args.output, "idlebuf-sweep-")
+    check_free(base, [SWEEP_FILE, "sweep.html"], args.force)
     template = Load(connections=0, active=0, buffer_size=args.buffer_size, duration=args.duration)
     tty = sys.stderr.isatty()
 
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if tty:
         sys.stderr.write("\n")
     save_sweep(sweep, base)
-    report = write_file(base / "sweep.html", sweep_html(sweep))
+    report = write_file(base / "sweep.html", sweep_html(sweep), force=True)
     if args.json:
         print(json.dumps({"fits": to_json(sweep.fits), "report": str(report), "output": str(base)}))
         return 0

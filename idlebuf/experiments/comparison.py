@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 from analysis.comparison import ComparisonRow, comparison_row, with_ratios
 from analysis.memory import resident_events, rss_at
 from analysis.results import Result, TimelinePoint
-from analysis.summary import summarize
+from analysis.summary import summarize, timeline_step
 from idlebuf.experiments.models import Load, Model
 from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
 from probes.format.errors import IdlebufError, RecordError
@@ -72,6 +73,7 @@ def record_model(
                 f"recording {model.name} did not start: {recorder.why_it_failed()}"
             ) from None
         ready_ns = time.monotonic_ns()  # the trace's clock: RSS growth is counted from here
+        ready_rss = resident_now(listening["pid"])
         try:
             generator = spawn(model.client.module, *model.client.args(load, listening["port"]))
             connected = read_event(generator.stdout, "connected", 120)  # type: ignore[arg-type]
@@ -92,10 +94,24 @@ def record_model(
         model.name,
         load.connections,
         load.active,
-        rss_at(resident_events(trace["rss"], trace["proc_status"]), pid, ready_ns),
+        ready_rss
+        if ready_rss is not None
+        else rss_at(resident_events(trace["rss"], trace["proc_status"]), pid, ready_ns),
     )
     row.trace, row.ground_truth = str(path), last_truth(out)
+    if row.ground_truth is not None and "rss_bytes" in listening:
+        row.ground_truth["rss_at_listening"] = listening["rss_bytes"]
     return row, summary.timeline_of(pid)
+
+
+def resident_now(pid: int) -> int | None:
+    """`pid`'s resident set size now, from /proc (exact, unlike the kmem:rss_stat samples,
+    which lag by up to a per-CPU batch on each CPU); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def last_truth(stdout: bytes) -> dict[str, Any] | None:
@@ -144,7 +160,8 @@ def traces_compared(paths: Sequence[Path], timeline_s: float = 0.5) -> Compariso
     (named after the trace, with its pid when a trace has several)."""
     out = Comparison(None, complete=True)
     for path in paths:
-        summary = summarize(open_trace(path), timeline_s=timeline_s)
+        trace = open_trace(path)
+        summary = summarize(trace, timeline_s=timeline_step(trace, timeline_s, at_most=True))
         chosen = [
             p
             for p in summary.processes

@@ -63,13 +63,14 @@ def sweep_json(sweep: Sweep) -> dict[str, Any]:
 
 
 def save_comparison(comparison: Comparison, directory: Path) -> Path:
-    return write_file(
-        directory / COMPARISON_FILE, json.dumps(comparison_json(comparison), indent=1)
-    )
+    """comparison.json, replaced if there (callers check first: output.check_free)."""
+    body = json.dumps(comparison_json(comparison), indent=1)
+    return write_file(directory / COMPARISON_FILE, body, force=True)
 
 
 def save_sweep(sweep: Sweep, directory: Path) -> Path:
-    return write_file(directory / SWEEP_FILE, json.dumps(sweep_json(sweep), indent=1))
+    """sweep.json, replaced if there (callers check first: output.check_free)."""
+    return write_file(directory / SWEEP_FILE, json.dumps(sweep_json(sweep), indent=1), force=True)
 
 
 def _read(path: Path, expected: tuple[str, int, str]) -> dict[str, Any]:

@@ -17,11 +17,12 @@ from analysis.results import (
 from idlebuf.experiments.sweep import Sweep
 from idlebuf.reporters import columns
 from idlebuf.reporters.columns import Column
-from idlebuf.reporters.units import human_bytes
+from idlebuf.reporters.units import human_bytes, printable
 from probes.format.meta import ProcessAtAttach
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -34,7 +35,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def render_report(summary: TraceSummary, title: str) -> str:
-    out = [f"idlebuf report: {title}"]
+    out = [f"idlebuf report: {printable(title)}"]
+    out += [f"WARNING: {printable(w)}" for w in summary.warnings]
     if not summary.complete:
         out.append(
             "WARNING: the recording did not finish (killed?); figures cover its flushed prefix only"
@@ -53,7 +55,7 @@ def render_report(summary: TraceSummary, title: str) -> str:
     if not summary.processes:
         out.append("no process of the targets made a socket read")
     if summary.uring and summary.uring != "traced":
-        out.append(f"note: io_uring was not traced: {summary.uring}")
+        out.append(f"note: io_uring was not traced: {printable(summary.uring)}")
     for pid in summary.uring_before_attach:
         out.append(
             f"note: pid {pid} had io_uring instances open before the recording whose requests "
@@ -61,7 +63,7 @@ def render_report(summary: TraceSummary, title: str) -> str:
         )
     for proc in summary.processes:
         out.append("")
-        out.append(f"pid {proc.pid} ({proc.comm or '?'})")
+        out.append(f"pid {proc.pid} ({printable(proc.comm) or '?'})")
         rows = [_totals_row(proc)]
         for source, figures in proc.by_source.items():
             for op, o in figures.by_op.items():
@@ -147,7 +149,7 @@ def _provenance_lines(proc: ProcessSummary, attach: ProcessAtAttach | None) -> l
 
 def _unknown(figure: str, u: Unknown) -> str:
     size = f", {human_bytes(u.bytes)}" if u.bytes else ""
-    return f"UNKNOWN {figure}: {u.connections:,} connections{size}: {u.why}"
+    return f"UNKNOWN {figure}: {u.connections:,} connections{size}: {printable(u.why)}"
 
 
 def _plus_unknown(n: float, unknown: list[Unknown]) -> str:
@@ -252,7 +254,7 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
     ]
     sites = [
         f"  {site.buffers:,} reads, {human_bytes(site.bytes)}: "
-        + " <- ".join(site.stack[:4] or ["(no frames)"])
+        + printable(" <- ".join(site.stack[:4] or ["(no frames)"]))
         for site in memory.read_sites
     ]
     if sites:

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
+# C0 and C1 control characters and DEL: a traced process chooses its own name (and its
+# command line, its paths): printed raw, they could drive the reader's terminal
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character shown as an escape (\\x1b), safe for a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 UNKNOWN = "unknown"
 
 

@@ -147,6 +147,15 @@ class ProcessAtAttach:
 
 
 @dataclass
+class Part:
+    """One part file of a table as the writer wrote it: a reader checks it is that file."""
+
+    name: str = ""
+    rows: int = 0
+    sha256: str = ""
+
+
+@dataclass
 class Meta:
     format: str = schema.FORMAT_NAME
     format_version: int = schema.FORMAT_VERSION
@@ -165,6 +174,9 @@ class Meta:
     alternate_s: float | None = None
     alternations: list[Switch] | None = None
     rows: dict[str, int] = field(default_factory=dict)  # rows written per table
+    # every part written when meta.json was, per table, in order (traces written since
+    # this field exists; the reader verifies each one)
+    parts: dict[str, list[Part]] | None = None
     complete: bool = False
     stop_reason: str | None = None
     elapsed_s: float | None = None
@@ -178,8 +190,44 @@ class Meta:
     @classmethod
     def from_json(cls, data: object, where: str = "meta.json") -> Meta:
         """A Meta from a parsed meta.json; TraceError (naming `where` and the field) when a
-        field has the wrong type or is not finite."""
-        return _from_json(cls, data, where)
+        field has the wrong type, is not finite, or is out of its range."""
+        meta = _from_json(cls, data, where)
+        meta._check_ranges(where)
+        return meta
+
+    def _check_ranges(self, where: str) -> None:
+        counts = {
+            **{f"drops.{k}": v for k, v in self.drops.items()},
+            **{f"rows.{k}": v for k, v in self.rows.items()},
+            **{
+                f"probes.reads.kernel_counts.{k}": v
+                for k, v in self.probes.reads.kernel_counts.items()
+            },
+            "probes.reads.events.posts": self.probes.reads.events.posts,
+            "probes.reads.events.completions": self.probes.reads.events.completions,
+        }
+        stamps = {
+            "tracing_since_ns": self.tracing_since_ns,
+            "end_monotonic_ns": self.end_monotonic_ns,
+            "clock.monotonic_ns": self.clock.monotonic_ns,
+            "min_wait_ns": self.min_wait_ns,
+        }
+        for name, value in {**counts, **stamps}.items():
+            if value is not None and not 0 <= value < 1 << 63:
+                raise TraceError(f"{where}: {name} should be a count from 0, not {value}")
+        for name, seconds in (("elapsed_s", self.elapsed_s), ("alternate_s", self.alternate_s)):
+            if seconds is not None and seconds < 0:
+                raise TraceError(f"{where}: {name} should not be negative ({seconds})")
+        if self.memory is not None:
+            every = self.memory.sample_every
+            if every < 1:
+                raise TraceError(f"{where}: memory.sample_every should be 1 or more, not {every}")
+            if self.memory.min_alloc < 0:
+                raise TraceError(f"{where}: memory.min_alloc should not be negative")
+        for table, parts in (self.parts or {}).items():
+            for part in parts:
+                if part.rows < 0 or "/" in part.name or not part.name.startswith("part-"):
+                    raise TraceError(f"{where}: parts.{table} lists {part.name!r}")
 
 
 def _to_json(value: Any) -> Any:
@@ -234,6 +282,8 @@ def _convert(value: object, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TraceError(f"{where} should be an integer, not {_kind(value)}")
+        if not -(1 << 63) <= value < 1 << 64:
+            raise TraceError(f"{where} is out of range ({value})")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

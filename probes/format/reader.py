@@ -1,12 +1,24 @@
 """Opens a trace directory: checks its format and version, reads its typed metadata, loads
 its tables as DataFrames.
 
-No root and no bcc needed. A foreign, newer or damaged trace is refused with a one-line reason.
+No root and no bcc needed. Traces are files people send each other, so everything is checked
+before it is believed: meta.json is read from a regular file of bounded size and every field
+typed and ranged (probes.format.meta); parts are read only as regular files inside the
+trace's own table directories (no symlink is followed, no FIFO or device opened), their
+schemas must be the format's, and each part must be the one meta.json lists (rows and
+SHA-256). A trace that fails is refused in one line naming the file and the problem. A
+recording killed between writing parts and meta.json leaves parts meta.json does not list,
+numbered after those it does: they are read (their columns checked, their digests unknown),
+and the trace carries a warning saying so.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +28,14 @@ import pyarrow.parquet as pq
 
 from probes.format import schema
 from probes.format.errors import TraceError
-from probes.format.meta import Meta, Switch
+from probes.format.meta import Meta, Part, Switch
 
 META = "meta.json"
+MAX_META_BYTES = 64 << 20
+MAX_PART_BYTES = 4 << 30
+MAX_PART_ROWS = 20_000_000  # far more than one flush writes
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -26,25 +43,73 @@ class Trace:
     path: Path
     meta: Meta
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what was left out, and why
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.tables[name]
 
 
+def _open(name: str | Path, dir_fd: int | None, flags: int, what: str) -> int:
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TraceError(f"{what} is a symbolic link: refused") from None
+        if exc.errno == errno.ENOTDIR:
+            raise TraceError(f"{what} is not a directory") from None
+        raise TraceError(f"{what} cannot be opened: {exc.strerror}") from None
+
+
+def _read_regular(name: str | Path, dir_fd: int | None, limit: int, what: str) -> bytes:
+    """The bytes of a regular file (not a link, FIFO or device) of at most `limit` bytes."""
+    fd = _open(name, dir_fd, _FILE, what)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TraceError(f"{what} is not a regular file")
+        if st.st_size > limit:
+            raise TraceError(f"{what} is {st.st_size:,} bytes: more than {limit:,}")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise TraceError(f"{what} grows past {limit:,} bytes while read")
+        return data
+    except OSError as exc:
+        raise TraceError(f"{what} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def read_meta(path: Path) -> Meta:
     meta_path = path / META
-    if not path.is_dir():
-        raise TraceError(f"{path} is not a trace directory")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        dir_fd = os.open(path, _DIR)
     except FileNotFoundError:
-        raise TraceError(f"{path} is not an idlebuf trace: it has no meta.json") from None
-    except (OSError, ValueError) as exc:
-        raise TraceError(f"{meta_path} is damaged: {exc}") from None
+        raise TraceError(f"{path} is not a trace directory") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise TraceError(f"{path} is not a trace directory") from None
+        raise TraceError(f"{path} cannot be opened: {exc.strerror}") from None
+    try:
+        if not os.path.lexists(meta_path):
+            raise TraceError(f"{path} is not an idlebuf trace: it has no meta.json")
+        raw = _read_regular(META, dir_fd, MAX_META_BYTES, str(meta_path))
+    finally:
+        os.close(dir_fd)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise TraceError(f"{meta_path} is damaged: {str(exc)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != schema.FORMAT_NAME:
         raise TraceError(f"{path} is not an idlebuf trace (meta.json has another format)")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise TraceError(f"{meta_path} has an invalid format_version {version!r}")
     if version > schema.FORMAT_VERSION:
         raise TraceError(
@@ -76,26 +141,94 @@ def switches(path: Path) -> list[Switch]:
     return list(meta.alternations or []) if meta else []
 
 
-def read_table(path: Path, table: schema.Table) -> pd.DataFrame:
-    """All parts of one table, in order; an absent table is empty."""
-    schema = table.arrow_schema()
-    folder = path / table.name
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    pieces = []
-    for part in parts:
-        try:
-            piece = pq.read_table(part)
-        except (OSError, pa.ArrowException) as exc:
-            raise TraceError(f"{part} is damaged: {exc}") from None
-        missing = table.missing(piece)
-        if missing:
-            raise TraceError(f"{part} lacks columns {sorted(missing)}")
-        pieces.append(table.conform(piece))
-    combined = pa.concat_tables(pieces) if pieces else schema.empty_table()
+def _part(dir_fd: int, name: str, table: schema.Table, where: str, expect: Part | None) -> pa.Table:
+    """One part, checked: a regular file, its digest and rows those meta.json lists (when it
+    lists them), its columns the format's with no nulls."""
+    what = f"{where}/{name}"
+    data = _read_regular(name, dir_fd, MAX_PART_BYTES, what)
+    if expect is not None and hashlib.sha256(data).hexdigest() != expect.sha256:
+        raise TraceError(f"{what} is damaged: not the part meta.json lists (its SHA-256 differs)")
+    try:
+        reader = pq.ParquetFile(pa.BufferReader(data))
+        rows = reader.metadata.num_rows
+        if rows > MAX_PART_ROWS or (expect is not None and rows != expect.rows):
+            raise TraceError(
+                f"{what} declares {rows:,} rows"
+                + (f", meta.json {expect.rows:,}" if expect else "")
+            )
+        piece = reader.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(f"{what} is damaged: {str(exc)[:200]}") from None
+    missing = table.missing(piece)
+    if missing:
+        raise TraceError(f"{what} lacks columns {sorted(missing)}")
+    for column in table.columns:
+        if column.name not in piece.schema.names:
+            continue
+        got = piece.schema.field(column.name).type
+        if got != column.arrow_type:
+            raise TraceError(f"{what}: column {column.name} is {got}, not {column.arrow_type}")
+        if piece[column.name].null_count:
+            raise TraceError(f"{what}: column {column.name} has missing values")
+    return table.conform(piece)
+
+
+def read_table(
+    path: Path, table: schema.Table, meta: Meta | None = None, warnings: list[str] | None = None
+) -> pd.DataFrame:
+    """All parts of one table, in order; an absent table is empty. With `meta`, the parts
+    are those it lists, each checked against it."""
+    listed = None if meta is None or meta.parts is None else meta.parts.get(table.name, [])
+    where = path / table.name
+    if not os.path.lexists(where):
+        if listed:
+            raise TraceError(f"{where} is missing: meta.json lists {len(listed)} parts of it")
+        return table.arrow_schema().empty_table().to_pandas()
+    dir_fd = _open(where, None, _DIR, str(where))
+    try:
+        on_disk = sorted(
+            n for n in os.listdir(dir_fd) if n.startswith("part-") and n.endswith(".parquet")
+        )
+        expected: list[Part | None]
+        if listed is None:
+            names, expected = on_disk, [None] * len(on_disk)
+        else:
+            names = [p.name for p in listed]
+            absent = [n for n in names if n not in on_disk]
+            if absent:
+                raise TraceError(f"{where}/{absent[0]} is missing: meta.json lists it")
+            extra = [n for n in on_disk if n not in names]
+            expected = list(listed)
+            if extra:
+                # a killed recorder's last parts (each whole: written, then renamed) come
+                # after every part its last meta.json lists; anything else is not its own
+                later = not names or extra[0] > names[-1]
+                if meta is None or meta.complete or not later:
+                    raise TraceError(f"{where}/{extra[0]} is not a part this recording wrote")
+                if warnings is not None:
+                    warnings.append(
+                        f"{table.name}: {len(extra)} parts written after the last meta.json "
+                        "(the recording was killed) are read without their check"
+                    )
+                names += extra
+                expected += [None] * len(extra)
+        pieces = [_part(dir_fd, n, table, str(where), e) for n, e in zip(names, expected)]
+    finally:
+        os.close(dir_fd)
+    combined = pa.concat_tables(pieces) if pieces else table.arrow_schema().empty_table()
     return combined.to_pandas()
 
 
 def open_trace(path: str | Path) -> Trace:
     path = Path(path)
     meta = read_meta(path)
-    return Trace(path, meta, {name: read_table(path, t) for name, t in schema.TABLES.items()})
+    warnings: list[str] = []
+    tables = {name: read_table(path, t, meta, warnings) for name, t in schema.TABLES.items()}
+    if meta.parts is None and meta.rows:  # older traces: at least the counts must agree
+        for name, df in tables.items():
+            declared = meta.rows.get(name)
+            if declared is not None and len(df) < declared:
+                raise TraceError(
+                    f"{path / name}: meta.json says {declared:,} rows, the parts hold {len(df):,}"
+                )
+    return Trace(path, meta, tables, warnings)

@@ -8,11 +8,17 @@ analysed later without root.
 Durability: each flush writes one Parquet part (written to a hidden temporary name, then renamed),
 and meta.json is rewritten atomically, so a recorder killed at any instant leaves a readable
 prefix of the trace, marked incomplete.
+
+Integrity: meta.json lists every part written before it (name, rows, SHA-256), with the rows
+per table, so a reader can tell a trace as written from a damaged or altered one; parts
+written after the last meta.json (a recorder killed between the two) are not listed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import queue
@@ -27,9 +33,11 @@ import pyarrow.parquet as pq
 
 from probes.format import schema
 from probes.format.errors import OutputError
-from probes.format.meta import Meta
+from probes.format.meta import Meta, Part
 from probes.format.reader import META
 
+RESERVE = ".reserve"  # room kept for the last meta.json, removed when the trace is closed
+RESERVE_BYTES = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -57,6 +65,9 @@ class TraceWriter:
         self._parts: dict[str, int] = {}
         self._table_fds: dict[str, int] = {}
         self.rows: dict[str, int] = {name: 0 for name in schema.TABLES}
+        self._written: dict[str, list[Part]] = {}  # parts on disk, by table (writer thread)
+        self._meta: dict[str, object] | None = None  # the last meta.json submitted
+        self._parts_since_meta = False
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=16)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="trace-writer", daemon=True)
@@ -70,6 +81,7 @@ class TraceWriter:
             self._fd = self._create(parent_fd, path, force)
         finally:
             os.close(parent_fd)
+        self._reserved = self._reserve()
         self._thread.start()
 
     def _create(self, parent_fd: int, path: Path, force: bool) -> int:
@@ -93,23 +105,63 @@ class TraceWriter:
         self._chown(fd)
         return fd
 
+    def _reserve(self) -> bool:
+        """Set aside room for the last meta.json: a disk that fills during the recording
+        must still take the one that lists what was written and says why it ended."""
+        try:
+            st = os.statvfs(self._fd)
+            size = min(RESERVE_BYTES, st.f_bavail * st.f_frsize // 4)
+            fd = os.open(RESERVE, _NEW_FILE, 0o600, dir_fd=self._fd)
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, max(size, 1))
+            return True
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(RESERVE, dir_fd=self._fd)
+            return False
+        finally:
+            os.close(fd)
+
+    def _release(self) -> bool:
+        """Give the reserved room back (for meta.json, or at the end): whether there was."""
+        if not self._reserved:
+            return False
+        self._reserved = False
+        with contextlib.suppress(OSError):
+            os.unlink(RESERVE, dir_fd=self._fd)
+        return True
+
     def _chown(self, fd: int) -> None:
         if self._owner:
             os.fchown(fd, *self._owner)
 
-    def _write_file(self, dir_fd: int, name: str, data: bytes | pa.Table) -> None:
-        """Write a file under a temporary name, then rename it into place."""
+    def _write_file(self, dir_fd: int, name: str, data: bytes) -> None:
+        """Write a file under a temporary name, then rename it into place; a temporary file
+        that could not be completed (disk full) is removed."""
         tmp = f".{name}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
         fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd)
-        self._chown(fd)
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, pa.Table):
-                pq.write_table(data, f, compression="zstd")
-            else:
+        try:
+            self._chown(fd)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
+    def _write_part(self, table: str, name: str, rows: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        self._write_file(self._table_dir(table), name, data)
+        self._written.setdefault(table, []).append(
+            Part(name, rows.num_rows, hashlib.sha256(data).hexdigest())
+        )
 
     # Files are written by one background thread, in submission order, so the recorder keeps
     # draining the ring buffer while Parquet compresses (pyarrow releases the GIL). A full
@@ -122,6 +174,8 @@ class TraceWriter:
                     return
                 if self._error is None:
                     job()
+            except OSError as exc:  # disk full, I/O error: said in one line by the caller
+                self._error = OutputError(f"cannot write the trace in {self.path}: {exc.strerror}")
             except BaseException as exc:  # noqa: BLE001 - re-raised in the recorder's thread
                 self._error = exc
             finally:
@@ -142,8 +196,34 @@ class TraceWriter:
         self._check()
 
     def write_meta(self, meta: Meta) -> None:
-        body = json.dumps(meta.to_json(), indent=2, sort_keys=True).encode() + b"\n"
-        self._submit(lambda: self._write_file(self._fd, META, body))
+        """meta.json, with the parts written before it (it is written after them)."""
+        fields = meta.to_json()  # as it is now: the caller goes on changing it
+        self._meta = fields
+        self._submit(lambda: self._write_meta(fields))
+
+    def write_last_meta(self, meta: Meta) -> None:
+        """After a failure: meta.json saying why, listing every part that did reach the disk
+        (an earlier write's error, already reported, does not stop this one)."""
+        self._jobs.join()
+        self._error = None
+        self.write_meta(meta)
+        self.sync()
+
+    def _write_meta(self, fields: dict[str, object]) -> None:
+        parts = {t: list(p) for t, p in self._written.items()}
+        fields = {
+            **fields,
+            "parts": {t: [vars(p) for p in ps] for t, ps in parts.items()},
+            "rows": {t: sum(p.rows for p in parts.get(t, [])) for t in schema.TABLES},
+        }
+        body = json.dumps(fields, indent=2, sort_keys=True).encode() + b"\n"
+        try:
+            self._write_file(self._fd, META, body)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._release():
+                raise
+            self._write_file(self._fd, META, body)
+        self._parts_since_meta = False
 
     def append(self, table: schema.Table, rows: pa.Table) -> None:
         """Write one row group of `table` as the next part file."""
@@ -153,9 +233,8 @@ class TraceWriter:
         part = self._parts.get(table.name, 0)
         self._parts[table.name] = part + 1
         self.rows[table.name] += rows.num_rows
-        self._submit(
-            lambda: self._write_file(self._table_dir(table.name), f"part-{part:06d}.parquet", rows)
-        )
+        self._parts_since_meta = True
+        self._submit(lambda: self._write_part(table.name, f"part-{part:06d}.parquet", rows))
 
     def _table_dir(self, name: str) -> int:
         dir_fd = self._table_fds.get(name)
@@ -167,11 +246,26 @@ class TraceWriter:
             self._table_fds[name] = dir_fd
         return dir_fd
 
+    def discard(self) -> None:
+        """Close and remove the trace: nothing was recorded (the recording could not start),
+        so a retry needs no --force."""
+        self._meta = None
+        self.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.path)
+
     def close(self) -> None:
+        """Wait for what was submitted; meta.json is written again if parts came after it,
+        so that it lists them."""
+        if self._meta is not None and self._parts_since_meta and self._error is None:
+            fields = self._meta
+            with contextlib.suppress(Exception):
+                self._submit(lambda: self._write_meta(fields))
         if self._thread.is_alive():
             self._jobs.join()
             self._jobs.put(None)
             self._thread.join()
+        self._release()
         for fd in self._table_fds.values():
             os.close(fd)
         self._table_fds.clear()

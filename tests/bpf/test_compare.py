@@ -1,9 +1,11 @@
-"""`idlebuf demo` at small scale, end to end: 53 connections, 3 active, every IO model.
+"""`idlebuf demo` at small scale, end to end: 53 connections, 7 active, every IO model.
 
-Each model's recorded figures are checked against what its server said about itself as it
-exited (posted reads and pinned bytes exactly; RSS and kernel socket memory within the stated
-tolerances) and against the construction: queued models hold all 53 buffers, the readiness
-models what a pool or the 3 active connections need, the provided-buffer ring its 8 buffers.
+Each model's recorded figures are checked against what its server said about itself (posted
+reads and pinned bytes exactly; RSS and its growth against the server's own /proc reads as
+it started listening and as it exited; kernel socket memory against SO_MEMINFO) and against
+the construction: queued models hold all 53 buffers, the readiness models what a pool or the
+7 active connections need, the provided-buffer ring its 2 x 7 = 14 buffers; every connection
+is idle at the end, so the per-idle-connection cost is what the server holds per connection.
 The HTML report and the Perfetto timeline it writes are read back.
 """
 
@@ -22,7 +24,8 @@ from tests.readers import read_report, read_timeline
 
 pytestmark = pytest.mark.bpf
 
-CONNECTIONS, ACTIVE, BUFFER, RING, POOL = 53, 3, 16384, 8, 4
+CONNECTIONS, ACTIVE, BUFFER, POOL = 53, 7, 16384, 4
+RING = 2 * ACTIVE  # the demo sizes the ring for twice the active connections (at least 8)
 MODELS = [
     "readiness-pool",
     "readiness-retain",
@@ -32,12 +35,13 @@ MODELS = [
     "uring-buffer-ring",
     "uring-poll-first",
 ]
-# kmem:rss_stat reports the per-CPU counter's fast read: it may lag /proc by the counter batch
-# per CPU (64 pages x CPUs, 512 KiB on 2 CPUs); the server's exit path adds a little more.
-RSS_TOLERANCE = 1 << 20
-# socket memory is sampled once a second; the sockets are quiet at the end, but a socket may
-# still hold a forward allocation the sample before the last did not show.
-SOCKET_TOLERANCE_PER_CONNECTION = 4096
+# Both sides read /proc/PID/statm or status, moments apart (the server's exit path encodes
+# its JSON in between): a fixed bound, whatever the machine's CPU count.
+RSS_TOLERANCE = 256 << 10
+# The sockets are quiet at the end: what they hold is at most a page of forward allocation
+# on the connections that carried data. (Sockets holding data are checked byte for byte
+# against ss in test_socket_memory.)
+SOCKET_TOLERANCE = 4096 * ACTIVE
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--active",
         str(ACTIVE / CONNECTIONS),
         "--duration",
-        "2",
+        "3",  # the connections that never send are idle (1 s without data) at the end
         "-o",
         str(out),
         timeout=900,
@@ -66,16 +70,24 @@ def test_every_model_against_its_own_ground_truth(demo: dict[str, Any]) -> None:
     for name, row in rows.items():
         truth = row["ground_truth"]
         assert truth is not None, name
-        assert truth["connections_open"] == CONNECTIONS, name
+        assert truth["connections_open"] == CONNECTIONS == row["connections"], name
+        assert row["active"] == ACTIVE, name
         assert (row["posted_reads"], row["pinned_bytes"]) == (
             truth["posted_reads"],
             truth["pinned_bytes"],
         ), name
         assert abs(row["rss_bytes"] - truth["rss_bytes"]) <= RSS_TOLERANCE, name
-        assert (
-            abs(row["socket_kernel_bytes"] - truth["socket_kernel_bytes"])
-            <= SOCKET_TOLERANCE_PER_CONNECTION * CONNECTIONS
-        ), name
+        grown = truth["rss_bytes"] - truth["rss_at_listening"]
+        assert grown > 0 and abs(row["rss_growth"] - grown) <= RSS_TOLERANCE, (name, grown)
+        assert abs(row["socket_kernel_bytes"] - truth["socket_kernel_bytes"]) <= SOCKET_TOLERANCE
+        # every connection is idle at the end: a connection's cost is what the server holds
+        # for it (posted, or kept after its data) plus its socket's kernel memory
+        held = truth["pinned_bytes"] + truth.get("held_bytes", 0) + truth["socket_kernel_bytes"]
+        if name not in ("readiness-pool", "uring-poll-first"):
+            assert abs(row["per_idle_connection_bytes"] - held / CONNECTIONS) <= 1 + (
+                SOCKET_TOLERANCE / CONNECTIONS
+            ), name
+        assert 0 <= row["io_buffer_memory_resident"] <= row["io_buffer_memory"], name
 
 
 def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> None:
@@ -84,15 +96,26 @@ def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> Non
         row = rows[name]
         assert (row["posted_reads"], row["pinned_bytes"]) == (CONNECTIONS, CONNECTIONS * BUFFER)
         assert row["io_buffer_memory"] == CONNECTIONS * BUFFER
-        assert row["ratio_to_readiness"] >= 10
+        assert row["per_idle_connection_bytes"] == BUFFER
+        assert row["ratio_to_readiness"] >= CONNECTIONS / POOL  # the pool holds at most 4
     pool, retain = rows["readiness-pool"], rows["readiness-retain"]
     # readiness pins nothing and holds at most the active connections' buffers
-    assert pool["pinned_bytes"] == 0 and 0 < pool["io_buffer_memory"] <= ACTIVE * BUFFER
+    assert pool["pinned_bytes"] == 0 and 0 < pool["io_buffer_memory"] <= POOL * BUFFER
+    assert pool["per_idle_connection_bytes"] <= POOL * BUFFER / CONNECTIONS
     assert retain["pinned_bytes"] == 0 and retain["io_buffer_memory"] == ACTIVE * BUFFER
+    assert retain["io_buffer_memory"] == retain["ground_truth"]["held_bytes"]
     ring, poll = rows["uring-buffer-ring"], rows["uring-poll-first"]
     assert ring["posted_reads"] == CONNECTIONS and ring["pinned_bytes"] == 0
-    assert ring["io_buffer_memory"] == RING * BUFFER
+    assert ring["ground_truth"]["buffer_group"]["buffers"] == RING
+    group = ring["ground_truth"]["buffer_group"]
+    assert ring["io_buffer_memory"] == RING * BUFFER == group["bytes"]
+    assert ring["per_idle_connection_bytes"] == 0  # the ring is shared, no connection's own
     assert poll["posted_reads"] == 0 and 0 < poll["io_buffer_memory"] <= POOL * BUFFER
+    # the ratio is each model's IO-buffer memory over the readiness baseline's
+    for name, row in rows.items():
+        assert row["ratio_to_readiness"] == round(
+            row["io_buffer_memory"] / pool["io_buffer_memory"], 1
+        ), name
 
 
 def test_report_and_timeline_show_every_model(demo: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from analysis.reads import read_intervals
-from probes.format.reader import open_trace, read_meta
+from probes.format.reader import meta_so_far, open_trace, read_meta
 from probes.format.schema import PostFlag
 from tests.helpers import (
     Recording,
@@ -34,6 +34,12 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.bpf
+
+
+def _posts_written(trace: Path) -> int:
+    meta = meta_so_far(trace)
+    return meta.rows.get("posts", 0) if meta is not None and meta.rows else 0
+
 
 CONNECTIONS, ACTIVE, MESSAGES, BUFFER = 23, 3, 101, 4099
 
@@ -51,14 +57,16 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
         )
         try:
             rec.wait_for(lambda t: t["posted_reads"] == CONNECTIONS)
-            time.sleep(1.5)  # the recorder's sweep (once a second) sees every read waiting
+            # the recorder's sweep (once a second) records every read waiting (nothing else
+            # is recorded yet: no call has returned)
+            wait_until(lambda: _posts_written(trace) >= CONNECTIONS, 30, "the sweep")
             go(load)
             read_event(load.stdout, "done", 60)  # type: ignore[arg-type]
             truth = rec.wait_for(lambda t: t["reads_completed"] == ACTIVE * MESSAGES)
             wait_until(
                 lambda: threads_in_socket_reads(rec.pid) == CONNECTIONS, 30, "threads in recv"
             )
-            time.sleep(0.3)  # longer than the wait threshold: every read has waited enough
+            time.sleep(0.3)  # a duration: every read now waiting has waited past 50 ms
             rec.finish()
         finally:
             stop(load)
@@ -75,8 +83,14 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
     waited_reads = int((t["completions"][mine]["ret"] > 0).sum())
     # the 3 first reads of the active connections: swept while waiting, then recorded at
     # their return; the analysis keeps one record of each
-    swept = t["posts"][(t["posts"]["flags"] & PostFlag.SWEPT) != 0]
-    assert len(swept) >= CONNECTIONS
+    posts = t["posts"][t["posts"]["pid"] == rec.pid]
+    is_swept = (posts["flags"] & PostFlag.SWEPT) != 0
+    assert is_swept.sum() >= CONNECTIONS
+    # swept while waiting and recorded again by the kernel at their return: exactly the
+    # active connections' first reads (more than the final sweep's calls, which never return)
+    keys = ["pid", "source", "key", "ts_ns"]
+    returned = posts[is_swept][keys].merge(posts[~is_swept][keys].drop_duplicates(), on=keys)
+    assert len(returned) == ACTIVE
     intervals = read_intervals(t["posts"], t["completions"])
     intervals = intervals[intervals["pid"] == rec.pid]
     assert not intervals["superseded"].any()
@@ -85,6 +99,11 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
     assert int((t["write_completions"]["pid"] == rec.pid).sum()) == int(
         (t["writes"]["pid"] == rec.pid).sum()
     )  # nothing still waiting to send
+    # against the workload's own count of its calls: each active connection made MESSAGES
+    # recvs that returned and one still waiting, each idle connection one; MESSAGES sends
+    assert int((intervals["ret"] > 0).sum()) <= ACTIVE * MESSAGES == truth["reads_completed"]
+    assert waited_writes <= ACTIVE * MESSAGES
+    calls = 2 * ACTIVE * MESSAGES + CONNECTIONS
     if hooks == "syscalls":
         # every echo is one recv and one send: each was either counted or recorded
         assert quick + waited_reads + waited_writes == 2 * ACTIVE * MESSAGES
@@ -92,6 +111,8 @@ def test_only_waiting_calls_are_recorded(tmp_path: Path, hooks: str) -> None:
     else:
         # each call that blocked was counted, or recorded (returned, or still waiting)
         assert counts["blocked"] == quick + len(intervals) + waited_writes
+        # a call blocks once at most before it returns; the pending reads all did
+        assert CONNECTIONS <= counts["blocked"] <= calls
         assert len(intervals) == waited_reads + CONNECTIONS  # the 23 still waiting
         assert "BLOCK_HOOKS=1" in meta.probes.reads.cflags or any(
             f == "-DBLOCK_HOOKS=1" for f in meta.probes.reads.cflags

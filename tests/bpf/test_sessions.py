@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,106 @@ def test_a_target_that_execs_is_named_after_what_it_became(tmp_path: Path) -> No
     assert names[names["pid"] == shell.pid]["comm"].tolist() == ["sh", "sleep"]
     report = idlebuf("report", "--json", str(trace))
     assert [p["comm"] for p in json.loads(report.stdout)["processes"]] == ["sleep"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_sighup_finalizes_the_trace(tmp_path: Path) -> None:
+    """A closed terminal (SIGHUP) ends the recording like Ctrl-C: the trace is complete and
+    the launched command is stopped with it."""
+    trace = tmp_path / "t"
+    rec = spawn_idlebuf("record", "-o", str(trace), "--", "sleep", "61")
+    try:
+        wait_for_trace_started(trace)
+        (child,) = _children(rec.pid)
+        rec.send_signal(signal.SIGHUP)
+        _, err = rec.communicate(timeout=60)
+    finally:
+        stop(rec)
+    assert rec.returncode == 0, err.decode()
+    meta = read_meta(trace)
+    assert meta.complete is True and meta.stop_reason == "SIGHUP"
+    assert _gone(child)
+
+
+def test_a_killed_recorder_leaves_no_orphan_and_a_readable_trace(tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the launched command dies with the recorder
+    (PR_SET_PDEATHSIG), and what was flushed reads as an unfinished trace."""
+    trace = tmp_path / "t"
+    rec = spawn_idlebuf("record", "-o", str(trace), "--", "sleep", "61")
+    try:
+        wait_for_trace_started(trace)
+        (child,) = _children(rec.pid)
+        rec.kill()
+        rec.wait(10)
+        wait_until(lambda: _gone(child), 10, "the launched command to die with the recorder")
+    finally:
+        stop(rec)
+    report = idlebuf("report", str(trace))
+    assert report.returncode == 0, report.stderr
+    assert "did not finish" in report.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "message"),
+    [(["/nonexistent/srv"], 5, "no such executable"), ([""], 2, "command to run is empty")],
+)
+def test_a_command_that_cannot_run_leaves_nothing(
+    tmp_path: Path, command: list[str], code: int, message: str
+) -> None:
+    trace = tmp_path / "t"
+    done = idlebuf("record", "-o", str(trace), "--", *command)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr and done.stderr.count("\n") == 1
+    assert not trace.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 384 KiB tmpfs: a recording fills it within seconds."""
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_ends_the_recording_and_keeps_what_was_written(small_disk: Path) -> None:
+    """ENOSPC while flushing: one line, exit 4 (output), the target untouched, and the parts
+    already written still read, listed in a meta.json that says why the trace ends early."""
+    trace = small_disk / "t"
+    server = spawn_workload("workloads.threaded_server")
+    port = read_event(server.stdout, "listening", 30)["port"]  # type: ignore[arg-type]
+    load = start_loadgen(port, 3, 3, 2 * 10**6, 1, "--rate", "0")
+    try:
+        done = idlebuf(
+            "record", "-o", str(trace), "-p", str(server.pid), "--duration", "60", timeout=120
+        )
+        assert server.poll() is None  # the target goes on
+    finally:
+        stop(load)
+        stop(server)
+    assert done.returncode == 4, done.stderr
+    assert "No space left" in done.stderr and done.stderr.count("\n") == 1
+    meta = json.loads((trace / "meta.json").read_text())
+    assert meta["complete"] is False and "No space left" in meta["error"]
+    assert sum(len(p) for p in meta["parts"].values()) > 0
+    report = idlebuf("report", "--json", str(trace))
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["processes"][0]["pid"] == server.pid
+    assert not list(trace.glob("*/*.tmp"))
