@@ -202,15 +202,51 @@ class ConnectionCounts(Result):
 
 
 @dataclass
+class ConnectionFit(Result):
+    """Memory fitted against the connections a process held over one recording (see
+    analysis.cost): bytes per connection, how well the line fits, over how many points."""
+
+    bytes_per_connection: float
+    r2: float | None
+    points: int
+    distinct_counts: int  # distinct connection counts among the points
+    ci95_bytes: float | None  # the slope's 95% interval, +/-
+    source: str  # what memory was fitted
+    confident: bool = True  # False: shown, not used (the reason says why)
+
+
+@dataclass
+class KernelPart(Result):
+    """Slab objects of one cache per idle connection (the kernel model)."""
+
+    cache: str
+    objects: float  # per connection
+    object_bytes: float  # its share of a slab on the recording's kernel
+    bytes: float
+
+
+@dataclass
 class PerIdleConnection(Result):
-    """What one idle connection costs on average: its user buffer plus its kernel socket
-    memory (committed), and the resident part."""
+    """What one idle connection costs on average. Measured: its user buffer plus its kernel
+    socket memory (`bytes`, committed; `resident_bytes`). Whole: IO buffer + other user
+    memory (fitted) + kernel (the slab model and queue memory) = `total_bytes`; a figure
+    that could not be known is None, with `reason` (user memory) or `kernel_reason`."""
 
     resident_bytes: float = 0.0
     user_buffer_bytes: int = 0  # over all idle connections
     socket_kernel_bytes: int = 0  # over all idle connections
     bytes: float = 0.0  # per idle connection
     unknown: list[Unknown] = field(default_factory=list)  # idle connections not fully known
+    io_buffer_bytes: float = 0.0  # per idle connection: posted, parked or retained buffers
+    other_user_bytes: float | None = None  # per connection, beyond IO buffers (the heap fit)
+    kernel_bytes: float | None = None  # slab objects (kernel_parts) + queue memory
+    kernel_parts: list[KernelPart] = field(default_factory=list)
+    total_bytes: float | None = None
+    saving_bytes: float = 0.0  # a readiness design: the IO buffers of all idle connections
+    fit: ConnectionFit | None = None  # the heap against connections
+    rss_fit: ConnectionFit | None = None  # RSS against connections, for comparison
+    reason: str | None = None  # why `fit` is missing or not used
+    kernel_reason: str | None = None  # what the kernel model could not cover
 
 
 @dataclass

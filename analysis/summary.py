@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.buffers import buffer_group_summary
+from analysis.cost import whole_cost
 from analysis.memory import (
     allocation_intervals,
     buffer_attribution,
@@ -260,6 +261,18 @@ def memory_by_process(
             ),
             allocations_found_by=methods.get(int(pid), "probes"),
             connection_rows=conns,
+        )
+        figures = out[int(pid)]
+        figures.per_idle_connection = whole_cost(
+            figures.per_idle_connection,
+            trace.meta,
+            int(pid),
+            trace["memory_points"],
+            trace["sockets"],
+            conns,
+            allocations,
+            figures.io_buffer_heap.allocation_bytes + figures.held_data_buffers.bytes,
+            int((mine_idle["source"] == Source.URING).sum()),
         )
     return out
 

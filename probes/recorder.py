@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from probes import features, residency, session
+from probes import features, kernel_objects, residency, session
 from probes.allocators import HeapWalker
 from probes.allocators.base import Allocation
 from probes.attach import blocked, goroutines, process
@@ -101,6 +101,16 @@ def _fds(pid: int) -> list[int]:
         return []
 
 
+def _sockets_among(pid: int, fds: list[int]) -> int:
+    count = 0
+    for fd in fds:
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+
 class _Stop:
     """Turns SIGINT, SIGTERM and SIGHUP (a closed terminal) into a flag the loop checks, so
     the trace is always finalized."""
@@ -156,6 +166,10 @@ class Recorder:
         self._child: Child | None = None
         self._started = False  # the targets are attached: from now on the trace is kept
         self._counters: dict[str, int] = {}  # the kernel's counters, as last read
+        # memory points (connections vs memory): each target's open files at its last point,
+        # and when the last heap sum began and how long it took (walks get a time budget)
+        self._files_at_point: dict[int, int] = {}
+        self._heap_sum: dict[int, tuple[float, float]] = {}
         self.meta = Meta()
 
     # --- set-up -------------------------------------------------------------------------
@@ -211,6 +225,15 @@ class Recorder:
         self._write_meta()
         if self.progress and self._probes is not None:
             self.progress(self._status(elapsed, self._probes))
+
+    def sample(self) -> None:
+        """Between flushes: a memory point for each target whose open files changed."""
+        probes = self._probes
+        if self._sockets is None or probes is None or probes.paused:
+            return
+        changed = [p for p in self._live_targets() if self._files_at_point.get(p) != len(_fds(p))]
+        if changed:
+            self._memory_points(probes, changed)
 
     def targets_exited(self) -> bool:
         if self._child is not None:
@@ -302,6 +325,8 @@ class Recorder:
             write_rows(
                 self._writer, schema.SOCKETS, self._sockets.sample(self._live_targets(), _now_ns())
             )
+            if probes is not None:
+                self._memory_points(probes, self._live_targets())
         if sampling:
             write_rows(self._writer, schema.BUFFER_RINGS, self._rings.snapshot(_now_ns()))
             self._renamed()
@@ -563,6 +588,54 @@ class Recorder:
                 )
         write_rows(self._writer, schema.PROC_STATUS, rows)
 
+    def _memory_points(self, probes: LoadedProbes, pids: list[int]) -> None:
+        """Sockets held, heap in use and resident memory of each of `pids` now: the points
+        analysis.cost fits memory against connections with."""
+        rows = []
+        for pid in pids:
+            files = _fds(pid)
+            before = _sockets_among(pid, files)
+            heap: tuple[int, int] | str = "the allocator is probed: allocations give the heap"
+            if not probes.options.alloc_probes:
+                heap = self._heap_in_use(probes, pid)
+            counts = process.status(pid)
+            after = _fds(pid)
+            if counts is None:
+                continue  # gone
+            self._files_at_point[pid] = len(after)
+            rows.append(
+                {
+                    "ts_ns": _now_ns(),
+                    "pid": pid,
+                    "sockets": before,
+                    "heap_bytes": heap[0] if isinstance(heap, tuple) else 0,
+                    "heap_blocks": heap[1] if isinstance(heap, tuple) else 0,
+                    "why": heap if isinstance(heap, str) else "",
+                    "vm_rss": counts["vm_rss"],
+                    "rss_anon": counts["rss_anon"],
+                    "moving": after != files and _sockets_among(pid, after) != before,
+                }
+            )
+        write_rows(self._writer, schema.MEMORY_POINTS, rows)
+
+    def _heap_in_use(self, probes: LoadedProbes, pid: int) -> tuple[int, int] | str:
+        """The heap in use (bytes, blocks), or why not; a walk waits until five times the
+        last one's duration has passed since that began, so walking takes at most a fifth
+        of the recorder's time however big the heap."""
+        walker = self._walker(probes, pid)
+        if walker is None:
+            assert self.meta.memory is not None
+            if any(a.pid == pid for a in self.meta.memory.allocators if a.method == "probes"):
+                return "the allocator is probed: allocations give the heap"
+            return "the process is gone"
+        began = time.perf_counter()
+        last = self._heap_sum.get(pid)
+        if last is not None and began - last[0] < 5 * last[1]:
+            return f"not walked: the last walk took {last[1] * 1000:.0f} ms (time budget)"
+        found = walker.in_use()
+        self._heap_sum[pid] = (began, time.perf_counter() - began)
+        return found
+
     def _measure_buffers(self, probes: LoadedProbes) -> None:
         """Residency of the buffers that matter and the allocation stacks, symbolized:
         both need the processes alive, so they are taken as the recording ends."""
@@ -607,6 +680,7 @@ class Recorder:
             self.meta.memory = MemoryOptions(
                 options.min_alloc, options.sample_every, alloc_probes=options.alloc_probes
             )
+            self.meta.kernel_objects, self.meta.kernel_objects_why = kernel_objects.read_caches()
         if options.alloc_probes:
             self.meta.memory.allocators.append(probes.attach_allocator(pid))
 

@@ -51,6 +51,8 @@ class Sink(Protocol):
 
     def switch_tracing(self) -> None: ...  # --alternate: off, or on again
 
+    def sample(self) -> None: ...  # between flushes: note what changed (memory points)
+
     def targets_exited(self) -> bool: ...
 
 
@@ -59,6 +61,7 @@ class Pacing:
     duration: float | None = None  # stop after this many seconds
     flush_rows: int = 100_000  # a row group is written at least this often...
     flush_interval: float = 1.0  # ...and at least every this many seconds
+    sample_interval: float = 0.25  # between flushes, the sink samples this often
     alternate: float | None = None  # switch tracing off and on every this many seconds
     # Under a steady stream every drain would take a few records: below this many, pause a
     # little and let them pile up (the ring holds ~200k) so that decoding works on batches.
@@ -82,7 +85,7 @@ def run(
     """Drain and flush until a stop condition holds; returns why it stopped: the signal's
     name, "duration" or "all targets exited". The duration counts from `started` (when
     tracing began; default: now)."""
-    last_flush = last_event = clock.monotonic()
+    last_flush = last_event = last_sample = clock.monotonic()
     started = last_flush if started is None else started
     exited_at: float | None = None
     next_switch = last_flush + pacing.alternate if pacing.alternate else None
@@ -97,7 +100,10 @@ def run(
             clock.sleep(pacing.batch_pause)
         if sink.buffered >= pacing.flush_rows or now - last_flush >= pacing.flush_interval:
             sink.flush(now - started)
-            last_flush = now
+            last_flush = last_sample = now
+        elif now - last_sample >= pacing.sample_interval:
+            sink.sample()
+            last_sample = now
         if next_switch is not None and now >= next_switch:
             sink.switch_tracing()
             next_switch = clock.monotonic() + (pacing.alternate or 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,8 +32,11 @@ _TCP_STATES = {
 }
 
 
-def socket_inodes(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
-    """socket inode -> (pid, fd) for every socket the processes hold."""
+def socket_inodes(
+    pids: Iterable[int], epolls: dict[int, list[int]] | None = None
+) -> dict[int, tuple[int, int]]:
+    """socket inode -> (pid, fd) for every socket the processes hold; with `epolls`, also
+    each process's epoll fds (pid -> fds)."""
     out: dict[int, tuple[int, int]] = {}
     for pid in pids:
         try:
@@ -46,7 +50,24 @@ def socket_inodes(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
                 continue
             if link.startswith("socket:["):
                 out.setdefault(int(link[8:-1]), (pid, int(fd)))
+            elif epolls is not None and link == "anon_inode:[eventpoll]":
+                epolls.setdefault(pid, []).append(int(fd))
     return out
+
+
+def epoll_members(pid: int, epoll_fds: Iterable[int]) -> Counter[int]:
+    """fd -> how many of the process's epoll sets watch it (/proc/PID/fdinfo "tfd:" lines;
+    the fd numbers are those of the process that added them)."""
+    members: Counter[int] = Counter()
+    for efd in epoll_fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{efd}", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("tfd:"):
+                        members[int(line.split()[1])] += 1
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
 
 
 def parse_skmem(hexbytes: str | None) -> dict[str, int]:
@@ -69,9 +90,11 @@ class SocketSampler:
         self._diag.bind()
 
     def sample(self, pids: Iterable[int], ts_ns: int) -> list[dict[str, Any]]:
-        inodes = socket_inodes(pids)
+        epolls: dict[int, list[int]] = {}
+        inodes = socket_inodes(pids, epolls)
         if not inodes:
             return []
+        watched = {pid: epoll_members(pid, fds) for pid, fds in epolls.items()}
         rows = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
@@ -95,6 +118,8 @@ class SocketSampler:
                             "rqueue": msg["idiag_rqueue"],
                             "wqueue": msg["idiag_wqueue"],
                             **parse_skmem(msg.get_attr("INET_DIAG_SKMEMINFO")),
+                            "epoll": watched.get(owner[0], Counter())[owner[1]],
+                            "sock_type": 1 if proto == socket.IPPROTO_TCP else 2,
                         }
                     )
         show = _UDIAG_SHOW_NAME | _UDIAG_SHOW_PEER | _UDIAG_SHOW_RQLEN | _UDIAG_SHOW_MEMINFO
@@ -117,6 +142,8 @@ class SocketSampler:
                     "rqueue": queues.get("udiag_rqueue", 0),
                     "wqueue": queues.get("udiag_wqueue", 0),
                     **parse_skmem(msg.get_attr("UNIX_DIAG_MEMINFO")),
+                    "epoll": watched.get(owner[0], Counter())[owner[1]],
+                    "sock_type": msg["udiag_type"],
                 }
             )
         return rows

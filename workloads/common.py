@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, Protocol
 
 
@@ -167,6 +167,10 @@ def malloc(size: int) -> int:
     return int(addr)
 
 
+def free(addr: int) -> None:
+    _libc.free(addr)
+
+
 class Buffers:
     """Where each connection's read buffer comes from (--alloc), as a real server would do it:
 
@@ -231,3 +235,35 @@ class Buffers:
             with self.lock:
                 self.allocations.pop(addr, None)
             _libc.free(addr)
+
+
+class FdTable(MutableMapping[int, Any]):
+    """fd -> value over a list sized once for the fd limit: adding connections never resizes
+    a hash table in the heap, so the heap grows by exactly what a server allocates per
+    connection (the cost tests fit that growth to the byte)."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self._slots: list[Any] = [None] * (size or resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self._count = 0
+
+    def __getitem__(self, fd: int) -> Any:
+        value = self._slots[fd] if 0 <= fd < len(self._slots) else None
+        if value is None:
+            raise KeyError(fd)
+        return value
+
+    def __setitem__(self, fd: int, value: Any) -> None:
+        if self._slots[fd] is None:
+            self._count += 1
+        self._slots[fd] = value
+
+    def __delitem__(self, fd: int) -> None:
+        self[fd]  # KeyError if absent
+        self._slots[fd] = None
+        self._count -= 1
+
+    def __iter__(self) -> Iterator[int]:
+        return (fd for fd, v in enumerate(self._slots) if v is not None)
+
+    def __len__(self) -> int:
+        return self._count

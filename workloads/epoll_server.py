@@ -3,7 +3,8 @@
 --buffers pool (default): the buffer comes from a small shared pool and goes back after the
 echo, so idle connections hold nothing. --buffers retain: a connection takes its own buffer on
 first data and keeps it afterwards (a common real-world pattern that wastes memory the same way
-the queued model does, only after the first message).
+the queued model does, only after the first message). --session-size N: each connection also
+gets a session struct of N bytes (one malloc) for as long as it is open, besides any buffer.
 
 Level-triggered, one read per readiness event. Speaks the load generator's echo protocol.
 Prints {"event": "listening", ...} when ready and its ground truth as JSON on SIGUSR1 and at
@@ -16,13 +17,17 @@ import ctypes
 import os
 import select
 import socket
+from collections.abc import MutableMapping
 from typing import Any
 
 from workloads.common import (
     Buffers,
+    FdTable,
     accept_pending,
     epoll_loop,
+    free,
     listen,
+    malloc,
     raise_fd_limit,
     serve,
     server_parser,
@@ -31,12 +36,15 @@ from workloads.common import (
 
 
 class Server:
-    def __init__(self, mode: str, buffers: Buffers, pool_size: int) -> None:
+    def __init__(self, mode: str, buffers: Buffers, pool_size: int, session_size: int = 0) -> None:
         self.mode = mode
         self.alloc = buffers
         self.epoll = select.epoll()
-        self.socks: dict[int, socket.socket] = {}
-        self.held: dict[int, tuple[Any, int]] = {}  # fd -> (buffer, address), retain mode
+        # fd tables that never resize: the heap grows only by what each connection takes
+        self.socks: MutableMapping[int, socket.socket] = FdTable()
+        self.held: MutableMapping[int, tuple[Any, int]] = FdTable()  # retain mode
+        self.session_size = session_size
+        self.sessions: MutableMapping[int, int] = FdTable()  # fd -> its session's address
         self.pool = [buffers.take() for _ in range(pool_size)] if mode == "pool" else []
         self.pool_size = pool_size
         self.accepted = 0
@@ -73,6 +81,9 @@ class Server:
         held = self.held.pop(fd, None)
         if held:
             self.alloc.give_back(held[1])
+        session = self.sessions.pop(fd, None)
+        if session:
+            free(session)
 
     def ground_truth(self) -> dict[str, Any]:
         return {
@@ -91,6 +102,8 @@ class Server:
             "pinned_bytes": 0,
             "socket_kernel_bytes": socket_kernel_bytes(self.socks),
             "held_bytes": len(self.held) * self.alloc.size,
+            "session_size": self.session_size,
+            "sessions": len(self.sessions),
             "allocations": [
                 {"addr": a, "size": n} for a, n in sorted(self.alloc.allocations.items())
             ],
@@ -109,6 +122,8 @@ class Server:
         for sock in accept_pending(listener, blocking=False):
             self.accepted += 1
             self.socks[sock.fileno()] = sock
+            if self.session_size:
+                self.sessions[sock.fileno()] = malloc(self.session_size)
             self.epoll.register(sock.fileno(), select.EPOLLIN)
 
 
@@ -122,9 +137,20 @@ def main() -> None:
         default="malloc",
         help="how each buffer is allocated",
     )
+    parser.add_argument(
+        "--session-size",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="malloc a session struct of this size per connection (default: none)",
+    )
     args = parser.parse_args()
+    if args.session_size < 0:
+        parser.error("--session-size cannot be negative")
     raise_fd_limit()
-    server = Server(args.buffers, Buffers(args.alloc, args.buffer_size, 0), args.pool_size)
+    server = Server(
+        args.buffers, Buffers(args.alloc, args.buffer_size, 0), args.pool_size, args.session_size
+    )
     listener = listen(args.host, args.port)
     serve(server, listener, buffer_size=args.buffer_size)
 

@@ -72,6 +72,9 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
+RAMP_STEPS = 13  # --ramp: connections are opened in this many steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -128,7 +131,17 @@ def main() -> None:
         help="write each exchange's end (CLOCK_MONOTONIC seconds) and latency (seconds) to FILE "
         "as pairs of native doubles, for throughput and latency over time windows",
     )
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"open the connections in {RAMP_STEPS} steps spread over this long (default: at "
+        "once), so that memory can be fitted against the number of connections",
+    )
     args = parser.parse_args()
+    if args.ramp < 0 or args.ramp != args.ramp or args.ramp > 3600:
+        parser.error("--ramp takes a number of seconds from 0 to 3600")
 
     raise_fd_limit()
     if args.netns:
@@ -141,7 +154,12 @@ def main() -> None:
     active = max(0, min(active, args.connections))
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     conns = []
-    for _ in range(args.connections):
+    steps = RAMP_STEPS if args.ramp else 1
+    step_at = time.monotonic()
+    for i in range(args.connections):
+        if args.ramp and i and i % -(-args.connections // steps) == 0:
+            step_at += args.ramp / steps
+            time.sleep(max(0.0, step_at - time.monotonic()))
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.connect((args.host, args.port))

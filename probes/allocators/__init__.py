@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from probes.allocators.base import Allocation, Mappings, NotFound
-from probes.allocators.glibc import GlibcHeap
+from probes.allocators.glibc import CorruptHeap, GlibcHeap
 from probes.allocators.go import GoHeap
 from probes.golang import GoLayoutError, NotGo, binary_of, load_bias
 from probes.process_memory import MemoryReadError, ProcessMemory
@@ -83,6 +83,20 @@ class HeapWalker:
         # not an allocator's memory: a mapping the program made itself (anonymous, shared
         # /dev/zero, a file, a thread's stack)
         return Allocation(mapping.start, mapping.end - mapping.start, "mapping")
+
+    def in_use(self) -> tuple[int, int] | str:
+        """(bytes, blocks) in use in the whole heap now, or why that cannot be known. Only
+        glibc's heap is summed; a Go heap's totals are not walked (RSS stands for them)."""
+        if not self.walks:
+            return f"the heap of {self.method.split(':', 1)[1]} is not walked"
+        if self.go is not None:
+            return "a Go heap's totals are not walked"
+        try:
+            return self.glibc.in_use(Mappings(self.pid).all)
+        except OSError as exc:
+            return f"the process is gone: {exc.strerror}"
+        except (CorruptHeap, MemoryReadError) as exc:
+            return f"glibc's heap could not be read: {exc}"
 
     def close(self) -> None:
         self.mem.close()

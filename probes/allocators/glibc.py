@@ -26,6 +26,7 @@ from probes.allocators.base import Allocation, Mapping, NotFound
 from probes.process_memory import MemoryReadError, ProcessMemory
 
 SIZE_BITS = 0x7  # PREV_INUSE | IS_MMAPPED | NON_MAIN_ARENA
+PREV_INUSE = 0x1
 IS_MMAPPED = 0x2
 MIN_CHUNK = 32
 ALIGN = 16
@@ -46,6 +47,10 @@ class _Chunks:
 
     starts: list[int]
     sizes: list[int]
+    # chunks in use (their successor's PREV_INUSE bit set; the top chunk is free): malloc's
+    # fast and tcache bins keep that bit, so chunks cached there count as in use
+    used_bytes: int = 0
+    used_blocks: int = 0
 
     def holding(self, addr: int) -> tuple[int, int] | None:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -58,15 +63,20 @@ def walk_chunks(mem: ProcessMemory, first: int, end: int) -> _Chunks:
     """Every chunk from `first` to `end` (exclusive), following the size chain."""
     starts: list[int] = []
     sizes: list[int] = []
+    used_bytes = used_blocks = 0
     p = first
     window_at, window = -1, b""
     while p + 16 <= end:
         if not window_at <= p + 8 < window_at + len(window) - 8:
             window_at = p
             window = mem.read(p, min(WINDOW, end - p))
-        size = struct.unpack_from("<Q", window, p + 8 - window_at)[0] & ~SIZE_BITS
+        raw = struct.unpack_from("<Q", window, p + 8 - window_at)[0]
+        size = raw & ~SIZE_BITS
         if size < MIN_CHUNK or size % ALIGN or p + size > end:
             raise CorruptHeap(f"a chunk at {p:#x} reads as {size} bytes")
+        if sizes and raw & PREV_INUSE:
+            used_bytes += sizes[-1]
+            used_blocks += 1
         starts.append(p)
         sizes.append(size)
         if len(starts) > MAX_CHUNKS:
@@ -74,7 +84,7 @@ def walk_chunks(mem: ProcessMemory, first: int, end: int) -> _Chunks:
         p += size
     if p != end and end - p >= MIN_CHUNK:
         raise CorruptHeap(f"the chunk chain ends at {p:#x}, not at the heap's end {end:#x}")
-    return _Chunks(starts, sizes)
+    return _Chunks(starts, sizes, used_bytes, used_blocks)
 
 
 class GlibcHeap:
@@ -101,6 +111,51 @@ class GlibcHeap:
             return self._mmapped(addr, mapping)
         except (CorruptHeap, MemoryReadError) as exc:
             return NotFound(f"glibc's heap could not be read: {exc}")
+
+    def in_use(self, mappings: list[Mapping]) -> tuple[int, int]:
+        """(bytes, blocks) of every chunk in use in the process's glibc heaps: the brk heap,
+        the thread arenas' heaps, blocks of their own mappings. A chunk's bytes are its
+        size: the request plus 8, rounded up to 16 (32 at least). CorruptHeap or
+        MemoryReadError when a heap does not read as glibc's (or changed under the walk)."""
+        used = blocks = 0
+        for m in mappings:
+            if m.name == "[heap]":
+                chunks = walk_chunks(self.mem, m.start, self._main_end(m))
+                self._heaps[m.start] = chunks
+            elif m.anonymous and "r" in m.perms:
+                arena = self._arena_heap(m.start, m) if m.start % HEAP_MAX == 0 else None
+                if arena is None:
+                    for _chunk, length in self._mmapped_chunks(m):
+                        used, blocks = used + length, blocks + 1
+                    continue
+                chunks = self._heaps[arena[0]] = walk_chunks(self.mem, *arena)
+            else:
+                continue
+            used, blocks = used + chunks.used_bytes, blocks + chunks.used_blocks
+        return used, blocks
+
+    def _mmapped_chunks(self, mapping: Mapping) -> list[tuple[int, int]]:
+        """(chunk, length) of the blocks of their own mapping at the start of `mapping` (the
+        kernel may have merged several): [] when it holds none (it is not malloc's)."""
+        found = []
+        p = mapping.start
+        while p + 16 <= mapping.end:
+            try:
+                prev_size, size = struct.unpack("<QQ", self.mem.read(p, 16))
+            except MemoryReadError:
+                break
+            length = size & ~SIZE_BITS
+            chunk = p + prev_size  # prev_size: the alignment offset from the mapping's start
+            if (
+                not size & IS_MMAPPED
+                or length < MIN_CHUNK
+                or length % 4096
+                or chunk + length > mapping.end
+            ):
+                break
+            found.append((chunk, length))
+            p = chunk + length
+        return found
 
     def _main_end(self, heap: Mapping) -> int:
         return heap.end  # the top chunk runs to the end of the brk heap
@@ -149,16 +204,7 @@ class GlibcHeap:
 
     def _mmapped(self, addr: int, mapping: Mapping) -> Allocation | None:
         """A block of its own mapping (several may share one after the kernel merged them)."""
-        p = mapping.start
-        while p + 16 <= mapping.end:
-            prev_size, size = struct.unpack("<QQ", self.mem.read(p, 16))
-            if not size & IS_MMAPPED:
-                return None
-            length = size & ~SIZE_BITS
-            chunk = p + prev_size  # prev_size: the alignment offset from the mapping's start
-            if length < MIN_CHUNK or chunk + length > mapping.end or length % 4096:
-                return None
+        for chunk, length in self._mmapped_chunks(mapping):
             if chunk <= addr < chunk + length:
                 return Allocation(chunk + 16, length - 16, "glibc mmap")
-            p = chunk + length
         return None

@@ -147,6 +147,22 @@ class ProcessAtAttach:
 
 
 @dataclass
+class SlabCache:
+    """A slab cache's geometry on the recording's kernel (/sys/kernel/slab/NAME): an object
+    costs slab_bytes / objects_per_slab."""
+
+    object_size: int = 0
+    slab_size: int = 0  # an object with its metadata and padding
+    objects_per_slab: int = 1
+    slab_bytes: int = 0
+    merged_into: str | None = None  # the cache it shares slabs with (slab merging)
+
+    @property
+    def object_cost(self) -> float:
+        return self.slab_bytes / self.objects_per_slab
+
+
+@dataclass
 class Part:
     """One part file of a table as the writer wrote it: a reader checks it is that file."""
 
@@ -169,6 +185,9 @@ class Meta:
     at_attach: list[ProcessAtAttach] = field(default_factory=list)  # state found at attach
     min_wait_ns: int | None = None
     memory: MemoryOptions | None = None  # recorded with --memory
+    # with --memory: the slab caches one connection takes objects from (probes.kernel_objects)
+    kernel_objects: dict[str, SlabCache] = field(default_factory=dict)
+    kernel_objects_why: str | None = None  # why some (or all) could not be read
     probes: Probes = field(default_factory=Probes)
     drops: dict[str, int] = field(default_factory=dict)  # schema.DROP_COUNTERS, by name
     alternate_s: float | None = None
@@ -224,6 +243,9 @@ class Meta:
                 raise TraceError(f"{where}: memory.sample_every should be 1 or more, not {every}")
             if self.memory.min_alloc < 0:
                 raise TraceError(f"{where}: memory.min_alloc should not be negative")
+        for name, cache in self.kernel_objects.items():
+            if cache.objects_per_slab < 1 or cache.slab_bytes < 0:
+                raise TraceError(f"{where}: kernel_objects.{name} has no objects per slab")
         for table, parts in (self.parts or {}).items():
             for part in parts:
                 if part.rows < 0 or "/" in part.name or not part.name.startswith("part-"):

@@ -478,6 +478,9 @@ SOCKETS = Table(
         Column("rqueue", pa.uint32()),
         Column("wqueue", pa.uint32()),
         *(Column(name, pa.uint32()) for name in SKMEM_FIELDS),
+        # epoll sets the socket is in (/proc/PID/fdinfo of the target's epoll fds)
+        Column("epoll", pa.uint16(), default=0),
+        Column("sock_type", pa.uint8(), default=0),  # SOCK_STREAM 1, SOCK_DGRAM 2 (0: unknown)
     ),
 )
 
@@ -545,6 +548,25 @@ PROC_STATUS = Table(
     ),
 )
 
+# What a target's memory was as connections came and went (record --memory): at every flush
+# and whenever its open files changed, the sockets it held, its heap in use (the allocator
+# walked; 0 and `why` when it was not) and its resident memory. `moving`: the socket count
+# changed during the sample (the point is not a settled one).
+MEMORY_POINTS = Table(
+    "memory_points",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("sockets", pa.uint32()),
+        Column("heap_bytes", pa.uint64()),
+        Column("heap_blocks", pa.uint64()),
+        Column("why", pa.string()),  # why the heap was not summed ("" when it was)
+        Column("vm_rss", pa.uint64()),
+        Column("rss_anon", pa.uint64()),
+        Column("moving", pa.bool_()),
+    ),
+)
+
 PROCESSES = Table(
     "processes",
     (
@@ -577,6 +599,7 @@ TABLES: dict[str, Table] = {
         STACKS,
         PROC_STATUS,
         HEAP_BLOCKS,
+        MEMORY_POINTS,
         PROCESSES,
     )
 }

@@ -49,6 +49,7 @@ class FakeSink:
     buffered: int = 0
     flushes: list[float] = field(default_factory=list)  # fake times of flushes
     switches: list[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)
 
     def take(self, batch: np.ndarray) -> None:
         self.taken += batch.size
@@ -60,6 +61,9 @@ class FakeSink:
 
     def switch_tracing(self) -> None:
         self.switches.append(self.clock.now)
+
+    def sample(self) -> None:
+        self.samples.append(self.clock.now)
 
     def targets_exited(self) -> bool:
         return self.clock.now >= self.exit_at
@@ -76,6 +80,19 @@ def test_duration_stops_the_loop_and_time_flushes_it() -> None:
     assert reason == "duration"
     assert 102.3 <= clock.now < 102.5  # within one wait of the duration
     assert len(sink.flushes) == 2  # once a second: at 1 s and 2 s
+
+
+def test_between_flushes_the_sink_samples_at_its_interval() -> None:
+    clock = FakeClock()
+    sink = FakeSink(clock)
+    pacing = session.Pacing(duration=2.3, flush_interval=1.0, sample_interval=0.25)
+    run(FakeEvents(clock), sink, pacing)
+    assert len(sink.flushes) == 2
+    # 0.1 s waits: samples at 0.3, 0.6, 0.9 s after each flush (and the start), never at one
+    assert len(sink.samples) in (6, 7)  # the last depends on where 0.1 s steps round
+    assert not set(sink.samples) & set(sink.flushes)
+    gaps = [b - a for a, b in zip(sink.samples, sink.samples[1:])]
+    assert min(gaps) >= 0.25 - 1e-9
 
 
 def test_a_full_batch_is_flushed_before_its_time() -> None:

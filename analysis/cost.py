@@ -1,0 +1,314 @@
+"""The whole cost of an idle connection: its IO buffer, the other user memory it takes, and
+the kernel's objects behind it.
+
+- Kernel (a stated model): the slab objects one connection holds - its socket, inode, file,
+  dentry, epoll item and wait entry when it is in an epoll set, an io_uring request per read
+  in flight - each costing its share of a slab on the recording's kernel
+  (meta.kernel_objects), plus the queue memory sock_diag reports.
+- Other user memory: the heap in use (summed by walking the allocator, or live allocations
+  seen by the allocator probes) fitted against the sockets the process held, over the
+  recording's memory points; the slope is bytes per connection, less what its IO buffers
+  account for. RSS and the kernel's queue memory are fitted the same way, for comparison.
+
+A fit is refused when the connections did not change enough (fewer than 3 distinct counts,
+or a span under max(8, 10% of the most)); it is low confidence - and its figure is not used
+- when the slope's 95% interval is wider than max(64 B, 10% of the slope) (something else
+grew or shrank meanwhile) or when connections churned faster than the samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.fit import linear_fit
+from analysis.results import ConnectionFit, KernelPart, PerIdleConnection, Unknown
+from probes.format.meta import Meta, SlabCache
+
+MIN_COUNTS = 3  # distinct connection counts a fit needs
+MIN_SPAN = 8  # ...spanning at least this many connections (and 10% of the most)
+CI_BYTES = 64.0  # a slope is confident when its 95% interval is within max(this, 10%)
+CI_FRACTION = 0.10
+CHURN_POINTS = 8  # low confidence when more points than max(this, 20%) moved under sampling
+CHURN_FRACTION = 0.20
+
+# Student's t at 97.5% for 1..30 degrees of freedom (then 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t975(dof: int) -> float:
+    return _T975[dof - 1] if 1 <= dof <= len(_T975) else 1.96
+
+
+def settled(points: pd.DataFrame) -> pd.DataFrame:
+    """Points taken while the socket count held still: those not moving, and of each run of
+    equal consecutive counts the last one (memory settles after connections arrive)."""
+    p = points[~points["moving"].astype(bool)].sort_values("ts_ns")
+    if p.empty:
+        return p
+    run = (p["sockets"] != p["sockets"].shift()).cumsum()
+    return p.groupby(run, sort=False).tail(1)
+
+
+def fit_against_connections(
+    connections: np.ndarray, memory: np.ndarray, source: str, moved: int = 0
+) -> tuple[ConnectionFit | None, str | None]:
+    """Bytes per connection from (connections, memory) points: the fit (None when refused)
+    and why it was refused or is not confident."""
+    x = np.asarray(connections, dtype=float)
+    y = np.asarray(memory, dtype=float)
+    distinct = len(np.unique(x))
+    span = float(x.max() - x.min()) if len(x) else 0.0
+    need = max(MIN_SPAN, CI_FRACTION * (float(x.max()) if len(x) else 0.0))
+    if distinct < MIN_COUNTS or span < need:
+        return None, (
+            f"connections did not change enough: {distinct} distinct counts spanning "
+            f"{span:.0f} (a fit needs {MIN_COUNTS} spanning {need:.0f})"
+        )
+    fit = linear_fit({"connections": x}, y)
+    slope = fit.slopes["connections"]
+    residual = y - (fit.intercept + slope * x)
+    dof = len(x) - 2
+    sxx = float(((x - x.mean()) ** 2).sum())
+    ci = t975(dof) * math.sqrt(float((residual**2).sum()) / dof / sxx) if dof > 0 else math.inf
+    r2 = fit.r2
+    reasons = []
+    if not ci <= max(CI_BYTES, CI_FRACTION * abs(slope)):
+        reasons.append(
+            f"low confidence: {slope:,.0f} ± {ci:,.0f} B per connection (95%), "
+            f"R² {r2 if r2 is not None else float('nan'):.3f} over {len(x)} points - "
+            "something else changed this memory meanwhile"
+        )
+    total = len(x) + moved
+    if moved > max(CHURN_POINTS, CHURN_FRACTION * total):
+        reasons.append(
+            f"low confidence: connections churned faster than the samples ({moved} of "
+            f"{total} points changed while taken)"
+        )
+    result = ConnectionFit(
+        bytes_per_connection=round(slope, 1),
+        r2=None if r2 is None else round(r2, 6),
+        points=len(x),
+        distinct_counts=distinct,
+        ci95_bytes=round(ci, 1) if math.isfinite(ci) else None,
+        source=source,
+        confident=not reasons,
+    )
+    return result, "; ".join(reasons) or None
+
+
+# --- the heap over time -------------------------------------------------------------------
+def glibc_chunk(size: np.ndarray) -> np.ndarray:
+    """malloc(size)'s chunk in glibc: size + 8, rounded up to 16, 32 at least."""
+    return np.maximum(32, (np.asarray(size, dtype=np.int64) + 8 + 15) & ~15)
+
+
+def jemalloc_class(size: np.ndarray) -> np.ndarray:
+    """jemalloc 5's size class for `size` (what malloc_usable_size says): 8, then multiples
+    of 16 up to 128, then four classes per doubling."""
+    s = np.maximum(np.asarray(size, dtype=np.int64), 1)
+    lg = np.ceil(np.log2(s)).astype(np.int64)
+    spacing = np.where(s <= 128, 16, np.left_shift(1, np.maximum(lg - 3, 0)))
+    out = -(-s // spacing) * spacing
+    return np.where(s <= 8, 8, out)
+
+
+def allocator_rounding(library: str | None) -> tuple[str, object]:
+    """How the probed allocator rounds a request: (its name, the function)."""
+    name = (library or "").rsplit("/", 1)[-1]
+    if "jemalloc" in name:
+        return "jemalloc size classes", jemalloc_class
+    if not name or name.startswith("libc"):
+        return "glibc chunks (request + 8, to 16)", glibc_chunk
+    return "requested sizes", lambda s: np.asarray(s, dtype=np.int64)
+
+
+def live_bytes_at(allocations: pd.DataFrame, stamps: np.ndarray, rounding: object) -> np.ndarray:
+    """Bytes the tracked allocations held at each instant (allocator rounding applied)."""
+    if allocations.empty:
+        return np.zeros(len(stamps))
+    sizes = rounding(allocations["size"].to_numpy())  # type: ignore[operator]
+    made = allocations["alloc_ns"].to_numpy(dtype=float)
+    order = np.argsort(made)
+    made_cum = np.concatenate([[0], np.cumsum(sizes[order])])
+    freed = allocations["free_ns"].to_numpy(dtype=float)
+    gone = ~np.isnan(freed)
+    f_order = np.argsort(freed[gone])
+    freed_cum = np.concatenate([[0], np.cumsum(sizes[gone][f_order])])
+    stamps = np.asarray(stamps, dtype=float)
+    made_by = made_cum[np.searchsorted(made[order], stamps, side="right")]
+    freed_by = freed_cum[np.searchsorted(freed[gone][f_order], stamps, side="right")]
+    return (made_by - freed_by).astype(float)
+
+
+def heap_fit(
+    points: pd.DataFrame, allocations: pd.DataFrame, meta: Meta, pid: int
+) -> tuple[ConnectionFit | None, str | None]:
+    """The heap in use against the sockets held: walked sums where the allocator was
+    walked, the live tracked allocations where it was probed."""
+    memory = meta.memory
+    assert memory is not None
+    probed = {a.pid: a for a in memory.allocators if a.method == "probes"}
+    moved = int(points["moving"].astype(bool).sum())
+    steady = settled(points)
+    if memory.alloc_probes or pid in probed:
+        allocator = probed.get(pid)
+        if memory.min_alloc > 0:
+            return None, (
+                f"allocations smaller than --min-alloc {memory.min_alloc:,} were not tracked: "
+                "record with --min-alloc 0 (or without --alloc-probes) to fit the heap"
+            )
+        how, rounding = allocator_rounding(allocator.library if allocator else None)
+        mine = allocations[allocations["pid"] == pid]
+        stamps = steady["ts_ns"].to_numpy()
+        live = live_bytes_at(mine, stamps, rounding) * memory.sample_every
+        source = f"allocations seen by the allocator probes ({how})"
+        return fit_against_connections(steady["sockets"].to_numpy(), live, source, moved)
+    walked = steady[steady["why"] == ""]
+    if walked.empty:
+        whys = points.loc[points["why"] != "", "why"]
+        return None, str(whys.iloc[-1]) if not whys.empty else "no memory points"
+    return fit_against_connections(
+        walked["sockets"].to_numpy(),
+        walked["heap_bytes"].to_numpy(),
+        "the heap in use, walked (glibc chunks: request + 8, to 16)",
+        moved,
+    )
+
+
+def rss_fit(points: pd.DataFrame) -> tuple[ConnectionFit | None, str | None]:
+    steady = settled(points)
+    moved = int(points["moving"].astype(bool).sum())
+    return fit_against_connections(
+        steady["sockets"].to_numpy(), steady["vm_rss"].to_numpy(), "RSS (/proc)", moved
+    )
+
+
+# --- the kernel's objects -----------------------------------------------------------------
+def socket_cache(family: str, ipv6: bool, sock_type: int, caches: dict[str, SlabCache]) -> str:
+    if family == "tcp":
+        return "TCPv6" if ipv6 else "TCP"
+    if family == "udp":
+        return "UDPv6" if ipv6 else "UDP"
+    return "UNIX-STREAM" if sock_type == 1 and "UNIX-STREAM" in caches else "UNIX"
+
+
+def kernel_parts(
+    sockets: pd.DataFrame, caches: dict[str, SlabCache], uring_requests: int = 0
+) -> tuple[list[KernelPart], list[str]]:
+    """The slab objects of these connections (rows of the sockets table, one per
+    connection), per connection on average, and the caches this kernel did not show."""
+    n = len(sockets)
+    counts: dict[str, float] = {}
+    for row in sockets[["family", "ipv6", "sock_type", "epoll"]].to_dict("records"):
+        epoll = int(row["epoll"])
+        for cache in (
+            socket_cache(str(row["family"]), bool(row["ipv6"]), int(row["sock_type"]), caches),
+            "sock_inode_cache",
+            "filp",
+            "dentry",
+        ):
+            counts[cache] = counts.get(cache, 0) + 1
+        if epoll:
+            for cache in ("eventpoll_epi", "eventpoll_pwq"):
+                counts[cache] = counts.get(cache, 0) + epoll
+    if uring_requests:
+        counts["io_kiocb"] = float(uring_requests)
+    parts, missing = [], []
+    for cache, count in counts.items():
+        geometry = caches.get(cache)
+        if geometry is None:
+            missing.append(cache)
+            continue
+        per = count / n if n else 0.0
+        parts.append(
+            KernelPart(
+                cache=cache,
+                objects=round(per, 4),
+                object_bytes=round(geometry.object_cost, 1),
+                bytes=round(per * geometry.object_cost, 1),
+            )
+        )
+    return parts, missing
+
+
+def idle_sockets(
+    sockets: pd.DataFrame, connections: pd.DataFrame
+) -> tuple[pd.DataFrame, list[Unknown]]:
+    """The sockets table's last row of each idle connection, and the idle connections it
+    lacks (not seen by sock_diag)."""
+    idle = connections[connections["idle"]]
+    if idle.empty:
+        return sockets.iloc[0:0], []
+    last = sockets.sort_values("ts_ns").drop_duplicates(["pid", "inode"], keep="last")
+    found = last.merge(idle[["pid", "inode"]], on=["pid", "inode"])
+    unknown = []
+    if len(found) < len(idle):
+        unknown.append(
+            Unknown(len(idle) - len(found), "idle connections sock_diag did not show: no model")
+        )
+    return found, unknown
+
+
+# --- one answer per process ---------------------------------------------------------------
+def whole_cost(
+    base: PerIdleConnection,
+    meta: Meta,
+    pid: int,
+    points: pd.DataFrame,
+    sockets: pd.DataFrame,
+    connections: pd.DataFrame,
+    allocations: pd.DataFrame,
+    heap_buffer_bytes: int,
+    idle_uring_requests: int,
+) -> PerIdleConnection:
+    """`base` (the measured per-idle-connection figures) completed with the whole cost:
+    IO buffer + other user memory + kernel = total, for process `pid`.
+
+    `points`: its memory points; `sockets`: the sockets table; `connections`: its rows of
+    analysis.memory.connection_table(); `heap_buffer_bytes`: the heap its IO buffers take
+    (allocations holding posted and last-data buffers), which the heap fit also counts."""
+    idle = int(connections["idle"].sum())
+    open_now = int(connections["closed_ns"].isna().sum())
+    out = base
+    out.io_buffer_bytes = round(base.user_buffer_bytes / idle, 1) if idle else 0.0
+    out.saving_bytes = float(base.user_buffer_bytes)
+    # the kernel: the slab model on the idle connections, and their queue memory
+    slab = 0.0
+    if not meta.kernel_objects:
+        out.kernel_reason = (
+            meta.kernel_objects_why or "the recording did not read the kernel's slab caches"
+        )
+    elif idle:
+        found, unknown = idle_sockets(sockets, connections)
+        out.unknown.extend(unknown)
+        out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects, idle_uring_requests)
+        if found.empty:
+            out.kernel_reason = "sock_diag showed none of the idle connections"
+        else:
+            slab = sum(p.bytes for p in out.kernel_parts)
+            out.kernel_bytes = round(slab + base.socket_kernel_bytes / idle, 1)
+            if missing:
+                out.kernel_reason = (
+                    f"caches this kernel did not show, left out: {', '.join(missing)}"
+                )
+    # user memory beyond the IO buffers: the heap against the connections held
+    mine = points[points["pid"] == pid] if not points.empty else points
+    if mine.empty:
+        out.reason = "no memory points: the trace was recorded without them"
+    elif meta.memory is not None:
+        out.fit, out.reason = heap_fit(mine, allocations, meta, pid)
+        out.rss_fit, _ = rss_fit(mine)
+        if out.fit is not None and out.fit.confident:
+            per_buffer = heap_buffer_bytes / open_now if open_now else 0.0
+            out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
+    if out.other_user_bytes is None and idle:
+        out.unknown.append(Unknown(idle, f"other user memory per connection: {out.reason}"))
+    if out.other_user_bytes is not None and out.kernel_bytes is not None:
+        out.total_bytes = round(out.io_buffer_bytes + out.other_user_bytes + out.kernel_bytes, 1)
+    out.resident_bytes = round(base.resident_bytes + slab + (out.other_user_bytes or 0.0), 1)
+    return out
