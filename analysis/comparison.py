@@ -31,6 +31,9 @@ class ComparisonRow(Result):
     pending_writes: int
     pending_write_bytes: int
     write_buffer_heap: int  # live allocations that writes were sent from
+    # the whole cost of an idle connection (analysis.cost); None: could not be known
+    kernel_per_connection_bytes: int | None = None  # slab objects + queue memory
+    whole_per_idle_connection_bytes: int | None = None  # IO buffer + other user + kernel
     ratio_to_readiness: float = 1.0  # of the ratio's figure, to the first row's
     trace: str | None = None
     ground_truth: dict[str, Any] | None = None  # what the server said about itself (demo)
@@ -82,7 +85,13 @@ def comparison_row(
         pending_writes=process.writes.pending_writes,
         pending_write_bytes=process.writes.pending_write_bytes,
         write_buffer_heap=memory.write_buffer_heap.bytes,
+        kernel_per_connection_bytes=_rounded(memory.per_idle_connection.kernel_bytes),
+        whole_per_idle_connection_bytes=_rounded(memory.per_idle_connection.total_bytes),
     )
+
+
+def _rounded(n: float | None) -> int | None:
+    return None if n is None else round(n)
 
 
 def with_ratios(rows: list[ComparisonRow], figure: str = "io_buffer_memory") -> list[ComparisonRow]:

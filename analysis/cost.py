@@ -270,10 +270,10 @@ def whole_cost(
     IO buffer + other user memory + kernel = total, for process `pid`.
 
     `points`: its memory points; `sockets`: the sockets table; `connections`: its rows of
-    analysis.memory.connection_table(); `heap_buffer_bytes`: the heap its IO buffers take
-    (allocations holding posted and last-data buffers), which the heap fit also counts."""
+    analysis.memory.connection_table(); `heap_buffer_bytes`: the heap the idle connections'
+    own IO buffers take (posted or retained; a shared pool is not theirs), which the heap
+    fit also counts: other user memory is the fit less that, per idle connection."""
     idle = int(connections["idle"].sum())
-    open_now = int(connections["closed_ns"].isna().sum())
     out = base
     out.io_buffer_bytes = round(base.user_buffer_bytes / idle, 1) if idle else 0.0
     out.saving_bytes = float(base.user_buffer_bytes)
@@ -285,7 +285,7 @@ def whole_cost(
         )
     elif idle:
         found, unknown = idle_sockets(sockets, connections)
-        out.unknown.extend(unknown)
+        out.whole_unknown.extend(unknown)
         out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects, idle_uring_requests)
         if found.empty:
             out.kernel_reason = "sock_diag showed none of the idle connections"
@@ -304,10 +304,10 @@ def whole_cost(
         out.fit, out.reason = heap_fit(mine, allocations, meta, pid)
         out.rss_fit, _ = rss_fit(mine)
         if out.fit is not None and out.fit.confident:
-            per_buffer = heap_buffer_bytes / open_now if open_now else 0.0
+            per_buffer = heap_buffer_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
     if out.other_user_bytes is None and idle:
-        out.unknown.append(Unknown(idle, f"other user memory per connection: {out.reason}"))
+        out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
     if out.other_user_bytes is not None and out.kernel_bytes is not None:
         out.total_bytes = round(out.io_buffer_bytes + out.other_user_bytes + out.kernel_bytes, 1)
     out.resident_bytes = round(base.resident_bytes + slab + (out.other_user_bytes or 0.0), 1)

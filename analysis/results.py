@@ -247,6 +247,7 @@ class PerIdleConnection(Result):
     rss_fit: ConnectionFit | None = None  # RSS against connections, for comparison
     reason: str | None = None  # why `fit` is missing or not used
     kernel_reason: str | None = None  # what the kernel model could not cover
+    whole_unknown: list[Unknown] = field(default_factory=list)  # parts of the total not known
 
 
 @dataclass

@@ -271,7 +271,7 @@ def memory_by_process(
             trace["sockets"],
             conns,
             allocations,
-            figures.io_buffer_heap.allocation_bytes + figures.held_data_buffers.bytes,
+            figures.io_buffer_heap.idle_bytes + figures.retained.bytes,
             int((mine_idle["source"] == Source.URING).sum()),
         )
     return out

@@ -56,10 +56,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--min-alloc",
-        type=number(int, 1),
+        type=number(int, 0),
         default=1024,
         metavar="BYTES",
-        help="with --alloc-probes: ignore allocations smaller than this (default 1024)",
+        help="with --alloc-probes: ignore allocations smaller than this (default 1024; 0 "
+        "tracks every allocation, so that small per-connection structs are fitted too)",
     )
     p.add_argument(
         "--sample",

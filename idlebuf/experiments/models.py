@@ -10,6 +10,9 @@ from probes.format.errors import UsageError
 
 POOL_BUFFERS = 4  # the readiness and poll-first servers' shared pools
 NETNS_SERVER = "10.231.0.1"  # the server's side of the veth pair a --netns load is behind
+# The connections open over this share of the recording, in steps: memory is then fitted
+# against the connections held (the whole cost of an idle connection, analysis.cost).
+RAMP = 0.4
 
 
 @dataclass(frozen=True)
@@ -29,17 +32,21 @@ class Client:
     """The program that drives a model's server."""
 
     module: str
+    ramps: bool = False  # it takes --ramp SECONDS
 
     def args(self, load: Load, port: int) -> list[str]:
-        """Its arguments under `load`. It stops a second before the recording does, so that
-        the recording's "now" sees every read re-posted rather than a few caught between a
-        completion and the next post."""
+        """Its arguments under `load`. It opens the connections over the first RAMP of the
+        recording (if it can ramp) and stops exchanging a second before the recording ends,
+        so that the recording's "now" sees every read re-posted rather than a few caught
+        between a completion and the next post."""
+        ramp = RAMP * load.duration if self.ramps else 0.0
         return [
             *(("--netns", load.netns, "--host", NETNS_SERVER) if load.netns else ()),
             *("--port", str(port), "--connections", str(load.connections)),
             *("--active", str(load.active)),
+            *(("--ramp", f"{ramp:g}") if ramp else ()),
             *self.pace(load),
-            *("--duration", str(max(0.5, load.duration - 1)), "--hold", "120"),
+            *("--duration", str(max(0.5, load.duration - 1 - ramp)), "--hold", "120"),
         ]
 
     def pace(self, load: Load) -> list[str]:
@@ -51,6 +58,7 @@ class EchoLoad(Client):
     """workloads.loadgen: active connections exchange messages at a steady rate."""
 
     module: str = "workloads.loadgen"
+    ramps: bool = True
 
     def pace(self, load: Load) -> list[str]:
         messages = int(load.duration * load.rate) + 100

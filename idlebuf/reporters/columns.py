@@ -35,6 +35,13 @@ READS = [
     RSS_GROWTH,
     SOCKET_MEMORY,
     Column("per_idle_connection_bytes", "per idle conn", "per idle connection", human_bytes),
+    Column("kernel_per_connection_bytes", "kernel/conn", "kernel per connection", human_bytes),
+    Column(
+        "whole_per_idle_connection_bytes",
+        "whole/idle conn",
+        "whole cost per idle connection",
+        human_bytes,
+    ),
     RATIO,
 ]
 WRITE_FIGURES = [

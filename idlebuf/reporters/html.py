@@ -32,7 +32,12 @@ GLOSSARY = (
     "buffers. <b>IO-buffer memory</b> is the user memory committed to reads at the end: posted "
     "or parked buffers, buffers kept after their data, and provided-buffer groups. <b>Per idle "
     "connection</b> is that memory plus kernel socket memory, over the connections that "
-    "exchanged nothing for the last second. <b>x readiness</b> divides each model's IO-buffer "
+    "exchanged nothing for the last second. <b>Kernel per connection</b> is the slab objects "
+    "one idle connection holds (its socket, inode, file, dentry, epoll item), from this "
+    "kernel's slab caches, plus its queue memory. <b>Whole cost per idle connection</b> adds "
+    "them up: IO buffer + other user memory (the heap fitted against the connections held "
+    "while they were opened) + kernel; unknown when the connections did not change enough "
+    "during the recording to fit. <b>x readiness</b> divides each model's IO-buffer "
     "memory by the first row's.</p>"
 )
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from analysis.comparison import ComparisonRow
 from analysis.results import (
+    ConnectionFit,
     MemoryFigures,
     ProcessSummary,
     ReadCounts,
@@ -248,9 +249,9 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         [
             "per idle connection",
             _plus_unknown(memory.per_idle_connection.bytes, memory.per_idle_connection.unknown),
-            "user buffer + kernel socket memory (committed); resident: "
-            + human_bytes(memory.per_idle_connection.resident_bytes),
+            "user buffer + kernel socket memory (committed)",
         ],
+        *_whole_cost_rows(memory),
     ]
     sites = [
         f"  {site.buffers:,} reads, {human_bytes(site.bytes)}: "
@@ -264,10 +265,51 @@ def render_memory(memory: MemoryFigures, idle_threshold_s: float) -> str:
         for figure, found in (
             ("IO-buffer heap", io_heap.unknown),
             ("retained buffers", memory.retained.unknown),
+            ("whole cost", memory.per_idle_connection.whole_unknown),
         )
         for u in found
     ]
     return "\n".join([table(["memory", "now", ""], rows), *unknowns, *sites])
+
+
+def _fit_text(fit: ConnectionFit) -> str:
+    r2 = f"R² {fit.r2:.3f}" if fit.r2 is not None else "R² n/a"
+    ci = f" ± {fit.ci95_bytes:,.0f}" if fit.ci95_bytes is not None else ""
+    return (
+        f"{fit.bytes_per_connection:,.0f}{ci} B per connection, {r2}, {fit.points} points, "
+        f"{fit.distinct_counts} connection counts: {fit.source}"
+    )
+
+
+def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
+    """IO buffer + other user memory + kernel = the whole cost of an idle connection."""
+    cost = memory.per_idle_connection
+    idle = memory.connections.idle
+
+    def known(n: float | None) -> str:
+        return "unknown" if n is None else human_bytes(n)
+
+    other_why = cost.reason or ""
+    if cost.fit is not None:
+        other_why = _fit_text(cost.fit) + (f" - {cost.reason}" if cost.reason else "")
+    parts = " + ".join(f"{p.cache} {human_bytes(p.bytes)}" for p in cost.kernel_parts)
+    queues = cost.socket_kernel_bytes / idle if idle else 0
+    kernel_why = (parts + f" + queues {human_bytes(queues)}") if parts else ""
+    if cost.kernel_reason:
+        kernel_why = f"{kernel_why} ({cost.kernel_reason})" if kernel_why else cost.kernel_reason
+    rows = [
+        ["per idle connection (whole)", known(cost.total_bytes),
+         f"IO buffer + other user memory + kernel (committed); resident "
+         f"{human_bytes(cost.resident_bytes)}"],
+        ["  IO buffer", human_bytes(cost.io_buffer_bytes),
+         f"a readiness design would save {human_bytes(cost.saving_bytes)} over "
+         f"{idle:,} idle connections"],
+        ["  other user memory", known(cost.other_user_bytes), printable(other_why)],
+        ["  kernel (model)", known(cost.kernel_bytes), printable(kernel_why)],
+    ]  # fmt: skip
+    if cost.rss_fit is not None:
+        rows.append(["  RSS against connections", "", _fit_text(cost.rss_fit)])
+    return rows
 
 
 def _totals_row(proc: ProcessSummary) -> list[str]:
