@@ -306,6 +306,8 @@ def whole_cost(
         if out.fit is not None and out.fit.confident:
             per_buffer = heap_buffer_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
+    if out.kernel_bytes is None and idle:
+        out.whole_unknown.append(Unknown(idle, f"kernel: {out.kernel_reason}"))
     if out.other_user_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
     if out.other_user_bytes is not None and out.kernel_bytes is not None:

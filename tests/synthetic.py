@@ -23,6 +23,7 @@ from probes.format.meta import (
     ProbeState,
     ProcessAtAttach,
     RingAtAttach,
+    SlabCache,
     Targets,
 )
 from probes.format.schema import GroupKind, MapFn, PostFlag, Source
@@ -395,7 +396,10 @@ def late_trace(path: Path, pid: int = 4244, connections: int = 23, buffer: int =
 def walked_trace(path: Path, pid: int = 4245, connections: int = 23, buffer: int = 4099) -> Path:
     """late_trace's server recorded with the allocator walkers (record --memory): the walk at
     the end found 20 buffers in glibc chunks of buffer + 13 bytes, 2 in a mapping the program
-    made itself, and could not read the heap for the last one."""
+    made itself, and could not read the heap for the last one. Its memory points: the
+    connections opened in 7 steps, the heap growing by a 2,064-byte chunk per connection
+    besides the buffers (one point taken while connections arrived); the kernel's slab
+    caches as this project's test machine has them."""
     late_trace(path, pid, connections, buffer)
     # late_trace wrote its tables; this writer starts over with the same ones and the walk
     late_tables = open_trace_tables(path)
@@ -409,10 +413,32 @@ def walked_trace(path: Path, pid: int = 4245, connections: int = 23, buffer: int
             memory=MemoryOptions(
                 alloc_probes=False, allocators=[Allocator(pid=pid, method="walk:glibc")]
             ),
+            kernel_objects={
+                "TCP": SlabCache(2304, 2368, 13, 32768),
+                "sock_inode_cache": SlabCache(768, 832, 19, 16384),
+                "filp": SlabCache(184, 192, 21, 4096),
+                "dentry": SlabCache(192, 192, 21, 4096),
+            },
         )
     )
     for table, rows in late_tables.items():
         w.append(schema.TABLES[table], rows)
+    counts = [1, 5, 9, 11, 13, 17, 21, connections + 1]
+    per_connection = buffer + 13 + 2064  # its buffer's chunk and a session's
+    w.append(
+        schema.MEMORY_POINTS,
+        schema.MEMORY_POINTS.filled(
+            len(counts) + 1,
+            ts_ns=[T0 + i * SECOND // 4 for i in range(len(counts) + 1)],
+            pid=pid,
+            sockets=[*counts[:3], 10, *counts[3:]],
+            heap_bytes=[5_000_000 + per_connection * n for n in counts[:3]]
+            + [9_999_999]  # taken while connections arrived: not a settled point
+            + [5_000_000 + per_connection * n for n in counts[3:]],
+            vm_rss=[20_000_000 + 8192 * n for n in [*counts[:3], 10, *counts[3:]]],
+            moving=[False, False, False, True, False, False, False, False, False],
+        ),
+    )
     addrs = [HEAP + i * 2 * buffer for i in range(connections)]
     found = [
         {"addr": a, "size": buffer + 13, "allocator": "glibc thread arena", "why": ""}
