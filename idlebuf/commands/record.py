@@ -44,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the memory side: resident memory, kernel socket memory, and the allocation "
         "behind each buffer, found by reading the allocator's own structures (glibc, Go) "
-        "when it is needed - no probe on malloc",
+        "when it is needed - no probe on malloc; and memory points (sockets held, heap in "
+        "use, RSS) as connections come and go, with the kernel's slab caches, for the whole "
+        "cost of an idle connection",
     )
     p.add_argument(
         "--alloc-probes",

@@ -88,6 +88,10 @@ def test_every_model_against_its_own_ground_truth(demo: dict[str, Any]) -> None:
                 SOCKET_TOLERANCE / CONNECTIONS
             ), name
         assert 0 <= row["io_buffer_memory_resident"] <= row["io_buffer_memory"], name
+        # the kernel's objects behind each idle connection: a TCP socket alone is 2.3 KiB
+        assert row["kernel_per_connection_bytes"] > 2048, name
+        whole = row["whole_per_idle_connection_bytes"]
+        assert whole is None or whole >= row["kernel_per_connection_bytes"], name
 
 
 def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> None:
