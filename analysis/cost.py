@@ -239,17 +239,19 @@ def kernel_parts(
 def idle_sockets(
     sockets: pd.DataFrame, connections: pd.DataFrame
 ) -> tuple[pd.DataFrame, list[Unknown]]:
-    """The sockets table's last row of each idle connection, and the idle connections it
-    lacks (not seen by sock_diag)."""
+    """The sockets table's last row of each idle connection (of every connection seen, when
+    none is idle at the end), and the connections it lacks (not seen by sock_diag)."""
     idle = connections[connections["idle"]]
+    if idle.empty:
+        idle = connections
     if idle.empty:
         return sockets.iloc[0:0], []
     last = sockets.sort_values("ts_ns").drop_duplicates(["pid", "inode"], keep="last")
-    found = last.merge(idle[["pid", "inode"]], on=["pid", "inode"])
+    found = last.merge(idle[["pid", "inode"]].dropna(), on=["pid", "inode"])
     unknown = []
     if len(found) < len(idle):
         unknown.append(
-            Unknown(len(idle) - len(found), "idle connections sock_diag did not show: no model")
+            Unknown(len(idle) - len(found), "connections sock_diag did not show: not modelled")
         )
     return found, unknown
 
@@ -283,15 +285,16 @@ def whole_cost(
         out.kernel_reason = (
             meta.kernel_objects_why or "the recording did not read the kernel's slab caches"
         )
-    elif idle:
+    else:
         found, unknown = idle_sockets(sockets, connections)
         out.whole_unknown.extend(unknown)
         out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects, idle_uring_requests)
         if found.empty:
-            out.kernel_reason = "sock_diag showed none of the idle connections"
+            out.kernel_reason = "sock_diag showed none of the connections"
         else:
             slab = sum(p.bytes for p in out.kernel_parts)
-            out.kernel_bytes = round(slab + base.socket_kernel_bytes / idle, 1)
+            queues = base.socket_kernel_bytes / idle if idle else 0.0
+            out.kernel_bytes = round(slab + queues, 1)
             if missing:
                 out.kernel_reason = (
                     f"caches this kernel did not show, left out: {', '.join(missing)}"

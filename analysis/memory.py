@@ -271,9 +271,11 @@ def connection_table(
     posted = reads[reads["end_ns"].isna()]
     activity["posted_bytes"] = posted.groupby(keys)["len"].sum()
     if not sockets.empty:
+        # the last sample: of every socket (a listener still open shows a sample in which
+        # every connection had closed)
+        last_sample = sockets["ts_ns"].max()
         s = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
         s = s.sort_values("ts_ns")
-        last_sample = s["ts_ns"].max()
         g = s.groupby(keys)
         seen = g.agg(
             inode=("inode", "last"),
