@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from probes.allocators.base import Allocation, Mappings, NotFound
-from probes.allocators.glibc import CorruptHeap, GlibcHeap
+from probes.allocators.glibc import CorruptHeap, GlibcHeap, HeapTooBig
 from probes.allocators.go import GoHeap
 from probes.golang import GoLayoutError, NotGo, binary_of, load_bias
 from probes.process_memory import MemoryReadError, ProcessMemory
@@ -95,6 +95,8 @@ class HeapWalker:
             return self.glibc.in_use(Mappings(self.pid).all)
         except OSError as exc:
             return f"the process is gone: {exc.strerror}"
+        except HeapTooBig as exc:
+            return f"not summed: a heap of {exc} (record with --alloc-probes to fit it)"
         except (CorruptHeap, MemoryReadError) as exc:
             return f"glibc's heap could not be read: {exc}"
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,3 +198,51 @@ def _answers(port: int) -> bool:
         return _redis(port, "PING").startswith(b"+PONG")
     except OSError:
         return False
+
+
+HEAP_CHILD = """
+import ctypes, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+print("before", flush=True)
+sys.stdin.readline()
+keep = [libc.malloc(100) for _ in range({n})]
+print("after", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_glibc_heap_in_use_counts_every_block() -> None:
+    """The heap sum behind the walked fit: 30,011 blocks of 100 bytes are 30,011 more chunks
+    in use, of 112 bytes each, and a walk with too small a limit refuses rather than guess."""
+    from probes.allocators import HeapWalker
+    from probes.allocators.base import Mappings
+    from probes.allocators.glibc import HeapTooBig
+
+    n = 30011
+    child = subprocess.Popen(
+        [sys.executable, "-c", HEAP_CHILD.format(n=n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == b"before"
+        walker = HeapWalker(child.pid)
+        before = walker.in_use()
+        child.stdin.write(b"\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == b"after"
+        after = walker.in_use()
+        assert isinstance(before, tuple) and isinstance(after, tuple), (before, after)
+        # the list holding the addresses grows too: one block of its own (8 bytes a slot,
+        # over-allocated by an eighth), re-allocated as it grows
+        blocks, size = after[1] - before[1], after[0] - before[0]
+        assert n <= blocks <= n + 3, blocks
+        assert n * 112 <= size <= n * 112 + 10 * n + 8192, size
+        with pytest.raises(HeapTooBig):
+            walker.glibc.in_use(Mappings(child.pid).all, limit=n // 2)
+        walker.close()
+    finally:
+        child.kill()
+        child.wait()
