@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.fit import linear_fit
+from analysis.memory import SOCKET_KERNEL_FIELDS
 from analysis.results import ConnectionFit, KernelPart, PerIdleConnection, Unknown
 from probes.format.meta import Meta, SlabCache
 
@@ -188,6 +189,19 @@ def rss_fit(points: pd.DataFrame) -> tuple[ConnectionFit | None, str | None]:
     )
 
 
+def socket_queue_fit(sockets: pd.DataFrame, pid: int) -> tuple[ConnectionFit | None, str | None]:
+    """The kernel's queue memory (rmem_alloc + wmem_queued + fwd_alloc) of `pid`'s
+    connections against how many it held, over the socket samples (one per flush)."""
+    mine = sockets[(sockets["pid"] == pid) & (sockets["state"] != "LISTEN")]
+    if mine.empty:
+        return None, "no socket samples"
+    g = mine.assign(q=mine[SOCKET_KERNEL_FIELDS].sum(axis=1)).groupby("ts_ns")
+    per_sample = pd.DataFrame({"n": g.size(), "q": g["q"].sum()}).sort_index()
+    return fit_against_connections(
+        per_sample["n"].to_numpy(), per_sample["q"].to_numpy(), "kernel socket queues (sock_diag)"
+    )
+
+
 # --- the kernel's objects -----------------------------------------------------------------
 def socket_cache(family: str, ipv6: bool, sock_type: int, caches: dict[str, SlabCache]) -> str:
     if family == "tcp":
@@ -306,6 +320,7 @@ def whole_cost(
     elif meta.memory is not None:
         out.fit, out.reason = heap_fit(mine, allocations, meta, pid)
         out.rss_fit, _ = rss_fit(mine)
+        out.socket_fit, _ = socket_queue_fit(sockets, pid)
         if out.fit is not None and out.fit.confident:
             per_buffer = heap_buffer_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)

@@ -245,6 +245,7 @@ class PerIdleConnection(Result):
     saving_bytes: float = 0.0  # a readiness design: the IO buffers of all idle connections
     fit: ConnectionFit | None = None  # the heap against connections
     rss_fit: ConnectionFit | None = None  # RSS against connections, for comparison
+    socket_fit: ConnectionFit | None = None  # the kernel's queue memory against connections
     reason: str | None = None  # why `fit` is missing or not used
     kernel_reason: str | None = None  # what the kernel model could not cover
     whole_unknown: list[Unknown] = field(default_factory=list)  # parts of the total not known

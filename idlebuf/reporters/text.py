@@ -309,6 +309,8 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
     ]  # fmt: skip
     if cost.rss_fit is not None:
         rows.append(["  RSS against connections", "", _fit_text(cost.rss_fit)])
+    if cost.socket_fit is not None:
+        rows.append(["  socket queues against them", "", _fit_text(cost.socket_fit)])
     return rows
 
 
