@@ -10,10 +10,12 @@ the kernel's objects behind it.
   recording's memory points; the slope is bytes per connection, less what its IO buffers
   account for. RSS and the kernel's queue memory are fitted the same way, for comparison.
 
-A fit is refused when the connections did not change enough (fewer than 3 distinct counts,
-or a span under max(8, 10% of the most)); it is low confidence - and its figure is not used
-- when the slope's 95% interval is wider than max(64 B, 10% of the slope) (something else
-grew or shrank meanwhile) or when connections churned faster than the samples.
+The slope is Theil-Sen's (the median of the slopes between every two points), so a few
+points off the line do not move it. A fit is refused when the connections did not change
+enough (fewer than 3 distinct counts, or a span under max(8, 10% of the most)); it is low
+confidence - and its figure is not used - when the slope's 95% interval (Sen's, rank-based:
+5 points at least) is wider than max(64 B, 10% of the slope) (something else grew or shrank
+meanwhile) or when connections churned faster than the samples.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.fit import linear_fit
 from analysis.memory import SOCKET_KERNEL_FIELDS
 from analysis.results import ConnectionFit, KernelPart, PerIdleConnection, Unknown
 from probes.format.meta import Meta, SlabCache
@@ -35,14 +36,30 @@ CI_FRACTION = 0.10
 CHURN_POINTS = 8  # low confidence when more points than max(this, 20%) moved under sampling
 CHURN_FRACTION = 0.20
 
-# Student's t at 97.5% for 1..30 degrees of freedom (then 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+MAX_FIT_POINTS = 2000  # pairwise slopes: at most ~2M pairs
 
 
-def t975(dof: int) -> float:
-    return _T975[dof - 1] if 1 <= dof <= len(_T975) else 1.96
+def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(slope, intercept, half the slope's 95% interval) by Theil-Sen: the median of the
+    slopes between every two points of different x, with Sen's rank-based interval. A few
+    points off the line (a server freeing a start-up buffer, a cache trimmed once) do not
+    move it; memory driven by something else spreads the slopes and widens the interval."""
+    if len(x) > MAX_FIT_POINTS:
+        keep = np.linspace(0, len(x) - 1, MAX_FIT_POINTS).astype(int)
+        x, y = x[keep], y[keep]
+    i, j = np.triu_indices(len(x), k=1)
+    dx = x[j] - x[i]
+    ok = dx != 0
+    slopes = np.sort((y[j] - y[i])[ok] / dx[ok])
+    n, pairs = len(x), len(slopes)
+    slope = float(np.median(slopes))
+    intercept = float(np.median(y - slope * x))
+    c = 1.96 * math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
+    lower = int(math.floor((pairs - c) / 2))
+    upper = int(math.ceil((pairs + c) / 2))
+    if lower < 0 or upper >= pairs:
+        return slope, intercept, math.inf  # too few points to bound it
+    return slope, intercept, (float(slopes[upper]) - float(slopes[lower])) / 2
 
 
 def settled(points: pd.DataFrame) -> pd.DataFrame:
@@ -70,18 +87,20 @@ def fit_against_connections(
             f"connections did not change enough: {distinct} distinct counts spanning "
             f"{span:.0f} (a fit needs {MIN_COUNTS} spanning {need:.0f})"
         )
-    fit = linear_fit({"connections": x}, y)
-    slope = fit.slopes["connections"]
-    residual = y - (fit.intercept + slope * x)
-    dof = len(x) - 2
-    sxx = float(((x - x.mean()) ** 2).sum())
-    ci = t975(dof) * math.sqrt(float((residual**2).sum()) / dof / sxx) if dof > 0 else math.inf
-    r2 = fit.r2
+    slope, intercept, ci = theil_sen(x, y)
+    residual = y - (intercept + slope * x)
+    spread = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float((residual**2).sum()) / spread if spread else 1.0
     reasons = []
-    if not ci <= max(CI_BYTES, CI_FRACTION * abs(slope)):
+    if not math.isfinite(ci):
+        reasons.append(
+            f"low confidence: {len(x)} points are too few to bound the slope "
+            f"({slope:,.0f} B per connection, R² {r2:.3f}; 5 settled points are needed)"
+        )
+    elif not ci <= max(CI_BYTES, CI_FRACTION * abs(slope)):
         reasons.append(
             f"low confidence: {slope:,.0f} ± {ci:,.0f} B per connection (95%), "
-            f"R² {r2 if r2 is not None else float('nan'):.3f} over {len(x)} points - "
+            f"R² {r2:.3f} over {len(x)} points - "
             "something else changed this memory meanwhile"
         )
     total = len(x) + moved
@@ -92,7 +111,7 @@ def fit_against_connections(
         )
     result = ConnectionFit(
         bytes_per_connection=round(slope, 1),
-        r2=None if r2 is None else round(r2, 6),
+        r2=round(r2, 6),
         points=len(x),
         distinct_counts=distinct,
         ci95_bytes=round(ci, 1) if math.isfinite(ci) else None,
