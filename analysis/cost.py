@@ -62,14 +62,23 @@ def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return slope, intercept, (float(slopes[upper]) - float(slopes[lower])) / 2
 
 
+SETTLE_NS = 200_000_000  # a count held for less than this is a burst caught half-way
+
+
 def settled(points: pd.DataFrame) -> pd.DataFrame:
     """Points taken while the socket count held still: those not moving, and of each run of
-    equal consecutive counts the last one (memory settles after connections arrive)."""
+    equal consecutive counts that held for SETTLE_NS at least (until the next count was
+    seen), the last one (memory settles after connections arrive)."""
     p = points[~points["moving"].astype(bool)].sort_values("ts_ns")
     if p.empty:
         return p
     run = (p["sockets"] != p["sockets"].shift()).cumsum()
-    return p.groupby(run, sort=False).tail(1)
+    began = p.groupby(run)["ts_ns"].transform("min").astype("int64")
+    next_began = pd.Series(began.unique()[1:].tolist() + [np.iinfo(np.int64).max])
+    lasted = next_began.to_numpy() - began.unique()
+    held = pd.Series(lasted >= SETTLE_NS, index=run.unique())
+    last = p.groupby(run, sort=False).tail(1)
+    return last[held[run[last.index]].to_numpy()]
 
 
 def fit_against_connections(

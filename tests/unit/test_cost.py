@@ -73,6 +73,14 @@ def test_settled_points_are_the_last_of_each_count_and_never_moving() -> None:
     assert kept["heap_bytes"].tolist() == [2, 3, 6]
 
 
+def test_a_count_seen_half_way_through_a_burst_is_not_settled() -> None:
+    p = points([1, 98, 202, 202, 202], [0, 1_733_432, 3_565_976, 478_616, 478_616])
+    p["ts_ns"] = [0, 984_000_000, 1_119_000_000, 2_033_000_000, 3_089_000_000]
+    kept = cost.settled(p)  # 98 held for 0.135 s: Redis accepting a step's clients
+    assert kept["sockets"].tolist() == [1, 202]
+    assert kept["heap_bytes"].tolist() == [0, 478_616]
+
+
 def test_allocator_rounding() -> None:
     requests = np.array([1, 24, 25, 2053, 16384])
     assert cost.glibc_chunk(requests).tolist() == [32, 32, 48, 2064, 16400]
