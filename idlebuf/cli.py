@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from idlebuf.commands import compare, demo, doctor, record, report, sweep
+from idlebuf.commands import compare, demo, doctor, fleet, record, report, sweep
 from probes.format.errors import IdlebufError
 
 COMMANDS = {
@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": compare,
     "demo": demo,
     "sweep": sweep,
+    "fleet": fleet,
     "doctor": doctor,
 }
 

@@ -17,3 +17,7 @@ def report_json(summary: TraceSummary, connections: bool = False) -> str:
 def rows_json(comparison: Comparison, **extra: Any) -> str:
     """`idlebuf compare --json` and `demo --json`: the rows, and where the files went."""
     return json.dumps({"rows": to_json(comparison.rows), **extra}, indent=2)
+
+
+def dumps(document: Any) -> str:
+    return json.dumps(document, indent=2)

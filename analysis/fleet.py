@@ -1,0 +1,242 @@
+"""A fleet of traces: each summarised on its own (`digest`, run anywhere - a Dask worker
+needs only this package, no root and no bcc), then aggregated per host, per program and per
+IO model (`aggregate`).
+
+A digest is small (a few numbers per traced process), so hundreds of traces are summarised
+in parallel and only their digests travel back. A trace that cannot be read is a `Failure`
+with its one-line reason; the others still count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.comparison import io_buffer_memory
+from analysis.results import ProcessSummary, Result
+from analysis.summary import summarize
+from probes.format.errors import IdlebufError
+from probes.format.reader import open_trace
+
+
+@dataclass
+class ProcessDigest(Result):
+    """One traced process of one trace, at the end of its recording."""
+
+    trace: str
+    host: str
+    pid: int
+    program: str  # its name (comm)
+    model: str  # the IO model its reads show (see io_model)
+    connections: int
+    idle_connections: int
+    posted_reads: int
+    pinned_bytes: int
+    io_buffer_memory: int  # user memory held for reads (as compare's column)
+    idle_buffer_bytes: int  # ... by idle connections: what a readiness design would save
+    per_idle_connection_bytes: float  # measured: IO buffer + kernel socket memory
+    whole_per_idle_connection_bytes: float | None  # + other user memory + kernel objects
+
+
+@dataclass
+class Failure(Result):
+    trace: str
+    reason: str
+
+
+@dataclass
+class Digest(Result):
+    trace: str
+    processes: list[ProcessDigest] = field(default_factory=list)
+    failure: Failure | None = None
+
+
+def io_model(process: ProcessSummary) -> str:
+    """What a process's reads say about its IO model: reads posted at the end by io_uring
+    (with provided buffers or not), by blocked syscalls (a thread per connection) or parked
+    (green threads, goroutines); else readiness when it waited on readiness."""
+    posted = {name: s.posted_reads for name, s in process.by_source.items()}
+    if process.buffer_groups:
+        return "queued: io_uring provided buffers"
+    if posted.get("uring", 0):
+        return "queued: io_uring"
+    if posted.get("parked", 0):
+        return "queued: parked (green threads, Go)"
+    if posted.get("syscall", 0):
+        return "queued: blocking reads (threads)"
+    if process.readiness_waits.count:
+        return "readiness (epoll, poll, select)"
+    return "unknown"
+
+
+def digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
+    """One trace's digest; never raises for a trace that cannot be read (its failure says
+    why)."""
+    try:
+        trace = open_trace(path)
+        summary = summarize(trace, idle_threshold_s)
+    except IdlebufError as exc:
+        return Digest(path, failure=Failure(path, str(exc).splitlines()[0][:500]))
+    except (OSError, ValueError, KeyError, MemoryError) as exc:
+        return Digest(path, failure=Failure(path, f"cannot be read: {exc!r}"[:500]))
+    host = trace.meta.host.hostname or "unknown"
+    out = Digest(path)
+    for process in summary.processes:
+        memory = process.memory
+        connections = memory.connections if memory is not None else None
+        if not (
+            process.posted_reads.peak
+            or process.reads_completed
+            or (connections and connections.open)
+        ):
+            continue  # traced, but never read from a socket (a launcher, a helper)
+        committed = io_buffer_memory(process)[0] if memory is not None else process.pinned_bytes.now
+        cost = memory.per_idle_connection if memory is not None else None
+        out.processes.append(
+            ProcessDigest(
+                trace=path,
+                host=host,
+                pid=process.pid,
+                program=process.comm or "?",
+                model=io_model(process),
+                connections=connections.open if connections else 0,
+                idle_connections=connections.idle if connections else 0,
+                posted_reads=process.posted_reads.now,
+                pinned_bytes=process.pinned_bytes.now,
+                io_buffer_memory=int(committed),
+                idle_buffer_bytes=cost.user_buffer_bytes if cost else 0,
+                per_idle_connection_bytes=round(cost.bytes, 1) if cost else 0.0,
+                whole_per_idle_connection_bytes=cost.total_bytes if cost else None,
+            )
+        )
+    return out
+
+
+@dataclass
+class Group(Result):
+    """Processes of one host, program or IO model, summed; the cost per idle connection as a
+    distribution over them (p50, p90, max; `whole_known` of them had a whole cost)."""
+
+    key: str
+    processes: int
+    traces: int
+    connections: int
+    idle_connections: int
+    posted_reads: int
+    pinned_bytes: int
+    io_buffer_memory: int
+    idle_buffer_bytes: int
+    per_idle_p50: float | None
+    per_idle_p90: float | None
+    per_idle_max: float | None
+    whole_p50: float | None
+    whole_p90: float | None
+    whole_max: float | None
+    whole_known: int
+
+
+@dataclass
+class FleetSummary(Result):
+    traces: int  # given
+    read: int  # summarised
+    failures: list[Failure]
+    by_host: list[Group]
+    by_program: list[Group]
+    by_model: list[Group]
+    top: list[ProcessDigest]  # the processes holding most IO-buffer memory for idle ones
+
+
+DIGEST_COLUMNS = list(ProcessDigest.__dataclass_fields__)
+
+
+def process_table(digests: list[Digest]) -> pd.DataFrame:
+    rows = [p.to_json() for d in digests for p in d.processes]
+    return pd.DataFrame(rows, columns=DIGEST_COLUMNS)
+
+
+def _quantile(values: pd.Series, q: float) -> float | None:
+    v = values.dropna().to_numpy(dtype=float)
+    return None if v.size == 0 else round(float(np.quantile(v, q)), 1)
+
+
+def _groups(table: pd.DataFrame, by: str) -> list[Group]:
+    out = []
+    for key, rows in table.groupby(by, sort=True):
+        whole = rows["whole_per_idle_connection_bytes"].astype(float)
+        per_idle = rows["per_idle_connection_bytes"].where(rows["idle_connections"] > 0)
+        out.append(
+            Group(
+                key=str(key),
+                processes=len(rows),
+                traces=int(rows["trace"].nunique()),
+                **{
+                    k: int(rows[k].sum())
+                    for k in (
+                        "connections",
+                        "idle_connections",
+                        "posted_reads",
+                        "pinned_bytes",
+                        "io_buffer_memory",
+                        "idle_buffer_bytes",
+                    )
+                },
+                per_idle_p50=_quantile(per_idle, 0.5),
+                per_idle_p90=_quantile(per_idle, 0.9),
+                per_idle_max=_quantile(per_idle, 1.0),
+                whole_p50=_quantile(whole, 0.5),
+                whole_p90=_quantile(whole, 0.9),
+                whole_max=_quantile(whole, 1.0),
+                whole_known=int(whole.notna().sum()),
+            )
+        )
+    # the most idle-buffer memory first
+    return sorted(out, key=lambda g: (-g.idle_buffer_bytes, g.key))
+
+
+def aggregate(digests: list[Digest], top: int = 10) -> FleetSummary:
+    """The fleet's figures from its traces' digests (in any order: the result is the same)."""
+    digests = sorted(digests, key=lambda d: d.trace)
+    table = process_table(digests)
+    ranked = table.sort_values(
+        ["idle_buffer_bytes", "trace", "pid"], ascending=[False, True, True], kind="stable"
+    )
+    by_key = {(p.trace, p.pid): p for d in digests for p in d.processes}
+    return FleetSummary(
+        traces=len(digests),
+        read=sum(d.failure is None for d in digests),
+        failures=[d.failure for d in digests if d.failure is not None],
+        by_host=_groups(table, "host"),
+        by_program=_groups(table, "program"),
+        by_model=_groups(table, "model"),
+        top=[
+            by_key[(str(t), int(p))]
+            for t, p in zip(ranked["trace"].head(top), ranked["pid"].head(top))
+        ],
+    )
+
+
+def find_traces(paths: list[Path], max_depth: int = 4) -> tuple[list[str], list[Failure]]:
+    """Trace directories (holding a meta.json) among `paths` and below them (at most
+    `max_depth` levels), sorted; a path that holds none is a failure, with why."""
+    found: set[str] = set()
+    failures = []
+    for path in paths:
+        if (path / "meta.json").is_file():
+            found.add(str(path))
+            continue
+        if not path.is_dir():
+            failures.append(Failure(str(path), "no such trace or directory"))
+            continue
+        here = {
+            str(p.parent)
+            for depth in range(1, max_depth + 1)
+            for p in path.glob("/".join(["*"] * depth) + "/meta.json")
+            if p.is_file() and not p.is_symlink()
+        }
+        if not here:
+            failures.append(Failure(str(path), "holds no trace (no meta.json below it)"))
+        found |= here
+    return sorted(found), failures
