@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(results, indent=1))
     print(render(results))
     print(f"\nfigures: {args.output}")
+    disagreement = results.get("analysis", {}).get("disagreement")
+    if disagreement:  # figures that differ make the timings meaningless
+        print(f"bench: FAILED: {disagreement}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,8 @@ the address join of buffers to allocations, the per-connection table, the time s
 `idlebuf report --json --connections --timeline 1` does; and, as a reference point, the same
 lifetimes, join and per-connection table in DuckDB over the same Parquet files.
 
+Both sides compute the same figures - posted reads, pinned bytes, the IO-buffer bytes of idle
+connections, idle connections - and the benchmark fails (AnswersDiffer) when they differ.
 Each side runs in its own process, so its wall time and peak RSS are its own.
 """
 
@@ -163,7 +165,8 @@ s = summarize(trace, timeline_s=1.0)
 m = p.memory
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"load_s": loaded - t0, "relate_s": time.perf_counter() - loaded, "hwm": hwm,
-    "posted_now": p.posted_reads.now, "idle_bytes": m.io_buffer_heap.idle_bytes,
+    "posted_reads": p.posted_reads.now, "pinned_bytes": p.pinned_bytes.now,
+    "idle_io_buffer_bytes": m.io_buffer_heap.idle_bytes, "idle_connections": m.connections.idle,
     "connections": len(m.connection_rows), "timeline_points": len(s.timeline)}))
 """
 
@@ -176,11 +179,10 @@ t0 = time.perf_counter()
 d = sys.argv[1]
 con = duckdb.connect()
 con.execute("SET enable_progress_bar = false")
-con.execute(f"CREATE VIEW posts AS SELECT * FROM read_parquet('{d}/posts/*.parquet')")
-con.execute(f"CREATE VIEW completions AS SELECT * FROM read_parquet('{d}/completions/*.parquet')")
-con.execute(f"CREATE VIEW allocs AS SELECT * FROM read_parquet('{d}/allocs/*.parquet')")
-con.execute(f"CREATE VIEW frees AS SELECT * FROM read_parquet('{d}/frees/*.parquet')")
+for table in ("posts", "completions", "allocs", "frees", "sockets"):
+    con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{d}/{table}/*.parquet')")
 end_ns = read_meta(Path(d)).end_monotonic_ns
+idle_ns = 1_000_000_000  # report's --idle-threshold default
 rows = con.execute(f'''
 WITH ev AS (
   SELECT pid, source, key, ts_ns, 1 AS is_post, fd, addr, len, NULL::BIGINT AS ret FROM posts
@@ -191,29 +193,67 @@ seq AS (
          lead(ret) OVER w AS next_ret
   FROM ev WINDOW w AS (PARTITION BY pid, source, key ORDER BY ts_ns, is_post DESC)),
 reads AS (
-  SELECT pid, fd, addr, len, ts_ns AS post_ns, end_ns,
+  SELECT pid, fd, addr, len, ts_ns AS post_ns,
+         CASE WHEN next_post = 0 THEN end_ns END AS end_ns,
          CASE WHEN next_post = 0 THEN next_ret END AS ret
   FROM seq WHERE is_post = 1),
 live AS (
   SELECT a.pid, a.addr, a.size FROM allocs a
   ANTI JOIN frees f ON f.pid = a.pid AND f.addr = a.addr AND f.ts_ns >= a.ts_ns
   WHERE a.ts_ns <= {end_ns}),
-posted AS (SELECT * FROM reads WHERE end_ns IS NULL),
+activity AS (
+  SELECT pid, fd, min(post_ns) AS first_ns, max(CASE WHEN ret > 0 THEN end_ns END) AS last_data
+  FROM reads GROUP BY pid, fd),
+sampled AS (
+  SELECT pid, fd, min(ts_ns) AS opened_ns, max(ts_ns) AS seen_ns FROM sockets
+  WHERE state <> 'LISTEN' AND family <> 'unix' GROUP BY pid, fd),
+conns AS (
+  SELECT {end_ns} - coalesce(a.last_data, least(a.first_ns, s.opened_ns), a.first_ns,
+                             s.opened_ns) AS idle_for,
+         s.seen_ns IS NULL OR s.seen_ns = (SELECT max(ts_ns) FROM sockets) AS open
+  FROM sampled s FULL JOIN activity a ON s.pid = a.pid AND s.fd = a.fd),
+posted AS (
+  SELECT r.*, {end_ns} - coalesce(a.last_data, a.first_ns) >= {idle_ns} AS idle
+  FROM reads r JOIN activity a USING (pid, fd) WHERE r.end_ns IS NULL),
 joined AS (
-  SELECT p.pid, p.fd, p.len, l.addr AS alloc_addr, l.size
-  FROM posted p ASOF JOIN live l ON p.pid = l.pid AND p.addr >= l.addr),
-per_conn AS (
-  SELECT pid, fd, count(*) AS reads, sum(CASE WHEN ret > 0 THEN ret ELSE 0 END) AS received,
-         max(CASE WHEN ret > 0 THEN end_ns END) AS last_data
-  FROM reads GROUP BY pid, fd)
-SELECT (SELECT count(*) FROM posted), (SELECT sum(size) FROM joined),
-       (SELECT count(*) FROM per_conn), (SELECT count(*) FROM per_conn
-        WHERE last_data < {end_ns} - 1000000000)
+  SELECT p.idle, least(p.addr + p.len, l.addr + l.size) - p.addr AS inside
+  FROM posted p ASOF JOIN live l ON p.pid = l.pid AND p.addr >= l.addr
+  WHERE p.addr < l.addr + l.size)
+SELECT (SELECT count(*) FROM posted), (SELECT sum(len) FROM posted),
+       (SELECT sum(inside) FROM joined WHERE idle),
+       (SELECT count(*) FROM conns WHERE open AND idle_for >= {idle_ns})
 ''').fetchone()
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"relate_s": time.perf_counter() - t0, "posted_now": rows[0], "hwm": hwm,
-    "posted_heap_bytes": int(rows[1] or 0), "connections": rows[2], "idle": rows[3]}))
+print(json.dumps({"relate_s": time.perf_counter() - t0, "hwm": hwm, "posted_reads": rows[0],
+    "pinned_bytes": int(rows[1] or 0), "idle_io_buffer_bytes": int(rows[2] or 0),
+    "idle_connections": rows[3]}))
 """
+
+# what both sides compute, and must agree on
+FIGURES = ("posted_reads", "pinned_bytes", "idle_io_buffer_bytes", "idle_connections")
+
+
+class AnswersDiffer(RuntimeError):
+    """idlebuf and DuckDB computed different figures from the same trace."""
+
+
+def check_answers(sides: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """The figures every run of every side computed; AnswersDiffer, naming the figure and
+    the values, when two runs disagree."""
+    answers = {
+        (name, i): {f: r[f] for f in FIGURES}
+        for name, runs in sides.items()
+        for i, r in enumerate(runs)
+    }
+    first_key, first = next(iter(answers.items()))
+    for key, answer in answers.items():
+        for figure in FIGURES:
+            if answer[figure] != first[figure]:
+                raise AnswersDiffer(
+                    f"analysis: {key[0]} run {key[1] + 1} says {figure} = {answer[figure]:,}, "
+                    f"{first_key[0]} run {first_key[1] + 1} says {first[figure]:,}"
+                )
+    return first
 
 
 def _measured(code: str, trace: Path) -> dict[str, Any]:
@@ -256,4 +296,14 @@ def run(workdir: Path, events: int, repeats: int, log: Callable[[str], None]) ->
                 f"analysis {name} {r + 1}/{repeats}: {result['wall_s']:.1f} s, "
                 f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
             )
-    return {"events": written, "connections": connections, "trace": str(trace), **sides}
+    out: dict[str, Any] = {"events": written, "connections": connections, "trace": str(trace)}
+    try:
+        out["answers"] = check_answers({k: v for k, v in sides.items() if v})
+        log(
+            "analysis: both sides agree: "
+            + ", ".join(f"{k} {v:,}" for k, v in out["answers"].items())
+        )
+    except AnswersDiffer as exc:  # kept with the timings; the benchmark then fails
+        out["disagreement"] = str(exc)
+        log(f"ANALYSIS ANSWERS DIFFER: {exc}")
+    return {**out, **sides}

@@ -57,3 +57,15 @@ def test_each_traced_window_is_compared_with_its_neighbours() -> None:
     assert throughput == pytest.approx([0.9] * 5, abs=1e-3)
     assert p99 == pytest.approx([2.0] * 5)
     assert base == pytest.approx([10_000] * 5, rel=1e-3)
+
+
+def test_analysis_sides_must_agree_or_the_benchmark_fails() -> None:
+    from idlebuf.bench.analysis_speed import AnswersDiffer, check_answers
+
+    same = {"posted_reads": 10007, "pinned_bytes": 1, "idle_io_buffer_bytes": 2,
+            "idle_connections": 9506}  # fmt: skip
+    sides = {"idlebuf": [dict(same, wall_s=9.0)], "duckdb": [dict(same), dict(same)]}
+    assert check_answers(sides) == same
+    sides["duckdb"][1]["idle_connections"] = 9505
+    with pytest.raises(AnswersDiffer, match="duckdb run 2 says idle_connections = 9,505"):
+        check_answers(sides)
