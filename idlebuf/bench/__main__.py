@@ -20,7 +20,7 @@ from idlebuf.reporters.text import table
 from idlebuf.reporters.units import human_bytes
 from probes.format.errors import IdlebufError
 
-PARTS = ("overhead", "ceiling", "analysis", "scale", "attach")
+PARTS = ("overhead", "ceiling", "analysis", "fleet", "scale", "attach")
 
 
 def machine() -> dict[str, Any]:
@@ -133,6 +133,19 @@ def render(results: dict[str, Any]) -> str:
             "connections (load + relate, in a fresh process)\n"
             + table(["side", "seconds (min / median / max)", "peak RSS"], rows)
         )
+    if "fleet" in results:
+        f = results["fleet"]
+        rows = []
+        for side in ("dask (2 workers)", "one process"):
+            runs = sorted(f.get(side, []))
+            if runs:
+                stats = {"min": runs[0], "median": runs[len(runs) // 2], "max": runs[-1]}
+                rows.append([side, _m(stats, "{:.1f}")])
+        out.append(
+            f"Fleet of {f['traces']:,} traces x {f['events_per_trace']:,} events "
+            "(`idlebuf fleet --json`, whole command)\n"
+            + table(["side", "seconds (min / median / max)"], rows)
+        )
     if "scale" in results:
         rows = [
             [
@@ -215,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3, help="storm trials (ceiling)")
     parser.add_argument("--events", type=int, default=10_000_000, help="analysis trace size")
     parser.add_argument("--repeats", type=int, default=3, help="analysis runs per side")
+    parser.add_argument("--fleet-traces", type=int, default=200, help="traces (fleet)")
+    parser.add_argument(
+        "--fleet-events", type=int, default=1_000_000, help="events per trace (fleet)"
+    )
     parser.add_argument("--scale", type=int, default=10_000, help="connections (scale)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/idlebuf-bench"))
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: error: unknown config {sorted(unknown)[0]!r}", file=sys.stderr)
         return 2
-    if set(parts) - {"analysis"}:
+    if set(parts) - {"analysis", "fleet"}:
         from probes.features import preflight
         from probes.format.errors import RecordError
 
@@ -251,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": lambda: _part("ceiling").run(args.storm, args.trials, log),
         "analysis": lambda: _part("analysis_speed").run(
             args.workdir, args.events, args.repeats, log
+        ),
+        "fleet": lambda: _part("fleet_speed").run(
+            args.workdir, args.fleet_traces, args.fleet_events, args.repeats, log
         ),
         "scale": lambda: _part("scale").run(args.scale, 16384, log),
         "attach": lambda: _part("attach").run(args.scale, 16384, log),
