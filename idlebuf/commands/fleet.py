@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.fleet import Digest, FleetSummary, aggregate, digest, find_traces
-from idlebuf.commands.options import number
+from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.output import write_file
 from idlebuf.reporters.fleet import fleet_html, render_fleet
 from idlebuf.reporters.json import dumps
@@ -48,13 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no Dask: summarise the traces one by one in this process",
     )
-    p.add_argument(
-        "--idle-threshold",
-        type=number(float, 0),
-        default=1.0,
-        metavar="SECONDS",
-        help="a connection with no data for this long is idle (default 1)",
-    )
+    add_idle_threshold(p)
     p.add_argument("--top", type=number(int, 1), default=10, metavar="N", help="top N processes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--html", type=Path, metavar="FILE", help="also write an HTML page")

@@ -54,3 +54,14 @@ def numbers(
         return [one(str(v)) for v in values]
 
     return parse
+
+
+def add_idle_threshold(parser: argparse.ArgumentParser) -> None:
+    """--idle-threshold SECONDS, as report and fleet take it."""
+    parser.add_argument(
+        "--idle-threshold",
+        type=number(float, 0),
+        default=1.0,
+        metavar="SECONDS",
+        help="a connection with no data for this long is idle (default 1)",
+    )

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from analysis.summary import summarize
-from idlebuf.commands.options import number
+from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.reporters.json import report_json
 from idlebuf.reporters.text import render_report
 from probes.format.errors import UsageError
@@ -22,13 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("trace", type=Path, help="trace directory written by `idlebuf record`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.add_argument(
-        "--idle-threshold",
-        type=number(float, 0),
-        default=1.0,
-        metavar="SECONDS",
-        help="a connection with no data for this long is idle (default 1)",
-    )
+    add_idle_threshold(p)
     p.add_argument(
         "--connections",
         action="store_true",
