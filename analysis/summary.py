@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -357,10 +358,13 @@ def summarize(
     trace: Trace,
     idle_threshold_s: float = 1.0,
     timeline_s: float | None = None,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> TraceSummary:
-    """Every process's figures; "now" is the end of the recording."""
+    """Every process's figures; "now" is the end of the recording. `progress` is told each
+    stage as it begins."""
     if timeline_s is not None:
         timeline_s = timeline_step(trace, timeline_s)
+    progress("read lifetimes")
     completed = parked_at_attach(read_intervals(trace["posts"], trace["completions"]))
     parked = parked_reads(completed, trace["waits"], trace["wait_ends"])
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
@@ -369,8 +373,10 @@ def summarize(
     provenance = posted_provenance(reads[reads["end_ns"].isna()], trace)
     posted = posted_timeline(reads)
     write_intervals = read_intervals(trace["writes"], trace["write_completions"])
+    progress("buffers and allocations")
     allocations = allocation_intervals(trace["allocs"], trace["frees"])
     memory = memory_by_process(trace, reads, allocations, end_ns, idle_threshold_s)
+    progress("per-process figures")
     by_label = read_summary(intervals)
     peaks = process_peaks(posted).set_index("pid")
     groups = buffer_group_summary(
@@ -442,6 +448,8 @@ def summarize(
             )
         )
     meta = trace.meta
+    if timeline_s:
+        progress("time series")
     return TraceSummary(
         processes=out,
         drops={k: int(v) for k, v in meta.drops.items()},

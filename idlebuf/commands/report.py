@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 from analysis.summary import summarize
@@ -37,13 +39,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+class Progress:
+    """Stages of a long analysis on stderr - on a terminal, once it has taken 2 s."""
+
+    def __init__(self, after_s: float = 2.0) -> None:
+        self.began, self.after_s = time.monotonic(), after_s
+        self.shown = sys.stderr.isatty()
+
+    def __call__(self, stage: str) -> None:
+        took = time.monotonic() - self.began
+        if self.shown and took >= self.after_s:
+            print(f"idlebuf report: {took:5.1f} s: {stage}...", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.timeline is not None and args.timeline <= 0:
         raise UsageError("--timeline must be positive")
+    progress = Progress()
+    progress("reading the trace")
+    trace = open_trace(args.trace)
     summary = summarize(
-        open_trace(args.trace),
+        trace,
         idle_threshold_s=args.idle_threshold,
         timeline_s=args.timeline,
+        progress=progress,
     )
     if args.json:
         print(report_json(summary, args.connections))
