@@ -54,39 +54,63 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     """
     if posts.empty:
         return pd.DataFrame(columns=_INTERVAL_COLUMNS)
-    p = _without_swept_duplicates(posts).reset_index(drop=True)
+    p = _without_swept_duplicates(posts)
+    if not isinstance(p.index, pd.RangeIndex) or p.index.start != 0 or p.index.step != 1:
+        p = p.reset_index(drop=True)
     n_posts = len(p)
+    n = n_posts + len(completions)
 
     def both(col: str, dtype: str) -> np.ndarray:
         return np.concatenate([p[col].to_numpy(dtype), completions[col].to_numpy(dtype)])
 
-    who = both("pid", "int64") << 8 | both("source", "int64")
-    key, ts = both("key", "uint64"), both("ts_ns", "int64")
-    post_row = np.concatenate([np.arange(n_posts), np.full(len(completions), -1)])
+    # Rows 0..n_posts-1 are the posts, the rest the completions. Temporaries are dropped as
+    # soon as they are used: at 10M events each is tens of MB.
     # by (pid, source, key) then time; at equal timestamps a post comes before its completion.
     # Two stable integer sorts (time, then a dense id of the key) instead of a 4-key lexsort.
-    by_time = np.argsort(ts * 2 + (post_row < 0), kind="stable")
+    ts = both("ts_ns", "int64")
+    stamp = ts * 2
+    stamp[n_posts:] += 1
+    by_time = np.argsort(stamp, kind="stable")
+    del stamp
+    who = both("pid", "int64") << 8
+    who |= both("source", "int64")
     who_id, _ = pd.factorize(who)
-    key_id, keys = pd.factorize(key)
-    group = (who_id.astype(np.int64) * max(len(keys), 1) + key_id)[by_time]
+    del who
+    key_id, keys = pd.factorize(both("key", "uint64"))
+    group = who_id.astype(np.int64)
+    del who_id
+    group *= max(len(keys), 1)
+    group += key_id
+    del key_id, keys
+    group = group[by_time]
     by_group = np.argsort(group, kind="stable")
     order = by_time[by_group]
-    group_s, row_s = group[by_group], post_row[order]
-    same = np.zeros(len(order), dtype=bool)  # the next event is on the same key
-    same[:-1] = group_s[1:] == group_s[:-1]
-    at_post = np.flatnonzero(row_s >= 0)
+    del by_time
+    group = group[by_group]
+    del by_group
+    same = np.zeros(n, dtype=bool)  # the next event is on the same key
+    same[:-1] = group[1:] == group[:-1]
+    del group
+    at_post = np.flatnonzero(order < n_posts)
     has_next = same[at_post]
-    nxt = order[np.minimum(at_post + 1, len(order) - 1)]  # the next event, in input order
-    next_row = np.where(has_next, post_row[nxt], -2)  # -2: none, -1: a completion
-    rets = np.concatenate([np.full(n_posts, np.nan), completions["ret"].to_numpy("float64")])
+    del same
+    nxt = order[np.minimum(at_post + 1, n - 1)]  # the next event, in input order
+    rows = order[at_post]  # the posts, in (key, time) order
+    del order, at_post
+    next_is_post = nxt < n_posts
     # scatter back to the posts' own order (they come in time order, so no sort is needed)
-    rows = row_s[at_post]
     end_ns = np.empty(n_posts)
     end_ns[rows] = np.where(has_next, ts[nxt], np.nan)
+    del ts
+    rets = completions["ret"].to_numpy("float64")
     ret = np.empty(n_posts)
-    ret[rows] = np.where(next_row == -1, rets[nxt], np.nan)
+    completed = has_next & ~next_is_post
+    if len(rets):
+        ret[rows] = np.where(completed, rets[np.where(completed, nxt - n_posts, 0)], np.nan)
+    else:
+        ret[rows] = np.nan
     superseded = np.empty(n_posts, dtype=bool)
-    superseded[rows] = next_row >= 0
+    superseded[rows] = has_next & next_is_post
     out = p.assign(
         post_ns=p["ts_ns"].astype("int64"), end_ns=end_ns, ret=ret, superseded=superseded
     )
