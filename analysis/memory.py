@@ -397,6 +397,12 @@ def process_timeline(
             )
             .reset_index()
         )
+        # a sample in which a process held no connection (only a listener) counts 0
+        every = sockets[["pid", "ts_ns"]].drop_duplicates()
+        per_sample = every.merge(per_sample, on=["pid", "ts_ns"], how="left").fillna(0)
+        per_sample = per_sample.astype(
+            {"socket_kernel_bytes": "int64", "connections_open": "int64"}
+        )
         steps.append(at_edges(per_sample, "socket_kernel_bytes"))
         steps.append(at_edges(per_sample, "connections_open"))
     if not posted.empty:
@@ -585,8 +591,9 @@ def buffer_timeline(
     if sockets is not None and not sockets.empty:
         conns = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
         span = conns.groupby(keys)["ts_ns"].agg(["min", "max"]).astype(float)
-        # a socket missing from the last sample had closed by then
-        span.loc[span["max"] == span["max"].max(), "max"] = np.inf
+        # a socket missing from the last sample (of every socket: a listener still open
+        # shows one in which every connection had closed) had closed by then
+        span.loc[span["max"] == float(sockets["ts_ns"].max()), "max"] = np.inf
         first = pd.concat([first.astype(float), span["min"]], axis=1).min(axis=1)
         closed = span["max"].reindex(first.index).fillna(np.inf)
     idle = _idle_at_edges(reads, first, closed, edges, idle_threshold_ns)

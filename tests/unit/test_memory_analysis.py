@@ -260,3 +260,29 @@ def test_buffer_timeline_joins_at_each_instant() -> None:
     tl = buffer_timeline(reads, allocations, np.array([100, 200, 300]), idle_threshold_ns=120)
     assert tl["io_buffer_heap_bytes"].tolist() == [128, 64, 64]  # fd 6's read ended at 150
     assert tl["idle_connections"].tolist() == [0, 1, 2]  # fd 5 since 10; fd 6 since data at 150
+
+
+def test_connections_that_all_closed_are_closed() -> None:
+    """A last sample with only the listener: every connection had closed by then, in the
+    per-connection table and in the time series alike (not "open" from an earlier sample)."""
+    from analysis.memory import connection_table, process_timeline
+
+    def row(ts: int, fd: int, state: str) -> dict[str, object]:
+        return {"ts_ns": ts, "pid": 1, "fd": fd, "inode": 100 + fd, "family": "tcp",
+                "ipv6": False, "state": state, "local": "a:1", "remote": "b:2",
+                "rmem_alloc": 0, "wmem_queued": 0, "fwd_alloc": 0}  # fmt: skip
+
+    sockets = pd.DataFrame(
+        [row(100, 5, "ESTABLISHED"), row(100, 6, "ESTABLISHED"), row(100, 3, "LISTEN")]
+        + [row(200, 3, "LISTEN")]
+    )
+    reads = pd.DataFrame(columns=["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"])
+    retained = pd.DataFrame(columns=["pid", "fd", "attributed_bytes"])
+    table = connection_table(reads, sockets, retained, at_ns=250, idle_threshold_ns=10)
+    assert table["closed_ns"].tolist() == [100, 100]
+    assert not table["idle"].any()
+    empty = pd.DataFrame(columns=["pid", "ts_ns", "posted_reads", "pinned_bytes"])
+    allocations = pd.DataFrame(columns=["pid", "addr", "size", "fn", "alloc_ns", "free_ns"])
+    rss = pd.DataFrame(columns=["ts_ns", "pid", "mm_id", "member", "bytes"])
+    tl = process_timeline(empty, allocations, rss, sockets, 50, 250, 100)
+    assert tl["connections_open"].tolist() == [2, 0]
