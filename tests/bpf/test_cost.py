@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import selectors
 import shutil
 import signal
 import socket
@@ -146,6 +147,30 @@ def _redis(port: int, *command: str) -> bytes:
                 return body[: int(head[1:])]
 
 
+def connect_at_once(port: int, n: int) -> list[socket.socket]:
+    """`n` clients connected together (non-blocking connects, then waiting for all), so
+    that the server sees a step of connections, not a slow climb a sample may catch
+    half-way (202 blocking connects from Python take a quarter of a second)."""
+    socks = []
+    with selectors.DefaultSelector() as sel:
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sel.register(s, selectors.EVENT_WRITE)
+            socks.append(s)
+        pending, deadline = n, time.monotonic() + 30
+        while pending:
+            assert time.monotonic() < deadline, f"{pending} of {n} clients did not connect"
+            for key, _ in sel.select(timeout=1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                sel.unregister(sock)
+                pending -= 1
+    return socks
+
+
 def used_memory(port: int) -> int:
     info = _redis(port, "INFO", "memory").decode()
     (line,) = [x for x in info.splitlines() if x.startswith("used_memory:")]
@@ -182,8 +207,7 @@ def test_redis_clients_against_its_own_accounting(tmp_path: Path) -> None:
         # A new client reads into a 16 KiB query buffer, which Redis's cron frees once the
         # client has been idle for 2 s: each step waits for that, then for a memory point.
         for step in range(REDIS_STEPS):
-            for _ in range(CONNECTIONS * (step + 1) // REDIS_STEPS - len(clients)):
-                clients.append(socket.create_connection(("127.0.0.1", port)))
+            clients += connect_at_once(port, CONNECTIONS * (step + 1) // REDIS_STEPS - len(clients))
             time.sleep(REDIS_SETTLE_S)
         ours = used_memory(port)
         recorder.send_signal(signal.SIGINT)
