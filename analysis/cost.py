@@ -14,7 +14,7 @@ The slope is Theil-Sen's (the median of the slopes between every two points), so
 points off the line do not move it. A fit is refused when the connections did not change
 enough (fewer than 3 distinct counts, or a span under max(8, 10% of the most)); it is low
 confidence - and its figure is not used - when the slope's 95% interval (Sen's, rank-based:
-5 points at least) is wider than max(64 B, 10% of the slope) (something else grew or shrank
+6 points at least) is wider than max(64 B, 10% of the slope) (something else grew or shrank
 meanwhile) or when connections churned faster than the samples.
 """
 
@@ -62,23 +62,31 @@ def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return slope, intercept, (float(slopes[upper]) - float(slopes[lower])) / 2
 
 
-SETTLE_NS = 200_000_000  # a count held for less than this is a burst caught half-way
+SETTLE_FRACTION = 0.5  # a count held for less than this share of the typical hold...
+SETTLE_MIN_NS = 50_000_000  # ...(and at least this long) is a step caught half-way
 
 
 def settled(points: pd.DataFrame) -> pd.DataFrame:
     """Points taken while the socket count held still: those not moving, and of each run of
-    equal consecutive counts that held for SETTLE_NS at least (until the next count was
-    seen), the last one (memory settles after connections arrive)."""
+    equal consecutive counts the last one (memory settles after connections arrive) - but
+    only of runs that held for half the typical run at least (the median time a count held
+    until the next was seen): a count seen once while a server was still accepting a step's
+    connections is not a step of its own. (When such counts are most of the runs, they pass
+    and the fit's interval says so: low confidence.)"""
     p = points[~points["moving"].astype(bool)].sort_values("ts_ns")
     if p.empty:
         return p
     run = (p["sockets"] != p["sockets"].shift()).cumsum()
-    began = p.groupby(run)["ts_ns"].transform("min").astype("int64")
-    next_began = pd.Series(began.unique()[1:].tolist() + [np.iinfo(np.int64).max])
-    lasted = next_began.to_numpy() - began.unique()
-    held = pd.Series(lasted >= SETTLE_NS, index=run.unique())
+    began = p.groupby(run, sort=False)["ts_ns"].min().astype("int64").to_numpy()
+    # the first and last runs are cut by the recording (held since before it began, or
+    # until after it ended): they count as held
+    lasted = np.append(np.diff(began).astype(float), np.inf)
+    lasted[0] = np.inf
+    finite = lasted[np.isfinite(lasted)]
+    typical = float(np.median(finite)) if finite.size else 0.0
+    held = lasted >= max(SETTLE_MIN_NS, SETTLE_FRACTION * typical)
     last = p.groupby(run, sort=False).tail(1)
-    return last[held[run[last.index]].to_numpy()]
+    return last[held[run[last.index].to_numpy() - 1]]
 
 
 def fit_against_connections(
@@ -104,7 +112,7 @@ def fit_against_connections(
     if not math.isfinite(ci):
         reasons.append(
             f"low confidence: {len(x)} points are too few to bound the slope "
-            f"({slope:,.0f} B per connection, R² {r2:.3f}; 5 settled points are needed)"
+            f"({slope:,.0f} B per connection, R² {r2:.3f}; 6 settled points are needed)"
         )
     elif not ci <= max(CI_BYTES, CI_FRACTION * abs(slope)):
         reasons.append(

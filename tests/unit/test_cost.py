@@ -74,11 +74,15 @@ def test_settled_points_are_the_last_of_each_count_and_never_moving() -> None:
 
 
 def test_a_count_seen_half_way_through_a_burst_is_not_settled() -> None:
-    p = points([1, 98, 202, 202, 202], [0, 1_733_432, 3_565_976, 478_616, 478_616])
-    p["ts_ns"] = [0, 984_000_000, 1_119_000_000, 2_033_000_000, 3_089_000_000]
-    kept = cost.settled(p)  # 98 held for 0.135 s: Redis accepting a step's clients
-    assert kept["sockets"].tolist() == [1, 202]
-    assert kept["heap_bytes"].tolist() == [0, 478_616]
+    # Redis accepting steps of ~200 clients every 4 s (seen in a traced run): the sampler
+    # caught 23, 250 and 506 clients on the way, each held a quarter of a second
+    counts = [1, 23, 202, 202, 250, 404, 404, 506, 606, 606, 808, 808, 1010, 1010]
+    at_s = [0, 0.94, 1.29, 4.8, 4.96, 5.21, 8.87, 8.99, 9.24, 12.0, 13.1, 16.2, 17.2, 21.6]
+    p = points(counts, [float(n) for n in range(len(counts))])
+    p["ts_ns"] = [int(t * 1e9) for t in at_s]
+    kept = cost.settled(p)
+    assert kept["sockets"].tolist() == [1, 202, 404, 606, 808, 1010]
+    assert kept["heap_bytes"].tolist() == [0, 3, 6, 9, 11, 13]  # each step's last point
 
 
 def test_allocator_rounding() -> None:
