@@ -51,7 +51,7 @@ from probes.loader import ProbeOptions
 from probes.loader import Probes as LoadedProbes
 from probes.process_memory import MemoryReadError
 from probes.residency import BufferTracker
-from probes.socket_memory import SocketSampler
+from probes.socket_memory import SocketSampler, socket_inodes
 
 VERSION = "0.1.0"
 MAX_WRITE_BUFFERS = 1 << 20  # distinct write buffers looked up at the end
@@ -99,16 +99,6 @@ def _fds(pid: int) -> list[int]:
         return [int(n) for n in os.listdir(f"/proc/{pid}/fd")]
     except (OSError, ValueError):
         return []
-
-
-def _sockets_among(pid: int, fds: list[int]) -> int:
-    count = 0
-    for fd in fds:
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:
-            continue
-    return count
 
 
 class _Stop:
@@ -594,7 +584,7 @@ class Recorder:
         rows = []
         for pid in pids:
             files = _fds(pid)
-            before = _sockets_among(pid, files)
+            before = len(socket_inodes([pid]))
             heap: tuple[int, int] | str = "the allocator is probed: allocations give the heap"
             if not probes.options.alloc_probes:
                 heap = self._heap_in_use(probes, pid)
@@ -613,7 +603,7 @@ class Recorder:
                     "why": heap if isinstance(heap, str) else "",
                     "vm_rss": counts["vm_rss"],
                     "rss_anon": counts["rss_anon"],
-                    "moving": after != files and _sockets_among(pid, after) != before,
+                    "moving": after != files and len(socket_inodes([pid])) != before,
                 }
             )
         write_rows(self._writer, schema.MEMORY_POINTS, rows)
