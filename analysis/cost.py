@@ -21,6 +21,7 @@ meanwhile) or when connections churned faster than the samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -154,7 +155,10 @@ def jemalloc_class(size: np.ndarray) -> np.ndarray:
     return np.where(s <= 8, 8, out)
 
 
-def allocator_rounding(library: str | None) -> tuple[str, object]:
+Rounding = Callable[[np.ndarray], np.ndarray]
+
+
+def allocator_rounding(library: str | None) -> tuple[str, Rounding]:
     """How the probed allocator rounds a request: (its name, the function)."""
     name = (library or "").rsplit("/", 1)[-1]
     if "jemalloc" in name:
@@ -164,11 +168,11 @@ def allocator_rounding(library: str | None) -> tuple[str, object]:
     return "requested sizes", lambda s: np.asarray(s, dtype=np.int64)
 
 
-def live_bytes_at(allocations: pd.DataFrame, stamps: np.ndarray, rounding: object) -> np.ndarray:
+def live_bytes_at(allocations: pd.DataFrame, stamps: np.ndarray, rounding: Rounding) -> np.ndarray:
     """Bytes the tracked allocations held at each instant (allocator rounding applied)."""
     if allocations.empty:
         return np.zeros(len(stamps))
-    sizes = rounding(allocations["size"].to_numpy())  # type: ignore[operator]
+    sizes = rounding(allocations["size"].to_numpy())
     made = allocations["alloc_ns"].to_numpy(dtype=float)
     order = np.argsort(made)
     made_cum = np.concatenate([[0], np.cumsum(sizes[order])])
@@ -183,15 +187,14 @@ def live_bytes_at(allocations: pd.DataFrame, stamps: np.ndarray, rounding: objec
 
 
 def heap_fit(
-    points: pd.DataFrame, allocations: pd.DataFrame, meta: Meta, pid: int
+    points: pd.DataFrame, steady: pd.DataFrame, allocations: pd.DataFrame, meta: Meta, pid: int
 ) -> tuple[ConnectionFit | None, str | None]:
-    """The heap in use against the sockets held: walked sums where the allocator was
-    walked, the live tracked allocations where it was probed."""
+    """The heap in use against the sockets held, over `steady` (settled(points)): walked
+    sums where the allocator was walked, the live tracked allocations where it was probed."""
     memory = meta.memory
     assert memory is not None
     probed = {a.pid: a for a in memory.allocators if a.method == "probes"}
     moved = int(points["moving"].astype(bool).sum())
-    steady = settled(points)
     if memory.alloc_probes or pid in probed:
         allocator = probed.get(pid)
         if memory.min_alloc > 0:
@@ -217,8 +220,7 @@ def heap_fit(
     )
 
 
-def rss_fit(points: pd.DataFrame) -> tuple[ConnectionFit | None, str | None]:
-    steady = settled(points)
+def rss_fit(points: pd.DataFrame, steady: pd.DataFrame) -> tuple[ConnectionFit | None, str | None]:
     moved = int(points["moving"].astype(bool).sum())
     return fit_against_connections(
         steady["sockets"].to_numpy(), steady["vm_rss"].to_numpy(), "RSS (/proc)", moved
@@ -326,7 +328,7 @@ def whole_cost(
     own IO buffers take (posted or retained; a shared pool is not theirs), which the heap
     fit also counts: other user memory is the fit less that, per idle connection."""
     idle = int(connections["idle"].sum())
-    out = base
+    out = base  # completed in place
     out.io_buffer_bytes = round(base.user_buffer_bytes / idle, 1) if idle else 0.0
     out.saving_bytes = float(base.user_buffer_bytes)
     # the kernel: the slab model on the idle connections, and their queue memory
@@ -354,8 +356,9 @@ def whole_cost(
     if mine.empty:
         out.reason = "no memory points: the trace was recorded without them"
     elif meta.memory is not None:
-        out.fit, out.reason = heap_fit(mine, allocations, meta, pid)
-        out.rss_fit, _ = rss_fit(mine)
+        steady = settled(mine)
+        out.fit, out.reason = heap_fit(mine, steady, allocations, meta, pid)
+        out.rss_fit, _ = rss_fit(mine, steady)
         out.socket_fit, _ = socket_queue_fit(sockets, pid)
         if out.fit is not None and out.fit.confident:
             per_buffer = heap_buffer_bytes / idle if idle else 0.0
