@@ -24,21 +24,33 @@ from probes.format.reader import open_trace
 
 @dataclass
 class ProcessDigest(Result):
-    """One traced process of one trace, at the end of its recording."""
+    """One traced process of one trace, at the end of its recording. The figures of the
+    memory side are None (unknown) for a trace recorded without --memory."""
 
     trace: str
     host: str
     pid: int
     program: str  # its name (comm)
     model: str  # the IO model its reads show (see io_model)
-    connections: int
-    idle_connections: int
     posted_reads: int
     pinned_bytes: int
-    io_buffer_memory: int  # user memory held for reads (as compare's column)
-    idle_buffer_bytes: int  # ... by idle connections: what a readiness design would save
-    per_idle_connection_bytes: float  # measured: IO buffer + kernel socket memory
+    connections: int | None
+    idle_connections: int | None
+    io_buffer_memory: int | None  # user memory held for reads (as compare's column)
+    idle_buffer_bytes: int | None  # ... by idle connections: what readiness would save
+    per_idle_connection_bytes: float | None  # measured: IO buffer + kernel socket memory
     whole_per_idle_connection_bytes: float | None  # + other user memory + kernel objects
+
+
+# what only a recording made with --memory knows
+MEMORY_FIGURES = (
+    "connections",
+    "idle_connections",
+    "io_buffer_memory",
+    "idle_buffer_bytes",
+    "per_idle_connection_bytes",
+    "whole_per_idle_connection_bytes",
+)
 
 
 @dataclass
@@ -86,15 +98,23 @@ def digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
     out = Digest(path)
     for process in summary.processes:
         memory = process.memory
-        connections = memory.connections if memory is not None else None
         if not (
             process.posted_reads.peak
             or process.reads_completed
-            or (connections and connections.open)
+            or (memory is not None and memory.connections.open)
         ):
             continue  # traced, but never read from a socket (a launcher, a helper)
-        committed = io_buffer_memory(process)[0] if memory is not None else process.pinned_bytes.now
-        cost = memory.per_idle_connection if memory is not None else None
+        figures: dict[str, int | float | None] = dict.fromkeys(MEMORY_FIGURES)
+        if memory is not None:
+            cost = memory.per_idle_connection
+            figures = {
+                "connections": memory.connections.open,
+                "idle_connections": memory.connections.idle,
+                "io_buffer_memory": int(io_buffer_memory(process)[0]),
+                "idle_buffer_bytes": cost.user_buffer_bytes,
+                "per_idle_connection_bytes": round(cost.bytes, 1),
+                "whole_per_idle_connection_bytes": cost.total_bytes,
+            }
         out.processes.append(
             ProcessDigest(
                 trace=path,
@@ -102,14 +122,9 @@ def digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
                 pid=process.pid,
                 program=process.comm or "?",
                 model=io_model(process),
-                connections=connections.open if connections else 0,
-                idle_connections=connections.idle if connections else 0,
                 posted_reads=process.posted_reads.now,
                 pinned_bytes=process.pinned_bytes.now,
-                io_buffer_memory=int(committed),
-                idle_buffer_bytes=cost.user_buffer_bytes if cost else 0,
-                per_idle_connection_bytes=round(cost.bytes, 1) if cost else 0.0,
-                whole_per_idle_connection_bytes=cost.total_bytes if cost else None,
+                **figures,  # type: ignore[arg-type]
             )
         )
     return out
@@ -123,12 +138,13 @@ class Group(Result):
     key: str
     processes: int
     traces: int
-    connections: int
-    idle_connections: int
+    without_memory: int  # processes recorded without --memory: not in the memory figures
+    connections: int | None
+    idle_connections: int | None
     posted_reads: int
     pinned_bytes: int
-    io_buffer_memory: int
-    idle_buffer_bytes: int
+    io_buffer_memory: int | None
+    idle_buffer_bytes: int | None
     per_idle_p50: float | None
     per_idle_p90: float | None
     per_idle_max: float | None
@@ -162,23 +178,31 @@ def _quantile(values: pd.Series, q: float) -> float | None:
     return None if v.size == 0 else round(float(np.quantile(v, q)), 1)
 
 
+def _known_sum(values: pd.Series) -> int | None:
+    """The sum of the known values; None when none is known."""
+    known = values.dropna()
+    return None if known.empty else int(known.astype("int64").sum())
+
+
 def _groups(table: pd.DataFrame, by: str) -> list[Group]:
     out = []
     for key, rows in table.groupby(by, sort=True):
         whole = rows["whole_per_idle_connection_bytes"].astype(float)
-        per_idle = rows["per_idle_connection_bytes"].where(rows["idle_connections"] > 0)
+        per_idle = rows["per_idle_connection_bytes"].astype(float)
+        per_idle = per_idle.where(rows["idle_connections"].astype(float) > 0)
         out.append(
             Group(
                 key=str(key),
                 processes=len(rows),
                 traces=int(rows["trace"].nunique()),
+                without_memory=int(rows["connections"].isna().sum()),
+                posted_reads=int(rows["posted_reads"].sum()),
+                pinned_bytes=int(rows["pinned_bytes"].sum()),
                 **{
-                    k: int(rows[k].sum())
+                    k: _known_sum(rows[k])
                     for k in (
                         "connections",
                         "idle_connections",
-                        "posted_reads",
-                        "pinned_bytes",
                         "io_buffer_memory",
                         "idle_buffer_bytes",
                     )
@@ -193,21 +217,25 @@ def _groups(table: pd.DataFrame, by: str) -> list[Group]:
             )
         )
     # the most idle-buffer memory first
-    return sorted(out, key=lambda g: (-g.idle_buffer_bytes, g.key))
+    return sorted(out, key=lambda g: (-(g.idle_buffer_bytes or 0), g.key))
 
 
-def aggregate(digests: list[Digest], top: int = 10) -> FleetSummary:
-    """The fleet's figures from its traces' digests (in any order: the result is the same)."""
+def aggregate(
+    digests: list[Digest], top: int = 10, not_found: list[Failure] | None = None
+) -> FleetSummary:
+    """The fleet's figures from its traces' digests (in any order: the result is the same);
+    `not_found`: paths given that held no trace, listed first among the failures."""
     digests = sorted(digests, key=lambda d: d.trace)
+    not_found = not_found or []
     table = process_table(digests)
-    ranked = table.sort_values(
-        ["idle_buffer_bytes", "trace", "pid"], ascending=[False, True, True], kind="stable"
+    ranked = table.assign(rank=table["idle_buffer_bytes"].astype(float).fillna(-1)).sort_values(
+        ["rank", "trace", "pid"], ascending=[False, True, True], kind="stable"
     )
     by_key = {(p.trace, p.pid): p for d in digests for p in d.processes}
     return FleetSummary(
-        traces=len(digests),
+        traces=len(digests) + len(not_found),
         read=sum(d.failure is None for d in digests),
-        failures=[d.failure for d in digests if d.failure is not None],
+        failures=not_found + [d.failure for d in digests if d.failure is not None],
         by_host=_groups(table, "host"),
         by_program=_groups(table, "program"),
         by_model=_groups(table, "model"),

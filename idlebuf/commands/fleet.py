@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analysis.fleet import Digest, FleetSummary, aggregate, digest, find_traces
+from analysis.fleet import Digest, aggregate, digest, find_traces
 from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.output import write_file
 from idlebuf.reporters.fleet import fleet_html, render_fleet
@@ -140,16 +140,7 @@ def run(args: argparse.Namespace) -> int:
             client.close()
             if cluster is not None:
                 cluster.close()
-    summary = aggregate(digests, args.top)
-    summary = FleetSummary(
-        traces=summary.traces + len(missing),
-        read=summary.read,
-        failures=missing + summary.failures,
-        by_host=summary.by_host,
-        by_program=summary.by_program,
-        by_model=summary.by_model,
-        top=summary.top,
-    )
+    summary = aggregate(digests, args.top, missing)
     if args.html:
         write_file(args.html, fleet_html(summary), args.force)
     if args.json:

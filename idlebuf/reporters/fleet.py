@@ -16,6 +16,7 @@ GROUP_COLUMNS = [
     Column("key", "", "", str),
     Column("processes", "procs", "processes", count),
     Column("traces", "traces", "traces", count),
+    Column("without_memory", "no --memory", "recorded without --memory", count),
     Column("connections", "conns", "connections", count),
     Column("idle_connections", "idle", "idle connections", count),
     Column("posted_reads", "posted", "posted reads", count),

@@ -28,8 +28,9 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def count(n: float) -> str:
-    return f"{n:,}"
+def count(n: float | None) -> str:
+    """With separators; None reads "unknown"."""
+    return UNKNOWN if n is None else f"{n:,}"
 
 
 def ratio(x: float) -> str:

@@ -112,3 +112,22 @@ def test_an_unreachable_scheduler_fails_in_one_line_before_any_work(fleet: Path)
 def test_nothing_to_summarise_is_a_usage_error(tmp_path: Path) -> None:
     done = idlebuf("fleet", str(tmp_path))
     assert done.returncode == 2 and "holds no trace" in done.stderr
+
+
+def test_a_trace_without_the_memory_side_is_unknown_there_not_zero(tmp_path: Path) -> None:
+    with_memory = server_trace(tmp_path / "a", 7001, 11, 2, 4096, queued=True)
+    without = server_trace(tmp_path / "b", 7002, 13, 2, 4096, queued=True)
+    meta = json.loads((without / "meta.json").read_text())
+    del meta["memory"]
+    (without / "meta.json").write_text(json.dumps(meta))
+    digests = [digest(str(with_memory)), digest(str(without))]
+    (bare,) = digests[1].processes
+    assert bare.posted_reads == 13  # what the reads say is still known
+    assert (bare.connections, bare.idle_connections, bare.io_buffer_memory) == (None,) * 3
+    assert bare.idle_buffer_bytes is None and bare.per_idle_connection_bytes is None
+    (group,) = aggregate(digests).by_host
+    assert group.without_memory == 1 and group.processes == 2
+    (known,) = digests[0].processes
+    assert group.idle_connections == known.idle_connections  # only the known one counts
+    (only_bare,) = aggregate(digests[1:]).by_host
+    assert only_bare.idle_connections is None and only_bare.idle_buffer_bytes is None
