@@ -298,11 +298,13 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
     if cost.kernel_reason:
         kernel_why = f"{kernel_why} ({cost.kernel_reason})" if kernel_why else cost.kernel_reason
     rows = [
-        ["per idle connection (whole)", known(cost.total_bytes),
-         f"IO buffer + other user memory + kernel (committed); resident "
-         f"{human_bytes(cost.resident_bytes)}"],
-        ["  IO buffer", human_bytes(cost.io_buffer_bytes),
-         f"a readiness design would save {human_bytes(cost.saving_bytes)} over "
+        ["per idle connection (whole)",
+         known(cost.total_bytes) if cost.total_bytes is None
+         else _plus_unknown(cost.total_bytes, cost.unknown),
+         "IO buffer + other user memory + kernel (committed); resident "
+         + _plus_unknown(cost.resident_bytes, cost.whole_unknown)],
+        ["  IO buffer", _plus_unknown(cost.io_buffer_bytes, cost.unknown),
+         f"a readiness design would save {_plus_unknown(cost.saving_bytes, cost.unknown)} over "
          f"{idle:,} idle connections"],
         ["  other user memory", known(cost.other_user_bytes), printable(other_why)],
         ["  kernel (model)", known(cost.kernel_bytes), printable(kernel_why)],
