@@ -248,6 +248,38 @@ CONNECTION_COLUMNS = [
 ]
 
 
+def read_activity(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Per connection (index pid, fd), what its reads say: bytes received, first read
+    posted, last data arrived (NaN: never), buffer bytes of reads posted now. Sums, minima
+    and maxima: the activity of a trace's pieces merges into the whole's (merge_activity)."""
+    keys = ["pid", "fd"]
+    reads = intervals.assign(got=intervals["ret"].where(intervals["ret"] > 0, 0))
+    activity = reads.groupby(keys).agg(bytes_received=("got", "sum"), first_ns=("post_ns", "min"))
+    data = reads[reads["got"] > 0]
+    activity["last_data_ns"] = data.groupby(keys)["end_ns"].max()
+    posted = reads[reads["end_ns"].isna()]
+    activity["posted_bytes"] = posted.groupby(keys)["len"].sum()
+    return activity
+
+
+def merge_activity(pieces: list[pd.DataFrame]) -> pd.DataFrame:
+    """read_activity() of several pieces of a trace's reads, as of all of them."""
+    pieces = [p for p in pieces if not p.empty]
+    if len(pieces) == 1:
+        return pieces[0]
+    if not pieces:
+        return read_activity(pd.DataFrame(columns=["pid", "fd", "post_ns", "end_ns", "ret", "len"]))
+    g = pd.concat(pieces).groupby(level=["pid", "fd"])
+    return pd.DataFrame(
+        {
+            "bytes_received": g["bytes_received"].sum(),
+            "first_ns": g["first_ns"].min(),
+            "last_data_ns": g["last_data_ns"].max(),
+            "posted_bytes": g["posted_bytes"].sum(min_count=1),
+        }
+    )
+
+
 def connection_table(
     intervals: pd.DataFrame,
     sockets: pd.DataFrame,
@@ -263,13 +295,20 @@ def connection_table(
     `retained_bytes` a buffer kept after the last data; `socket_kernel_bytes` the kernel
     memory of the socket in the last sample (rmem_alloc + wmem_queued + fwd_alloc).
     """
+    return connections_from_activity(
+        read_activity(intervals), sockets, retained, at_ns, idle_threshold_ns
+    )
+
+
+def connections_from_activity(
+    activity: pd.DataFrame,
+    sockets: pd.DataFrame,
+    retained: pd.DataFrame,
+    at_ns: int,
+    idle_threshold_ns: int,
+) -> pd.DataFrame:
+    """connection_table() from the reads' read_activity()."""
     keys = ["pid", "fd"]
-    reads = intervals.assign(got=intervals["ret"].where(intervals["ret"] > 0, 0))
-    activity = reads.groupby(keys).agg(bytes_received=("got", "sum"), first_ns=("post_ns", "min"))
-    data = reads[reads["got"] > 0]
-    activity["last_data_ns"] = data.groupby(keys)["end_ns"].max()
-    posted = reads[reads["end_ns"].isna()]
-    activity["posted_bytes"] = posted.groupby(keys)["len"].sum()
     if not sockets.empty:
         # the last sample: of every socket (a listener still open shows a sample in which
         # every connection had closed)
@@ -357,9 +396,10 @@ def process_timeline(
         return pd.DataFrame(columns=TIMELINE_COLUMNS)
 
     def at_edges(frame: pd.DataFrame, value: str) -> pd.DataFrame:
-        """The last value of `value` at or before each edge, per pid."""
+        """The last value of `value` at or before each edge, per pid: after the last of the
+        rows at one instant (a stable sort keeps their order, ends before starts)."""
         rows = []
-        for pid, part in frame.sort_values("ts_ns").groupby("pid"):
+        for pid, part in frame.sort_values("ts_ns", kind="stable").groupby("pid"):
             idx = np.searchsorted(part["ts_ns"].to_numpy(np.int64), edges, side="right") - 1
             vals = np.where(idx >= 0, part[value].to_numpy()[np.maximum(idx, 0)], 0)
             rows.append(pd.DataFrame({"pid": pid, "edge": edges, value: vals}))

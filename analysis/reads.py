@@ -28,6 +28,7 @@ _INTERVAL_COLUMNS = [
     "end_ns",
     "ret",
     "superseded",
+    "seq",  # analysis.stream: the post's number in the trace
 ]
 
 
@@ -301,15 +302,21 @@ def label_reads(intervals: pd.DataFrame) -> pd.DataFrame:
     return intervals.assign(source_name=names[which], label=labels[which])
 
 
-def network_reads(intervals: pd.DataFrame) -> pd.DataFrame:
-    """Only reads on sockets (reads of files through io_uring are left out)."""
-    if intervals.empty:
-        return intervals
+def is_network(intervals: pd.DataFrame) -> np.ndarray:
+    """Which reads are on sockets (reads of files through io_uring are not)."""
     flags = intervals["flags"].to_numpy(np.int64)
     file = (intervals["source"].to_numpy() == Source.URING) & (
         flags & (PostFlag.SOCKET | PostFlag.FIXED_FILE) == 0
     )
-    return intervals[~file] if file.any() else intervals  # most traces: no copy
+    return ~file
+
+
+def network_reads(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Only reads on sockets (reads of files through io_uring are left out)."""
+    if intervals.empty:
+        return intervals
+    network = is_network(intervals)
+    return intervals if network.all() else intervals[network]  # most traces: no copy
 
 
 SUMMARY_COUNTS = [

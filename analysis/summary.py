@@ -68,6 +68,7 @@ from analysis.results import (
     WriteFigures,
 )
 from probes.format.errors import UsageError
+from probes.format.meta import MemoryOptions
 from probes.format.reader import Trace
 from probes.format.schema import PostFlag, Source
 
@@ -85,6 +86,20 @@ def end_of_recording(trace: Trace) -> int:
     return max(stamps, default=0)
 
 
+def walked_for(
+    memory: MemoryOptions, heap_blocks: pd.DataFrame
+) -> tuple[set[int], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(pids whose allocator was probed, and the walkers' allocations, mappings and failed
+    lookups for the others: walked_blocks() of what the probes did not see)."""
+    probed = {a.pid for a in memory.allocators if a.method == "probes"}
+    walked_heap, walked_maps, failed = walked_blocks(heap_blocks)
+    if memory.alloc_probes:  # the probes saw it all; the walk is a cross-check
+        return probed, walked_heap.iloc[0:0], walked_maps.iloc[0:0], failed
+    walked_heap = walked_heap[~walked_heap["pid"].isin(probed)]
+    walked_maps = walked_maps[~walked_maps["pid"].isin(probed)]
+    return probed, walked_heap, walked_maps, failed
+
+
 def memory_by_process(
     trace: Trace,
     reads: pd.DataFrame,
@@ -99,13 +114,7 @@ def memory_by_process(
     if trace.meta.memory is None:
         return {}
     sample = trace.meta.memory.sample_every
-    probed = {a.pid for a in trace.meta.memory.allocators if a.method == "probes"}
-    walked_heap, walked_maps, failed = walked_blocks(trace["heap_blocks"])
-    if trace.meta.memory.alloc_probes:  # the probes saw it all; the walk is a cross-check
-        walked_heap, walked_maps = walked_heap.iloc[0:0], walked_maps.iloc[0:0]
-    else:
-        walked_heap = walked_heap[~walked_heap["pid"].isin(probed)]
-        walked_maps = walked_maps[~walked_maps["pid"].isin(probed)]
+    probed, walked_heap, walked_maps, failed = walked_for(trace.meta.memory, trace["heap_blocks"])
     live = live_at(allocations, end_ns, "alloc_ns", "free_ns")
     tracked = live  # what the allocator probes saw (heap live)
     live = _stacked(live, walked_heap)
@@ -298,9 +307,13 @@ def timeline_step(trace: Trace, wanted_s: float, at_most: bool = False) -> float
     MAX_TIMELINE_POINTS points; else, with `at_most`, the step that gives that many, and
     without, a UsageError saying why (a hostile trace's timestamps cannot make it allocate
     without bound)."""
+    return step_for_span(*recording_span(trace), wanted_s, at_most)
+
+
+def step_for_span(start: int, end: int, wanted_s: float, at_most: bool = False) -> float:
+    """timeline_step() for a recording from `start` to `end`."""
     if not math.isfinite(wanted_s) or wanted_s <= 0:
         raise UsageError(f"a time step must be a positive number of seconds, not {wanted_s}")
-    start, end = recording_span(trace)
     points = (end - start) / (wanted_s * 1e9)
     if points <= MAX_TIMELINE_POINTS:
         return wanted_s

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from probes.format import schema
@@ -141,9 +142,17 @@ def switches(path: Path) -> list[Switch]:
     return list(meta.alternations or []) if meta else []
 
 
-def _part(dir_fd: int, name: str, table: schema.Table, where: str, expect: Part | None) -> pa.Table:
+def _part(
+    dir_fd: int,
+    name: str,
+    table: schema.Table,
+    where: str,
+    expect: Part | None,
+    columns: list[str] | None = None,
+) -> pa.Table:
     """One part, checked: a regular file, its digest and rows those meta.json lists (when it
-    lists them), its columns the format's with no nulls."""
+    lists them), its columns the format's with no nulls. With `columns`, only those (the
+    digest is still of the whole file)."""
     what = f"{where}/{name}"
     data = _read_regular(name, dir_fd, MAX_PART_BYTES, what)
     if expect is not None and hashlib.sha256(data).hexdigest() != expect.sha256:
@@ -156,10 +165,16 @@ def _part(dir_fd: int, name: str, table: schema.Table, where: str, expect: Part 
                 f"{what} declares {rows:,} rows"
                 + (f", meta.json {expect.rows:,}" if expect else "")
             )
-        piece = reader.read()
+        wanted = None
+        if columns is not None:
+            wanted = [c for c in columns if c in reader.schema_arrow.names]
+        piece = reader.read(columns=wanted)
     except (OSError, pa.ArrowException) as exc:
         raise TraceError(f"{what} is damaged: {str(exc)[:200]}") from None
+    del data
     missing = table.missing(piece)
+    if columns is not None:
+        missing = [c for c in missing if c in columns]
     if missing:
         raise TraceError(f"{what} lacks columns {sorted(missing)}")
     for column in table.columns:
@@ -170,7 +185,110 @@ def _part(dir_fd: int, name: str, table: schema.Table, where: str, expect: Part 
             raise TraceError(f"{what}: column {column.name} is {got}, not {column.arrow_type}")
         if piece[column.name].null_count:
             raise TraceError(f"{what}: column {column.name} has missing values")
+    if columns is not None:
+        return table.subset(columns).conform(piece)
     return table.conform(piece)
+
+
+@dataclass
+class PartRef:
+    """One part of one table as meta.json lists it (`expect`; None: written after the last
+    meta.json of a killed recording, or an old trace that lists none)."""
+
+    table: schema.Table
+    path: Path  # the table's directory
+    name: str
+    expect: Part | None
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        dir_fd = _open(self.path, None, _DIR, str(self.path))
+        try:
+            return _part(dir_fd, self.name, self.table, str(self.path), self.expect, columns)
+        finally:
+            os.close(dir_fd)
+
+    def time_range(self) -> tuple[int, int, int]:
+        """(rows, first ts_ns, last ts_ns) from the part's footer (row-group statistics),
+        without reading its rows; the rows' own bounds when the footer has no statistics.
+        Empty parts give (0, 0, -1)."""
+        what = f"{self.path}/{self.name}"
+        dir_fd = _open(self.path, None, _DIR, str(self.path))
+        try:
+            fd = _open(self.name, dir_fd, _FILE, what)
+        finally:
+            os.close(dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise TraceError(f"{what} is not a regular file")
+            if st.st_size > MAX_PART_BYTES:
+                raise TraceError(f"{what} is {st.st_size:,} bytes: more than {MAX_PART_BYTES:,}")
+            try:
+                meta = pq.ParquetFile(f).metadata
+                rows = meta.num_rows
+                if rows > MAX_PART_ROWS:
+                    raise TraceError(f"{what} declares {rows:,} rows")
+                if rows == 0:
+                    return 0, 0, -1
+                col = meta.schema.to_arrow_schema().get_field_index("ts_ns")
+                lows, highs = [], []
+                for g in range(meta.num_row_groups):
+                    stats = meta.row_group(g).column(col).statistics if col >= 0 else None
+                    if stats is None or not stats.has_min_max:
+                        break
+                    if meta.row_group(g).num_rows:
+                        lows.append(int(stats.min))
+                        highs.append(int(stats.max))
+                else:
+                    return rows, min(lows), max(highs)
+            except (OSError, pa.ArrowException) as exc:
+                raise TraceError(f"{what} is damaged: {str(exc)[:200]}") from None
+        ts = self.read(["ts_ns"])["ts_ns"]
+        return rows, int(pa.compute.min(ts).as_py()), int(pa.compute.max(ts).as_py())
+
+
+def table_parts(
+    path: Path, table: schema.Table, meta: Meta | None = None, warnings: list[str] | None = None
+) -> list[PartRef]:
+    """The parts of one table, in order, checked against meta.json's list (when `meta` is
+    given and lists them); none for an absent table."""
+    listed = None if meta is None or meta.parts is None else meta.parts.get(table.name, [])
+    where = path / table.name
+    if not os.path.lexists(where):
+        if listed:
+            raise TraceError(f"{where} is missing: meta.json lists {len(listed)} parts of it")
+        return []
+    dir_fd = _open(where, None, _DIR, str(where))
+    try:
+        on_disk = sorted(
+            n for n in os.listdir(dir_fd) if n.startswith("part-") and n.endswith(".parquet")
+        )
+    finally:
+        os.close(dir_fd)
+    expected: list[Part | None]
+    if listed is None:
+        names, expected = on_disk, [None] * len(on_disk)
+    else:
+        names = [p.name for p in listed]
+        absent = [n for n in names if n not in on_disk]
+        if absent:
+            raise TraceError(f"{where}/{absent[0]} is missing: meta.json lists it")
+        extra = [n for n in on_disk if n not in names]
+        expected = list(listed)
+        if extra:
+            # a killed recorder's last parts (each whole: written, then renamed) come
+            # after every part its last meta.json lists; anything else is not its own
+            later = not names or extra[0] > names[-1]
+            if meta is None or meta.complete or not later:
+                raise TraceError(f"{where}/{extra[0]} is not a part this recording wrote")
+            if warnings is not None:
+                warnings.append(
+                    f"{table.name}: {len(extra)} parts written after the last meta.json "
+                    "(the recording was killed) are read without their check"
+                )
+            names += extra
+            expected += [None] * len(extra)
+    return [PartRef(table, where, n, e) for n, e in zip(names, expected)]
 
 
 def read_table(
@@ -178,45 +296,16 @@ def read_table(
 ) -> pd.DataFrame:
     """All parts of one table, in order; an absent table is empty. With `meta`, the parts
     are those it lists, each checked against it."""
-    listed = None if meta is None or meta.parts is None else meta.parts.get(table.name, [])
-    where = path / table.name
-    if not os.path.lexists(where):
-        if listed:
-            raise TraceError(f"{where} is missing: meta.json lists {len(listed)} parts of it")
+    parts = table_parts(path, table, meta, warnings)
+    if not parts:
         return table.arrow_schema().empty_table().to_pandas()
+    where = path / table.name
     dir_fd = _open(where, None, _DIR, str(where))
     try:
-        on_disk = sorted(
-            n for n in os.listdir(dir_fd) if n.startswith("part-") and n.endswith(".parquet")
-        )
-        expected: list[Part | None]
-        if listed is None:
-            names, expected = on_disk, [None] * len(on_disk)
-        else:
-            names = [p.name for p in listed]
-            absent = [n for n in names if n not in on_disk]
-            if absent:
-                raise TraceError(f"{where}/{absent[0]} is missing: meta.json lists it")
-            extra = [n for n in on_disk if n not in names]
-            expected = list(listed)
-            if extra:
-                # a killed recorder's last parts (each whole: written, then renamed) come
-                # after every part its last meta.json lists; anything else is not its own
-                later = not names or extra[0] > names[-1]
-                if meta is None or meta.complete or not later:
-                    raise TraceError(f"{where}/{extra[0]} is not a part this recording wrote")
-                if warnings is not None:
-                    warnings.append(
-                        f"{table.name}: {len(extra)} parts written after the last meta.json "
-                        "(the recording was killed) are read without their check"
-                    )
-                names += extra
-                expected += [None] * len(extra)
-        pieces = [_part(dir_fd, n, table, str(where), e) for n, e in zip(names, expected)]
+        pieces = [_part(dir_fd, p.name, table, str(where), p.expect) for p in parts]
     finally:
         os.close(dir_fd)
-    combined = pa.concat_tables(pieces) if pieces else table.arrow_schema().empty_table()
-    return combined.to_pandas()
+    return pa.concat_tables(pieces).to_pandas()
 
 
 def open_trace(path: str | Path) -> Trace:

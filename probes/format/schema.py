@@ -260,6 +260,11 @@ class Table:
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    def subset(self, names: list[str]) -> Table:
+        """This table with only the columns `names` (in the table's order)."""
+        wanted = set(names)
+        return Table(self.name, tuple(c for c in self.columns if c.name in wanted))
+
     def missing(self, rows: pa.Table) -> list[str]:
         """Columns `rows` lacks that have no default."""
         have = set(rows.schema.names)

@@ -1,0 +1,685 @@
+"""The relate step in passes over a trace's parts: any size, bounded memory.
+
+`summarize` loads every table whole; at a million events a second a ten-minute recording no
+longer fits in memory. `relate` reads the parts of the big tables (posts, completions,
+allocs, frees) a window of time at a time and keeps only what is still open between windows:
+
+- Windows. Each part's first and last timestamp come from its Parquet footer. Parts are
+  loaded in order of their first timestamp; after each load, every event earlier than the
+  first timestamp of the parts not loaded yet is complete - no part still to come can hold
+  one - and is related as one window. Parts that overlap in time simply wait together.
+- Read lifetimes. A window's posts and completions are paired by `read_intervals`, with the
+  reads still open (carried from the windows before) put in front of its posts: a carried
+  post is older than any event of the window, so the pairing is the one over the whole
+  trace. The allocations the same way (`allocation_intervals`), carrying the live ones.
+- What a finished read leaves: additive or extreme figures per process and per connection
+  (`read_summary`, `read_activity`), and its +1 / -1 steps of the posted count.
+- Reads parked after EAGAIN (Go's netpoller, `parked_reads`) and parked reads found at
+  attach (`parked_at_attach`) need the next read on the same descriptor and buffer, which
+  may come windows later: they wait in a small table of lookups, resolved as the windows
+  pass, and join the figures at the end. Their steps come late too, so the steps are kept
+  (on disk beyond a few tens of MB) and the peaks computed in a last pass in time order.
+
+What stays whole in memory: the reads open at a window boundary, the live allocations,
+the per-connection table, pending lookups, and the small tables (processes, sockets, walked
+heap blocks, readiness waits). The figures are exactly those of `summarize` for the same
+trace (tests/unit/test_stream.py compares them); those it does not compute - the whole cost,
+retained buffers, sites, writes, residency - need the in-memory report.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.memory import (
+    allocation_intervals,
+    buffer_attribution,
+    connections_from_activity,
+    idle_reads,
+    live_at,
+    merge_activity,
+    read_activity,
+    timeline_edges,
+)
+from analysis.reads import (
+    EAGAIN,
+    _next_post,
+    _waiting_between,
+    is_network,
+    network_reads,
+    read_intervals,
+    read_summary,
+)
+from analysis.results import ConnectionCounts, NowAndPeak, Result, TraceSummary
+from analysis.summary import (
+    NETWORK_SOURCES,
+    _intermediate,
+    _stacked,
+    _totals,
+    step_for_span,
+    walked_for,
+)
+from probes.format import schema
+from probes.format.reader import PartRef, read_meta, read_table, table_parts
+from probes.format.schema import Source
+
+WINDOW_ROWS = 2_000_000  # events loaded before a window is related
+STEPS_IN_MEMORY = 2_000_000  # posted-count steps kept in memory before they go to disk
+
+POST_COLUMNS = ["ts_ns", "pid", "tid", "fd", "source", "op", "key", "addr", "len", "flags"]
+COMPLETION_COLUMNS = ["ts_ns", "pid", "source", "key", "ret"]
+ALLOC_COLUMNS = ["ts_ns", "pid", "addr", "size"]
+FREE_COLUMNS = ["ts_ns", "pid", "addr"]
+SOCKET_COLUMNS = [
+    "ts_ns",
+    "pid",
+    "fd",
+    "inode",
+    "family",
+    "state",
+    "local",
+    "remote",
+    "rmem_alloc",
+    "wmem_queued",
+    "fwd_alloc",
+]
+
+
+@dataclass
+class RelatedProcess(Result):
+    """One process's related figures at the end of the recording. The memory side (None
+    when the trace was recorded without --memory) as `report` shows it."""
+
+    pid: int
+    comm: str
+    posted_reads: NowAndPeak
+    pinned_bytes: NowAndPeak
+    buffer_select_posted: int
+    reads_completed: int  # network reads (intermediate multishot completions not counted)
+    reads_failed: int
+    bytes_received: int
+    by_source: dict[str, int] = field(default_factory=dict)  # posted now, per source
+    connections: ConnectionCounts | None = None
+    io_buffer_bytes: int | None = None
+    idle_io_buffer_bytes: int | None = None
+    idle_posted_reads: int | None = None
+
+
+@dataclass
+class RelatedPoint(Result):
+    pid: int
+    t_s: float
+    posted_reads: int
+    pinned_bytes: int
+
+
+@dataclass
+class Relation(Result):
+    """What `relate` found, and how: the events it read, in how many windows."""
+
+    processes: list[RelatedProcess]
+    idle_threshold_s: float
+    events: int = 0
+    windows: int = 0
+    timeline: list[RelatedPoint] | None = None
+
+    def process(self, pid: int) -> RelatedProcess:
+        (found,) = [p for p in self.processes if p.pid == pid]
+        return found
+
+
+def relation_of(summary: TraceSummary) -> Relation:
+    """The figures `relate` computes, taken from the in-memory `summarize` of the same
+    trace (and the same --timeline): what the two paths must agree on."""
+    processes = []
+    for p in summary.processes:
+        m = p.memory
+        processes.append(
+            RelatedProcess(
+                pid=p.pid,
+                comm=p.comm,
+                posted_reads=p.posted_reads,
+                pinned_bytes=p.pinned_bytes,
+                buffer_select_posted=p.buffer_select_posted,
+                reads_completed=p.reads_completed,
+                reads_failed=p.reads_failed,
+                bytes_received=p.bytes_received,
+                by_source={k: v.posted_reads for k, v in p.by_source.items() if v.posted_reads},
+                connections=m.connections if m else None,
+                io_buffer_bytes=m.io_buffer_heap.bytes if m else None,
+                idle_io_buffer_bytes=m.io_buffer_heap.idle_bytes if m else None,
+                idle_posted_reads=m.idle_posted_reads if m else None,
+            )
+        )
+    reading = {p.pid for p in processes if p.posted_reads.peak}  # in the posted timeline
+    timeline = None
+    if summary.timeline is not None:
+        timeline = [
+            RelatedPoint(t.pid, t.t_s, t.posted_reads, t.pinned_bytes)
+            for t in summary.timeline
+            if t.pid in reading
+        ]
+    return Relation(
+        [p for p in processes if worth_showing(p)], summary.idle_threshold_s, timeline=timeline
+    )
+
+
+# --- windows over parts ----------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    table: str
+    ref: PartRef
+    rows: int
+    first_ns: int
+    last_ns: int
+
+
+def _planned(
+    path: Path, tables: dict[str, list[str]], meta: Any, warnings: list[str]
+) -> list[_Part]:
+    parts = []
+    for name in tables:
+        for ref in table_parts(path, schema.TABLES[name], meta, warnings):
+            rows, first, last = ref.time_range()
+            if rows:
+                parts.append(_Part(name, ref, rows, first, last))
+    return sorted(parts, key=lambda p: p.first_ns)  # stable: a table's parts keep their order
+
+
+def windows(
+    parts: list[_Part], columns: dict[str, list[str]], window_rows: int
+) -> Iterator[tuple[float, dict[str, pd.DataFrame]]]:
+    """(bound, each table's events earlier than `bound` not yielded before), in time order;
+    the last bound is +inf. Every event comes out exactly once, each part is read once."""
+    waiting: dict[str, pd.DataFrame] = {}
+    i = 0
+    while i < len(parts):
+        loaded = 0
+        while i < len(parts) and (loaded == 0 or loaded < window_rows):
+            p = parts[i]
+            rows = p.ref.read(columns[p.table]).to_pandas()
+            waiting[p.table] = (
+                rows
+                if p.table not in waiting
+                else pd.concat([waiting[p.table], rows], ignore_index=True)
+            )
+            loaded += p.rows
+            i += 1
+        bound = float(parts[i].first_ns) if i < len(parts) else math.inf
+        out = {}
+        for name, rows in waiting.items():
+            early = rows["ts_ns"].to_numpy(np.int64) < bound if bound != math.inf else None
+            if early is None or early.all():
+                out[name], waiting[name] = rows, rows.iloc[0:0]
+            else:
+                out[name] = rows[early].reset_index(drop=True)
+                waiting[name] = rows[~early].reset_index(drop=True)
+        yield bound, out
+
+
+# --- the posted count's steps ---------------------------------------------------------------
+
+
+class Steps:
+    """The +1 / -1 steps of the posted count (and +len / -len of pinned bytes) per pid, in
+    time order across windows; late ones (parked reads) are merged in by `finish`. Kept in
+    memory up to STEPS_IN_MEMORY, then in a temporary directory."""
+
+    def __init__(self, edges: np.ndarray | None) -> None:
+        self.edges = edges
+        self.chunks: list[Any] = []  # arrays, or the path of a saved chunk
+        self.firsts: list[int] = []  # each chunk's first step (chunks come in time order)
+        self.in_memory = 0
+        self.spill: tempfile.TemporaryDirectory[str] | None = None
+        self.on_edges: dict[int, np.ndarray] = {}  # pid -> [2, edges] step sums per edge
+
+    def add(
+        self, pid: np.ndarray, ts: np.ndarray, d_reads: np.ndarray, d_bytes: np.ndarray
+    ) -> None:
+        if not len(ts):
+            return
+        chunk = np.stack([pid.astype(np.int64), ts.astype(np.int64), d_reads, d_bytes])
+        self._on_edges(chunk)
+        self.firsts.append(int(chunk[1].min()))
+        if self.in_memory + len(ts) > STEPS_IN_MEMORY:
+            if self.spill is None:
+                self.spill = tempfile.TemporaryDirectory(prefix="idlebuf-steps-")
+            saved = Path(self.spill.name) / f"{len(self.chunks):06d}.npy"
+            np.save(saved, chunk)
+            self.chunks.append(saved)
+        else:
+            self.chunks.append(chunk)
+            self.in_memory += len(ts)
+
+    def _on_edges(self, chunk: np.ndarray) -> None:
+        """Step sums binned at the first edge at or after each step: a value at an edge is
+        the sum of the bins up to it, whatever order the steps came in."""
+        if self.edges is None or not len(self.edges):
+            return
+        bins = np.searchsorted(self.edges, chunk[1], side="left")
+        for pid in np.unique(chunk[0]):
+            mine = (chunk[0] == pid) & (bins < len(self.edges))
+            sums = self.on_edges.setdefault(int(pid), np.zeros((2, len(self.edges)), np.int64))
+            for row in (0, 1):
+                sums[row] += np.bincount(
+                    bins[mine], weights=chunk[2 + row][mine], minlength=len(self.edges)
+                ).astype(np.int64)
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        for c in self.chunks:
+            yield np.load(c) if isinstance(c, Path) else c
+
+    def peaks(self, late: np.ndarray | None) -> dict[int, tuple[int, int]]:
+        """Per pid, the highest posted count and pinned bytes at any instant: the steps in
+        time order, at one instant ends before starts (as posted_timeline orders them).
+        `late` steps (same rows as a chunk) are merged into the chunks they fall in."""
+        running: dict[int, np.ndarray] = {}
+        best: dict[int, np.ndarray] = {}
+        chunks: Iterator[np.ndarray] = self._chunks()
+        if late is not None and len(late[0]):
+            late = late[:, np.argsort(late[1], kind="stable")]
+            if not self.chunks:
+                chunks = iter([late])
+            else:  # chunk i takes the late steps from its first step to chunk i + 1's
+                cut = np.searchsorted(late[1], self.firsts[1:], side="left")
+                pieces = np.split(late, cut, axis=1)
+                chunks = (np.concatenate([c, x], axis=1) for c, x in zip(chunks, pieces))
+        for chunk in chunks:
+            order = np.lexsort((chunk[2], chunk[1], chunk[0]))
+            c = chunk[:, order]
+            for pid in np.unique(c[0]):
+                rows = c[:, c[0] == pid]
+                base = running.get(int(pid), np.zeros(2, np.int64))
+                sums = np.cumsum(rows[2:4], axis=1) + base[:, None]
+                running[int(pid)] = sums[:, -1]
+                high = sums.max(axis=1)
+                best[int(pid)] = np.maximum(best.get(int(pid), high), high)
+        return {pid: (int(v[0]), int(v[1])) for pid, v in best.items()}
+
+    def at_edges(self) -> dict[int, np.ndarray]:
+        """Per pid, [posted reads, pinned bytes] at each edge."""
+        return {pid: np.cumsum(sums, axis=1) for pid, sums in self.on_edges.items()}
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.cleanup()
+
+
+def _steps_of(reads: pd.DataFrame, new: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The steps of `reads`: +1 at the post of those `new` (posted in this window), -1 at
+    the end of those that ended."""
+    end = reads["end_ns"].to_numpy(np.float64)
+    ended = ~np.isnan(end)
+    pid = reads["pid"].to_numpy(np.int64)
+    length = reads["len"].to_numpy(np.int64)
+    return (
+        np.concatenate([pid[new], pid[ended]]),
+        np.concatenate([reads["post_ns"].to_numpy(np.int64)[new], end[ended].astype(np.int64)]),
+        np.concatenate([np.ones(int(new.sum()), np.int64), -np.ones(int(ended.sum()), np.int64)]),
+        np.concatenate([length[new], -length[ended]]),
+    )
+
+
+# --- lookups ahead in time ------------------------------------------------------------------
+
+
+class NextPost:
+    """For rows seen so far: the first syscall read posted strictly after a time, by the same
+    pid and fd (`at`) or into the same buffer (its `fd`), found as later windows pass - as
+    analysis.reads._next_post finds them over the whole trace."""
+
+    def __init__(self, by: str, value: str) -> None:
+        self.by, self.value = by, value
+        self.pending = pd.DataFrame(columns=["seq", "pid", by, "_t"])
+        self.found: dict[int, float] = {}
+
+    def ask(self, rows: pd.DataFrame, time_col: str) -> None:
+        if rows.empty:
+            return
+        asked = pd.DataFrame(
+            {
+                "seq": rows["seq"].to_numpy(np.int64),
+                "pid": rows["pid"].to_numpy(),
+                self.by: rows[self.by].to_numpy(),
+                "_t": rows[time_col].to_numpy(np.float64),
+            }
+        )
+        self.pending = asked if self.pending.empty else pd.concat([self.pending, asked])
+
+    def answer(self, posts: pd.DataFrame) -> None:
+        """`posts`: syscall reads posted in one window, after every earlier window's."""
+        if self.pending.empty or posts.empty:
+            return
+        later = posts[list(dict.fromkeys(["pid", self.by, "post_ns", "fd"]))]
+        pending = self.pending.reset_index(drop=True)
+        got = _next_post(pending, "_t", later, ["pid", self.by], self.value).to_numpy()
+        done = ~np.isnan(got)
+        self.found.update(zip(pending["seq"].to_numpy()[done].tolist(), got[done].tolist()))
+        self.pending = pending[~done]
+
+    def values(self, seqs: pd.Series, missing: float) -> np.ndarray:
+        return np.array([self.found.get(int(s), missing) for s in seqs], dtype=np.float64)
+
+
+# --- relate ---------------------------------------------------------------------------------
+
+
+def relate(
+    path: str | Path,
+    idle_threshold_s: float = 1.0,
+    timeline_s: float | None = None,
+    window_rows: int = WINDOW_ROWS,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Relation:
+    """The relate step of `summarize` over a trace of any size: read lifetimes, the address
+    join of posted buffers to live allocations, the per-connection table, the posted count's
+    time series. `progress` is told how far it got after each window."""
+    path = Path(path)
+    meta = read_meta(path)
+    warnings: list[str] = []
+    small = {
+        name: read_table(path, schema.TABLES[name], meta, warnings)
+        for name in ("processes", "heap_blocks", "buffer_uses")
+    }
+    small["sockets"] = _sockets(path, meta, warnings)
+    reads_plan = _planned(
+        path, {"posts": POST_COLUMNS, "completions": COMPLETION_COLUMNS}, meta, warnings
+    )
+    alloc_plan = _planned(path, {"allocs": ALLOC_COLUMNS, "frees": FREE_COLUMNS}, meta, warnings)
+    start, end_ns = _span(path, meta, warnings)
+    edges = None
+    if timeline_s is not None:
+        step = step_for_span(start, end_ns, timeline_s)
+        edges = timeline_edges(start, end_ns, max(1, int(step * 1e9)))
+    steps = Steps(edges)
+    job = _Job(path, meta, small, warnings, end_ns, int(idle_threshold_s * 1e9), window_rows)
+    job.total = sum(p.rows for p in reads_plan + alloc_plan)
+    job.progress = progress
+    try:
+        out = job.run(reads_plan, alloc_plan, steps)
+        out.idle_threshold_s = idle_threshold_s
+        if edges is not None:
+            out.timeline = [
+                RelatedPoint(pid, float((edge - start) / 1e9), int(v[0, i]), int(v[1, i]))
+                for pid, v in sorted(steps.at_edges().items())
+                for i, edge in enumerate(edges)
+            ]
+    finally:
+        steps.close()
+    return out
+
+
+def _span(path: Path, meta: Any, warnings: list[str]) -> tuple[int, int]:
+    """recording_span() of the trace, from the parts' footers: (start, end)."""
+    stamps = []
+    if meta.end_monotonic_ns is None or not (meta.tracing_since_ns or meta.clock.monotonic_ns):
+        for table in schema.TABLES.values():
+            if "ts_ns" not in table.column_names():
+                continue
+            for ref in table_parts(path, table, meta, warnings):
+                rows, first, last = ref.time_range()
+                if rows:
+                    stamps.append((first, last))
+    end = meta.end_monotonic_ns
+    if end is None:
+        end = max((last for _, last in stamps), default=0)
+    start = meta.tracing_since_ns or meta.clock.monotonic_ns
+    if not start:
+        start = min((first for first, _ in stamps), default=end)
+    return start, max(start, end)
+
+
+def _sockets(path: Path, meta: Any, warnings: list[str]) -> pd.DataFrame:
+    """The socket samples, their strings as categories (a sample per connection per flush
+    repeats a handful of families and states millions of times)."""
+    refs = table_parts(path, schema.SOCKETS, meta, warnings)
+    if not refs:
+        return read_table(path, schema.SOCKETS, meta, warnings)
+    pieces = [r.read().to_pandas() for r in refs]
+    out = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
+    for col in ("family", "state", "local", "remote"):
+        out[col] = out[col].astype("category")
+    return out
+
+
+@dataclass
+class _Job:
+    path: Path
+    meta: Any
+    small: dict[str, pd.DataFrame]
+    warnings: list[str]
+    end_ns: int
+    threshold_ns: int
+    window_rows: int
+    total: int = 0
+    events: int = 0
+    windows: int = 0
+    progress: Callable[[str], None] = lambda _: None
+
+    def run(self, reads_plan: list[_Part], alloc_plan: list[_Part], steps: Steps) -> Relation:
+        counts: list[pd.DataFrame] = []  # read_summary of finished reads, window by window
+        activity: list[pd.DataFrame] = []  # read_activity of the network reads among them
+        held: list[pd.DataFrame] = []  # reads waiting for a lookup: EAGAIN returns, seeded parks
+        retry = NextPost("fd", "at")
+        reuse = NextPost("addr", "next_fd")
+        carry = _empty(schema.POSTS, POST_COLUMNS).assign(seq=np.zeros(0, np.int64))
+        no_completions = _empty(schema.COMPLETIONS, COMPLETION_COLUMNS)
+        seq = 0
+        low = -math.inf
+        columns = {"posts": POST_COLUMNS, "completions": COMPLETION_COLUMNS}
+        for bound, ev in windows(reads_plan, columns, self.window_rows):
+            posts = ev.get("posts", carry.iloc[0:0].drop(columns="seq"))
+            completions = ev.get("completions", no_completions)
+            self._advance(len(posts) + len(completions), "reads")
+            posts = posts.assign(seq=np.arange(seq, seq + len(posts), dtype=np.int64))
+            seq += len(posts)
+            iv = read_intervals(_stacked(carry, posts), completions)
+            if iv.empty:
+                low = bound
+                continue
+            new = iv["post_ns"].to_numpy(np.float64) >= low
+            source = iv["source"].to_numpy()
+            seeded = source == Source.PARKED
+            is_open = iv["end_ns"].isna().to_numpy()
+            if seeded.any():  # parked at attach: ended by the next read on the fd
+                retry.ask(iv[new & seeded], "post_ns")
+                held.append(iv[~is_open & seeded])
+            finished = iv[~is_open & ~seeded]
+            eagain = finished[
+                (finished["source"].to_numpy() == Source.SYSCALL)
+                & (finished["ret"].to_numpy() == -EAGAIN)
+            ]
+            if not eagain.empty:  # parked after EAGAIN? known when the next reads come
+                retry.ask(eagain, "end_ns")
+                reuse.ask(eagain, "end_ns")
+                held.append(eagain)
+            syscall_new = iv[new & (source == Source.SYSCALL)]
+            retry.answer(syscall_new)
+            reuse.answer(syscall_new)
+            counts.append(read_summary(finished))
+            network = ~seeded & is_network(iv)
+            ended = network & ~is_open
+            activity.append(read_activity(iv[ended]))
+            steps.add(*_steps_of(iv[network], new[network]))
+            carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[[*POST_COLUMNS, "seq"]]
+            low = bound
+        # the reads still posted at the end, and those that waited for lookups
+        still = read_intervals(carry, no_completions) if not carry.empty else iv_empty()
+        seeded_open = (still["source"].to_numpy() == Source.PARKED) if len(still) else None
+        if seeded_open is not None and seeded_open.any():
+            held.append(still[seeded_open])
+            still = still[~seeded_open]
+        late = self._late(held, retry, reuse)
+        counts += [read_summary(still), read_summary(late)]
+        still, late = network_reads(still), network_reads(late)
+        activity += [read_activity(still), read_activity(late)]
+        late_steps = None
+        if not late.empty:
+            late_steps = np.stack(_steps_of(late, np.ones(len(late), bool)))
+            steps._on_edges(late_steps)
+        peaks = steps.peaks(late_steps)
+        posted_now = _stacked(still, late[late["end_ns"].isna()])
+        merged = merge_activity(activity)
+        memory = None
+        if self.meta.memory is not None:
+            live = self._live(alloc_plan)
+            _, walked_heap, _, _ = walked_for(self.meta.memory, self.small["heap_blocks"])
+            memory = self._memory(posted_now, _stacked(live, walked_heap), merged)
+        return self._result(
+            _stacked(*[c for c in counts if not c.empty] or counts[:1]), peaks, memory
+        )
+
+    def _advance(self, events: int, what: str) -> None:
+        self.events += events
+        self.windows += 1
+        self.progress(f"{what}: {self.events:,} of {self.total:,} events (window {self.windows})")
+
+    def _late(self, held: list[pd.DataFrame], retry: NextPost, reuse: NextPost) -> pd.DataFrame:
+        """The reads parked after EAGAIN (parked_reads) and those parked at attach
+        (parked_at_attach), now that the reads after them are known."""
+        if not held:
+            return iv_empty()
+        rows = pd.concat(held, ignore_index=True)
+        seeded = rows["source"].to_numpy() == Source.PARKED
+        out = []
+        if seeded.any():
+            at_attach = rows[seeded].copy()
+            at_attach["end_ns"] = retry.values(at_attach["seq"], np.nan)
+            out.append(at_attach)
+        candidates = rows[~seeded]
+        if not candidates.empty:
+            at = pd.Series(retry.values(candidates["seq"], np.nan), index=candidates.index)
+            next_fd = reuse.values(candidates["seq"], -1.0)
+            keep = (next_fd == -1) | (next_fd == candidates["fd"].to_numpy())
+            waits = read_table(self.path, schema.WAITS, self.meta, self.warnings)
+            wait_ends = read_table(self.path, schema.WAIT_ENDS, self.meta, self.warnings)
+            keep &= _waiting_between(candidates.assign(retry=at), waits, wait_ends).to_numpy()
+            parked = candidates[keep].copy()
+            parked["post_ns"] = parked["end_ns"].astype("int64")
+            parked["end_ns"] = at[keep]
+            parked["ret"] = np.nan
+            parked["superseded"] = False
+            parked["source"] = Source.PARKED
+            out.append(parked)
+        return pd.concat(out, ignore_index=True)
+
+    def _live(self, plan: list[_Part]) -> pd.DataFrame:
+        """The allocations live at the end (live_at of allocation_intervals), a window at a
+        time, carrying those not freed yet."""
+        carry = _empty(schema.ALLOCS, ALLOC_COLUMNS)
+        no_frees = _empty(schema.FREES, FREE_COLUMNS)
+        live = []
+        for _, ev in windows(
+            plan, {"allocs": ALLOC_COLUMNS, "frees": FREE_COLUMNS}, self.window_rows
+        ):
+            allocs = ev.get("allocs", carry.iloc[0:0])
+            frees = ev.get("frees", no_frees)
+            self._advance(len(allocs) + len(frees), "allocations")
+            both = _stacked(carry, allocs).assign(fn=0)
+            made = allocation_intervals(both, frees)
+            freed = made["free_ns"].notna().to_numpy()
+            live.append(live_at(made[freed], self.end_ns, "alloc_ns", "free_ns"))
+            carry = made[~freed].rename(columns={"alloc_ns": "ts_ns"})[ALLOC_COLUMNS]
+        made = allocation_intervals(carry.assign(fn=0), no_frees)
+        live.append(live_at(made, self.end_ns, "alloc_ns", "free_ns"))
+        return _stacked(*live)
+
+    def _memory(
+        self, posted: pd.DataFrame, live: pd.DataFrame, activity: pd.DataFrame
+    ) -> dict[int, dict[str, Any]]:
+        """Per pid, the memory side's figures, as memory_by_process computes them."""
+        attributed = buffer_attribution(posted, live)
+        idle = idle_reads(
+            attributed,
+            activity.reset_index()[["pid", "fd", "first_ns", "last_data_ns"]],
+            self.end_ns,
+            self.threshold_ns,
+        )
+        no_retained = pd.DataFrame({"pid": [], "fd": [], "attributed_bytes": []})
+        table = connections_from_activity(
+            activity.copy(), self.small["sockets"], no_retained, self.end_ns, self.threshold_ns
+        )
+        out: dict[int, dict[str, Any]] = {}
+        for pid in set(live["pid"]) | set(attributed["pid"]) | self._measured_pids():
+            mine = attributed[attributed["pid"] == pid]
+            conns = table[(table["pid"] == pid) & table["closed_ns"].isna()]
+            out[int(pid)] = {
+                "connections": ConnectionCounts(len(conns), int(conns["idle"].sum())),
+                "io_buffer_bytes": int(mine["attributed_bytes"].sum()),
+                "idle_io_buffer_bytes": int(mine.loc[idle[mine.index], "attributed_bytes"].sum()),
+                "idle_posted_reads": int(idle[mine.index].sum()),
+            }
+        return out
+
+    def _measured_pids(self) -> set[int]:
+        """The pids whose resident memory was measured (memory_by_process reports them)."""
+        pids: set[int] = set()
+        for name in ("rss", "proc_status"):
+            for ref in table_parts(self.path, schema.TABLES[name], self.meta, self.warnings):
+                pids.update(np.unique(ref.read(["pid"])["pid"].to_numpy()).tolist())
+        return pids
+
+    def _result(
+        self,
+        by_label: pd.DataFrame,
+        peaks: dict[int, tuple[int, int]],
+        memory: dict[int, dict[str, Any]] | None,
+    ) -> Relation:
+        processes = self.small["processes"].drop_duplicates("pid", keep="last").set_index("pid")
+        uses = self.small["buffer_uses"]
+        pids = sorted(set(processes.index) | set(by_label["pid"]) | set(memory or ()))
+        out = []
+        for pid in pids:
+            rows = by_label[by_label["pid"] == pid]
+            totals = _totals(rows[rows["source"].isin(NETWORK_SOURCES)])
+            extra = _intermediate(uses[uses["pid"] == pid])
+            peak_reads, peak_bytes = peaks.get(int(pid), (0, 0))
+            per_source = rows.groupby("source")["posted_reads"].sum()
+            mem = (memory or {}).get(int(pid))
+            related = RelatedProcess(
+                pid=int(pid),
+                comm=str(processes["comm"].get(pid, "")) if pid in processes.index else "",
+                posted_reads=NowAndPeak(totals.posted_reads, peak_reads),
+                pinned_bytes=NowAndPeak(totals.pinned_bytes, peak_bytes),
+                buffer_select_posted=totals.buffer_select_posted,
+                reads_completed=totals.reads_completed + extra.reads_completed,
+                reads_failed=totals.reads_failed,
+                bytes_received=totals.bytes_received + extra.bytes_received,
+                by_source={str(k): int(v) for k, v in per_source.items() if v},
+                **(mem or {}),
+            )
+            out.append(related)
+        return Relation(
+            [p for p in out if worth_showing(p)], 0.0, events=self.events, windows=self.windows
+        )
+
+
+def worth_showing(p: RelatedProcess) -> bool:
+    """A process that read from a socket, or held connections (not a launcher, a helper)."""
+    return bool(
+        p.posted_reads.peak
+        or p.reads_completed
+        or p.reads_failed
+        or p.by_source
+        or (p.connections is not None and p.connections.open)
+    )
+
+
+def _empty(table: schema.Table, columns: list[str]) -> pd.DataFrame:
+    return table.subset(columns).arrow_schema().empty_table().to_pandas()
+
+
+def iv_empty() -> pd.DataFrame:
+    return read_intervals(
+        _empty(schema.POSTS, POST_COLUMNS), _empty(schema.COMPLETIONS, COMPLETION_COLUMNS)
+    )
