@@ -75,15 +75,20 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     del stamp
     who = both("pid", "int64") << 8
     who |= both("source", "int64")
-    who_id, _ = pd.factorize(who)
+    if who.min() == who.max():  # one process, one source: the key alone
+        group, _ = pd.factorize(both("key", "uint64"))
+    else:
+        who_id, _ = pd.factorize(who)
+        key_id, keys = pd.factorize(both("key", "uint64"))
+        group = who_id.astype(np.int64)
+        del who_id
+        group *= max(len(keys), 1)
+        group += key_id
+        del key_id, keys
     del who
-    key_id, keys = pd.factorize(both("key", "uint64"))
-    group = who_id.astype(np.int64)
-    del who_id
-    group *= max(len(keys), 1)
-    group += key_id
-    del key_id, keys
     group = group[by_time]
+    if len(group) and group.max() < 2**16:  # numpy sorts 16-bit keys by radix: linear
+        group = group.astype(np.uint16)
     by_group = np.argsort(group, kind="stable")
     order = by_time[by_group]
     del by_time
@@ -340,31 +345,29 @@ def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
     cols = ["pid", "source", "label", *SUMMARY_COUNTS]
     if intervals.empty:
         return pd.DataFrame(columns=cols)
-    df = label_reads(intervals)
-    is_open = df["end_ns"].isna()
-    ok = df["ret"] >= 0
-    df = df.assign(
-        source=df["source_name"],
-        open=is_open,
-        ok=ok,
-        failed=df["ret"] < 0,
-        pinned=df["len"].where(is_open, 0),
-        received=df["ret"].where(ok, 0),
-        select_open=is_open & ((df["flags"] & PostFlag.BUFFER_SELECT) != 0),
-        multishot_open=is_open & ((df["flags"] & PostFlag.MULTISHOT) != 0),
-    )
-    g = df.groupby(["pid", "source", "label"], sort=True)
-    out = pd.DataFrame(
+    is_open = intervals["end_ns"].isna().to_numpy()
+    ret = intervals["ret"].to_numpy(np.float64)
+    ok = ret >= 0
+    flags = intervals["flags"].to_numpy(np.int64)
+    counts = pd.DataFrame(
         {
-            "posted_reads": g["open"].sum(),
-            "pinned_bytes": g["pinned"].sum(),
-            "buffer_select_posted": g["select_open"].sum(),
-            "multishot_posted": g["multishot_open"].sum(),
-            "reads_completed": g["ok"].sum(),
-            "reads_failed": g["failed"].sum(),
-            "bytes_received": g["received"].sum(),
+            "pid": intervals["pid"].to_numpy(),
+            "source": intervals["source"].to_numpy(),
+            "op": intervals["op"].to_numpy(),
+            "flags": flags,
+            "posted_reads": is_open,
+            "pinned_bytes": np.where(is_open, intervals["len"].to_numpy(np.int64), 0),
+            "buffer_select_posted": is_open & ((flags & PostFlag.BUFFER_SELECT) != 0),
+            "multishot_posted": is_open & ((flags & PostFlag.MULTISHOT) != 0),
+            "reads_completed": ok,
+            "reads_failed": ret < 0,
+            "bytes_received": np.where(ok, ret, 0),
         }
-    ).reset_index()
+    )
+    # a trace has millions of reads and a handful of kinds: sum per kind, then label kinds
+    kinds = counts.groupby(["pid", "source", "op", "flags"], sort=False).sum().reset_index()
+    kinds = label_reads(kinds).assign(source=lambda k: k["source_name"])
+    out = kinds.groupby(["pid", "source", "label"], sort=True)[SUMMARY_COUNTS].sum().reset_index()
     for c in SUMMARY_COUNTS:
         out[c] = out[c].astype("int64")
     return out[cols]

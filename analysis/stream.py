@@ -230,81 +230,130 @@ def windows(
 # --- the posted count's steps ---------------------------------------------------------------
 
 
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pid, ts, d_reads, d_bytes
+
+
+def _loaded(chunk: Chunk | Path) -> Chunk:
+    if isinstance(chunk, Path):
+        with np.load(chunk) as saved:
+            return tuple(saved[f"arr_{i}"] for i in range(4))  # type: ignore[return-value]
+    return chunk
+
+
 class Steps:
     """The +1 / -1 steps of the posted count (and +len / -len of pinned bytes) per pid, in
-    time order across windows; late ones (parked reads) are merged in by `finish`. Kept in
-    memory up to STEPS_IN_MEMORY, then in a temporary directory."""
+    time order window by window: the values at the time series' edges, and the peaks.
+
+    Peaks need the steps in time order, and the steps of parked reads come late (at the
+    end). So the steps are climbed as they come until `hold()` (the first read that may
+    park), and kept from then on - in memory up to STEPS_IN_MEMORY, beyond in a temporary
+    directory - to be climbed with the late ones merged in by `peaks`."""
 
     def __init__(self, edges: np.ndarray | None) -> None:
         self.edges = edges
-        self.chunks: list[Any] = []  # arrays, or the path of a saved chunk
-        self.firsts: list[int] = []  # each chunk's first step (chunks come in time order)
+        self.held: list[Any] = []  # kept chunks: arrays, or the path of a saved one
+        self.firsts: list[int] = []  # each kept chunk's first step (they come in time order)
         self.in_memory = 0
+        self.holding = False
         self.spill: tempfile.TemporaryDirectory[str] | None = None
         self.on_edges: dict[int, np.ndarray] = {}  # pid -> [2, edges] step sums per edge
+        self.running: dict[int, np.ndarray] = {}  # pid -> [posted, pinned] after the last step
+        self.best: dict[int, np.ndarray] = {}
+
+    def hold(self) -> None:
+        """From now on steps may come late among those of the next windows: keep them."""
+        self.holding = True
 
     def add(
         self, pid: np.ndarray, ts: np.ndarray, d_reads: np.ndarray, d_bytes: np.ndarray
     ) -> None:
         if not len(ts):
             return
-        chunk = np.stack([pid.astype(np.int64), ts.astype(np.int64), d_reads, d_bytes])
+        chunk = (pid, ts, d_reads, d_bytes)
         self._on_edges(chunk)
-        self.firsts.append(int(chunk[1].min()))
+        if not self.holding:
+            self._climb(chunk)
+            return
+        self.firsts.append(int(ts.min()))
         if self.in_memory + len(ts) > STEPS_IN_MEMORY:
             if self.spill is None:
                 self.spill = tempfile.TemporaryDirectory(prefix="idlebuf-steps-")
-            saved = Path(self.spill.name) / f"{len(self.chunks):06d}.npy"
-            np.save(saved, chunk)
-            self.chunks.append(saved)
+            saved = Path(self.spill.name) / f"{len(self.held):06d}.npz"
+            np.savez(saved, *chunk)
+            self.held.append(saved)
         else:
-            self.chunks.append(chunk)
+            self.held.append(chunk)
             self.in_memory += len(ts)
 
-    def _on_edges(self, chunk: np.ndarray) -> None:
+    def _on_edges(self, chunk: Chunk) -> None:
         """Step sums binned at the first edge at or after each step: a value at an edge is
         the sum of the bins up to it, whatever order the steps came in."""
         if self.edges is None or not len(self.edges):
             return
-        bins = np.searchsorted(self.edges, chunk[1], side="left")
-        for pid in np.unique(chunk[0]):
-            mine = (chunk[0] == pid) & (bins < len(self.edges))
-            sums = self.on_edges.setdefault(int(pid), np.zeros((2, len(self.edges)), np.int64))
-            for row in (0, 1):
-                sums[row] += np.bincount(
-                    bins[mine], weights=chunk[2 + row][mine], minlength=len(self.edges)
-                ).astype(np.int64)
+        pid, ts, d_reads, d_bytes = chunk
+        n = len(self.edges)
+        bins = np.searchsorted(self.edges, ts, side="left")
+        inside = bins < n
+        one = pid.min() == pid.max()
+        for p in [int(pid[0])] if one else np.unique(pid).tolist():
+            mine = inside if one else inside & (pid == p)
+            sums = self.on_edges.setdefault(p, np.zeros((2, n), np.int64))
+            for row, d in enumerate((d_reads, d_bytes)):
+                sums[row] += np.bincount(bins[mine], weights=d[mine], minlength=n).astype(np.int64)
 
-    def _chunks(self) -> Iterator[np.ndarray]:
-        for c in self.chunks:
-            yield np.load(c) if isinstance(c, Path) else c
+    def _climb(self, chunk: Chunk) -> None:
+        """Walk `chunk`'s steps in time order (per pid; at one instant ends before starts,
+        as posted_timeline orders them) from the running values, raising the peaks."""
+        pid, ts, d_reads, d_bytes = chunk
+        low, high = int(ts.min()), int(ts.max())
+        key = ts - low
+        key *= 2
+        key += d_reads > 0
+        # the windows' steps come as runs already in time order (posts, then ends): a
+        # stable sort (a merge of runs) is fastest on them
+        if pid.min() == pid.max():
+            order = np.argsort(key, kind="stable")
+            groups = [(int(pid[0]), slice(None))]
+        else:
+            ids, inverse = np.unique(pid, return_inverse=True)
+            width = 2 * (high - low + 1)
+            if len(ids) * width < 2**62:
+                key += inverse * width
+                order = np.argsort(key, kind="stable")
+            else:
+                order = np.lexsort((d_reads > 0, ts, pid))
+            bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
+            groups = [(int(p), slice(bounds[i], bounds[i + 1])) for i, p in enumerate(ids)]
+        del key
+        for p, rows in groups:
+            at = order[rows]
+            base = self.running.get(p, np.zeros(2, np.int64))
+            posted = np.cumsum(d_reads[at], dtype=np.int64) + base[0]
+            pinned = np.cumsum(d_bytes[at], dtype=np.int64) + base[1]
+            self.running[p] = np.array([posted[-1], pinned[-1]])
+            high_here = np.array([posted.max(), pinned.max()])
+            self.best[p] = np.maximum(self.best.get(p, high_here), high_here)
 
-    def peaks(self, late: np.ndarray | None) -> dict[int, tuple[int, int]]:
-        """Per pid, the highest posted count and pinned bytes at any instant: the steps in
-        time order, at one instant ends before starts (as posted_timeline orders them).
-        `late` steps (same rows as a chunk) are merged into the chunks they fall in."""
-        running: dict[int, np.ndarray] = {}
-        best: dict[int, np.ndarray] = {}
-        chunks: Iterator[np.ndarray] = self._chunks()
-        if late is not None and len(late[0]):
-            late = late[:, np.argsort(late[1], kind="stable")]
-            if not self.chunks:
-                chunks = iter([late])
-            else:  # chunk i takes the late steps from its first step to chunk i + 1's
-                cut = np.searchsorted(late[1], self.firsts[1:], side="left")
-                pieces = np.split(late, cut, axis=1)
-                chunks = (np.concatenate([c, x], axis=1) for c, x in zip(chunks, pieces))
-        for chunk in chunks:
-            order = np.lexsort((chunk[2], chunk[1], chunk[0]))
-            c = chunk[:, order]
-            for pid in np.unique(c[0]):
-                rows = c[:, c[0] == pid]
-                base = running.get(int(pid), np.zeros(2, np.int64))
-                sums = np.cumsum(rows[2:4], axis=1) + base[:, None]
-                running[int(pid)] = sums[:, -1]
-                high = sums.max(axis=1)
-                best[int(pid)] = np.maximum(best.get(int(pid), high), high)
-        return {pid: (int(v[0]), int(v[1])) for pid, v in best.items()}
+    def peaks(self, late: Chunk | None) -> dict[int, tuple[int, int]]:
+        """Per pid, the highest posted count and pinned bytes at any instant, the `late`
+        steps (none before the hold) merged into the kept ones."""
+        kept: Iterator[Chunk] = (_loaded(c) for c in self.held)
+        if late is not None and len(late[1]):
+            order = np.argsort(late[1], kind="stable")
+            late = tuple(a[order] for a in late)  # type: ignore[assignment]
+            assert late is not None
+            if not self.held:
+                kept = iter([late])
+            else:  # kept chunk i takes the late steps from its first step to chunk i + 1's
+                cuts = np.searchsorted(late[1], self.firsts[1:])
+                pieces = zip(*(np.split(a, cuts) for a in late))
+                kept = (
+                    tuple(np.concatenate([a, b]) for a, b in zip(c, x))  # type: ignore[misc]
+                    for c, x in zip(kept, pieces)
+                )
+        for chunk in kept:
+            self._climb(chunk)
+        return {p: (int(v[0]), int(v[1])) for p, v in self.best.items()}
 
     def at_edges(self) -> dict[int, np.ndarray]:
         """Per pid, [posted reads, pinned bytes] at each edge."""
@@ -315,7 +364,7 @@ class Steps:
             self.spill.cleanup()
 
 
-def _steps_of(reads: pd.DataFrame, new: np.ndarray) -> tuple[np.ndarray, ...]:
+def _steps_of(reads: pd.DataFrame, new: np.ndarray) -> Chunk:
     """The steps of `reads`: +1 at the post of those `new` (posted in this window), -1 at
     the end of those that ended."""
     end = reads["end_ns"].to_numpy(np.float64)
@@ -325,7 +374,7 @@ def _steps_of(reads: pd.DataFrame, new: np.ndarray) -> tuple[np.ndarray, ...]:
     return (
         np.concatenate([pid[new], pid[ended]]),
         np.concatenate([reads["post_ns"].to_numpy(np.int64)[new], end[ended].astype(np.int64)]),
-        np.concatenate([np.ones(int(new.sum()), np.int64), -np.ones(int(ended.sum()), np.int64)]),
+        np.concatenate([np.ones(int(new.sum()), np.int8), -np.ones(int(ended.sum()), np.int8)]),
         np.concatenate([length[new], -length[ended]]),
     )
 
@@ -492,6 +541,7 @@ class _Job:
             seeded = source == Source.PARKED
             is_open = iv["end_ns"].isna().to_numpy()
             if seeded.any():  # parked at attach: ended by the next read on the fd
+                steps.hold()
                 retry.ask(iv[new & seeded], "post_ns")
                 held.append(iv[~is_open & seeded])
             finished = iv[~is_open & ~seeded]
@@ -500,6 +550,7 @@ class _Job:
                 & (finished["ret"].to_numpy() == -EAGAIN)
             ]
             if not eagain.empty:  # parked after EAGAIN? known when the next reads come
+                steps.hold()
                 retry.ask(eagain, "end_ns")
                 reuse.ask(eagain, "end_ns")
                 held.append(eagain)
@@ -525,7 +576,7 @@ class _Job:
         activity += [read_activity(still), read_activity(late)]
         late_steps = None
         if not late.empty:
-            late_steps = np.stack(_steps_of(late, np.ones(len(late), bool)))
+            late_steps = _steps_of(late, np.ones(len(late), bool))
             steps._on_edges(late_steps)
         peaks = steps.peaks(late_steps)
         posted_now = _stacked(still, late[late["end_ns"].isna()])
