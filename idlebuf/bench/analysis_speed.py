@@ -62,15 +62,35 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     span = np.where(active, duration, duration // 2)
     post = SECOND + np.sort(rng.integers(0, duration // 2, reads)) * (span // (duration // 2))
     order = np.argsort(post, kind="stable")
-    conn, post = conn[order], post[order]
-    chunk = 1_000_000
-    for a in range(0, reads, chunk):
-        c, p = conn[a : a + chunk], post[a : a + chunk].astype(np.uint64)
+    conn, post = conn[order], post[order].astype(np.uint64)
+    # every read completes 20 us later, except each connection's last one
+    last = np.zeros(reads, dtype=bool)
+    _, last_idx = np.unique(conn[::-1], return_index=True)
+    last[reads - 1 - last_idx] = True
+    done = ~last
+    # the buffers, then other allocations made and freed all along
+    other = HEAP + np.uint64(1 << 32) + np.arange(other_allocs, dtype=np.uint64) * 4096
+    made = SECOND + np.sort(rng.integers(0, duration, other_allocs)).astype(np.uint64)
+    alloc_ts = np.concatenate([np.full(connections, SECOND // 2, np.uint64), made])
+    alloc_addr = np.concatenate([buf_addr, other])
+    alloc_size = np.concatenate([np.full(connections, 16384), np.full(other_allocs, 2048)])
+    freed = made + np.uint64(SECOND // 10)
+    # written as the recorder writes: a part of each table per flush, here every second
+    flush = np.arange(0, duration + 3 * SECOND, SECOND, dtype=np.uint64)
+    post_at = np.searchsorted(post, flush)
+    end = post + np.uint64(20_000)
+    done_idx = np.flatnonzero(done)
+    end_at = np.searchsorted(end[done_idx], flush)
+    alloc_at = np.searchsorted(alloc_ts, flush)
+    free_at = np.searchsorted(freed, flush)
+    for f in range(len(flush) - 1):
+        a, b = post_at[f], post_at[f + 1]
+        c = conn[a:b]
         w.append(
             schema.POSTS,
             schema.POSTS.filled(
                 len(c),
-                ts_ns=p,
+                ts_ns=post[a:b],
                 pid=4242,
                 tid=(100_000 + c).astype(np.uint32),
                 fd=(100 + c).astype(np.int32),
@@ -81,19 +101,13 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
                 len=16384,
             ),
         )
-    # every read completes 20 us later, except each connection's last one
-    last = np.zeros(reads, dtype=bool)
-    _, last_idx = np.unique(conn[::-1], return_index=True)
-    last[reads - 1 - last_idx] = True
-    done = ~last
-    for a in range(0, reads, chunk):
-        c = conn[a : a + chunk][done[a : a + chunk]]
-        p = post[a : a + chunk][done[a : a + chunk]].astype(np.uint64) + 20_000
+        rows = done_idx[end_at[f] : end_at[f + 1]]
+        c = conn[rows]
         w.append(
             schema.COMPLETIONS,
             schema.COMPLETIONS.filled(
                 len(c),
-                ts_ns=p,
+                ts_ns=end[rows],
                 pid=4242,
                 tid=(100_000 + c).astype(np.uint32),
                 source=int(Source.SYSCALL),
@@ -101,27 +115,24 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
                 ret=np.full(len(c), 100, dtype=np.int64),
             ),
         )
-    # the buffers, then other allocations made and freed all along
-    other = HEAP + np.uint64(1 << 32) + np.arange(other_allocs, dtype=np.uint64) * 4096
-    made = SECOND + np.sort(rng.integers(0, duration, other_allocs)).astype(np.uint64)
-    w.append(
-        schema.ALLOCS,
-        schema.ALLOCS.filled(
-            connections + other_allocs,
-            ts_ns=np.concatenate([np.full(connections, SECOND // 2, np.uint64), made]),
-            pid=4242,
-            tid=4242,
-            addr=np.concatenate([buf_addr, other]),
-            size=np.concatenate([np.full(connections, 16384), np.full(other_allocs, 2048)]),
-            fn=1,
-        ),
-    )
-    w.append(
-        schema.FREES,
-        schema.FREES.filled(
-            other_allocs, ts_ns=made + np.uint64(SECOND // 10), pid=4242, tid=4242, addr=other
-        ),
-    )
+        a, b = alloc_at[f], alloc_at[f + 1]
+        w.append(
+            schema.ALLOCS,
+            schema.ALLOCS.filled(
+                b - a,
+                ts_ns=alloc_ts[a:b],
+                pid=4242,
+                tid=4242,
+                addr=alloc_addr[a:b],
+                size=alloc_size[a:b],
+                fn=1,
+            ),
+        )
+        a, b = free_at[f], free_at[f + 1]
+        w.append(
+            schema.FREES,
+            schema.FREES.filled(b - a, ts_ns=freed[a:b], pid=4242, tid=4242, addr=other[a:b]),
+        )
     samples = np.arange(1, 61, dtype=np.uint64) * SECOND
     w.append(
         schema.RSS,

@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.stream import IN_MEMORY_BYTES_PER_EVENT, relate, trace_events
 from analysis.summary import summarize
 from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.reporters.json import report_json
+from idlebuf.reporters.stream import relation_json, render_relation
 from idlebuf.reporters.text import render_report
 from probes.format.errors import UsageError
 from probes.format.reader import open_trace
@@ -36,6 +38,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="add a per-process time series at this resolution",
     )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--stream",
+        action="store_true",
+        help="relate the trace a window of time at a time, in bounded memory (the read, "
+        "buffer and connection figures only); the default for traces too big to load",
+    )
+    how.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole trace and show every figure, however big it is",
+    )
     p.set_defaults(run=run)
 
 
@@ -52,10 +66,51 @@ class Progress:
             print(f"idlebuf report: {took:5.1f} s: {stage}...", file=sys.stderr, flush=True)
 
 
+def available_memory() -> int:
+    """MemAvailable, bytes (0 if /proc/meminfo does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def streamed(args: argparse.Namespace) -> bool:
+    """--stream, --in-memory, or else: stream when loading the trace would take more than
+    half the memory available."""
+    if args.stream or args.in_memory:
+        return bool(args.stream)
+    needs = trace_events(args.trace) * IN_MEMORY_BYTES_PER_EVENT
+    free = available_memory()
+    if free and needs > free // 2:
+        print(
+            f"idlebuf report: loading this trace would take about {needs / 2**30:,.1f} GiB of "
+            f"the {free / 2**30:,.1f} GiB available: streaming it (--in-memory to load it "
+            "anyway)",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     if args.timeline is not None and args.timeline <= 0:
         raise UsageError("--timeline must be positive")
     progress = Progress()
+    if streamed(args):
+        if args.connections:
+            raise UsageError("--connections needs the in-memory report (--in-memory)")
+        relation = relate(
+            args.trace,
+            idle_threshold_s=args.idle_threshold,
+            timeline_s=args.timeline,
+            progress=progress,
+        )
+        print(relation_json(relation) if args.json else render_relation(relation, str(args.trace)))
+        return 0
     progress("reading the trace")
     trace = open_trace(args.trace)
     summary = summarize(

@@ -1,0 +1,59 @@
+"""`idlebuf report` of a streamed trace (analysis.stream.Relation): the table and JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from analysis.stream import Relation
+from idlebuf.reporters.text import table
+from idlebuf.reporters.units import human_bytes, printable
+
+
+def _known(value: int | None, show: Callable[[int], str] = str) -> str:
+    return "unknown" if value is None else show(value)
+
+
+def render_relation(relation: Relation, title: str) -> str:
+    """The streamed figures per process, then what they leave out."""
+    rows = []
+    for p in relation.processes:
+        conns = p.connections
+        rows.append(
+            [
+                str(p.pid),
+                printable(p.comm),
+                f"{p.posted_reads.now:,}",
+                f"{p.posted_reads.peak:,}",
+                human_bytes(p.pinned_bytes.now),
+                human_bytes(p.pinned_bytes.peak),
+                f"{p.reads_completed:,}",
+                human_bytes(p.bytes_received),
+                "unknown" if conns is None else f"{conns.open:,}",
+                "unknown" if conns is None else f"{conns.idle:,}",
+                _known(p.io_buffer_bytes, human_bytes),
+                _known(p.idle_io_buffer_bytes, human_bytes),
+            ]
+        )
+    headers = [
+        "pid", "comm", "posted", "peak", "pinned", "peak", "completed", "received",
+        "conns", "idle", "IO-buffer heap", "of idle conns",
+    ]  # fmt: skip
+    lines = [
+        f"{title}: streamed, {relation.events:,} events in {relation.windows:,} windows "
+        f"(idle: no data for {relation.idle_threshold_s:g} s)",
+        "",
+        table(headers, rows) if rows else "no process read from a socket",
+    ]
+    if any(p.connections is None for p in relation.processes):
+        lines.append("conns, IO-buffer heap: unknown (recorded without --memory)")
+    lines.append(
+        "Streamed: read lifetimes, the buffers' allocations and the connections only. The "
+        "whole cost, retained buffers, sites, writes and resident memory need the in-memory "
+        "report (--in-memory)."
+    )
+    return "\n".join(lines)
+
+
+def relation_json(relation: Relation) -> str:
+    return json.dumps({"streamed": True, **relation.to_json()}, indent=2)
