@@ -111,7 +111,7 @@ def render(results: dict[str, Any]) -> str:
     if "analysis" in results:
         a = results["analysis"]
         rows = []
-        for side in ("idlebuf", "duckdb"):
+        for side in ("idlebuf", "duckdb", "idlebuf in memory"):
             runs = a.get(side, [])
             if runs:
                 rows.append(
@@ -128,11 +128,33 @@ def render(results: dict[str, Any]) -> str:
                         human_bytes(max(r["peak_rss_bytes"] for r in runs)),
                     ]
                 )
-        out.append(
+        text = (
             f"Analysis of a synthetic trace of {a['events']:,} events, {a['connections']:,} "
-            "connections (load + relate, in a fresh process)\n"
+            "connections (load + relate, in a fresh process; idlebuf: the relate step "
+            "streamed, as `report --stream`; in memory: the whole report)\n"
             + table(["side", "seconds (min / median / max)", "peak RSS"], rows)
         )
+        medians = {
+            side: sorted(r["wall_s"] for r in a[side])[len(a[side]) // 2]
+            for side in ("idlebuf", "duckdb")
+            if a.get(side)
+        }
+        if len(medians) == 2:
+            text += f"\nidlebuf / DuckDB (medians): {medians['idlebuf'] / medians['duckdb']:.2f}"
+        huge = a.get("huge")
+        if huge:
+            per = huge["wall_s"] / huge["events"] * 1e9
+            text += (
+                f"\nstreamed {huge['events']:,} events: {huge['wall_s']:.1f} s "
+                f"({per:.0f} ns per event"
+                + (
+                    f"; {medians['idlebuf'] / a['events'] * 1e9:.0f} at {a['events']:,}"
+                    if "idlebuf" in medians
+                    else ""
+                )
+                + f"), peak RSS {human_bytes(huge['peak_rss_bytes'])}"
+            )
+        out.append(text)
     if "fleet" in results:
         f = results["fleet"]
         rows = []
@@ -228,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3, help="storm trials (ceiling)")
     parser.add_argument("--events", type=int, default=10_000_000, help="analysis trace size")
     parser.add_argument("--repeats", type=int, default=3, help="analysis runs per side")
+    parser.add_argument(
+        "--huge-events",
+        type=int,
+        default=100_000_000,
+        help="analysis: the trace streamed once in bounded memory (0: none)",
+    )
     parser.add_argument("--fleet-traces", type=int, default=200, help="traces (fleet)")
     parser.add_argument(
         "--fleet-events", type=int, default=1_000_000, help="events per trace (fleet)"
@@ -267,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "ceiling": lambda: _part("ceiling").run(args.storm, args.trials, log),
         "analysis": lambda: _part("analysis_speed").run(
-            args.workdir, args.events, args.repeats, log
+            args.workdir, args.events, args.repeats, log, args.huge_events
         ),
         "fleet": lambda: _part("fleet_speed").run(
             args.workdir, args.fleet_traces, args.fleet_events, args.repeats, log
