@@ -250,16 +250,42 @@ CONNECTION_COLUMNS = [
 
 def read_activity(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per connection (index pid, fd), what its reads say: bytes received, first read
-    posted, last data arrived (NaN: never), buffer bytes of reads posted now. Sums, minima
-    and maxima: the activity of a trace's pieces merges into the whole's (merge_activity)."""
-    keys = ["pid", "fd"]
-    reads = intervals.assign(got=intervals["ret"].where(intervals["ret"] > 0, 0))
-    activity = reads.groupby(keys).agg(bytes_received=("got", "sum"), first_ns=("post_ns", "min"))
-    data = reads[reads["got"] > 0]
-    activity["last_data_ns"] = data.groupby(keys)["end_ns"].max()
-    posted = reads[reads["end_ns"].isna()]
-    activity["posted_bytes"] = posted.groupby(keys)["len"].sum()
-    return activity
+    posted, last data arrived (NaN: never), buffer bytes of reads posted now (NaN: none).
+    Sums, minima and maxima: the activity of a trace's pieces merges into the whole's
+    (merge_activity)."""
+    ret = intervals["ret"].to_numpy(np.float64)
+    end = intervals["end_ns"].to_numpy(np.float64)
+    data = ret > 0
+    # one int64 key per connection: one hash of the rows, not one per column
+    pid = intervals["pid"].to_numpy(np.int64)
+    fd = intervals["fd"].to_numpy(np.int64)
+    codes, keys = pd.factorize((pid << 32) | (fd & 0xFFFFFFFF))
+    frame = pd.DataFrame(
+        {
+            "bytes_received": np.where(data, ret, 0.0),
+            "first_ns": intervals["post_ns"].to_numpy(np.int64),
+            "last_data_ns": np.where(data, end, np.nan),
+            "posted_bytes": np.where(np.isnan(end), intervals["len"].to_numpy(np.float64), np.nan),
+        }
+    )
+    g = frame.groupby(codes, sort=True)
+    out = pd.DataFrame(
+        {
+            "bytes_received": g["bytes_received"].sum(),
+            "first_ns": g["first_ns"].min(),
+            "last_data_ns": g["last_data_ns"].max(),
+            "posted_bytes": g["posted_bytes"].sum(min_count=1),
+        }
+    )
+    keys = np.asarray(keys, dtype=np.int64)[out.index.to_numpy()]
+    out.index = pd.MultiIndex.from_arrays(
+        [
+            (keys >> 32).astype(intervals["pid"].dtype),
+            (keys & 0xFFFFFFFF).astype(np.uint32).astype(np.int32).astype(intervals["fd"].dtype),
+        ],
+        names=["pid", "fd"],
+    )
+    return out.sort_index()
 
 
 def merge_activity(pieces: list[pd.DataFrame]) -> pd.DataFrame:

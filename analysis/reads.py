@@ -76,7 +76,13 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     who = both("pid", "int64") << 8
     who |= both("source", "int64")
     if who.min() == who.max():  # one process, one source: the key alone
-        group, _ = pd.factorize(both("key", "uint64"))
+        key = both("key", "uint64")
+        low = key.min()
+        if key.max() - low < 2**16:  # thread ids, say: the key is its own group number
+            group = (key - low).astype(np.int64)
+        else:
+            group, _ = pd.factorize(key)
+        del key
     else:
         who_id, _ = pd.factorize(who)
         key_id, keys = pd.factorize(both("key", "uint64"))
@@ -335,6 +341,18 @@ SUMMARY_COUNTS = [
 ]
 
 
+def _sums(codes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """`values` summed per code (0..n-1)."""
+    if n == 1:
+        return np.array([values.sum()])
+    if values.dtype == bool:
+        return np.bincount(codes[values], minlength=n)
+    return np.bincount(codes, weights=values, minlength=n)
+
+
+KIND_LIMITS = (2**31, 16, 4096, 65536)  # pid, source, op, flags: what read_summary packs
+
+
 def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
     """Per (pid, source, label): reads posted now, bytes pinned now, completed, received.
 
@@ -349,23 +367,39 @@ def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
     ret = intervals["ret"].to_numpy(np.float64)
     ok = ret >= 0
     flags = intervals["flags"].to_numpy(np.int64)
-    counts = pd.DataFrame(
-        {
-            "pid": intervals["pid"].to_numpy(),
-            "source": intervals["source"].to_numpy(),
-            "op": intervals["op"].to_numpy(),
-            "flags": flags,
-            "posted_reads": is_open,
-            "pinned_bytes": np.where(is_open, intervals["len"].to_numpy(np.int64), 0),
-            "buffer_select_posted": is_open & ((flags & PostFlag.BUFFER_SELECT) != 0),
-            "multishot_posted": is_open & ((flags & PostFlag.MULTISHOT) != 0),
-            "reads_completed": ok,
-            "reads_failed": ret < 0,
-            "bytes_received": np.where(ok, ret, 0),
-        }
-    )
+    figures = {
+        "posted_reads": is_open,
+        "pinned_bytes": np.where(is_open, intervals["len"].to_numpy(np.int64), 0),
+        "buffer_select_posted": is_open & ((flags & PostFlag.BUFFER_SELECT) != 0),
+        "multishot_posted": is_open & ((flags & PostFlag.MULTISHOT) != 0),
+        "reads_completed": ok,
+        "reads_failed": ret < 0,
+        "bytes_received": np.where(ok, ret, 0),
+    }
     # a trace has millions of reads and a handful of kinds: sum per kind, then label kinds
-    kinds = counts.groupby(["pid", "source", "op", "flags"], sort=False).sum().reset_index()
+    kind_columns = ["pid", "source", "op", "flags"]
+    parts = {c: intervals[c].to_numpy(np.int64) for c in kind_columns}
+    if all(v.min() >= 0 and v.max() < limit for v, limit in zip(parts.values(), KIND_LIMITS)):
+        # one int64 key per read (pid < 2^31, source < 16, op < 4096, flags < 2^16): one
+        # hash of the rows, and the kind's columns read back from the key
+        kind = parts["pid"] << 32
+        kind |= parts["source"] << 28
+        kind |= parts["op"] << 16
+        kind |= flags
+        codes, keys = pd.factorize(kind)
+        keys = np.asarray(keys, dtype=np.int64)
+        kinds = pd.DataFrame(
+            {
+                "pid": keys >> 32,
+                "source": (keys >> 28) & 0xF,
+                "op": (keys >> 16) & 0xFFF,
+                "flags": keys & 0xFFFF,
+                **{name: _sums(codes, v, len(keys)) for name, v in figures.items()},
+            }
+        )
+    else:
+        counts = pd.DataFrame({**parts, **figures})
+        kinds = counts.groupby(kind_columns, sort=False).sum().reset_index()
     kinds = label_reads(kinds).assign(source=lambda k: k["source_name"])
     out = kinds.groupby(["pid", "source", "label"], sort=True)[SUMMARY_COUNTS].sum().reset_index()
     for c in SUMMARY_COUNTS:

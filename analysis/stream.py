@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -220,25 +221,40 @@ def windows(
     """(bound, each table's events earlier than `bound` not yielded before), in time order;
     the last bound is +inf. Every event comes out exactly once, each part is read once."""
     waiting: dict[str, list[pa.Table]] = {}
-    i = 0
-    while i < len(parts):
-        loaded = 0
-        while i < len(parts) and (loaded == 0 or loaded < window_rows):
-            p = parts[i]
-            waiting.setdefault(p.table, []).append(p.ref.read(columns[p.table]))
-            loaded += p.rows
-            i += 1
-        bound = float(parts[i].first_ns) if i < len(parts) else math.inf
-        out = {}
-        for name, pieces in waiting.items():
-            rows = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-            if bound == math.inf:
-                early, waiting[name] = rows, []
-            else:
-                cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), rows.schema.field("ts_ns").type))
-                early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
-            out[name] = early.to_pandas()
-        yield bound, out
+    # parts are read (and decoded: Arrow lets go of the GIL) a window ahead, on a thread
+    with ThreadPoolExecutor(1) as reader:
+        ahead: deque[Future[pa.Table]] = deque()
+        queued = 0  # parts submitted so far
+        i = 0
+        while i < len(parts):
+            loaded = 0
+            first = i
+            while i < len(parts) and (loaded == 0 or loaded < window_rows):
+                loaded += parts[i].rows
+                i += 1
+            # what the next window will read, submitted now; this one's, if not yet
+            wanted, rows_ahead = i, 0
+            while wanted < len(parts) and rows_ahead < window_rows:
+                rows_ahead += parts[wanted].rows
+                wanted += 1
+            while queued < max(wanted, i):
+                p = parts[queued]
+                ahead.append(reader.submit(p.ref.read, columns[p.table]))
+                queued += 1
+            for k in range(first, i):
+                waiting.setdefault(parts[k].table, []).append(ahead.popleft().result())
+            bound = float(parts[i].first_ns) if i < len(parts) else math.inf
+            out = {}
+            for name, pieces in waiting.items():
+                rows = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+                if bound == math.inf:
+                    early, waiting[name] = rows, []
+                else:
+                    ts_type = rows.schema.field("ts_ns").type
+                    cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
+                    early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
+                out[name] = early.to_pandas()
+            yield bound, out
 
 
 # --- the posted count's steps ---------------------------------------------------------------
@@ -419,6 +435,9 @@ class NextPost:
         )
         self.pending = asked if self.pending.empty else pd.concat([self.pending, asked])
 
+    def waiting(self) -> bool:
+        return not self.pending.empty
+
     def answer(self, posts: pd.DataFrame) -> None:
         """`posts`: syscall reads posted in one window, after every earlier window's."""
         if self.pending.empty or posts.empty:
@@ -432,6 +451,62 @@ class NextPost:
 
     def values(self, seqs: pd.Series, missing: float) -> np.ndarray:
         return np.array([self.found.get(int(s), missing) for s in seqs], dtype=np.float64)
+
+
+class _Digests:
+    """What each window's finished reads leave - read_summary of all, read_activity of the
+    network ones, their steps - worked out on a thread of its own in window order, and
+    merged every few windows so that a long trace keeps a few frames, not one per window."""
+
+    MERGE_EVERY = 16
+
+    def __init__(self, steps: Steps) -> None:
+        self.steps = steps
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: deque[Future[tuple[pd.DataFrame, pd.DataFrame]]] = deque()
+        self.counts: list[pd.DataFrame] = []
+        self.activity: list[pd.DataFrame] = []
+
+    def hold(self) -> None:
+        self.pool.submit(self.steps.hold)  # in order: after the windows before it
+
+    def add(
+        self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
+    ) -> None:
+        self.pending.append(self.pool.submit(self._digest, iv, new, is_open, seeded))
+        while len(self.pending) > 1:  # at most one window in flight
+            self._collect(self.pending.popleft().result())
+
+    def _digest(
+        self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        network = ~seeded & is_network(iv)
+        self.steps.add(*_steps_of(iv[network], new[network]))
+        return read_summary(iv[~is_open & ~seeded]), read_activity(iv[network & ~is_open])
+
+    def _collect(self, done: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+        self.counts.append(done[0])
+        self.activity.append(done[1])
+        if len(self.counts) >= self.MERGE_EVERY:
+            self.counts = [merge_counts(self.counts)]
+            self.activity = [merge_activity(self.activity)]
+
+    def finish(self) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+        try:
+            while self.pending:
+                self._collect(self.pending.popleft().result())
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return self.counts, self.activity
+
+
+def merge_counts(pieces: list[pd.DataFrame]) -> pd.DataFrame:
+    """read_summary() of several pieces of a trace's reads, as of all of them."""
+    full = [p for p in pieces if not p.empty]
+    if len(full) <= 1:
+        return full[0] if full else pieces[0]
+    out = pd.concat(full).groupby(["pid", "source", "label"], sort=True).sum().reset_index()
+    return out.astype({c: "int64" for c in out.columns if c not in ("source", "label")})
 
 
 # --- relate ---------------------------------------------------------------------------------
@@ -546,14 +621,15 @@ class _Job:
         reuse: NextPost,
         live: Future[pd.DataFrame] | None,
     ) -> Relation:
-        counts: list[pd.DataFrame] = []  # read_summary of finished reads, window by window
-        activity: list[pd.DataFrame] = []  # read_activity of the network reads among them
         held: list[pd.DataFrame] = []  # reads waiting for a lookup: EAGAIN returns, seeded parks
         carry = _empty(schema.POSTS, POST_COLUMNS).assign(seq=np.zeros(0, np.int64))
         no_completions = _empty(schema.COMPLETIONS, COMPLETION_COLUMNS)
         seq = 0
         low = -math.inf
         columns = {"posts": POST_COLUMNS, "completions": COMPLETION_COLUMNS}
+        # what a window's finished reads leave is worked out on a thread, in window order,
+        # while the next window's reads are paired
+        digests = _Digests(steps)
         for bound, ev in windows(reads_plan, columns, self.window_rows):
             posts = ev.get("posts", carry.iloc[0:0].drop(columns="seq"))
             completions = ev.get("completions", no_completions)
@@ -569,29 +645,23 @@ class _Job:
             seeded = source == Source.PARKED
             is_open = iv["end_ns"].isna().to_numpy()
             if seeded.any():  # parked at attach: ended by the next read on the fd
-                steps.hold()
+                digests.hold()
                 retry.ask(iv[new & seeded], "post_ns")
                 held.append(iv[~is_open & seeded])
-            finished = iv[~is_open & ~seeded]
-            eagain = finished[
-                (finished["source"].to_numpy() == Source.SYSCALL)
-                & (finished["ret"].to_numpy() == -EAGAIN)
-            ]
-            if not eagain.empty:  # parked after EAGAIN? known when the next reads come
-                steps.hold()
-                retry.ask(eagain, "end_ns")
-                reuse.ask(eagain, "end_ns")
-                held.append(eagain)
-            syscall_new = iv[new & (source == Source.SYSCALL)]
-            retry.answer(syscall_new)
-            reuse.answer(syscall_new)
-            counts.append(read_summary(finished))
-            network = ~seeded & is_network(iv)
-            ended = network & ~is_open
-            activity.append(read_activity(iv[ended]))
-            steps.add(*_steps_of(iv[network], new[network]))
+            eagain = ~is_open & (source == Source.SYSCALL) & (iv["ret"].to_numpy() == -EAGAIN)
+            if eagain.any():  # parked after EAGAIN? known when the next reads come
+                digests.hold()
+                retry.ask(iv[eagain], "end_ns")
+                reuse.ask(iv[eagain], "end_ns")
+                held.append(iv[eagain])
+            if retry.waiting() or reuse.waiting():
+                syscall_new = iv[new & (source == Source.SYSCALL)]
+                retry.answer(syscall_new)
+                reuse.answer(syscall_new)
+            digests.add(iv, new, is_open, seeded)
             carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[[*POST_COLUMNS, "seq"]]
             low = bound
+        counts, activity = digests.finish()
         # the reads still posted at the end, and those that waited for lookups
         still = read_intervals(carry, no_completions) if not carry.empty else iv_empty()
         seeded_open = (still["source"].to_numpy() == Source.PARKED) if len(still) else None
@@ -613,9 +683,7 @@ class _Job:
         if live is not None and self.meta.memory is not None:
             _, walked_heap, _, _ = walked_for(self.meta.memory, self.small["heap_blocks"])
             memory = self._memory(posted_now, _stacked(live.result(), walked_heap), merged)
-        return self._result(
-            _stacked(*[c for c in counts if not c.empty] or counts[:1]), peaks, memory
-        )
+        return self._result(merge_counts(counts), peaks, memory)
 
     def _advance(self, events: int, what: str) -> None:
         self.events += events
