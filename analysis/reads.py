@@ -46,6 +46,12 @@ def _without_swept_duplicates(posts: pd.DataFrame) -> pd.DataFrame:
     return posts[keep]
 
 
+def _uniform(a: pd.DataFrame, b: pd.DataFrame, column: str) -> bool:
+    """Whether `column` holds one value in both frames (together)."""
+    values = [f[column].to_numpy() for f in (a, b) if len(f)]
+    return len({int(x) for v in values for x in (v.min(), v.max())}) <= 1
+
+
 def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFrame:
     """One row per posted read: when it was posted and when (and how) it ended.
 
@@ -73,28 +79,28 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     stamp[n_posts:] += 1
     by_time = np.argsort(stamp, kind="stable")
     del stamp
-    who = both("pid", "int64") << 8
-    who |= both("source", "int64")
-    if who.min() == who.max():  # one process, one source: the key alone
-        key = both("key", "uint64")
+    if _uniform(p, completions, "pid") and _uniform(p, completions, "source"):
+        key = both("key", "uint64")  # one process, one source: the key alone
         low = key.min()
         if key.max() - low < 2**16:  # thread ids, say: the key is its own group number
-            group = (key - low).astype(np.int64)
+            group = (key - low).astype(np.uint16)
         else:
             group, _ = pd.factorize(key)
         del key
     else:
+        who = both("pid", "int64") << 8
+        who |= both("source", "int64")
         who_id, _ = pd.factorize(who)
+        del who
         key_id, keys = pd.factorize(both("key", "uint64"))
         group = who_id.astype(np.int64)
         del who_id
         group *= max(len(keys), 1)
         group += key_id
         del key_id, keys
-    del who
+    if group.dtype != np.uint16 and len(group) and group.max() < 2**16:
+        group = group.astype(np.uint16)  # numpy sorts 16-bit keys by radix: linear
     group = group[by_time]
-    if len(group) and group.max() < 2**16:  # numpy sorts 16-bit keys by radix: linear
-        group = group.astype(np.uint16)
     by_group = np.argsort(group, kind="stable")
     order = by_time[by_group]
     del by_time

@@ -253,7 +253,7 @@ def windows(
                     ts_type = rows.schema.field("ts_ns").type
                     cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
                     early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
-                out[name] = early.to_pandas()
+                out[name] = early.to_pandas(split_blocks=True)
             yield bound, out
 
 
