@@ -154,6 +154,12 @@ def render(results: dict[str, Any]) -> str:
                 )
                 + f"), peak RSS {human_bytes(huge['peak_rss_bytes'])}"
             )
+            duck = a.get("huge_duckdb")
+            if duck:
+                text += (
+                    f"; DuckDB on the same: {duck['wall_s']:.1f} s, peak RSS "
+                    f"{human_bytes(duck['peak_rss_bytes'])}"
+                )
         out.append(text)
     if "fleet" in results:
         f = results["fleet"]

@@ -342,16 +342,23 @@ def run(
                 f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
             )
     out: dict[str, Any] = {"events": written, "connections": connections, "trace": str(trace)}
-    if huge_events:
+    huge_sides: dict[str, list[dict[str, Any]]] = {}
+    if huge_events:  # once each: the streamed relate step, and DuckDB as a check
         huge, huge_written, _ = _synthetic(workdir, huge_events, log)
-        result = _measured(IDLEBUF_SIDE, huge)
-        log(
-            f"analysis streamed {huge_written:,} events: {result['wall_s']:.1f} s, "
-            f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
-        )
-        out["huge"] = {"events": huge_written, **result}
+        for name in [n for n in ("idlebuf", "duckdb") if n in sides]:
+            result = _measured(codes[name], huge)
+            log(
+                f"analysis {name} on {huge_written:,} events: {result['wall_s']:.1f} s, "
+                f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
+            )
+            huge_sides[f"{name} ({huge_written:,} events)"] = [result]
+        out["huge"] = {"events": huge_written, **huge_sides[next(iter(huge_sides))][0]}
+        if "duckdb" in sides:
+            out["huge_duckdb"] = huge_sides[f"duckdb ({huge_written:,} events)"][0]
     try:
         out["answers"] = check_answers({k: v for k, v in sides.items() if v})
+        if huge_sides:
+            out["huge_answers"] = check_answers(huge_sides)
         log(
             "analysis: every side agrees: "
             + ", ".join(f"{k} {v:,}" for k, v in out["answers"].items())

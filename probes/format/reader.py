@@ -170,7 +170,7 @@ def _part(
             wanted = [c for c in columns if c in reader.schema_arrow.names]
         piece = reader.read(columns=wanted)
     except (OSError, pa.ArrowException) as exc:
-        raise TraceError(f"{what} is damaged: {str(exc)[:200]}") from None
+        raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
     del data
     missing = table.missing(piece)
     if columns is not None:
@@ -209,42 +209,44 @@ class PartRef:
 
     def time_range(self) -> tuple[int, int, int]:
         """(rows, first ts_ns, last ts_ns) from the part's footer (row-group statistics),
-        without reading its rows; the rows' own bounds when the footer has no statistics.
-        Empty parts give (0, 0, -1)."""
+        without decoding its rows - once its digest is the one meta.json lists; the rows'
+        own bounds when the footer has no statistics. Empty parts give (0, 0, -1)."""
         what = f"{self.path}/{self.name}"
         dir_fd = _open(self.path, None, _DIR, str(self.path))
         try:
-            fd = _open(self.name, dir_fd, _FILE, what)
+            data = _read_regular(self.name, dir_fd, MAX_PART_BYTES, what)
         finally:
             os.close(dir_fd)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise TraceError(f"{what} is not a regular file")
-            if st.st_size > MAX_PART_BYTES:
-                raise TraceError(f"{what} is {st.st_size:,} bytes: more than {MAX_PART_BYTES:,}")
-            try:
-                meta = pq.ParquetFile(f).metadata
-                rows = meta.num_rows
-                if rows > MAX_PART_ROWS:
-                    raise TraceError(f"{what} declares {rows:,} rows")
-                if rows == 0:
-                    return 0, 0, -1
-                col = meta.schema.to_arrow_schema().get_field_index("ts_ns")
-                lows, highs = [], []
-                for g in range(meta.num_row_groups):
-                    stats = meta.row_group(g).column(col).statistics if col >= 0 else None
-                    if stats is None or not stats.has_min_max:
-                        break
-                    if meta.row_group(g).num_rows:
-                        lows.append(int(stats.min))
-                        highs.append(int(stats.max))
-                else:
-                    return rows, min(lows), max(highs)
-            except (OSError, pa.ArrowException) as exc:
-                raise TraceError(f"{what} is damaged: {str(exc)[:200]}") from None
+        if self.expect is not None and hashlib.sha256(data).hexdigest() != self.expect.sha256:
+            raise TraceError(
+                f"{what} is damaged: not the part meta.json lists (its SHA-256 differs)"
+            )
+        try:
+            meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+            rows = meta.num_rows
+            if rows > MAX_PART_ROWS or (self.expect is not None and rows != self.expect.rows):
+                raise TraceError(f"{what} declares {rows:,} rows")
+            if rows == 0:
+                return 0, 0, -1
+            col = meta.schema.to_arrow_schema().get_field_index("ts_ns")
+            lows, highs = [], []
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(col).statistics if col >= 0 else None
+                if stats is None or not stats.has_min_max:
+                    break
+                if meta.row_group(g).num_rows:
+                    lows.append(int(stats.min))
+                    highs.append(int(stats.max))
+            else:
+                return rows, min(lows), max(highs)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
         ts = self.read(["ts_ns"])["ts_ns"]
         return rows, int(pa.compute.min(ts).as_py()), int(pa.compute.max(ts).as_py())
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def table_parts(

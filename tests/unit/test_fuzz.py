@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from analysis.stream import relate
 from analysis.summary import summarize
 from idlebuf.experiments.comparison import traces_compared
 from idlebuf.reporters.text import render_comparison, render_report
@@ -41,7 +42,7 @@ SECONDS_PER_VARIANT = 20
 
 def figures(trace: Path) -> dict[str, Any]:
     """What every read path shows: report, report --json, --json --connections --timeline 1,
-    compare."""
+    compare, report --stream --timeline 1."""
     t = open_trace(trace)
     plain = summarize(t)
     timed = summarize(t, timeline_s=1.0)
@@ -51,6 +52,7 @@ def figures(trace: Path) -> dict[str, Any]:
         "json": plain.to_json(),
         "full": timed.to_json(connections=True),
         "compare": render_comparison(compared.rows),
+        "stream": relate(trace, timeline_s=1.0, window_rows=7).to_json(),
         "warnings": list(t.warnings),
     }
 
@@ -248,7 +250,13 @@ def _as_warned(figs: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
     text = "\n".join([title, *(f"WARNING: {w}" for w in warnings), rest])
     json_ = {**figs["json"], "warnings": warnings + figs["json"]["warnings"]}
     full = {**figs["full"], "warnings": warnings + figs["full"]["warnings"]}
-    return {"text": text, "json": json_, "full": full, "compare": figs["compare"]}
+    return {
+        "text": text,
+        "json": json_,
+        "full": full,
+        "compare": figs["compare"],
+        "stream": figs["stream"],  # the streamed figures carry no warnings
+    }
 
 
 class _Timeout(Exception):
@@ -322,7 +330,7 @@ def test_the_cli_refuses_in_one_line(tmp_path: Path, damage: str) -> None:
         data = bytearray(part.read_bytes())
         data[len(data) // 2] ^= 0x10
         part.write_bytes(bytes(data))
-    for args in (["report"], ["report", "--json"], ["compare"]):
+    for args in (["report"], ["report", "--json"], ["report", "--stream"], ["compare"]):
         done = idlebuf(*args, str(trace), timeout=30)
         assert done.returncode == 3, done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
