@@ -72,6 +72,7 @@ from analysis.summary import (
     walked_for,
 )
 from probes.format import schema
+from probes.format.errors import TraceError
 from probes.format.reader import PartRef, read_meta, read_table, table_parts
 from probes.format.schema import Source
 
@@ -242,7 +243,7 @@ def windows(
                 ahead.append(reader.submit(p.ref.read, columns[p.table]))
                 queued += 1
             for k in range(first, i):
-                waiting.setdefault(parts[k].table, []).append(ahead.popleft().result())
+                waiting.setdefault(parts[k].table, []).append(_within(parts[k], ahead.popleft()))
             bound = float(parts[i].first_ns) if i < len(parts) else math.inf
             out = {}
             for name, pieces in waiting.items():
@@ -255,6 +256,21 @@ def windows(
                     early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
                 out[name] = early.to_pandas(split_blocks=True)
             yield bound, out
+
+
+def _within(part: _Part, read: Future[pa.Table]) -> pa.Table:
+    """The part's rows, once their times are within those it was planned by (meta.json's
+    word for them, or its footer's)."""
+    rows = read.result()
+    if rows.num_rows:
+        bounds = pc.min_max(rows["ts_ns"])
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if low < part.first_ns or high > part.last_ns:
+            raise TraceError(
+                f"{part.ref.path}/{part.ref.name} holds events from {low} to {high} ns, "
+                f"outside the {part.first_ns} to {part.last_ns} it is listed with"
+            )
+    return rows
 
 
 # --- the posted count's steps ---------------------------------------------------------------

@@ -169,6 +169,9 @@ class Part:
     name: str = ""
     rows: int = 0
     sha256: str = ""
+    # its first and last ts_ns (tables that have one): a reader plans its windows from them
+    first_ns: int | None = None
+    last_ns: int | None = None
 
 
 @dataclass
@@ -250,6 +253,9 @@ class Meta:
             for part in parts:
                 if part.rows < 0 or "/" in part.name or not part.name.startswith("part-"):
                     raise TraceError(f"{where}: parts.{table} lists {part.name!r}")
+                for stamp in (part.first_ns, part.last_ns):
+                    if stamp is not None and not 0 <= stamp < 1 << 63:
+                        raise TraceError(f"{where}: parts.{table} {part.name}: ts {stamp}")
 
 
 def _to_json(value: Any) -> Any:

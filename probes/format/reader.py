@@ -208,9 +208,13 @@ class PartRef:
             os.close(dir_fd)
 
     def time_range(self) -> tuple[int, int, int]:
-        """(rows, first ts_ns, last ts_ns) from the part's footer (row-group statistics),
-        without decoding its rows - once its digest is the one meta.json lists; the rows'
-        own bounds when the footer has no statistics. Empty parts give (0, 0, -1)."""
+        """(rows, first ts_ns, last ts_ns): as meta.json lists them, or from the part's
+        footer (row-group statistics) without decoding its rows - once its digest is the one
+        meta.json lists; the rows' own bounds when the footer has no statistics. Empty
+        parts give (0, 0, -1)."""
+        expect = self.expect
+        if expect is not None and expect.first_ns is not None and expect.last_ns is not None:
+            return expect.rows, expect.first_ns, expect.last_ns  # as meta.json lists it
         what = f"{self.path}/{self.name}"
         dir_fd = _open(self.path, None, _DIR, str(self.path))
         try:

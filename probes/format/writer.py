@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from probes.format import schema
@@ -159,8 +160,12 @@ class TraceWriter:
         pq.write_table(rows, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
         self._write_file(self._table_dir(table), name, data)
+        first = last = None
+        if "ts_ns" in rows.schema.names and rows.num_rows:
+            bounds = pc.min_max(rows["ts_ns"])
+            first, last = int(bounds["min"].as_py()), int(bounds["max"].as_py())
         self._written.setdefault(table, []).append(
-            Part(name, rows.num_rows, hashlib.sha256(data).hexdigest())
+            Part(name, rows.num_rows, hashlib.sha256(data).hexdigest(), first, last)
         )
 
     # Files are written by one background thread, in submission order, so the recorder keeps

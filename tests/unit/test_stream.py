@@ -4,6 +4,7 @@ completed in another, parts whose times overlap, windows of a few events."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from analysis.stream import Relation, relate, relation_of
 from analysis.summary import summarize
 from probes.format import schema
+from probes.format.errors import TraceError
 from probes.format.meta import MemoryOptions, Meta
 from probes.format.reader import open_trace
 from probes.format.schema import PostFlag, Source
@@ -312,3 +314,33 @@ def test_the_report_traces_stream_to_the_same_figures(tmp_path: Path, make) -> N
         relate(cut(whole, tmp_path / "parts", 5), timeline_s=0.5, window_rows=7),
         in_memory(whole, 0.5),
     )
+
+
+def _edit_parts(trace: Path, change) -> None:
+    meta = json.loads((trace / "meta.json").read_text())
+    for parts in meta["parts"].values():
+        for part in parts:
+            change(part)
+    (trace / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_trace_whose_meta_json_lists_no_part_times_streams_from_the_footers(
+    tmp_path: Path,
+) -> None:
+    """Traces written before parts carried their first and last timestamp in meta.json."""
+    whole = busy_trace(tmp_path / "whole", 13)
+    parts = cut(whole, tmp_path / "parts", 41, overlapping=True)
+    _edit_parts(parts, lambda p: (p.pop("first_ns", None), p.pop("last_ns", None)))
+    same(relate(parts, timeline_s=0.5, window_rows=101), in_memory(whole, 0.5))
+
+
+def test_a_part_outside_the_times_meta_json_gives_it_is_refused(tmp_path: Path) -> None:
+    parts = cut(busy_trace(tmp_path / "whole", 17), tmp_path / "parts", 41)
+
+    def later(part: dict) -> None:
+        if part["name"] == "part-000003.parquet" and "first_ns" in part:
+            part["first_ns"] += 1
+
+    _edit_parts(parts, later)
+    with pytest.raises(TraceError, match="outside the"):
+        relate(parts, window_rows=101)
