@@ -62,7 +62,14 @@ from analysis.reads import (
     read_intervals,
     read_summary,
 )
-from analysis.results import ConnectionCounts, NowAndPeak, Result, TraceSummary
+from analysis.results import (
+    NOT_IN_JSON,
+    ConnectionCounts,
+    NowAndPeak,
+    Result,
+    TraceSummary,
+    connection_table_json,
+)
 from analysis.summary import (
     NETWORK_SOURCES,
     _intermediate,
@@ -119,6 +126,14 @@ class RelatedProcess(Result):
     io_buffer_bytes: int | None = None
     idle_io_buffer_bytes: int | None = None
     idle_posted_reads: int | None = None
+    # analysis.memory.connection_table(), this process's rows; retained_bytes unknown (NaN)
+    connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
+
+    def to_json(self, connections: bool = False) -> dict[str, Any]:
+        out = super().to_json()
+        if connections and self.connections is not None:
+            out["connection_table"] = connection_table_json(self.connection_rows)
+        return out
 
 
 @dataclass
@@ -138,6 +153,11 @@ class Relation(Result):
     events: int = 0
     windows: int = 0
     timeline: list[RelatedPoint] | None = None
+
+    def to_json(self, connections: bool = False) -> dict[str, Any]:
+        out = super().to_json()
+        out["processes"] = [p.to_json(connections) for p in self.processes]
+        return out
 
     def process(self, pid: int) -> RelatedProcess:
         (found,) = [p for p in self.processes if p.pid == pid]
@@ -165,6 +185,9 @@ def relation_of(summary: TraceSummary) -> Relation:
                 io_buffer_bytes=m.io_buffer_heap.bytes if m else None,
                 idle_io_buffer_bytes=m.io_buffer_heap.idle_bytes if m else None,
                 idle_posted_reads=m.idle_posted_reads if m else None,
+                connection_rows=(
+                    m.connection_rows.assign(retained_bytes=np.nan) if m else pd.DataFrame()
+                ),
             )
         )
     reading = {p.pid for p in processes if p.posted_reads.peak}  # in the posted timeline
@@ -776,6 +799,8 @@ class _Job:
             mine = attributed[attributed["pid"] == pid]
             conns = table[(table["pid"] == pid) & table["closed_ns"].isna()]
             out[int(pid)] = {
+                # retained buffers are not streamed: unknown, not 0
+                "connection_rows": table[table["pid"] == pid].assign(retained_bytes=np.nan),
                 "connections": ConnectionCounts(len(conns), int(conns["idle"].sum())),
                 "io_buffer_bytes": int(mine["attributed_bytes"].sum()),
                 "idle_io_buffer_bytes": int(mine.loc[idle[mine.index], "attributed_bytes"].sum()),

@@ -101,15 +101,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--timeline must be positive")
     progress = Progress()
     if streamed(args):
-        if args.connections:
-            raise UsageError("--connections needs the in-memory report (--in-memory)")
         relation = relate(
             args.trace,
             idle_threshold_s=args.idle_threshold,
             timeline_s=args.timeline,
             progress=progress,
         )
-        print(relation_json(relation) if args.json else render_relation(relation, str(args.trace)))
+        if args.json:
+            print(relation_json(relation, args.connections))
+        else:
+            print(render_relation(relation, str(args.trace)))
         return 0
     progress("reading the trace")
     trace = open_trace(args.trace)

@@ -55,5 +55,7 @@ def render_relation(relation: Relation, title: str) -> str:
     return "\n".join(lines)
 
 
-def relation_json(relation: Relation) -> str:
-    return json.dumps({"streamed": True, **relation.to_json()}, indent=2)
+def relation_json(relation: Relation, connections: bool = False) -> str:
+    """`report --stream --json`: with `connections`, each process's per-connection table
+    (its retained_bytes null: not streamed)."""
+    return json.dumps({"streamed": True, **relation.to_json(connections)}, indent=2)
