@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.reads import next_user_of_buffer
+from analysis.reads import columns_of, next_user_of_buffer
 from analysis.results import TIMELINE_FIGURES
 from probes.format.schema import RssMember
 
@@ -248,24 +248,25 @@ CONNECTION_COLUMNS = [
 ]
 
 
-def read_activity(intervals: pd.DataFrame) -> pd.DataFrame:
-    """Per connection (index pid, fd), what its reads say: bytes received, first read
-    posted, last data arrived (NaN: never), buffer bytes of reads posted now (NaN: none).
-    Sums, minima and maxima: the activity of a trace's pieces merges into the whole's
-    (merge_activity)."""
-    ret = intervals["ret"].to_numpy(np.float64)
-    end = intervals["end_ns"].to_numpy(np.float64)
+def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd.DataFrame:
+    """Per connection (index pid, fd), what its reads (the rows `where` says, if given) say:
+    bytes received, first read posted, last data arrived (NaN: never), buffer bytes of reads
+    posted now (NaN: none). Sums, minima and maxima: the activity of a trace's pieces merges
+    into the whole's (merge_activity)."""
+    column = columns_of(intervals, where)
+    ret = column("ret", np.float64)
+    end = column("end_ns", np.float64)
     data = ret > 0
     # one int64 key per connection: one hash of the rows, not one per column
-    pid = intervals["pid"].to_numpy(np.int64)
-    fd = intervals["fd"].to_numpy(np.int64)
+    pid = column("pid", np.int64)
+    fd = column("fd", np.int64)
     codes, keys = pd.factorize((pid << 32) | (fd & 0xFFFFFFFF))
     frame = pd.DataFrame(
         {
             "bytes_received": np.where(data, ret, 0.0),
-            "first_ns": intervals["post_ns"].to_numpy(np.int64),
+            "first_ns": column("post_ns", np.int64),
             "last_data_ns": np.where(data, end, np.nan),
-            "posted_bytes": np.where(np.isnan(end), intervals["len"].to_numpy(np.float64), np.nan),
+            "posted_bytes": np.where(np.isnan(end), column("len", np.float64), np.nan),
         }
     )
     g = frame.groupby(codes, sort=True)

@@ -5,6 +5,9 @@ Pure functions, DataFrames in and DataFrames out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -359,23 +362,37 @@ def _sums(codes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
 KIND_LIMITS = (2**31, 16, 4096, 65536)  # pid, source, op, flags: what read_summary packs
 
 
-def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
-    """Per (pid, source, label): reads posted now, bytes pinned now, completed, received.
+def columns_of(frame: pd.DataFrame, where: np.ndarray | None) -> Callable[[str, Any], np.ndarray]:
+    """column(name, dtype): a column of `frame` as an array, only the rows `where` says (all
+    without it) - a few columns picked, not the whole frame copied."""
+
+    def column(name: str, dtype: Any) -> np.ndarray:
+        values = frame[name].to_numpy(dtype)
+        return values if where is None else values[where]
+
+    return column
+
+
+def read_summary(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd.DataFrame:
+    """Per (pid, source, label): reads posted now, bytes pinned now, completed, received
+    (of the rows `where` says, if given).
 
     `buffer_select_posted` counts posted reads that pin no buffer of their own (they take one
     from a provided-buffer group when data arrives); `multishot_posted` those that stay posted
     across completions.
     """
     cols = ["pid", "source", "label", *SUMMARY_COUNTS]
-    if intervals.empty:
+    if intervals.empty or (where is not None and not where.any()):
         return pd.DataFrame(columns=cols)
-    is_open = intervals["end_ns"].isna().to_numpy()
-    ret = intervals["ret"].to_numpy(np.float64)
+    column = columns_of(intervals, where)
+    end = column("end_ns", np.float64)
+    is_open = np.isnan(end)
+    ret = column("ret", np.float64)
     ok = ret >= 0
-    flags = intervals["flags"].to_numpy(np.int64)
+    flags = column("flags", np.int64)
     figures = {
         "posted_reads": is_open,
-        "pinned_bytes": np.where(is_open, intervals["len"].to_numpy(np.int64), 0),
+        "pinned_bytes": np.where(is_open, column("len", np.int64), 0),
         "buffer_select_posted": is_open & ((flags & PostFlag.BUFFER_SELECT) != 0),
         "multishot_posted": is_open & ((flags & PostFlag.MULTISHOT) != 0),
         "reads_completed": ok,
@@ -384,7 +401,7 @@ def read_summary(intervals: pd.DataFrame) -> pd.DataFrame:
     }
     # a trace has millions of reads and a handful of kinds: sum per kind, then label kinds
     kind_columns = ["pid", "source", "op", "flags"]
-    parts = {c: intervals[c].to_numpy(np.int64) for c in kind_columns}
+    parts = {c: column(c, np.int64) for c in kind_columns}
     if all(v.min() >= 0 and v.max() < limit for v, limit in zip(parts.values(), KIND_LIMITS)):
         # one int64 key per read (pid < 2^31, source < 16, op < 4096, flags < 2^16): one
         # hash of the rows, and the kind's columns read back from the key

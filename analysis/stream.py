@@ -57,6 +57,7 @@ from analysis.reads import (
     EAGAIN,
     _next_post,
     _waiting_between,
+    columns_of,
     is_network,
     network_reads,
     read_intervals,
@@ -64,6 +65,7 @@ from analysis.reads import (
 )
 from analysis.results import (
     NOT_IN_JSON,
+    Buffers,
     ConnectionCounts,
     NowAndPeak,
     Result,
@@ -126,7 +128,10 @@ class RelatedProcess(Result):
     io_buffer_bytes: int | None = None
     idle_io_buffer_bytes: int | None = None
     idle_posted_reads: int | None = None
-    # analysis.memory.connection_table(), this process's rows; retained_bytes unknown (NaN)
+    # each connection's last data buffer still held (a pool's once); those of idle ones
+    held_data_buffers: Buffers | None = None
+    retained: Buffers | None = None
+    # analysis.memory.connection_table(), this process's rows
     connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
 
     def to_json(self, connections: bool = False) -> dict[str, Any]:
@@ -185,9 +190,9 @@ def relation_of(summary: TraceSummary) -> Relation:
                 io_buffer_bytes=m.io_buffer_heap.bytes if m else None,
                 idle_io_buffer_bytes=m.io_buffer_heap.idle_bytes if m else None,
                 idle_posted_reads=m.idle_posted_reads if m else None,
-                connection_rows=(
-                    m.connection_rows.assign(retained_bytes=np.nan) if m else pd.DataFrame()
-                ),
+                held_data_buffers=m.held_data_buffers if m else None,
+                retained=Buffers(m.retained.buffers, m.retained.bytes) if m else None,
+                connection_rows=m.connection_rows if m else pd.DataFrame(),
             )
         )
     reading = {p.pid for p in processes if p.posted_reads.peak}  # in the posted timeline
@@ -325,7 +330,7 @@ class Steps:
         self.in_memory = 0
         self.holding = False
         self.spill: tempfile.TemporaryDirectory[str] | None = None
-        self.on_edges: dict[int, np.ndarray] = {}  # pid -> [2, edges] step sums per edge
+        self.on_edges: dict[int, np.ndarray] = {}  # pid -> [posted, pinned] at each edge
         self.running: dict[int, np.ndarray] = {}  # pid -> [posted, pinned] after the last step
         self.best: dict[int, np.ndarray] = {}
 
@@ -339,7 +344,6 @@ class Steps:
         if not len(ts):
             return
         chunk = (pid, ts, d_reads, d_bytes)
-        self._on_edges(chunk)
         if not self.holding:
             self._climb(chunk)
             return
@@ -353,22 +357,6 @@ class Steps:
         else:
             self.held.append(chunk)
             self.in_memory += len(ts)
-
-    def _on_edges(self, chunk: Chunk) -> None:
-        """Step sums binned at the first edge at or after each step: a value at an edge is
-        the sum of the bins up to it, whatever order the steps came in."""
-        if self.edges is None or not len(self.edges):
-            return
-        pid, ts, d_reads, d_bytes = chunk
-        n = len(self.edges)
-        bins = np.searchsorted(self.edges, ts, side="left")
-        inside = bins < n
-        one = pid.min() == pid.max()
-        for p in [int(pid[0])] if one else np.unique(pid).tolist():
-            mine = inside if one else inside & (pid == p)
-            sums = self.on_edges.setdefault(p, np.zeros((2, n), np.int64))
-            for row, d in enumerate((d_reads, d_bytes)):
-                sums[row] += np.bincount(bins[mine], weights=d[mine], minlength=n).astype(np.int64)
 
     def _climb(self, chunk: Chunk) -> None:
         """Walk `chunk`'s steps in time order (per pid; at one instant ends before starts,
@@ -402,6 +390,14 @@ class Steps:
             self.running[p] = np.array([posted[-1], pinned[-1]])
             high_here = np.array([posted.max(), pinned.max()])
             self.best[p] = np.maximum(self.best.get(p, high_here), high_here)
+            if self.edges is not None and len(self.edges):
+                # the value at an edge: after the last step at or before it; edges before
+                # this chunk's first step keep what the chunks before left there
+                values = self.on_edges.setdefault(p, np.zeros((2, len(self.edges)), np.int64))
+                last = np.searchsorted(ts[at], self.edges, side="right") - 1
+                reached = last >= 0
+                values[0, reached] = posted[last[reached]]
+                values[1, reached] = pinned[last[reached]]
 
     def peaks(self, late: Chunk | None) -> dict[int, tuple[int, int]]:
         """Per pid, the highest posted count and pinned bytes at any instant, the `late`
@@ -425,24 +421,28 @@ class Steps:
         return {p: (int(v[0]), int(v[1])) for p, v in self.best.items()}
 
     def at_edges(self) -> dict[int, np.ndarray]:
-        """Per pid, [posted reads, pinned bytes] at each edge."""
-        return {pid: np.cumsum(sums, axis=1) for pid, sums in self.on_edges.items()}
+        """Per pid, [posted reads, pinned bytes] at each edge (once `peaks` has climbed the
+        steps held back)."""
+        return self.on_edges
 
     def close(self) -> None:
         if self.spill is not None:
             self.spill.cleanup()
 
 
-def _steps_of(reads: pd.DataFrame, new: np.ndarray) -> Chunk:
-    """The steps of `reads`: +1 at the post of those `new` (posted in this window), -1 at
-    the end of those that ended."""
-    end = reads["end_ns"].to_numpy(np.float64)
+def _steps_of(reads: pd.DataFrame, new: np.ndarray, where: np.ndarray | None = None) -> Chunk:
+    """The steps of `reads` (the rows `where` says): +1 at the post of those `new` (posted
+    in this window), -1 at the end of those that ended."""
+    column = columns_of(reads, where)
+    if where is not None:
+        new = new[where]
+    end = column("end_ns", np.float64)
     ended = ~np.isnan(end)
-    pid = reads["pid"].to_numpy(np.int64)
-    length = reads["len"].to_numpy(np.int64)
+    pid = column("pid", np.int64)
+    length = column("len", np.int64)
     return (
         np.concatenate([pid[new], pid[ended]]),
-        np.concatenate([reads["post_ns"].to_numpy(np.int64)[new], end[ended].astype(np.int64)]),
+        np.concatenate([column("post_ns", np.int64)[new], end[ended].astype(np.int64)]),
         np.concatenate([np.ones(int(new.sum()), np.int8), -np.ones(int(ended.sum()), np.int8)]),
         np.concatenate([length[new], -length[ended]]),
     )
@@ -505,6 +505,7 @@ class _Digests:
         self.pending: deque[Future[tuple[pd.DataFrame, pd.DataFrame]]] = deque()
         self.counts: list[pd.DataFrame] = []
         self.activity: list[pd.DataFrame] = []
+        self.data = LastData()
 
     def hold(self) -> None:
         self.pool.submit(self.steps.hold)  # in order: after the windows before it
@@ -520,8 +521,10 @@ class _Digests:
         self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         network = ~seeded & is_network(iv)
-        self.steps.add(*_steps_of(iv[network], new[network]))
-        return read_summary(iv[~is_open & ~seeded]), read_activity(iv[network & ~is_open])
+        self.steps.add(*_steps_of(iv, new, network))
+        ended = network & ~is_open
+        self.data.add(iv, ended)
+        return read_summary(iv, ~is_open & ~seeded), read_activity(iv, ended)
 
     def _collect(self, done: tuple[pd.DataFrame, pd.DataFrame]) -> None:
         self.counts.append(done[0])
@@ -537,6 +540,89 @@ class _Digests:
         finally:
             self.pool.shutdown(cancel_futures=True)
         return self.counts, self.activity
+
+
+class LastData:
+    """What retained_buffers needs of a trace's reads, kept as they pass: each connection's
+    last read that received data (the latest end; at one end, the latest post), and whether
+    another read has received data into its buffer since - posted after that end, so in its
+    window or a later one: a pool's buffer that moved on to another connection."""
+
+    def __init__(self) -> None:
+        self.last = pd.DataFrame()
+
+    def add(self, reads: pd.DataFrame, where: np.ndarray | None = None) -> None:
+        """The reads (the rows `where` says) of one window, or those that came late."""
+        received = (reads["ret"] > 0).to_numpy() & reads["end_ns"].notna().to_numpy()
+        data = reads[received if where is None else received & where]
+        if data.empty:
+            return
+        latest = _last_per_connection(data).assign(moved=False)
+        if not self.last.empty:
+            latest = _last_per_connection(pd.concat([self.last, latest], ignore_index=True))
+        # reads of this window into a buffer after a connection's last data went into it
+        keys = _buffer_keys(latest, data)
+        if keys is not None:
+            mine, theirs = keys
+            buffers, which = np.unique(mine, return_inverse=True)
+            at = pd.Index(buffers).get_indexer(theirs)  # a hash of the few buffers: fast
+            hit = at >= 0
+            since = np.full(len(buffers), -np.inf)
+            np.maximum.at(since, at[hit], data["post_ns"].to_numpy(np.float64)[hit])
+            moved = since[which] > latest["end_ns"].to_numpy(np.float64)
+            latest["moved"] = latest["moved"].to_numpy() | moved
+        self.last = latest
+
+    def buffers(
+        self, posted: pd.DataFrame, live: pd.DataFrame, at_ns: int, idle_threshold_ns: int
+    ) -> pd.DataFrame:
+        """retained_buffers(reads, live, at_ns, idle_threshold_ns) of the reads seen, with
+        `posted` the reads posted at the end."""
+        if self.last.empty:
+            cols = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
+            return pd.DataFrame(columns=[*cols, "alloc_addr", "alloc_size", "attributed_bytes"])
+        last = self.last.merge(
+            posted[["pid", "fd"]].drop_duplicates(), on=["pid", "fd"], how="left", indicator=True
+        )
+        last = last[(last["_merge"] == "left_only") & (at_ns - last["end_ns"] >= idle_threshold_ns)]
+        last = last[~last["moved"].to_numpy(bool)].drop(columns=["_merge", "moved"])
+        held = buffer_attribution(last, live)
+        return held[held["attributed_bytes"] > 0].reset_index(drop=True)
+
+
+def _buffer_keys(latest: pd.DataFrame, data: pd.DataFrame) -> tuple[np.ndarray, ...] | None:
+    """One key per buffer (pid, address) for the connections' last data reads and for
+    `data`'s reads (-1: none of theirs): the address where one process read."""
+    pids = np.concatenate([latest["pid"].to_numpy(), data["pid"].to_numpy()])
+    if pids.min() == pids.max():
+        return latest["addr"].to_numpy(np.uint64), data["addr"].to_numpy(np.uint64)
+    index = pd.MultiIndex.from_frame(latest[["pid", "addr"]]).unique()
+    theirs = index.get_indexer(pd.MultiIndex.from_frame(data[["pid", "addr"]]))
+    mine = index.get_indexer(pd.MultiIndex.from_frame(latest[["pid", "addr"]]))
+    return mine.astype(np.int64), np.where(theirs < 0, -1, theirs).astype(np.int64)
+
+
+def _last_per_connection(data: pd.DataFrame) -> pd.DataFrame:
+    """Per (pid, fd), the row with the latest end_ns; at one end, the latest post_ns; then
+    the last row (what a stable sort by end_ns of reads in post order leaves last)."""
+    pid = data["pid"].to_numpy(np.int64)
+    fd = data["fd"].to_numpy(np.int64)
+    if pid.min() == pid.max() and fd.max() - fd.min() < 2**22:
+        codes, n = fd - fd.min(), int(fd.max() - fd.min()) + 1
+    else:
+        codes, uniques = pd.factorize((pid << 32) | (fd & 0xFFFFFFFF))
+        n = len(uniques)
+    end = data["end_ns"].to_numpy(np.float64)
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, codes, end)
+    rows = np.flatnonzero(end == best[codes])
+    post = data["post_ns"].to_numpy(np.int64)[rows]
+    latest_post = np.full(n, np.iinfo(np.int64).min)
+    np.maximum.at(latest_post, codes[rows], post)
+    rows = rows[post == latest_post[codes[rows]]]
+    last_row = np.full(n, -1)
+    np.maximum.at(last_row, codes[rows], rows)
+    return data.iloc[np.sort(last_row[last_row >= 0])].reset_index(drop=True)
 
 
 def merge_counts(pieces: list[pd.DataFrame]) -> pd.DataFrame:
@@ -711,17 +797,19 @@ class _Job:
         counts += [read_summary(still), read_summary(late)]
         still, late = network_reads(still), network_reads(late)
         activity += [read_activity(still), read_activity(late)]
+        digests.data.add(late)
         late_steps = None
         if not late.empty:
             late_steps = _steps_of(late, np.ones(len(late), bool))
-            steps._on_edges(late_steps)
         peaks = steps.peaks(late_steps)
         posted_now = _stacked(still, late[late["end_ns"].isna()])
         merged = merge_activity(activity)
         memory = None
         if live is not None and self.meta.memory is not None:
             _, walked_heap, _, _ = walked_for(self.meta.memory, self.small["heap_blocks"])
-            memory = self._memory(posted_now, _stacked(live.result(), walked_heap), merged)
+            memory = self._memory(
+                posted_now, _stacked(live.result(), walked_heap), merged, digests.data
+            )
         return self._result(merge_counts(counts), peaks, memory)
 
     def _advance(self, events: int, what: str) -> None:
@@ -780,28 +868,35 @@ class _Job:
         return _stacked(*live)
 
     def _memory(
-        self, posted: pd.DataFrame, live: pd.DataFrame, activity: pd.DataFrame
+        self, posted: pd.DataFrame, live: pd.DataFrame, activity: pd.DataFrame, data: LastData
     ) -> dict[int, dict[str, Any]]:
         """Per pid, the memory side's figures, as memory_by_process computes them."""
         attributed = buffer_attribution(posted, live)
+        # every connection's last data buffer still held, idle or not; those of idle
+        # connections are the retained buffers
+        held = data.buffers(posted, live, self.end_ns, 0)
+        retained = held[self.end_ns - held["end_ns"] >= self.threshold_ns]
         idle = idle_reads(
             attributed,
             activity.reset_index()[["pid", "fd", "first_ns", "last_data_ns"]],
             self.end_ns,
             self.threshold_ns,
         )
-        no_retained = pd.DataFrame({"pid": [], "fd": [], "attributed_bytes": []})
         table = connections_from_activity(
-            activity.copy(), self.small["sockets"], no_retained, self.end_ns, self.threshold_ns
+            activity.copy(), self.small["sockets"], retained, self.end_ns, self.threshold_ns
         )
         out: dict[int, dict[str, Any]] = {}
         for pid in set(live["pid"]) | set(attributed["pid"]) | self._measured_pids():
             mine = attributed[attributed["pid"] == pid]
             conns = table[(table["pid"] == pid) & table["closed_ns"].isna()]
+            kept, mine_held = retained[retained["pid"] == pid], held[held["pid"] == pid]
             out[int(pid)] = {
-                # retained buffers are not streamed: unknown, not 0
-                "connection_rows": table[table["pid"] == pid].assign(retained_bytes=np.nan),
+                "connection_rows": table[table["pid"] == pid],
                 "connections": ConnectionCounts(len(conns), int(conns["idle"].sum())),
+                "held_data_buffers": Buffers(
+                    len(mine_held), int(mine_held["attributed_bytes"].sum())
+                ),
+                "retained": Buffers(len(kept), int(kept["attributed_bytes"].sum())),
                 "io_buffer_bytes": int(mine["attributed_bytes"].sum()),
                 "idle_io_buffer_bytes": int(mine.loc[idle[mine.index], "attributed_bytes"].sum()),
                 "idle_posted_reads": int(idle[mine.index].sum()),

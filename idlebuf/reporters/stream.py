@@ -56,6 +56,5 @@ def render_relation(relation: Relation, title: str) -> str:
 
 
 def relation_json(relation: Relation, connections: bool = False) -> str:
-    """`report --stream --json`: with `connections`, each process's per-connection table
-    (its retained_bytes null: not streamed)."""
+    """`report --stream --json`: with `connections`, each process's per-connection table."""
     return json.dumps({"streamed": True, **relation.to_json(connections)}, indent=2)
