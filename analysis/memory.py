@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.reads import columns_of, next_user_of_buffer
+from analysis.reads import columns_of, next_event, next_user_of_buffer
 from analysis.results import TIMELINE_FIGURES
 from probes.format.schema import RssMember
 
@@ -18,29 +18,29 @@ ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free
 def allocation_intervals(allocs: pd.DataFrame, frees: pd.DataFrame) -> pd.DataFrame:
     """One row per tracked allocation: when it was made and freed (`free_ns` NaN: live).
 
-    A free ends the allocation made before it at the same (pid, address).
+    A free ends the allocation made before it at the same (pid, address); the same address
+    allocated again without a free seen ends the first one (its free was not seen).
     """
     if allocs.empty:
         return pd.DataFrame(columns=ALLOCATION_COLUMNS)
     a = allocs.reset_index(drop=True)
     if "stack_id" not in a:
-        a["stack_id"] = 0
-    keys = ["pid", "addr"]
-    events = pd.concat(
-        [
-            a[[*keys, "ts_ns"]].assign(row=np.arange(len(a))),
-            frees[[*keys, "ts_ns"]].assign(row=-1),
-        ],
-        ignore_index=True,
-    ).sort_values([*keys, "ts_ns", "row"], ascending=[True, True, True, False], kind="stable")
-    group = events.groupby(keys, sort=False)
-    is_alloc = (events["row"] >= 0).to_numpy()
-    next_row = group["row"].shift(-1)[is_alloc].to_numpy()  # NaN: none, -1: a free
-    out = a.iloc[events["row"].to_numpy()[is_alloc]].reset_index(drop=True)
-    ends = group["ts_ns"].shift(-1)[is_alloc].to_numpy("float64")
-    out["alloc_ns"] = out["ts_ns"].astype("int64")
-    # the same address allocated again without a free seen: the first one ended unseen
-    out["free_ns"] = np.where(np.isnan(next_row), np.nan, ends)
+        a = a.assign(stack_id=0)
+    n_allocs = len(a)
+
+    def both(col: str, dtype: str) -> np.ndarray:
+        return np.concatenate([a[col].to_numpy(dtype), frees[col].to_numpy(dtype)])
+
+    ts = both("ts_ns", "int64")
+    pids = [f["pid"].to_numpy() for f in (a, frees) if len(f)]
+    one = len({int(x) for v in pids for x in (v.min(), v.max())}) == 1
+    keys = [both("addr", "uint64")] if one else [both("pid", "int64"), both("addr", "uint64")]
+    rows, has_next, nxt = next_event(ts, keys, n_allocs)
+    free_ns = np.empty(n_allocs)
+    free_ns[rows] = np.where(has_next, ts[nxt], np.nan)
+    out = a.assign(alloc_ns=a["ts_ns"].astype("int64"), free_ns=free_ns)
+    # grouped by (pid, address), in time order within each
+    out = out.iloc[rows].reset_index(drop=True)
     return out[ALLOCATION_COLUMNS]
 
 

@@ -55,6 +55,68 @@ def _uniform(a: pd.DataFrame, b: pd.DataFrame, column: str) -> bool:
     return len({int(x) for v in values for x in (v.min(), v.max())}) <= 1
 
 
+def _group_ids(keys: list[np.ndarray]) -> np.ndarray:
+    """A dense id per distinct combination of `keys` (equal-length arrays), as small an
+    integer as fits (numpy sorts 16-bit keys by radix: linear)."""
+    if len(keys) == 1:
+        key = keys[0]
+        low = key.min()
+        if key.max() - low < 2**16:  # thread ids, say: the key is its own group number
+            return (key - low).astype(np.uint16)
+    group = np.zeros(len(keys[0]), np.int64)
+    for key in keys:
+        ids, uniques = pd.factorize(key)
+        group *= max(len(uniques), 1)
+        group += ids
+    return group.astype(np.uint16) if len(group) and group.max() < 2**16 else group
+
+
+def _time_order(stamp: np.ndarray, n_first: int) -> np.ndarray:
+    """The stable sort of `stamp`; when its two runs (0..n_first-1 and the rest) are each
+    in order already - a recorder writes each table in time order - a merge of the two."""
+    first, second = stamp[:n_first], stamp[n_first:]
+    if not (np.all(first[1:] >= first[:-1]) and np.all(second[1:] >= second[:-1])):
+        return np.argsort(stamp, kind="stable")
+    # each of the second run goes after the first run's stamps at or below it (stable)
+    at = np.searchsorted(first, second, side="right") + np.arange(len(second))
+    order = np.empty(len(stamp), dtype=np.int64)
+    taken = np.zeros(len(stamp), dtype=bool)
+    taken[at] = True
+    order[at] = np.arange(n_first, len(stamp))
+    order[~taken] = np.arange(n_first)
+    return order
+
+
+def next_event(
+    ts: np.ndarray, keys: list[np.ndarray], n_first: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For events 0..n_first-1 (openings: posts, allocations) among the events that follow
+    (closings: completions, frees), in (key, time) order with an opening before a closing at
+    one instant: (rows: the openings in that order, has_next: another event of the same key
+    follows, nxt: that event's index). Two stable integer sorts (time, then a dense id of
+    the key) instead of a many-key lexsort; temporaries are dropped as soon as they are
+    used (at 10M events each is tens of MB)."""
+    n = len(ts)
+    stamp = ts * 2
+    stamp[n_first:] += 1
+    by_time = _time_order(stamp, n_first)
+    del stamp
+    group = _group_ids(keys)[by_time]
+    by_group = np.argsort(group, kind="stable")
+    order = by_time[by_group]
+    del by_time
+    group = group[by_group]
+    del by_group
+    same = np.zeros(n, dtype=bool)  # the next event is on the same key
+    same[:-1] = group[1:] == group[:-1]
+    del group
+    at_first = np.flatnonzero(order < n_first)
+    has_next = same[at_first]
+    del same
+    nxt = order[np.minimum(at_first + 1, n - 1)]  # the next event, in input order
+    return order[at_first], has_next, nxt
+
+
 def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFrame:
     """One row per posted read: when it was posted and when (and how) it ended.
 
@@ -68,56 +130,20 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
     if not isinstance(p.index, pd.RangeIndex) or p.index.start != 0 or p.index.step != 1:
         p = p.reset_index(drop=True)
     n_posts = len(p)
-    n = n_posts + len(completions)
 
     def both(col: str, dtype: str) -> np.ndarray:
         return np.concatenate([p[col].to_numpy(dtype), completions[col].to_numpy(dtype)])
 
-    # Rows 0..n_posts-1 are the posts, the rest the completions. Temporaries are dropped as
-    # soon as they are used: at 10M events each is tens of MB.
-    # by (pid, source, key) then time; at equal timestamps a post comes before its completion.
-    # Two stable integer sorts (time, then a dense id of the key) instead of a 4-key lexsort.
+    # Rows 0..n_posts-1 are the posts, the rest the completions.
     ts = both("ts_ns", "int64")
-    stamp = ts * 2
-    stamp[n_posts:] += 1
-    by_time = np.argsort(stamp, kind="stable")
-    del stamp
     if _uniform(p, completions, "pid") and _uniform(p, completions, "source"):
-        key = both("key", "uint64")  # one process, one source: the key alone
-        low = key.min()
-        if key.max() - low < 2**16:  # thread ids, say: the key is its own group number
-            group = (key - low).astype(np.uint16)
-        else:
-            group, _ = pd.factorize(key)
-        del key
+        keys = [both("key", "uint64")]  # one process, one source: the key alone
     else:
         who = both("pid", "int64") << 8
         who |= both("source", "int64")
-        who_id, _ = pd.factorize(who)
-        del who
-        key_id, keys = pd.factorize(both("key", "uint64"))
-        group = who_id.astype(np.int64)
-        del who_id
-        group *= max(len(keys), 1)
-        group += key_id
-        del key_id, keys
-    if group.dtype != np.uint16 and len(group) and group.max() < 2**16:
-        group = group.astype(np.uint16)  # numpy sorts 16-bit keys by radix: linear
-    group = group[by_time]
-    by_group = np.argsort(group, kind="stable")
-    order = by_time[by_group]
-    del by_time
-    group = group[by_group]
-    del by_group
-    same = np.zeros(n, dtype=bool)  # the next event is on the same key
-    same[:-1] = group[1:] == group[:-1]
-    del group
-    at_post = np.flatnonzero(order < n_posts)
-    has_next = same[at_post]
-    del same
-    nxt = order[np.minimum(at_post + 1, n - 1)]  # the next event, in input order
-    rows = order[at_post]  # the posts, in (key, time) order
-    del order, at_post
+        keys = [who, both("key", "uint64")]
+    rows, has_next, nxt = next_event(ts, keys, n_posts)
+    del keys
     next_is_post = nxt < n_posts
     # scatter back to the posts' own order (they come in time order, so no sort is needed)
     end_ns = np.empty(n_posts)
@@ -132,12 +158,24 @@ def read_intervals(posts: pd.DataFrame, completions: pd.DataFrame) -> pd.DataFra
         ret[rows] = np.nan
     superseded = np.empty(n_posts, dtype=bool)
     superseded[rows] = has_next & next_is_post
-    out = p.assign(
-        post_ns=p["ts_ns"].astype("int64"), end_ns=end_ns, ret=ret, superseded=superseded
+    made = {
+        "post_ns": p["ts_ns"].to_numpy("int64"),
+        "end_ns": end_ns,
+        "ret": ret,
+        "superseded": superseded,
+    }
+    # the columns as they are (one block each, no copy into a consolidated frame)
+    out = pd.DataFrame(
+        {
+            c: made[c] if c in made else p[c].to_numpy()
+            for c in _INTERVAL_COLUMNS
+            if c in made or c in p
+        },
+        copy=False,
     )
     if not out["post_ns"].is_monotonic_increasing:
-        out = out.sort_values("post_ns", kind="stable")
-    return out.reset_index(drop=True)[[c for c in _INTERVAL_COLUMNS if c in out.columns]]
+        out = out.sort_values("post_ns", kind="stable").reset_index(drop=True)
+    return out
 
 
 EAGAIN = 11

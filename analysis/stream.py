@@ -30,7 +30,9 @@ retained buffers, sites, writes, residency - need the in-memory report.
 from __future__ import annotations
 
 import math
+import queue
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -248,48 +250,71 @@ def windows(
     parts: list[_Part], columns: dict[str, list[str]], window_rows: int
 ) -> Iterator[tuple[float, dict[str, pd.DataFrame]]]:
     """(bound, each table's events earlier than `bound` not yielded before), in time order;
-    the last bound is +inf. Every event comes out exactly once, each part is read once."""
+    the last bound is +inf. Every event comes out exactly once, each part is read once.
+
+    The windows are put together on a thread of their own, one ahead: reading, decoding and
+    cutting parts (Arrow lets go of the GIL) while the caller relates the window before."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for window in _assembled(parts, columns, window_rows):
+                while not stop.is_set():
+                    try:
+                        ready.put(window, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            ready.put(exc)
+            return
+        ready.put(None)
+
+    producer = threading.Thread(target=produce, name="idlebuf-windows", daemon=True)
+    producer.start()
+    try:
+        while (window := ready.get()) is not None:
+            if isinstance(window, BaseException):
+                raise window
+            yield window
+    finally:
+        stop.set()
+        producer.join()
+
+
+def _assembled(
+    parts: list[_Part], columns: dict[str, list[str]], window_rows: int
+) -> Iterator[tuple[float, dict[str, pd.DataFrame]]]:
+    """windows(), put together where it is called."""
     waiting: dict[str, list[pa.Table]] = {}
-    # parts are read (and decoded: Arrow lets go of the GIL) a window ahead, on a thread
-    with ThreadPoolExecutor(1) as reader:
-        ahead: deque[Future[pa.Table]] = deque()
-        queued = 0  # parts submitted so far
-        i = 0
-        while i < len(parts):
-            loaded = 0
-            first = i
-            while i < len(parts) and (loaded == 0 or loaded < window_rows):
-                loaded += parts[i].rows
-                i += 1
-            # what the next window will read, submitted now; this one's, if not yet
-            wanted, rows_ahead = i, 0
-            while wanted < len(parts) and rows_ahead < window_rows:
-                rows_ahead += parts[wanted].rows
-                wanted += 1
-            while queued < max(wanted, i):
-                p = parts[queued]
-                ahead.append(reader.submit(p.ref.read, columns[p.table]))
-                queued += 1
-            for k in range(first, i):
-                waiting.setdefault(parts[k].table, []).append(_within(parts[k], ahead.popleft()))
-            bound = float(parts[i].first_ns) if i < len(parts) else math.inf
-            out = {}
-            for name, pieces in waiting.items():
-                rows = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-                if bound == math.inf:
-                    early, waiting[name] = rows, []
-                else:
-                    ts_type = rows.schema.field("ts_ns").type
-                    cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
-                    early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
-                out[name] = early.to_pandas(split_blocks=True)
-            yield bound, out
+    i = 0
+    while i < len(parts):
+        loaded = 0
+        while i < len(parts) and (loaded == 0 or loaded < window_rows):
+            p = parts[i]
+            waiting.setdefault(p.table, []).append(_within(p, p.ref.read(columns[p.table])))
+            loaded += p.rows
+            i += 1
+        bound = float(parts[i].first_ns) if i < len(parts) else math.inf
+        out = {}
+        for name, pieces in waiting.items():
+            rows = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+            if bound == math.inf:
+                early, waiting[name] = rows, []
+            else:
+                ts_type = rows.schema.field("ts_ns").type
+                cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
+                early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
+            out[name] = early.to_pandas(split_blocks=True)
+        yield bound, out
 
 
-def _within(part: _Part, read: Future[pa.Table]) -> pa.Table:
+def _within(part: _Part, rows: pa.Table) -> pa.Table:
     """The part's rows, once their times are within those it was planned by (meta.json's
     word for them, or its footer's)."""
-    rows = read.result()
     if rows.num_rows:
         bounds = pc.min_max(rows["ts_ns"])
         low, high = bounds["min"].as_py(), bounds["max"].as_py()
@@ -852,7 +877,8 @@ class _Job:
         carry = _empty(schema.ALLOCS, ALLOC_COLUMNS)
         no_frees = _empty(schema.FREES, FREE_COLUMNS)
         live = []
-        for _, ev in windows(
+        # put together where they are related: this is a side thread already
+        for _, ev in _assembled(
             plan, {"allocs": ALLOC_COLUMNS, "frees": FREE_COLUMNS}, self.window_rows
         ):
             allocs = ev.get("allocs", carry.iloc[0:0])
