@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.buffers import buffer_group_summary
 from analysis.comparison import io_buffer_memory
 from analysis.results import ProcessSummary, Result
+from analysis.stream import relate, trace_events
 from analysis.summary import summarize
+from probes.format import schema
 from probes.format.errors import IdlebufError
-from probes.format.reader import open_trace
+from probes.format.reader import open_trace, read_meta, read_table, table_parts
 
 
 @dataclass
@@ -71,7 +74,13 @@ def io_model(process: ProcessSummary) -> str:
     (with provided buffers or not), by blocked syscalls (a thread per connection) or parked
     (green threads, goroutines); else readiness when it waited on readiness."""
     posted = {name: s.posted_reads for name, s in process.by_source.items()}
-    if process.buffer_groups:
+    return _model(posted, bool(process.buffer_groups), process.readiness_waits.count)
+
+
+def _model(posted: dict[str, int], buffer_groups: bool, readiness_waits: int) -> str:
+    """io_model() from a process's reads posted at the end per source, whether it provided
+    buffer groups, and how many readiness waits it began."""
+    if buffer_groups:
         return "queued: io_uring provided buffers"
     if posted.get("uring", 0):
         return "queued: io_uring"
@@ -79,15 +88,25 @@ def io_model(process: ProcessSummary) -> str:
         return "queued: parked (green threads, Go)"
     if posted.get("syscall", 0):
         return "queued: blocking reads (threads)"
-    if process.readiness_waits.count:
+    if readiness_waits:
         return "readiness (epoll, poll, select)"
     return "unknown"
 
 
-def digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
+# a trace with more events than this is streamed (analysis.stream) on its worker: about
+# 4 GiB in memory; streamed, its whole cost per idle connection is unknown
+STREAM_ABOVE_EVENTS = 20_000_000
+
+
+def digest(
+    path: str, idle_threshold_s: float = 1.0, stream_above: int = STREAM_ABOVE_EVENTS
+) -> Digest:
     """One trace's digest; never raises for a trace that cannot be read (its failure says
-    why)."""
+    why). A trace of more than `stream_above` events is streamed: in bounded memory, its
+    whole cost per idle connection unknown."""
     try:
+        if trace_events(path) > stream_above:
+            return streamed_digest(path, idle_threshold_s)
         trace = open_trace(path)
         summary = summarize(trace, idle_threshold_s)
     except IdlebufError as exc:
@@ -124,6 +143,58 @@ def digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
                 model=io_model(process),
                 posted_reads=process.posted_reads.now,
                 pinned_bytes=process.pinned_bytes.now,
+                **figures,  # type: ignore[arg-type]
+            )
+        )
+    return out
+
+
+def streamed_digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
+    """digest() of a trace streamed by analysis.stream.relate: the same figures but the
+    whole cost (None: unknown)."""
+    relation = relate(path, idle_threshold_s)
+    trace_dir = Path(path)
+    meta = read_meta(trace_dir)
+    host = meta.host.hostname or "unknown"
+    small = {
+        name: read_table(trace_dir, schema.TABLES[name], meta)
+        for name in ("buffer_groups", "buffer_rings", "buffer_uses")
+    }
+    groups = buffer_group_summary(
+        small["buffer_groups"], small["buffer_rings"], small["buffer_uses"]
+    )
+    group_bytes = groups.groupby("pid")["bytes"].sum()
+    waits: dict[int, int] = {}
+    for ref in table_parts(trace_dir, schema.WAITS, meta):
+        for pid, n in zip(*np.unique(ref.read(["pid"])["pid"].to_numpy(), return_counts=True)):
+            waits[int(pid)] = waits.get(int(pid), 0) + int(n)
+    out = Digest(path)
+    for p in relation.processes:
+        if not (p.posted_reads.peak or p.reads_completed or (p.connections and p.connections.open)):
+            continue  # as digest() leaves them out
+        figures: dict[str, int | float | None] = dict.fromkeys(MEMORY_FIGURES)
+        if p.connections is not None:
+            held = p.held_data_buffers.bytes if p.held_data_buffers else 0
+            figures = {
+                "connections": p.connections.open,
+                "idle_connections": p.connections.idle,
+                "io_buffer_memory": (p.io_buffer_bytes or 0)
+                + (p.mapped_bytes or 0)
+                + held
+                + int(group_bytes.get(p.pid, 0)),
+                "idle_buffer_bytes": p.idle_user_buffer_bytes,
+                "per_idle_connection_bytes": round(p.per_idle_connection_bytes or 0.0, 1),
+                "whole_per_idle_connection_bytes": None,  # needs the in-memory report
+            }
+        out.processes.append(
+            ProcessDigest(
+                trace=path,
+                host=host,
+                pid=p.pid,
+                program=p.comm or "?",
+                model=_model(p.by_source, p.pid in group_bytes.index, waits.get(p.pid, 0)),
+                posted_reads=p.posted_reads.now,
+                pinned_bytes=p.pinned_bytes.now,
                 **figures,  # type: ignore[arg-type]
             )
         )

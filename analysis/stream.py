@@ -49,6 +49,7 @@ from analysis.memory import (
     allocation_intervals,
     buffer_attribution,
     connections_from_activity,
+    idle_connection_cost,
     idle_reads,
     live_at,
     merge_activity,
@@ -79,8 +80,10 @@ from analysis.summary import (
     _intermediate,
     _stacked,
     _totals,
+    mappings_live,
     step_for_span,
     walked_for,
+    with_mapped_bytes,
 )
 from probes.format import schema
 from probes.format.errors import TraceError
@@ -127,12 +130,17 @@ class RelatedProcess(Result):
     bytes_received: int
     by_source: dict[str, int] = field(default_factory=dict)  # posted now, per source
     connections: ConnectionCounts | None = None
-    io_buffer_bytes: int | None = None
+    io_buffer_bytes: int | None = None  # posted buffers' bytes in heap allocations
+    mapped_bytes: int | None = None  # ... in mappings the program made itself
     idle_io_buffer_bytes: int | None = None
     idle_posted_reads: int | None = None
     # each connection's last data buffer still held (a pool's once); those of idle ones
     held_data_buffers: Buffers | None = None
     retained: Buffers | None = None
+    # idle connections' user buffers (posted, parked, retained), and per idle connection
+    # those plus the kernel's socket memory (PerIdleConnection's measured figures)
+    idle_user_buffer_bytes: int | None = None
+    per_idle_connection_bytes: float | None = None
     # analysis.memory.connection_table(), this process's rows
     connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
 
@@ -190,10 +198,13 @@ def relation_of(summary: TraceSummary) -> Relation:
                 by_source={k: v.posted_reads for k, v in p.by_source.items() if v.posted_reads},
                 connections=m.connections if m else None,
                 io_buffer_bytes=m.io_buffer_heap.bytes if m else None,
+                mapped_bytes=m.io_buffer_heap.mapped_bytes if m else None,
                 idle_io_buffer_bytes=m.io_buffer_heap.idle_bytes if m else None,
                 idle_posted_reads=m.idle_posted_reads if m else None,
                 held_data_buffers=m.held_data_buffers if m else None,
                 retained=Buffers(m.retained.buffers, m.retained.bytes) if m else None,
+                idle_user_buffer_bytes=m.per_idle_connection.user_buffer_bytes if m else None,
+                per_idle_connection_bytes=m.per_idle_connection.bytes if m else None,
                 connection_rows=m.connection_rows if m else pd.DataFrame(),
             )
         )
@@ -677,7 +688,7 @@ def relate(
     warnings: list[str] = []
     small = {
         name: read_table(path, schema.TABLES[name], meta, warnings)
-        for name in ("processes", "heap_blocks", "buffer_uses")
+        for name in ("processes", "heap_blocks", "buffer_uses", "maps", "unmaps")
     }
     small["sockets"] = _sockets(path, meta, warnings)
     reads_plan = _planned(
@@ -831,9 +842,12 @@ class _Job:
         merged = merge_activity(activity)
         memory = None
         if live is not None and self.meta.memory is not None:
-            _, walked_heap, _, _ = walked_for(self.meta.memory, self.small["heap_blocks"])
+            _, walked_heap, walked_maps, _ = walked_for(self.meta.memory, self.small["heap_blocks"])
+            mapped = mappings_live(
+                self.small["maps"], self.small["unmaps"], walked_maps, self.end_ns
+            )
             memory = self._memory(
-                posted_now, _stacked(live.result(), walked_heap), merged, digests.data
+                posted_now, _stacked(live.result(), walked_heap), mapped, merged, digests.data
             )
         return self._result(merge_counts(counts), peaks, memory)
 
@@ -894,10 +908,15 @@ class _Job:
         return _stacked(*live)
 
     def _memory(
-        self, posted: pd.DataFrame, live: pd.DataFrame, activity: pd.DataFrame, data: LastData
+        self,
+        posted: pd.DataFrame,
+        live: pd.DataFrame,
+        mapped: pd.DataFrame,
+        activity: pd.DataFrame,
+        data: LastData,
     ) -> dict[int, dict[str, Any]]:
         """Per pid, the memory side's figures, as memory_by_process computes them."""
-        attributed = buffer_attribution(posted, live)
+        attributed = with_mapped_bytes(buffer_attribution(posted, live), mapped)
         # every connection's last data buffer still held, idle or not; those of idle
         # connections are the retained buffers
         held = data.buffers(posted, live, self.end_ns, 0)
@@ -911,6 +930,7 @@ class _Job:
         table = connections_from_activity(
             activity.copy(), self.small["sockets"], retained, self.end_ns, self.threshold_ns
         )
+        cost = idle_connection_cost(table).set_index("pid")
         out: dict[int, dict[str, Any]] = {}
         for pid in set(live["pid"]) | set(attributed["pid"]) | self._measured_pids():
             mine = attributed[attributed["pid"] == pid]
@@ -924,6 +944,9 @@ class _Job:
                 ),
                 "retained": Buffers(len(kept), int(kept["attributed_bytes"].sum())),
                 "io_buffer_bytes": int(mine["attributed_bytes"].sum()),
+                "mapped_bytes": int(mine["mapped_bytes"].sum()),
+                "idle_user_buffer_bytes": int(cost["user_buffer_bytes"].get(pid, 0)),
+                "per_idle_connection_bytes": float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
                 "idle_io_buffer_bytes": int(mine.loc[idle[mine.index], "attributed_bytes"].sum()),
                 "idle_posted_reads": int(idle[mine.index].sum()),
             }

@@ -100,6 +100,26 @@ def walked_for(
     return probed, walked_heap, walked_maps, failed
 
 
+def mappings_live(
+    maps: pd.DataFrame, unmaps: pd.DataFrame, walked_maps: pd.DataFrame, at_ns: int
+) -> pd.DataFrame:
+    """The program's own mappings live at `at_ns`: those traced and those the walkers found."""
+    mapped = live_at(mapping_intervals(maps, unmaps), at_ns, "map_ns", "unmap_ns")
+    return _stacked(mapped, walked_maps).drop_duplicates(["pid", "addr"])
+
+
+def with_mapped_bytes(attributed: pd.DataFrame, mapped: pd.DataFrame) -> pd.DataFrame:
+    """buffer_attribution()'s rows with `mapped_bytes`: of a buffer in no allocation, the
+    bytes inside a mapping the program made itself."""
+    outside = attributed["alloc_size"] == 0
+    in_maps = buffer_attribution(
+        attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
+    )
+    attributed = attributed.assign(mapped_bytes=0)
+    attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
+    return attributed
+
+
 def memory_by_process(
     trace: Trace,
     reads: pd.DataFrame,
@@ -121,16 +141,8 @@ def memory_by_process(
     posted = reads[reads["end_ns"].isna()]
     attributed = buffer_attribution(posted, live)
     # buffers outside every allocation: in memory the program mapped itself?
-    mapped = live_at(
-        mapping_intervals(trace["maps"], trace["unmaps"]), end_ns, "map_ns", "unmap_ns"
-    )
-    mapped = _stacked(mapped, walked_maps).drop_duplicates(["pid", "addr"])
-    outside = attributed["alloc_size"] == 0
-    in_maps = buffer_attribution(
-        attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
-    )
-    attributed["mapped_bytes"] = 0
-    attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
+    mapped = mappings_live(trace["maps"], trace["unmaps"], walked_maps, end_ns)
+    attributed = with_mapped_bytes(attributed, mapped)
     brk = program_break(trace["maps"]).set_index("pid")
     sites = buffer_sites(attributed, live, trace["stacks"])
     posted_from = (

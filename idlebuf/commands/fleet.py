@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analysis.fleet import Digest, aggregate, digest, find_traces
+from analysis.fleet import STREAM_ABOVE_EVENTS, Digest, aggregate, digest, find_traces
 from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.output import write_file
 from idlebuf.reporters.fleet import fleet_html, render_fleet
@@ -49,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="no Dask: summarise the traces one by one in this process",
     )
     add_idle_threshold(p)
+    p.add_argument(
+        "--stream-above",
+        type=number(int, 0),
+        default=STREAM_ABOVE_EVENTS,
+        metavar="EVENTS",
+        help="stream a trace of more events than this in bounded memory on its worker (its "
+        f"whole cost per idle connection is then unknown; default {STREAM_ABOVE_EVENTS:,})",
+    )
     p.add_argument("--top", type=number(int, 1), default=10, metavar="N", help="top N processes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--html", type=Path, metavar="FILE", help="also write an HTML page")
@@ -73,11 +81,13 @@ class _Progress:
                 print(file=sys.stderr)
 
 
-def summarise_serially(traces: list[str], idle_threshold_s: float) -> list[Digest]:
+def summarise_serially(
+    traces: list[str], idle_threshold_s: float, stream_above: int = STREAM_ABOVE_EVENTS
+) -> list[Digest]:
     progress = _Progress(len(traces))
     out = []
     for path in traces:
-        out.append(digest(path, idle_threshold_s))
+        out.append(digest(path, idle_threshold_s, stream_above))
         progress.step()
     return out
 
@@ -113,11 +123,15 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(cluster)
 
 
-def summarise_on_dask(client: Any, traces: list[str], idle_threshold_s: float) -> list[Digest]:
+def summarise_on_dask(
+    client: Any, traces: list[str], idle_threshold_s: float, stream_above: int = STREAM_ABOVE_EVENTS
+) -> list[Digest]:
     from dask.distributed import as_completed  # noqa: PLC0415
 
     progress = _Progress(len(traces))
-    futures = client.map(digest, traces, idle_threshold_s=idle_threshold_s, pure=False)
+    futures = client.map(
+        digest, traces, idle_threshold_s=idle_threshold_s, stream_above=stream_above, pure=False
+    )
     out = []
     for future in as_completed(futures):
         out.append(future.result())
@@ -130,11 +144,11 @@ def run(args: argparse.Namespace) -> int:
     if not traces and missing:
         raise UsageError(f"{missing[0].trace}: {missing[0].reason}")
     if args.serial:
-        digests = summarise_serially(traces, args.idle_threshold)
+        digests = summarise_serially(traces, args.idle_threshold, args.stream_above)
     else:
         client = _client(args)
         try:
-            digests = summarise_on_dask(client, traces, args.idle_threshold)
+            digests = summarise_on_dask(client, traces, args.idle_threshold, args.stream_above)
         finally:
             cluster = client.cluster if not args.scheduler else None
             client.close()

@@ -131,3 +131,26 @@ def test_a_trace_without_the_memory_side_is_unknown_there_not_zero(tmp_path: Pat
     assert group.idle_connections == known.idle_connections  # only the known one counts
     (only_bare,) = aggregate(digests[1:]).by_host
     assert only_bare.idle_connections is None and only_bare.idle_buffer_bytes is None
+
+
+def test_traces_streamed_on_the_workers_give_the_same_digests_but_the_whole_cost(
+    fleet: Path,
+) -> None:
+    """`--stream-above 0`: every trace streamed (as a trace too big to load would be): each
+    process's figures are those of the in-memory digest, but the whole cost per idle
+    connection, which is unknown (None), not 0."""
+    traces = find_traces([fleet])[0]
+    loaded = {(p.trace, p.pid): p.to_json() for t in traces for p in digest(t).processes}
+    streamed = {
+        (p.trace, p.pid): p.to_json() for t in traces for p in digest(t, stream_above=0).processes
+    }
+    assert streamed.keys() == loaded.keys()
+    for key, figures in loaded.items():
+        assert streamed[key]["whole_per_idle_connection_bytes"] is None
+        assert {**streamed[key], "whole_per_idle_connection_bytes": None} == {
+            **figures,
+            "whole_per_idle_connection_bytes": None,
+        }, key
+    on_dask = _fleet_json(str(fleet), "--workers", "2", "--stream-above", "0")
+    assert on_dask["traces"] == TRACES + 2 and on_dask["read"] == TRACES
+    assert all(g["whole_known"] == 0 for g in on_dask["by_model"])
