@@ -136,16 +136,10 @@ def digest(
             }
         out.processes.append(
             ProcessDigest(
-                trace=path,
-                host=host,
-                pid=process.pid,
-                program=process.comm or "?",
-                model=io_model(process),
-                posted_reads=process.posted_reads.now,
-                pinned_bytes=process.pinned_bytes.now,
-                **figures,  # type: ignore[arg-type]
+                path, host, process.pid, process.comm or "?", io_model(process),
+                process.posted_reads.now, process.pinned_bytes.now, **figures,  # type: ignore[arg-type]
             )
-        )
+        )  # fmt: skip
     return out
 
 
@@ -186,18 +180,13 @@ def streamed_digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
                 "per_idle_connection_bytes": round(p.per_idle_connection_bytes or 0.0, 1),
                 "whole_per_idle_connection_bytes": None,  # needs the in-memory report
             }
+        model = _model(p.by_source, p.pid in group_bytes.index, waits.get(p.pid, 0))
         out.processes.append(
             ProcessDigest(
-                trace=path,
-                host=host,
-                pid=p.pid,
-                program=p.comm or "?",
-                model=_model(p.by_source, p.pid in group_bytes.index, waits.get(p.pid, 0)),
-                posted_reads=p.posted_reads.now,
-                pinned_bytes=p.pinned_bytes.now,
-                **figures,  # type: ignore[arg-type]
+                path, host, p.pid, p.comm or "?", model,
+                p.posted_reads.now, p.pinned_bytes.now, **figures,  # type: ignore[arg-type]
             )
-        )
+        )  # fmt: skip
     return out
 
 

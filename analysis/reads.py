@@ -270,6 +270,19 @@ def parked_reads(
         return intervals.iloc[0:0]
     next_fd = next_user_of_buffer(candidates, "end_ns", syscall)
     retry = _next_post(candidates, "end_ns", syscall, ["pid", "fd"], "at")
+    return parked_of(candidates, retry, next_fd, waits, wait_ends)
+
+
+def parked_of(
+    candidates: pd.DataFrame,
+    retry: pd.Series,
+    next_fd: pd.Series,
+    waits: pd.DataFrame | None,
+    wait_ends: pd.DataFrame | None,
+) -> pd.DataFrame:
+    """parked_reads()'s rows from its candidates (EAGAIN returns), given for each the next
+    read posted on its fd (`retry`, NaN: none) and the fd of the next read into its buffer
+    (`next_fd`, -1: none), both indexed as `candidates`."""
     keep = (next_fd == -1) | (next_fd == candidates["fd"])
     if waits is not None:
         keep &= _waiting_between(candidates.assign(retry=retry), waits, wait_ends)

@@ -59,10 +59,10 @@ from analysis.memory import (
 from analysis.reads import (
     EAGAIN,
     _next_post,
-    _waiting_between,
     columns_of,
     is_network,
     network_reads,
+    parked_of,
     read_intervals,
     read_summary,
 )
@@ -871,18 +871,10 @@ class _Job:
         candidates = rows[~seeded]
         if not candidates.empty:
             at = pd.Series(retry.values(candidates["seq"], np.nan), index=candidates.index)
-            next_fd = reuse.values(candidates["seq"], -1.0)
-            keep = (next_fd == -1) | (next_fd == candidates["fd"].to_numpy())
+            next_fd = pd.Series(reuse.values(candidates["seq"], -1.0), index=candidates.index)
             waits = read_table(self.path, schema.WAITS, self.meta, self.warnings)
             wait_ends = read_table(self.path, schema.WAIT_ENDS, self.meta, self.warnings)
-            keep &= _waiting_between(candidates.assign(retry=at), waits, wait_ends).to_numpy()
-            parked = candidates[keep].copy()
-            parked["post_ns"] = parked["end_ns"].astype("int64")
-            parked["end_ns"] = at[keep]
-            parked["ret"] = np.nan
-            parked["superseded"] = False
-            parked["source"] = Source.PARKED
-            out.append(parked)
+            out.append(parked_of(candidates, at, next_fd, waits, wait_ends))
         return pd.concat(out, ignore_index=True)
 
     def _live(self, plan: list[_Part]) -> pd.DataFrame:
