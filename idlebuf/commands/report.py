@@ -43,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--stream",
         action="store_true",
         help="relate the trace a window of time at a time, in bounded memory (the read, "
-        "buffer and connection figures only); the default for traces too big to load",
+        "buffer and connection figures, not the whole cost); the default for traces too big "
+        "to load",
     )
     how.add_argument(
         "--in-memory",

@@ -33,11 +33,20 @@ def render_relation(relation: Relation, title: str) -> str:
                 "unknown" if conns is None else f"{conns.idle:,}",
                 _known(p.io_buffer_bytes, human_bytes),
                 _known(p.idle_io_buffer_bytes, human_bytes),
+                "unknown" if p.retained is None else human_bytes(p.retained.bytes),
+                "-"
+                if conns is not None and not conns.idle
+                else _known(
+                    None
+                    if p.per_idle_connection_bytes is None
+                    else round(p.per_idle_connection_bytes),
+                    human_bytes,
+                ),
             ]
         )
     headers = [
         "pid", "comm", "posted", "peak", "pinned", "peak", "completed", "received",
-        "conns", "idle", "IO-buffer heap", "of idle conns",
+        "conns", "idle", "IO-buffer heap", "of idle conns", "retained", "per idle conn",
     ]  # fmt: skip
     lines = [
         f"{title}: streamed, {relation.events:,} events in {relation.windows:,} windows "
@@ -47,10 +56,23 @@ def render_relation(relation: Relation, title: str) -> str:
     ]
     if any(p.connections is None for p in relation.processes):
         lines.append("conns, IO-buffer heap: unknown (recorded without --memory)")
+    if relation.timeline:
+        lines += ["", "Posted reads over time", ""]
+        lines.append(
+            table(
+                ["pid", "t (s)", "posted", "pinned"],
+                [
+                    [str(t.pid), f"{t.t_s:g}", f"{t.posted_reads:,}", human_bytes(t.pinned_bytes)]
+                    for t in relation.timeline
+                ],
+            )
+        )
+    lines += [""]
     lines.append(
-        "Streamed: read lifetimes, the buffers' allocations and the connections only. The "
-        "whole cost, retained buffers, sites, writes and resident memory need the in-memory "
-        "report (--in-memory)."
+        "Streamed: reads, the buffers' allocations and mappings, connections and the measured "
+        "cost per idle connection (user buffers + socket memory). The whole cost, allocation "
+        "sites, writes, residency, heap and RSS figures need the in-memory report "
+        "(--in-memory)."
     )
     return "\n".join(lines)
 

@@ -355,3 +355,26 @@ def test_a_part_outside_the_times_meta_json_gives_it_is_refused(tmp_path: Path) 
     _edit_parts(parts, later)
     with pytest.raises(TraceError, match="outside the"):
         relate(parts, window_rows=101)
+
+
+def test_report_streams_by_itself_a_trace_too_big_for_the_memory_available(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from idlebuf.cli import main
+    from idlebuf.commands import report
+
+    trace = mixed_trace(tmp_path / "t")
+    monkeypatch.setattr(report, "available_memory", lambda: 2 * 67 * 215 - 1)  # 67 events
+    assert main(["report", "--json", "--connections", "--timeline", "1", str(trace)]) == 0
+    out, err = capsys.readouterr()
+    assert "streaming it (--in-memory to load it anyway)" in err and err.count("\n") == 1
+    got = json.loads(out)
+    assert got.pop("streamed") is True
+    want = relate(trace, timeline_s=1.0).to_json(connections=True)
+    assert got == want and got["processes"][0]["connection_table"]
+    assert main(["report", "--json", "--in-memory", str(trace)]) == 0  # loaded after all
+    out, err = capsys.readouterr()
+    assert "streamed" not in json.loads(out) and not err
+    monkeypatch.setattr(report, "available_memory", lambda: 2 * 67 * 215)
+    assert main(["report", "--json", str(trace)]) == 0  # fits: loaded
+    assert "streamed" not in json.loads(capsys.readouterr().out)
