@@ -4,27 +4,31 @@
 longer fits in memory. `relate` reads the parts of the big tables (posts, completions,
 allocs, frees) a window of time at a time and keeps only what is still open between windows:
 
-- Windows. Each part's first and last timestamp come from its Parquet footer. Parts are
-  loaded in order of their first timestamp; after each load, every event earlier than the
-  first timestamp of the parts not loaded yet is complete - no part still to come can hold
-  one - and is related as one window. Parts that overlap in time simply wait together.
+- Windows. Each part's first and last timestamp come from meta.json (or, for older traces,
+  the part's Parquet footer). Parts are loaded in order of their first timestamp; after
+  each load, every event earlier than the first timestamp of the parts not loaded yet is
+  complete - no part still to come can hold one - and is related as one window. Parts that
+  overlap in time simply wait together.
 - Read lifetimes. A window's posts and completions are paired by `read_intervals`, with the
   reads still open (carried from the windows before) put in front of its posts: a carried
   post is older than any event of the window, so the pairing is the one over the whole
   trace. The allocations the same way (`allocation_intervals`), carrying the live ones.
 - What a finished read leaves: additive or extreme figures per process and per connection
-  (`read_summary`, `read_activity`), and its +1 / -1 steps of the posted count.
+  (`read_summary`, `read_activity`), each connection's last data buffer (`LastData`: the
+  retained buffers), and its +1 / -1 steps of the posted count.
 - Reads parked after EAGAIN (Go's netpoller, `parked_reads`) and parked reads found at
   attach (`parked_at_attach`) need the next read on the same descriptor and buffer, which
   may come windows later: they wait in a small table of lookups, resolved as the windows
-  pass, and join the figures at the end. Their steps come late too, so the steps are kept
-  (on disk beyond a few tens of MB) and the peaks computed in a last pass in time order.
+  pass, and join the figures at the end. Their steps come late too, so from the first such
+  read the steps are kept (on disk beyond STEPS_IN_MEMORY) and the peaks climbed in time
+  order at the end.
 
 What stays whole in memory: the reads open at a window boundary, the live allocations,
-the per-connection table, pending lookups, and the small tables (processes, sockets, walked
-heap blocks, readiness waits). The figures are exactly those of `summarize` for the same
-trace (tests/unit/test_stream.py compares them); those it does not compute - the whole cost,
-retained buffers, sites, writes, residency - need the in-memory report.
+one row per connection, pending lookups, and the small tables (processes, sockets, walked
+heap blocks, mappings, readiness waits). The figures are exactly those of `summarize` for
+the same trace (tests/unit/test_stream.py compares them, `relation_of`); those it does not
+compute - the whole cost, allocation sites, writes, residency, heap and RSS figures - need
+the in-memory report.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ class RelatedProcess(Result):
     posted_reads: NowAndPeak
     pinned_bytes: NowAndPeak
     buffer_select_posted: int
-    reads_completed: int  # network reads (intermediate multishot completions not counted)
+    reads_completed: int  # network reads (with multishot's intermediate completions)
     reads_failed: int
     bytes_received: int
     by_source: dict[str, int] = field(default_factory=dict)  # posted now, per source
@@ -744,7 +748,7 @@ def _sockets(path: Path, meta: Any, warnings: list[str]) -> pd.DataFrame:
     refs = table_parts(path, schema.SOCKETS, meta, warnings)
     if not refs:
         return read_table(path, schema.SOCKETS, meta, warnings)
-    pieces = [r.read().to_pandas() for r in refs]
+    pieces = [r.read(SOCKET_COLUMNS).to_pandas() for r in refs]
     out = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
     for col in ("family", "state", "local", "remote"):
         out[col] = out[col].astype("category")
