@@ -768,6 +768,8 @@ class _Job:
     events: int = 0
     windows: int = 0
     progress: Callable[[str], None] = lambda _: None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    counting: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, reads_plan: list[_Part], alloc_plan: list[_Part], steps: Steps) -> Relation:
         retry = NextPost("fd", "at")
@@ -776,7 +778,11 @@ class _Job:
         # and Arrow's reads let go of the GIL): the machine's second core
         with ThreadPoolExecutor(1) as pool:
             live = pool.submit(self._live, alloc_plan) if self.meta.memory is not None else None
-            return self._reads(reads_plan, steps, retry, reuse, live)
+            try:
+                return self._reads(reads_plan, steps, retry, reuse, live)
+            except BaseException:  # Ctrl-C, a damaged part: the other thread stops too
+                self.stopping.set()
+                raise
 
     def _reads(
         self,
@@ -856,9 +862,12 @@ class _Job:
         return self._result(merge_counts(counts), peaks, memory)
 
     def _advance(self, events: int, what: str) -> None:
-        self.events += events
-        self.windows += 1
-        self.progress(f"{what}: {self.events:,} of {self.total:,} events (window {self.windows})")
+        """Count a window (from either thread) and say how far the job got."""
+        with self.counting:
+            self.events += events
+            self.windows += 1
+            said = f"{what}: {self.events:,} of {self.total:,} events (window {self.windows})"
+        self.progress(said)
 
     def _late(self, held: list[pd.DataFrame], retry: NextPost, reuse: NextPost) -> pd.DataFrame:
         """The reads parked after EAGAIN (parked_reads) and those parked at attach
@@ -891,6 +900,8 @@ class _Job:
         for _, ev in _assembled(
             plan, {"allocs": ALLOC_COLUMNS, "frees": FREE_COLUMNS}, self.window_rows
         ):
+            if self.stopping.is_set():
+                return carry.iloc[0:0]
             allocs = ev.get("allocs", carry.iloc[0:0])
             frees = ev.get("frees", no_frees)
             self._advance(len(allocs) + len(frees), "allocations")
