@@ -208,13 +208,9 @@ def next_user_of_buffer(rows: pd.DataFrame, time_col: str, reads: pd.DataFrame) 
     return _next_post(rows, time_col, reads, ["pid", "addr"], "next_fd").fillna(-1)
 
 
-def _waiting_between(
-    rows: pd.DataFrame, waits: pd.DataFrame, wait_ends: pd.DataFrame | None
-) -> pd.Series:
-    """For each row (pid, end_ns = an EAGAIN's return, `retry` = the next read's post or NaN),
-    whether some thread of the process was in a readiness wait at some moment in between: a
-    wait begun before the retry and not ended before the EAGAIN. A process's netpoller may
-    have been blocked in epoll_wait since long before (one thread waits for all)."""
+def wait_spans(waits: pd.DataFrame, wait_ends: pd.DataFrame | None) -> pd.DataFrame:
+    """Each readiness wait (pid, tid, begin) with its `end`: the first wait end of the same
+    thread at or after it (inf: none seen)."""
     w = (
         waits[["pid", "tid", "ts_ns"]]
         .astype({"ts_ns": "float64"})
@@ -232,7 +228,16 @@ def _waiting_between(
         )
     else:
         w = w.assign(end=np.nan)
-    w = w.assign(end=w["end"].fillna(np.inf)).sort_values(["pid", "begin"], kind="stable")
+    return w.assign(end=w["end"].fillna(np.inf))
+
+
+def waiting_between(rows: pd.DataFrame, spans: pd.DataFrame) -> pd.Series:
+    """For each row (pid, end_ns = an EAGAIN's return, `retry` = the next read's post or NaN),
+    whether some thread of the process was in a readiness wait (`spans`, wait_spans()) at
+    some moment in between: a wait begun before the retry and not ended before the EAGAIN. A
+    process's netpoller may have been blocked in epoll_wait since long before (one thread
+    waits for all)."""
+    w = spans.sort_values(["pid", "begin"], kind="stable")
     w["latest_end"] = w.groupby("pid")["end"].cummax()  # of the waits begun so far
     left = rows[["pid"]].assign(
         _t=rows["retry"].fillna(np.inf).astype("float64"), _eagain=rows["end_ns"]
@@ -246,6 +251,13 @@ def _waiting_between(
         direction="backward",
     ).set_index("index")
     return (found["latest_end"] >= found["_eagain"]).reindex(rows.index).fillna(False)
+
+
+def _waiting_between(
+    rows: pd.DataFrame, waits: pd.DataFrame, wait_ends: pd.DataFrame | None
+) -> pd.Series:
+    """waiting_between() over the readiness waits and their ends."""
+    return waiting_between(rows, wait_spans(waits, wait_ends))
 
 
 def parked_reads(

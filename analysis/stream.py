@@ -69,6 +69,8 @@ from analysis.reads import (
     parked_of,
     read_intervals,
     read_summary,
+    wait_spans,
+    waiting_between,
 )
 from analysis.results import (
     NOT_IN_JSON,
@@ -97,11 +99,18 @@ from probes.format.schema import Source
 WINDOW_ROWS = 500_000  # events loaded before a window is related (measured fastest at 10M)
 # what summarize() holds per event of the big tables at its peak (measured: 2.0 GiB at 10M)
 IN_MEMORY_BYTES_PER_EVENT = 215
-BIG_TABLES = ("posts", "completions", "allocs", "frees")
+BIG_TABLES = ("posts", "completions", "allocs", "frees", "waits", "wait_ends")
 STEPS_IN_MEMORY = 2_000_000  # posted-count steps kept in memory before they go to disk
 
 POST_COLUMNS = ["ts_ns", "pid", "tid", "fd", "source", "op", "key", "addr", "len", "flags"]
 COMPLETION_COLUMNS = ["ts_ns", "pid", "source", "key", "ret"]
+WAIT_COLUMNS = ["ts_ns", "pid", "tid"]  # readiness waits and their ends
+READ_TABLES = {
+    "posts": POST_COLUMNS,
+    "completions": COMPLETION_COLUMNS,
+    "waits": WAIT_COLUMNS,
+    "wait_ends": WAIT_COLUMNS,
+}
 ALLOC_COLUMNS = ["ts_ns", "pid", "addr", "size"]
 FREE_COLUMNS = ["ts_ns", "pid", "addr"]
 SOCKET_COLUMNS = [
@@ -226,8 +235,9 @@ def relation_of(summary: TraceSummary) -> Relation:
 
 
 def trace_events(path: str | Path) -> int:
-    """Rows of the big tables (posts, completions, allocs, frees), from meta.json's list of
-    parts (or the parts' footers): what relating the trace costs, before reading it."""
+    """Rows of the big tables (posts, completions, allocs, frees, readiness waits), from
+    meta.json's list of parts (or the parts' footers): what relating the trace costs, before
+    reading it."""
     path = Path(path)
     meta = read_meta(path)
     events = 0
@@ -532,6 +542,71 @@ class NextPost:
         return np.array([self.found.get(int(s), missing) for s in seqs], dtype=np.float64)
 
 
+class Parking:
+    """EAGAIN returns that may be parked reads (analysis.reads.parked_reads), decided as the
+    windows pass rather than at the end, so that a Go server's millions of them are never
+    all held: one is parked when the next read on its fd (`at`, its end) and the next read
+    into its buffer (`next_fd`: the same fd, or none) are known, and a readiness wait was in
+    progress at some moment in between (`covered`). The waits are streamed alongside: those
+    of a window, and those begun earlier not seen to end, are checked against the EAGAIN
+    returns not covered yet; a wait that ended is not needed by any later EAGAIN."""
+
+    def __init__(self) -> None:
+        self.pending = pd.DataFrame()
+        self.open_waits = pd.DataFrame(columns=["pid", "tid", "ts_ns"])
+
+    def add(self, eagain: pd.DataFrame) -> None:
+        rows = eagain.assign(at=np.nan, next_fd=np.nan, covered=False)
+        self.pending = rows if self.pending.empty else pd.concat([self.pending, rows])
+
+    def window(
+        self, posts: pd.DataFrame, waits: pd.DataFrame, wait_ends: pd.DataFrame
+    ) -> pd.DataFrame:
+        """One window: `posts` its syscall reads (posted in it), `waits` and `wait_ends`
+        its readiness waits. The parked reads decided now, as parked_reads() makes them."""
+        begun = _stacked(self.open_waits, waits[["pid", "tid", "ts_ns"]])
+        spans = wait_spans(begun, wait_ends) if not begun.empty else None
+        if spans is not None:
+            self.open_waits = (
+                spans.loc[np.isinf(spans["end"]), ["pid", "tid", "begin"]]
+                .rename(columns={"begin": "ts_ns"})
+                .reset_index(drop=True)
+            )
+        if self.pending.empty:
+            return iv_empty()
+        p = self.pending.reset_index(drop=True)
+        if not posts.empty:
+            for by, value, column in (("fd", "at", "at"), ("addr", "next_fd", "next_fd")):
+                todo = np.flatnonzero(p[column].isna().to_numpy())
+                if len(todo):
+                    found = _next_post(p.iloc[todo], "end_ns", posts, ["pid", by], value)
+                    p.loc[todo, column] = found.to_numpy()
+        if spans is not None:
+            todo = np.flatnonzero(~p["covered"].to_numpy(bool))
+            if len(todo):
+                rows = p.iloc[todo].assign(retry=p["at"].iloc[todo])
+                p.loc[todo, "covered"] = waiting_between(rows, spans).to_numpy(bool)
+        decided = p["at"].notna().to_numpy() & p["next_fd"].notna().to_numpy()
+        self.pending = p[~decided]
+        return self._parked(p[decided])
+
+    def finish(self) -> pd.DataFrame:
+        """Those still undecided at the end: no next read (still parked), or their buffer
+        never read into again."""
+        rows, self.pending = self.pending, pd.DataFrame()
+        if rows.empty:
+            return iv_empty()
+        return self._parked(rows.assign(next_fd=rows["next_fd"].fillna(-1.0)))
+
+    @staticmethod
+    def _parked(rows: pd.DataFrame) -> pd.DataFrame:
+        """The decided `rows` that are parked reads, as parked_reads() makes them."""
+        next_fd = rows["next_fd"].to_numpy()
+        kept = rows[rows["covered"].to_numpy(bool) & ((next_fd == -1) | (next_fd == rows["fd"]))]
+        candidates = kept.drop(columns=["at", "next_fd", "covered"])
+        return parked_of(candidates, kept["at"], kept["next_fd"], None, None)
+
+
 class _Digests:
     """What each window's finished reads leave - read_summary of all, read_activity of the
     network ones, their steps - worked out on a thread of its own in window order, and
@@ -546,6 +621,7 @@ class _Digests:
         self.counts: list[pd.DataFrame] = []
         self.activity: list[pd.DataFrame] = []
         self.data = LastData()
+        self.late_steps: list[Chunk] = []
 
     def hold(self) -> None:
         self.pool.submit(self.steps.hold)  # in order: after the windows before it
@@ -573,13 +649,30 @@ class _Digests:
             self.counts = [merge_counts(self.counts)]
             self.activity = [merge_activity(self.activity)]
 
-    def finish(self) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    def late(self, reads: pd.DataFrame) -> None:
+        """Reads decided after their window: parked ones (their steps are merged in by
+        Steps.peaks at the end)."""
+        if reads.empty:
+            return
+        self.pending.append(self.pool.submit(self._digest_late, reads))
+
+    def _digest_late(self, reads: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        network = network_reads(reads)
+        self.late_steps.append(_steps_of(network, np.ones(len(network), bool)))
+        self.data.add(network)
+        return read_summary(reads), read_activity(network)
+
+    def finish(self) -> tuple[list[pd.DataFrame], list[pd.DataFrame], Chunk | None]:
+        """(the counts, the activity, the late steps)."""
         try:
             while self.pending:
                 self._collect(self.pending.popleft().result())
         finally:
             self.pool.shutdown(cancel_futures=True)
-        return self.counts, self.activity
+        late = None
+        if self.late_steps:
+            late = tuple(np.concatenate(a) for a in zip(*self.late_steps))
+        return self.counts, self.activity, late  # type: ignore[return-value]
 
 
 class LastData:
@@ -695,9 +788,7 @@ def relate(
         for name in ("processes", "heap_blocks", "buffer_uses", "maps", "unmaps")
     }
     small["sockets"] = _sockets(path, meta, warnings)
-    reads_plan = _planned(
-        path, {"posts": POST_COLUMNS, "completions": COMPLETION_COLUMNS}, meta, warnings
-    )
+    reads_plan = _planned(path, READ_TABLES, meta, warnings)
     alloc_plan = _planned(path, {"allocs": ALLOC_COLUMNS, "frees": FREE_COLUMNS}, meta, warnings)
     start, end_ns = _span(path, meta, warnings)
     edges = None
@@ -772,14 +863,13 @@ class _Job:
     counting: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, reads_plan: list[_Part], alloc_plan: list[_Part], steps: Steps) -> Relation:
-        retry = NextPost("fd", "at")
-        reuse = NextPost("addr", "next_fd")
+        retry = NextPost("fd", "at")  # for the reads parked at attach
         # the allocations are related on a second thread meanwhile (numpy, pandas' sorts
         # and Arrow's reads let go of the GIL): the machine's second core
         with ThreadPoolExecutor(1) as pool:
             live = pool.submit(self._live, alloc_plan) if self.meta.memory is not None else None
             try:
-                return self._reads(reads_plan, steps, retry, reuse, live)
+                return self._reads(reads_plan, steps, retry, live)
             except BaseException:  # Ctrl-C, a damaged part: the other thread stops too
                 self.stopping.set()
                 raise
@@ -789,26 +879,28 @@ class _Job:
         reads_plan: list[_Part],
         steps: Steps,
         retry: NextPost,
-        reuse: NextPost,
         live: Future[pd.DataFrame] | None,
     ) -> Relation:
-        held: list[pd.DataFrame] = []  # reads waiting for a lookup: EAGAIN returns, seeded parks
+        held: list[pd.DataFrame] = []  # reads parked at attach, waiting for the next read
+        parking = Parking()  # EAGAIN returns: parked reads?
         carry = _empty(schema.POSTS, POST_COLUMNS).assign(seq=np.zeros(0, np.int64))
         no_completions = _empty(schema.COMPLETIONS, COMPLETION_COLUMNS)
+        no_waits = _empty(schema.WAITS, WAIT_COLUMNS)
         seq = 0
         low = -math.inf
-        columns = {"posts": POST_COLUMNS, "completions": COMPLETION_COLUMNS}
         # what a window's finished reads leave is worked out on a thread, in window order,
         # while the next window's reads are paired
         digests = _Digests(steps)
-        for bound, ev in windows(reads_plan, columns, self.window_rows):
+        for bound, ev in windows(reads_plan, READ_TABLES, self.window_rows):
             posts = ev.get("posts", carry.iloc[0:0].drop(columns="seq"))
             completions = ev.get("completions", no_completions)
-            self._advance(len(posts) + len(completions), "reads")
+            waits, wait_ends = ev.get("waits", no_waits), ev.get("wait_ends", no_waits)
+            self._advance(len(posts) + len(completions) + len(waits) + len(wait_ends), "reads")
             posts = posts.assign(seq=np.arange(seq, seq + len(posts), dtype=np.int64))
             seq += len(posts)
             iv = read_intervals(_stacked(carry, posts), completions)
             if iv.empty:
+                digests.late(parking.window(iv, waits, wait_ends))
                 low = bound
                 continue
             new = iv["post_ns"].to_numpy(np.float64) >= low
@@ -822,31 +914,26 @@ class _Job:
             eagain = ~is_open & (source == Source.SYSCALL) & (iv["ret"].to_numpy() == -EAGAIN)
             if eagain.any():  # parked after EAGAIN? known when the next reads come
                 digests.hold()
-                retry.ask(iv[eagain], "end_ns")
-                reuse.ask(iv[eagain], "end_ns")
-                held.append(iv[eagain])
-            if retry.waiting() or reuse.waiting():
-                syscall_new = iv[new & (source == Source.SYSCALL)]
-                retry.answer(syscall_new)
-                reuse.answer(syscall_new)
+                parking.add(iv[eagain])
+            if retry.waiting():
+                retry.answer(iv[new & (source == Source.SYSCALL)])
             digests.add(iv, new, is_open, seeded)
+            syscall_new = new & (source == Source.SYSCALL)
+            digests.late(parking.window(iv[syscall_new], waits, wait_ends))
             carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[[*POST_COLUMNS, "seq"]]
             low = bound
-        counts, activity = digests.finish()
         # the reads still posted at the end, and those that waited for lookups
         still = read_intervals(carry, no_completions) if not carry.empty else iv_empty()
         seeded_open = (still["source"].to_numpy() == Source.PARKED) if len(still) else None
         if seeded_open is not None and seeded_open.any():
             held.append(still[seeded_open])
             still = still[~seeded_open]
-        late = self._late(held, retry, reuse)
-        counts += [read_summary(still), read_summary(late)]
+        late = _stacked(self._at_attach(held, retry), parking.finish())
+        digests.late(late)
+        counts, activity, late_steps = digests.finish()
+        counts.append(read_summary(still))
         still, late = network_reads(still), network_reads(late)
-        activity += [read_activity(still), read_activity(late)]
-        digests.data.add(late)
-        late_steps = None
-        if not late.empty:
-            late_steps = _steps_of(late, np.ones(len(late), bool))
+        activity.append(read_activity(still))
         peaks = steps.peaks(late_steps)
         posted_now = _stacked(still, late[late["end_ns"].isna()])
         merged = merge_activity(activity)
@@ -869,26 +956,14 @@ class _Job:
             said = f"{what}: {self.events:,} of {self.total:,} events (window {self.windows})"
         self.progress(said)
 
-    def _late(self, held: list[pd.DataFrame], retry: NextPost, reuse: NextPost) -> pd.DataFrame:
-        """The reads parked after EAGAIN (parked_reads) and those parked at attach
-        (parked_at_attach), now that the reads after them are known."""
+    def _at_attach(self, held: list[pd.DataFrame], retry: NextPost) -> pd.DataFrame:
+        """The reads parked at attach (parked_at_attach), ended by the next read the process
+        made on the same fd, now that every read is known."""
         if not held:
             return iv_empty()
         rows = pd.concat(held, ignore_index=True)
-        seeded = rows["source"].to_numpy() == Source.PARKED
-        out = []
-        if seeded.any():
-            at_attach = rows[seeded].copy()
-            at_attach["end_ns"] = retry.values(at_attach["seq"], np.nan)
-            out.append(at_attach)
-        candidates = rows[~seeded]
-        if not candidates.empty:
-            at = pd.Series(retry.values(candidates["seq"], np.nan), index=candidates.index)
-            next_fd = pd.Series(reuse.values(candidates["seq"], -1.0), index=candidates.index)
-            waits = read_table(self.path, schema.WAITS, self.meta, self.warnings)
-            wait_ends = read_table(self.path, schema.WAIT_ENDS, self.meta, self.warnings)
-            out.append(parked_of(candidates, at, next_fd, waits, wait_ends))
-        return pd.concat(out, ignore_index=True)
+        rows["end_ns"] = retry.values(rows["seq"], np.nan)
+        return rows
 
     def _live(self, plan: list[_Part]) -> pd.DataFrame:
         """The allocations live at the end (live_at of allocation_intervals), a window at a

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from analysis.stream import Relation, relate, relation_of
+from analysis.stream import BIG_TABLES, Relation, relate, relation_of, trace_events
 from analysis.summary import summarize
 from probes.format import schema
 from probes.format.errors import TraceError
@@ -296,7 +296,7 @@ def test_streamed_figures_equal_in_memory_ones(
         if window == 53:
             assert streamed.windows > 50
     assert relate(parts, timeline_s=0.25).events == sum(
-        len(open_trace(whole)[t]) for t in ("posts", "completions", "allocs", "frees")
+        len(open_trace(whole)[t]) for t in BIG_TABLES
     )
 
 
@@ -364,7 +364,8 @@ def test_report_streams_by_itself_a_trace_too_big_for_the_memory_available(
     from idlebuf.commands import report
 
     trace = mixed_trace(tmp_path / "t")
-    monkeypatch.setattr(report, "available_memory", lambda: 2 * 67 * 215 - 1)  # 67 events
+    events = trace_events(trace)
+    monkeypatch.setattr(report, "available_memory", lambda: 2 * events * 215 - 1)
     assert main(["report", "--json", "--connections", "--timeline", "1", str(trace)]) == 0
     out, err = capsys.readouterr()
     assert "streaming it (--in-memory to load it anyway)" in err and err.count("\n") == 1
@@ -375,6 +376,6 @@ def test_report_streams_by_itself_a_trace_too_big_for_the_memory_available(
     assert main(["report", "--json", "--in-memory", str(trace)]) == 0  # loaded after all
     out, err = capsys.readouterr()
     assert "streamed" not in json.loads(out) and not err
-    monkeypatch.setattr(report, "available_memory", lambda: 2 * 67 * 215)
+    monkeypatch.setattr(report, "available_memory", lambda: 2 * events * 215)
     assert main(["report", "--json", str(trace)]) == 0  # fits: loaded
     assert "streamed" not in json.loads(capsys.readouterr().out)
