@@ -71,22 +71,6 @@ def _group_ids(keys: list[np.ndarray]) -> np.ndarray:
     return group.astype(np.uint16) if len(group) and group.max() < 2**16 else group
 
 
-def _time_order(stamp: np.ndarray, n_first: int) -> np.ndarray:
-    """The stable sort of `stamp`; when its two runs (0..n_first-1 and the rest) are each
-    in order already - a recorder writes each table in time order - a merge of the two."""
-    first, second = stamp[:n_first], stamp[n_first:]
-    if not (np.all(first[1:] >= first[:-1]) and np.all(second[1:] >= second[:-1])):
-        return np.argsort(stamp, kind="stable")
-    # each of the second run goes after the first run's stamps at or below it (stable)
-    at = np.searchsorted(first, second, side="right") + np.arange(len(second))
-    order = np.empty(len(stamp), dtype=np.int64)
-    taken = np.zeros(len(stamp), dtype=bool)
-    taken[at] = True
-    order[at] = np.arange(n_first, len(stamp))
-    order[~taken] = np.arange(n_first)
-    return order
-
-
 def next_event(
     ts: np.ndarray, keys: list[np.ndarray], n_first: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +83,8 @@ def next_event(
     n = len(ts)
     stamp = ts * 2
     stamp[n_first:] += 1
-    by_time = _time_order(stamp, n_first)
+    # a stable sort: numpy's (timsort) merges the runs a recorder's time-ordered tables make
+    by_time = np.argsort(stamp, kind="stable")
     del stamp
     group = _group_ids(keys)[by_time]
     by_group = np.argsort(group, kind="stable")
