@@ -77,8 +77,10 @@ from analysis.results import (
     Buffers,
     ConnectionCounts,
     NowAndPeak,
+    Provenance,
     Result,
     TraceSummary,
+    Unknown,
     connection_table_json,
 )
 from analysis.summary import (
@@ -86,7 +88,10 @@ from analysis.summary import (
     _intermediate,
     _stacked,
     _totals,
+    buffer_unknowns,
     mappings_live,
+    posted_provenance,
+    quiet_unknowns,
     step_for_span,
     walked_for,
     with_mapped_bytes,
@@ -142,14 +147,18 @@ class RelatedProcess(Result):
     reads_failed: int
     bytes_received: int
     by_source: dict[str, int] = field(default_factory=dict)  # posted now, per source
+    # the reads posted now: seen live or found at attach, and what could not be found
+    provenance: Provenance = field(default_factory=Provenance)
     connections: ConnectionCounts | None = None
     io_buffer_bytes: int | None = None  # posted buffers' bytes in heap allocations
     mapped_bytes: int | None = None  # ... in mappings the program made itself
     idle_io_buffer_bytes: int | None = None
     idle_posted_reads: int | None = None
+    io_buffer_unknown: list[Unknown] = field(default_factory=list)  # buffers not seen in full
     # each connection's last data buffer still held (a pool's once); those of idle ones
     held_data_buffers: Buffers | None = None
     retained: Buffers | None = None
+    retained_unknown: list[Unknown] = field(default_factory=list)  # idle since the attach
     # idle connections' user buffers (posted, parked, retained), and per idle connection
     # those plus the kernel's socket memory (PerIdleConnection's measured figures)
     idle_user_buffer_bytes: int | None = None
@@ -209,13 +218,16 @@ def relation_of(summary: TraceSummary) -> Relation:
                 reads_failed=p.reads_failed,
                 bytes_received=p.bytes_received,
                 by_source={k: v.posted_reads for k, v in p.by_source.items() if v.posted_reads},
+                provenance=p.provenance,
                 connections=m.connections if m else None,
                 io_buffer_bytes=m.io_buffer_heap.bytes if m else None,
                 mapped_bytes=m.io_buffer_heap.mapped_bytes if m else None,
                 idle_io_buffer_bytes=m.io_buffer_heap.idle_bytes if m else None,
                 idle_posted_reads=m.idle_posted_reads if m else None,
+                io_buffer_unknown=m.io_buffer_heap.unknown if m else [],
                 held_data_buffers=m.held_data_buffers if m else None,
                 retained=Buffers(m.retained.buffers, m.retained.bytes) if m else None,
+                retained_unknown=m.retained.unknown if m else [],
                 idle_user_buffer_bytes=m.per_idle_connection.user_buffer_bytes if m else None,
                 per_idle_connection_bytes=m.per_idle_connection.bytes if m else None,
                 connection_rows=m.connection_rows if m else pd.DataFrame(),
@@ -939,14 +951,9 @@ class _Job:
         merged = merge_activity(activity)
         memory = None
         if live is not None and self.meta.memory is not None:
-            _, walked_heap, walked_maps, _ = walked_for(self.meta.memory, self.small["heap_blocks"])
-            mapped = mappings_live(
-                self.small["maps"], self.small["unmaps"], walked_maps, self.end_ns
-            )
-            memory = self._memory(
-                posted_now, _stacked(live.result(), walked_heap), mapped, merged, digests.data
-            )
-        return self._result(merge_counts(counts), peaks, memory)
+            memory = self._memory(posted_now, live.result(), merged, digests.data)
+        provenance = posted_provenance(posted_now, self.meta)
+        return self._result(merge_counts(counts), peaks, memory, provenance)
 
     def _advance(self, events: int, what: str) -> None:
         """Count a window (from either thread) and say how far the job got."""
@@ -990,14 +997,16 @@ class _Job:
         return _stacked(*live)
 
     def _memory(
-        self,
-        posted: pd.DataFrame,
-        live: pd.DataFrame,
-        mapped: pd.DataFrame,
-        activity: pd.DataFrame,
-        data: LastData,
+        self, posted: pd.DataFrame, traced: pd.DataFrame, activity: pd.DataFrame, data: LastData
     ) -> dict[int, dict[str, Any]]:
-        """Per pid, the memory side's figures, as memory_by_process computes them."""
+        """Per pid, the memory side's figures, as memory_by_process computes them: `posted`
+        the reads posted at the end, `traced` the allocations the probes saw live then."""
+        assert self.meta.memory is not None
+        probed, walked_heap, walked_maps, failed = walked_for(
+            self.meta.memory, self.small["heap_blocks"]
+        )
+        live = _stacked(traced, walked_heap)
+        mapped = mappings_live(self.small["maps"], self.small["unmaps"], walked_maps, self.end_ns)
         attributed = with_mapped_bytes(buffer_attribution(posted, live), mapped)
         # every connection's last data buffer still held, idle or not; those of idle
         # connections are the retained buffers
@@ -1013,6 +1022,13 @@ class _Job:
             activity.copy(), self.small["sockets"], retained, self.end_ns, self.threshold_ns
         )
         cost = idle_connection_cost(table).set_index("pid")
+        # what could not be seen: buffers whose allocation was not traced or not found, idle
+        # connections quiet since the attach (as memory_by_process says)
+        late = bool(self.meta.targets.pids)
+        if self.meta.memory.alloc_probes:  # every allocator probed
+            probed |= set(attributed["pid"].tolist())
+        heap_unknown = buffer_unknowns(attributed, self.meta.memory, probed, failed, late)
+        quiet = quiet_unknowns(table, late)
         out: dict[int, dict[str, Any]] = {}
         for pid in set(live["pid"]) | set(attributed["pid"]) | self._measured_pids():
             mine = attributed[attributed["pid"] == pid]
@@ -1031,6 +1047,8 @@ class _Job:
                 "per_idle_connection_bytes": float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
                 "idle_io_buffer_bytes": int(mine.loc[idle[mine.index], "attributed_bytes"].sum()),
                 "idle_posted_reads": int(idle[mine.index].sum()),
+                "io_buffer_unknown": heap_unknown.get(int(pid), []),
+                "retained_unknown": quiet.get(int(pid), []),
             }
         return out
 
@@ -1047,10 +1065,13 @@ class _Job:
         by_label: pd.DataFrame,
         peaks: dict[int, tuple[int, int]],
         memory: dict[int, dict[str, Any]] | None,
+        provenance: dict[int, Provenance],
     ) -> Relation:
         processes = self.small["processes"].drop_duplicates("pid", keep="last").set_index("pid")
         uses = self.small["buffer_uses"]
-        pids = sorted(set(processes.index) | set(by_label["pid"]) | set(memory or ()))
+        pids = sorted(
+            set(processes.index) | set(by_label["pid"]) | set(memory or ()) | set(provenance)
+        )
         out = []
         for pid in pids:
             rows = by_label[by_label["pid"] == pid]
@@ -1069,6 +1090,7 @@ class _Job:
                 reads_failed=totals.reads_failed,
                 bytes_received=totals.bytes_received + extra.bytes_received,
                 by_source={str(k): int(v) for k, v in per_source.items() if v},
+                provenance=provenance.get(int(pid), Provenance()),
                 **(mem or {}),
             )
             out.append(related)

@@ -68,7 +68,7 @@ from analysis.results import (
     WriteFigures,
 )
 from probes.format.errors import UsageError
-from probes.format.meta import MemoryOptions
+from probes.format.meta import MemoryOptions, Meta
 from probes.format.reader import Trace
 from probes.format.schema import PostFlag, Source
 
@@ -118,6 +118,60 @@ def with_mapped_bytes(attributed: pd.DataFrame, mapped: pd.DataFrame) -> pd.Data
     attributed = attributed.assign(mapped_bytes=0)
     attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
     return attributed
+
+
+def buffer_unknowns(
+    attributed: pd.DataFrame,
+    memory: MemoryOptions,
+    probed: set[int],
+    failed: pd.DataFrame,
+    late: bool,
+) -> dict[int, list[Unknown]]:
+    """Per pid, the posted buffers (with_mapped_bytes() rows) in no allocation and no
+    mapping whose allocation could not be seen: by the probes, made before the attach or
+    smaller than what they track; by the walkers, the lookup `failed` (and says why). The
+    others are not heap."""
+    unseen = (attributed["alloc_size"] == 0) & (attributed["mapped_bytes"] == 0)
+    unseen &= attributed["len"] > 0  # a buffer-select read pins no buffer of its own
+    by_probes = attributed["pid"].isin(probed)
+    too_small = unseen & by_probes & (attributed["len"] < memory.min_alloc)
+    before = unseen & by_probes & ~too_small & late
+    why_failed = attributed[["pid", "addr"]].merge(
+        failed.rename(columns={"buffer": "addr"}), on=["pid", "addr"], how="left"
+    )["why"]
+    why_failed.index = attributed.index
+    lookup_failed = unseen & ~by_probes & why_failed.notna()
+    out: dict[int, list[Unknown]] = {}
+    for _, mine in attributed.groupby("pid"):
+        found = [
+            Unknown(int(rows.sum()), why, int(mine.loc[rows[rows].index, "len"].sum()))
+            for rows, why in (
+                (before[mine.index], "buffers allocated before the attach: not traced"),
+                (too_small[mine.index], f"buffers smaller than --min-alloc {memory.min_alloc:,}"),
+            )
+            if rows.any()
+        ]
+        failed_here = lookup_failed[mine.index]
+        for why, rows in mine[failed_here].groupby(why_failed[mine.index][failed_here]):
+            found.append(Unknown(len(rows), str(why), int(rows["len"].sum())))
+        if found:
+            out[int(mine["pid"].iloc[0])] = found
+    return out
+
+
+def quiet_unknowns(connections: pd.DataFrame, late: bool) -> dict[int, list[Unknown]]:
+    """Per pid, the idle connections that received nothing since the attach and hold no
+    read now: what they kept from before cannot be seen."""
+    if not late:
+        return {}
+    quiet = connections["idle"] & connections["last_data_ns"].isna()
+    quiet &= connections["posted_bytes"] == 0
+    counts = connections[quiet].groupby("pid").size()
+    return {
+        int(pid): [Unknown(int(n), "idle connections with no data since the attach")]
+        for pid, n in zip(counts.index.tolist(), counts.tolist())
+        if n
+    }
 
 
 def memory_by_process(
@@ -171,26 +225,10 @@ def memory_by_process(
     )
     cost = idle_connection_cost(connections).set_index("pid")
     late = bool(trace.meta.targets.pids)
-    min_alloc = trace.meta.memory.min_alloc
     if trace.meta.memory.alloc_probes:  # every allocator probed
         probed |= set(attributed["pid"].tolist())
-    # posted buffers in no allocation and no mapping: unknown if their allocation could not be
-    # seen - by the probes: made before the attach, or smaller than what they track; by the
-    # walkers: the lookup failed, and says why - else not heap
-    unseen = (attributed["alloc_size"] == 0) & (attributed["mapped_bytes"] == 0)
-    unseen &= attributed["len"] > 0  # a buffer-select read pins no buffer of its own
-    by_probes = attributed["pid"].isin(probed)
-    too_small = unseen & by_probes & (attributed["len"] < min_alloc)
-    before = unseen & by_probes & ~too_small & late
-    why_failed = attributed[["pid", "addr"]].merge(
-        failed.rename(columns={"buffer": "addr"}), on=["pid", "addr"], how="left"
-    )["why"]
-    why_failed.index = attributed.index
-    lookup_failed = unseen & ~by_probes & why_failed.notna()
-    # idle connections that received nothing since the attach and hold no read now: what
-    # they kept from before cannot be seen
-    quiet = connections["idle"] & connections["last_data_ns"].isna()
-    quiet &= (connections["posted_bytes"] == 0) & late
+    heap_unknowns = buffer_unknowns(attributed, trace.meta.memory, probed, failed, late)
+    retained_unknowns = quiet_unknowns(connections, late)
     sources = _rss_sources(trace)
     methods = {a.pid: a.method for a in trace.meta.memory.allocators}
     out = {}
@@ -202,22 +240,9 @@ def memory_by_process(
         holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
         heap = tracked[tracked["pid"] == pid]
         mine_retained = retained[retained["pid"] == pid]
-        heap_unknown = [
-            Unknown(int(rows.sum()), why, int(mine.loc[rows[rows].index, "len"].sum()))
-            for rows, why in (
-                (before[mine.index], "buffers allocated before the attach: not traced"),
-                (too_small[mine.index], f"buffers smaller than --min-alloc {min_alloc:,}"),
-            )
-            if rows.any()
-        ]
-        failed_here = lookup_failed[mine.index]
-        for why, rows in mine[failed_here].groupby(why_failed[mine.index][failed_here]):
-            heap_unknown.append(Unknown(len(rows), str(why), int(rows["len"].sum())))
+        heap_unknown = heap_unknowns.get(int(pid), [])
+        retained_unknown = retained_unknowns.get(int(pid), [])
         walked_pid = int(pid) not in probed
-        n_quiet = int((quiet & (connections["pid"] == pid)).sum())
-        retained_unknown = (
-            [Unknown(n_quiet, "idle connections with no data since the attach")] if n_quiet else []
-        )
         out[int(pid)] = MemoryFigures(
             io_buffer_heap=IoBufferHeap(
                 bytes=int(mine["attributed_bytes"].sum()),
@@ -395,7 +420,7 @@ def summarize(
     intervals = pd.concat([completed, parked], ignore_index=True) if not parked.empty else completed
     end_ns = end_of_recording(trace)
     reads = network_reads(intervals)
-    provenance = posted_provenance(reads[reads["end_ns"].isna()], trace)
+    provenance = posted_provenance(reads[reads["end_ns"].isna()], trace.meta)
     posted = posted_timeline(reads)
     write_intervals = read_intervals(trace["writes"], trace["write_completions"])
     progress("buffers and allocations")
@@ -531,7 +556,7 @@ def _rss_sources(trace: Trace) -> dict[int, str]:
     return out
 
 
-def posted_provenance(posted_now: pd.DataFrame, trace: Trace) -> dict[int, Provenance]:
+def posted_provenance(posted_now: pd.DataFrame, meta: Meta) -> dict[int, Provenance]:
     """Per pid, where its posted reads now come from: found at attach (flagged SCANNED) or
     seen live, and what could not be found (rings only counted, stripped Go binaries)."""
     scanned = (posted_now["flags"].to_numpy(np.int64) & PostFlag.SCANNED) != 0
@@ -541,7 +566,7 @@ def posted_provenance(posted_now: pd.DataFrame, trace: Trace) -> dict[int, Prove
         int(pid): Provenance(live=int(total[pid] - found[pid]), at_attach=int(found[pid]))
         for pid in total.index
     }
-    for process in trace.meta.at_attach:
+    for process in meta.at_attach:
         unknown = out.setdefault(process.pid, Provenance()).unknown
         for ring in process.rings:
             if ring.how != "walked" and ring.requests:

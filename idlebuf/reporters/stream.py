@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
+from analysis.results import Unknown
 from analysis.stream import Relation
-from idlebuf.reporters.text import table
+from idlebuf.reporters.text import _plus_unknown, _unknown, table
 from idlebuf.reporters.units import human_bytes, printable
 
 
-def _known(value: int | None, show: Callable[[int], str] = str) -> str:
-    return "unknown" if value is None else show(value)
+def _known(value: int | None, unknown: list[Unknown] | None = None) -> str:
+    """Bytes; "unknown" when not measured, "+ unknown" when part of them could not be."""
+    return "unknown" if value is None else _plus_unknown(value, unknown or [])
 
 
 def render_relation(relation: Relation, title: str) -> str:
@@ -31,16 +32,16 @@ def render_relation(relation: Relation, title: str) -> str:
                 human_bytes(p.bytes_received),
                 "unknown" if conns is None else f"{conns.open:,}",
                 "unknown" if conns is None else f"{conns.idle:,}",
-                _known(p.io_buffer_bytes, human_bytes),
-                _known(p.idle_io_buffer_bytes, human_bytes),
-                "unknown" if p.retained is None else human_bytes(p.retained.bytes),
+                _known(p.io_buffer_bytes, p.io_buffer_unknown),
+                _known(p.idle_io_buffer_bytes, p.io_buffer_unknown),
+                _known(p.retained.bytes if p.retained else None, p.retained_unknown),
                 "-"
                 if conns is not None and not conns.idle
                 else _known(
                     None
                     if p.per_idle_connection_bytes is None
                     else round(p.per_idle_connection_bytes),
-                    human_bytes,
+                    p.retained_unknown,
                 ),
             ]
         )
@@ -56,6 +57,19 @@ def render_relation(relation: Relation, title: str) -> str:
     ]
     if any(p.connections is None for p in relation.processes):
         lines.append("conns, IO-buffer heap: unknown (recorded without --memory)")
+    for p in relation.processes:  # where the figures come from, and what could not be seen
+        said = [
+            *(_unknown("posted reads", u) for u in p.provenance.unknown),
+            *(_unknown("IO-buffer heap", u) for u in p.io_buffer_unknown),
+            *(_unknown("retained buffers", u) for u in p.retained_unknown),
+        ]
+        if p.provenance.at_attach:
+            said.insert(
+                0,
+                f"posted now: {p.provenance.at_attach:,} found at attach, "
+                f"{p.provenance.live:,} seen live",
+            )
+        lines += [f"pid {p.pid}: {line}" for line in said]
     if relation.timeline:
         lines += ["", "Posted reads over time", ""]
         lines.append(

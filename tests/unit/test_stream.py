@@ -379,3 +379,18 @@ def test_report_streams_by_itself_a_trace_too_big_for_the_memory_available(
     monkeypatch.setattr(report, "available_memory", lambda: 2 * events * 215)
     assert main(["report", "--json", str(trace)]) == 0  # fits: loaded
     assert "streamed" not in json.loads(capsys.readouterr().out)
+
+
+def test_the_streamed_report_says_what_it_could_not_see(tmp_path: Path) -> None:
+    """A server attached to late: the buffers allocated before the attach are unknown, not
+    0 bytes, and the reads posted now say they were found at attach."""
+    from idlebuf.reporters.stream import render_relation
+
+    text = render_relation(relate(late_trace(tmp_path / "late")), "T")
+    assert "0 B + unknown" in text
+    assert "posted now: 23 found at attach, 0 seen live" in text
+    assert (
+        "UNKNOWN IO-buffer heap: 23 connections, 92.1 KiB: buffers allocated before the "
+        "attach: not traced" in text
+    )
+    assert "UNKNOWN posted reads: 7 connections: sockets of a Go binary stripped" in text
