@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.reads import columns_of, next_event, next_user_of_buffer
+from analysis.reads import columns_of, next_event
 from analysis.results import TIMELINE_FIGURES
 from probes.format.schema import RssMember
 
@@ -161,19 +161,93 @@ def retained_buffers(
     pool's buffer moves on; a pool buffer whose last use was this connection still counts,
     so a pool can add at most its own size here). The readiness model's way to waste memory.
     """
-    cols = [*intervals.columns, "alloc_addr", "alloc_size", "attributed_bytes"]
-    data = intervals[(intervals["ret"] > 0) & intervals["end_ns"].notna()]
-    if data.empty:
-        return pd.DataFrame(columns=cols)
-    last = data.sort_values("end_ns", kind="stable").groupby(["pid", "fd"]).tail(1)
-    waiting = intervals[intervals["end_ns"].isna()][["pid", "fd"]].drop_duplicates()
-    last = last.merge(waiting, on=["pid", "fd"], how="left", indicator=True)
-    last = last[(last["_merge"] == "left_only") & (at_ns - last["end_ns"] >= idle_threshold_ns)]
-    last = last.drop(columns="_merge")
-    moved_on = next_user_of_buffer(last, "end_ns", data)
-    last = last[(moved_on == -1) | (moved_on == last["fd"])]
-    held = buffer_attribution(last, allocations)
-    return held[held["attributed_bytes"] > 0].reset_index(drop=True)
+    last = LastData()
+    last.add(intervals)
+    posted = intervals[intervals["end_ns"].isna()]
+    return last.buffers(posted, allocations, at_ns, idle_threshold_ns)
+
+
+class LastData:
+    """What retained_buffers needs of a trace's reads, kept as they pass: each connection's
+    last read that received data (the latest end; at one end, the latest post), and whether
+    another read has received data into its buffer since - posted after that end, so in its
+    window or a later one: a pool's buffer that moved on to another connection."""
+
+    def __init__(self) -> None:
+        self.last = pd.DataFrame()
+
+    def add(self, reads: pd.DataFrame, where: np.ndarray | None = None) -> None:
+        """The reads (the rows `where` says) of one window, or those that came late."""
+        received = (reads["ret"] > 0).to_numpy() & reads["end_ns"].notna().to_numpy()
+        data = reads[received if where is None else received & where]
+        if data.empty:
+            return
+        latest = _last_per_connection(data).assign(moved=False)
+        if not self.last.empty:
+            latest = _last_per_connection(pd.concat([self.last, latest], ignore_index=True))
+        # reads of this window into a buffer after a connection's last data went into it
+        keys = _buffer_keys(latest, data)
+        if keys is not None:
+            mine, theirs = keys
+            buffers, which = np.unique(mine, return_inverse=True)
+            at = pd.Index(buffers).get_indexer(theirs)  # a hash of the few buffers: fast
+            hit = at >= 0
+            since = np.full(len(buffers), -np.inf)
+            np.maximum.at(since, at[hit], data["post_ns"].to_numpy(np.float64)[hit])
+            moved = since[which] > latest["end_ns"].to_numpy(np.float64)
+            latest["moved"] = latest["moved"].to_numpy() | moved
+        self.last = latest
+
+    def buffers(
+        self, posted: pd.DataFrame, live: pd.DataFrame, at_ns: int, idle_threshold_ns: int
+    ) -> pd.DataFrame:
+        """retained_buffers(reads, live, at_ns, idle_threshold_ns) of the reads seen, with
+        `posted` the reads posted at the end."""
+        if self.last.empty:
+            cols = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
+            return pd.DataFrame(columns=[*cols, "alloc_addr", "alloc_size", "attributed_bytes"])
+        last = self.last.merge(
+            posted[["pid", "fd"]].drop_duplicates(), on=["pid", "fd"], how="left", indicator=True
+        )
+        last = last[(last["_merge"] == "left_only") & (at_ns - last["end_ns"] >= idle_threshold_ns)]
+        last = last[~last["moved"].to_numpy(bool)].drop(columns=["_merge", "moved"])
+        held = buffer_attribution(last, live)
+        return held[held["attributed_bytes"] > 0].reset_index(drop=True)
+
+
+def _buffer_keys(latest: pd.DataFrame, data: pd.DataFrame) -> tuple[np.ndarray, ...] | None:
+    """One key per buffer (pid, address) for the connections' last data reads and for
+    `data`'s reads (-1: none of theirs): the address where one process read."""
+    pids = np.concatenate([latest["pid"].to_numpy(), data["pid"].to_numpy()])
+    if pids.min() == pids.max():
+        return latest["addr"].to_numpy(np.uint64), data["addr"].to_numpy(np.uint64)
+    index = pd.MultiIndex.from_frame(latest[["pid", "addr"]]).unique()
+    theirs = index.get_indexer(pd.MultiIndex.from_frame(data[["pid", "addr"]]))
+    mine = index.get_indexer(pd.MultiIndex.from_frame(latest[["pid", "addr"]]))
+    return mine.astype(np.int64), np.where(theirs < 0, -1, theirs).astype(np.int64)
+
+
+def _last_per_connection(data: pd.DataFrame) -> pd.DataFrame:
+    """Per (pid, fd), the row with the latest end_ns; at one end, the latest post_ns; then
+    the last row (what a stable sort by end_ns of reads in post order leaves last)."""
+    pid = data["pid"].to_numpy(np.int64)
+    fd = data["fd"].to_numpy(np.int64)
+    if pid.min() == pid.max() and fd.max() - fd.min() < 2**22:
+        codes, n = fd - fd.min(), int(fd.max() - fd.min()) + 1
+    else:
+        codes, uniques = pd.factorize((pid << 32) | (fd & 0xFFFFFFFF))
+        n = len(uniques)
+    end = data["end_ns"].to_numpy(np.float64)
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, codes, end)
+    rows = np.flatnonzero(end == best[codes])
+    post = data["post_ns"].to_numpy(np.int64)[rows]
+    latest_post = np.full(n, np.iinfo(np.int64).min)
+    np.maximum.at(latest_post, codes[rows], post)
+    rows = rows[post == latest_post[codes[rows]]]
+    last_row = np.full(n, -1)
+    np.maximum.at(last_row, codes[rows], rows)
+    return data.iloc[np.sort(last_row[last_row >= 0])].reset_index(drop=True)
 
 
 def resident_events(rss: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
