@@ -186,16 +186,14 @@ class LastData:
         if not self.last.empty:
             latest = _last_per_connection(pd.concat([self.last, latest], ignore_index=True))
         # reads of this window into a buffer after a connection's last data went into it
-        keys = _buffer_keys(latest, data)
-        if keys is not None:
-            mine, theirs = keys
-            buffers, which = np.unique(mine, return_inverse=True)
-            at = pd.Index(buffers).get_indexer(theirs)  # a hash of the few buffers: fast
-            hit = at >= 0
-            since = np.full(len(buffers), -np.inf)
-            np.maximum.at(since, at[hit], data["post_ns"].to_numpy(np.float64)[hit])
-            moved = since[which] > latest["end_ns"].to_numpy(np.float64)
-            latest["moved"] = latest["moved"].to_numpy() | moved
+        mine, theirs = _buffer_keys(latest, data)
+        buffers, which = np.unique(mine, return_inverse=True)
+        at = pd.Index(buffers).get_indexer(theirs)  # a hash of the few buffers: fast
+        hit = at >= 0
+        since = np.full(len(buffers), -np.inf)
+        np.maximum.at(since, at[hit], data["post_ns"].to_numpy(np.float64)[hit])
+        moved = since[which] > latest["end_ns"].to_numpy(np.float64)
+        latest["moved"] = latest["moved"].to_numpy() | moved
         self.last = latest
 
     def buffers(
@@ -215,7 +213,7 @@ class LastData:
         return held[held["attributed_bytes"] > 0].reset_index(drop=True)
 
 
-def _buffer_keys(latest: pd.DataFrame, data: pd.DataFrame) -> tuple[np.ndarray, ...] | None:
+def _buffer_keys(latest: pd.DataFrame, data: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """One key per buffer (pid, address) for the connections' last data reads and for
     `data`'s reads (-1: none of theirs): the address where one process read."""
     pids = np.concatenate([latest["pid"].to_numpy(), data["pid"].to_numpy()])

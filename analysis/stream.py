@@ -295,21 +295,25 @@ def windows(
     ready: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
+    def offer(item: Any) -> bool:
+        """Hand `item` over unless the caller has stopped listening."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for window in _assembled(parts, columns, window_rows):
-                while not stop.is_set():
-                    try:
-                        ready.put(window, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(window):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
-            ready.put(exc)
+            offer(exc)
             return
-        ready.put(None)
+        offer(None)
 
     producer = threading.Thread(target=produce, name="idlebuf-windows", daemon=True)
     producer.start()
@@ -515,13 +519,12 @@ def _steps_of(reads: pd.DataFrame, new: np.ndarray, where: np.ndarray | None = N
 
 
 class NextPost:
-    """For rows seen so far: the first syscall read posted strictly after a time, by the same
-    pid and fd (`at`) or into the same buffer (its `fd`), found as later windows pass - as
-    analysis.reads._next_post finds them over the whole trace."""
+    """For rows seen so far: when the process next posted a syscall read on the same fd,
+    strictly after a time - found as later windows pass, as analysis.reads._next_post finds
+    it over the whole trace (the end of a read parked at attach)."""
 
-    def __init__(self, by: str, value: str) -> None:
-        self.by, self.value = by, value
-        self.pending = pd.DataFrame(columns=["seq", "pid", by, "_t"])
+    def __init__(self) -> None:
+        self.pending = pd.DataFrame(columns=["seq", "pid", "fd", "_t"])
         self.found: dict[int, float] = {}
 
     def ask(self, rows: pd.DataFrame, time_col: str) -> None:
@@ -531,7 +534,7 @@ class NextPost:
             {
                 "seq": rows["seq"].to_numpy(np.int64),
                 "pid": rows["pid"].to_numpy(),
-                self.by: rows[self.by].to_numpy(),
+                "fd": rows["fd"].to_numpy(),
                 "_t": rows[time_col].to_numpy(np.float64),
             }
         )
@@ -544,9 +547,8 @@ class NextPost:
         """`posts`: syscall reads posted in one window, after every earlier window's."""
         if self.pending.empty or posts.empty:
             return
-        later = posts[list(dict.fromkeys(["pid", self.by, "post_ns", "fd"]))]
         pending = self.pending.reset_index(drop=True)
-        got = _next_post(pending, "_t", later, ["pid", self.by], self.value).to_numpy()
+        got = _next_post(pending, "_t", posts, ["pid", "fd"], "at").to_numpy()
         done = ~np.isnan(got)
         self.found.update(zip(pending["seq"].to_numpy()[done].tolist(), got[done].tolist()))
         self.pending = pending[~done]
@@ -793,7 +795,7 @@ class _Job:
     counting: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, reads_plan: list[_Part], alloc_plan: list[_Part], steps: Steps) -> Relation:
-        retry = NextPost("fd", "at")  # for the reads parked at attach
+        retry = NextPost()  # for the reads parked at attach
         # the allocations are related on a second thread meanwhile (numpy, pandas' sorts
         # and Arrow's reads let go of the GIL): the machine's second core
         with ThreadPoolExecutor(1) as pool:
