@@ -142,6 +142,24 @@ def switches(path: Path) -> list[Switch]:
     return list(meta.alternations or []) if meta else []
 
 
+def _checked(dir_fd: int, name: str, what: str, expect: Part | None) -> pq.ParquetFile:
+    """A part's file, opened once it is a regular file of bounded size and the one
+    meta.json lists (its digest and rows, when it lists them)."""
+    data = _read_regular(name, dir_fd, MAX_PART_BYTES, what)
+    if expect is not None and hashlib.sha256(data).hexdigest() != expect.sha256:
+        raise TraceError(f"{what} is damaged: not the part meta.json lists (its SHA-256 differs)")
+    try:
+        reader = pq.ParquetFile(pa.BufferReader(data))
+        rows = reader.metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
+    if rows > MAX_PART_ROWS or (expect is not None and rows != expect.rows):
+        raise TraceError(
+            f"{what} declares {rows:,} rows" + (f", meta.json {expect.rows:,}" if expect else "")
+        )
+    return reader
+
+
 def _part(
     dir_fd: int,
     name: str,
@@ -154,24 +172,14 @@ def _part(
     lists them), its columns the format's with no nulls. With `columns`, only those (the
     digest is still of the whole file)."""
     what = f"{where}/{name}"
-    data = _read_regular(name, dir_fd, MAX_PART_BYTES, what)
-    if expect is not None and hashlib.sha256(data).hexdigest() != expect.sha256:
-        raise TraceError(f"{what} is damaged: not the part meta.json lists (its SHA-256 differs)")
+    reader = _checked(dir_fd, name, what, expect)
     try:
-        reader = pq.ParquetFile(pa.BufferReader(data))
-        rows = reader.metadata.num_rows
-        if rows > MAX_PART_ROWS or (expect is not None and rows != expect.rows):
-            raise TraceError(
-                f"{what} declares {rows:,} rows"
-                + (f", meta.json {expect.rows:,}" if expect else "")
-            )
         wanted = None
         if columns is not None:
             wanted = [c for c in columns if c in reader.schema_arrow.names]
         piece = reader.read(columns=wanted)
     except (OSError, pa.ArrowException) as exc:
         raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
-    del data
     missing = table.missing(piece)
     if columns is not None:
         missing = [c for c in missing if c in columns]
@@ -218,18 +226,11 @@ class PartRef:
         what = f"{self.path}/{self.name}"
         dir_fd = _open(self.path, None, _DIR, str(self.path))
         try:
-            data = _read_regular(self.name, dir_fd, MAX_PART_BYTES, what)
+            meta = _checked(dir_fd, self.name, what, expect).metadata
         finally:
             os.close(dir_fd)
-        if self.expect is not None and hashlib.sha256(data).hexdigest() != self.expect.sha256:
-            raise TraceError(
-                f"{what} is damaged: not the part meta.json lists (its SHA-256 differs)"
-            )
+        rows = meta.num_rows
         try:
-            meta = pq.ParquetFile(pa.BufferReader(data)).metadata
-            rows = meta.num_rows
-            if rows > MAX_PART_ROWS or (self.expect is not None and rows != self.expect.rows):
-                raise TraceError(f"{what} declares {rows:,} rows")
             if rows == 0:
                 return 0, 0, -1
             col = meta.schema.to_arrow_schema().get_field_index("ts_ns")
