@@ -18,16 +18,18 @@ allocs, frees) a window of time at a time and keeps only what is still open betw
   retained buffers), and its +1 / -1 steps of the posted count.
 - Reads parked after EAGAIN (Go's netpoller, `parked_reads`) and parked reads found at
   attach (`parked_at_attach`) need the next read on the same descriptor and buffer, which
-  may come windows later: they wait in a small table of lookups, resolved as the windows
-  pass, and join the figures at the end. Their steps come late too, so from the first such
+  may come windows later, and a readiness wait in between (the waits are streamed with the
+  reads): `Parking` decides each EAGAIN return as soon as it can, and the reads parked at
+  attach wait in `NextPost` to the end. Their steps come late, so from the first such
   read the steps are kept (on disk beyond STEPS_IN_MEMORY) and the peaks climbed in time
   order at the end.
 
 What stays whole in memory: the reads open at a window boundary, the live allocations,
-one row per connection, pending lookups, and the small tables (processes, sockets, walked
-heap blocks, mappings, readiness waits). The figures are exactly those of `summarize` for
-the same trace (tests/unit/test_stream.py compares them, `relation_of`); those it does not
-compute - the whole cost, allocation sites, writes, residency, heap and RSS figures - need
+one row per connection, EAGAIN returns not decided yet and readiness waits not seen to end,
+and the small tables (processes, sockets, walked heap blocks, mappings). The figures are
+exactly those of `summarize` for the same trace (tests/unit/test_stream.py compares them,
+`relation_of`); those it does not compute - the whole cost, allocation sites, writes,
+residency, heap and RSS figures - need
 the in-memory report.
 """
 
