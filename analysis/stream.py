@@ -29,8 +29,7 @@ one row per connection, EAGAIN returns not decided yet and readiness waits not s
 and the small tables (processes, sockets, walked heap blocks, mappings). The figures are
 exactly those of `summarize` for the same trace (tests/unit/test_stream.py compares them,
 `relation_of`); those it does not compute - the whole cost, allocation sites, writes,
-residency, heap and RSS figures - need
-the in-memory report.
+residency, heap and RSS figures - need the in-memory report.
 """
 
 from __future__ import annotations
