@@ -351,7 +351,7 @@ def _assembled(
                 ts_type = rows.schema.field("ts_ns").type
                 cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
                 early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
-            out[name] = early.to_pandas(split_blocks=True)
+            out[name] = early.to_pandas(split_blocks=True, use_threads=False)
         yield bound, out
 
 

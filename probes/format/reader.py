@@ -167,17 +167,19 @@ def _part(
     where: str,
     expect: Part | None,
     columns: list[str] | None = None,
+    threads: bool = True,
 ) -> pa.Table:
     """One part, checked: a regular file, its digest and rows those meta.json lists (when it
     lists them), its columns the format's with no nulls. With `columns`, only those (the
-    digest is still of the whole file)."""
+    digest is still of the whole file); without `threads`, decoded on the calling thread
+    only, not Arrow's pool."""
     what = f"{where}/{name}"
     reader = _checked(dir_fd, name, what, expect)
     try:
         wanted = None
         if columns is not None:
             wanted = [c for c in columns if c in reader.schema_arrow.names]
-        piece = reader.read(columns=wanted)
+        piece = reader.read(columns=wanted, use_threads=threads)
     except (OSError, pa.ArrowException) as exc:
         raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
     missing = table.missing(piece)
@@ -209,9 +211,14 @@ class PartRef:
     expect: Part | None
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The part, checked (see _part), decoded on the calling thread: a reader that runs
+        threads of its own (analysis.stream) keeps Arrow's pool out of it - Arrow's pool
+        threads, left running, can abort the interpreter at exit (apache/arrow#34314)."""
         dir_fd = _open(self.path, None, _DIR, str(self.path))
         try:
-            return _part(dir_fd, self.name, self.table, str(self.path), self.expect, columns)
+            return _part(
+                dir_fd, self.name, self.table, str(self.path), self.expect, columns, False
+            )
         finally:
             os.close(dir_fd)
 
