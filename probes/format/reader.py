@@ -216,9 +216,7 @@ class PartRef:
         threads, left running, can abort the interpreter at exit (apache/arrow#34314)."""
         dir_fd = _open(self.path, None, _DIR, str(self.path))
         try:
-            return _part(
-                dir_fd, self.name, self.table, str(self.path), self.expect, columns, False
-            )
+            return _part(dir_fd, self.name, self.table, str(self.path), self.expect, columns, False)
         finally:
             os.close(dir_fd)
 
