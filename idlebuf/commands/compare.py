@@ -8,8 +8,8 @@ from pathlib import Path
 from idlebuf.commands.options import number
 from idlebuf.experiments.saved import comparison_of
 from idlebuf.output import check_free, output_dir
-from idlebuf.reporters import REPORT_FILES, write_reports
 from idlebuf.reporters.json import rows_json
+from idlebuf.reporters.report_files import REPORT_FILES, write_reports
 from idlebuf.reporters.text import render_comparison
 from probes.format.errors import UsageError
 

@@ -14,8 +14,9 @@ from idlebuf.experiments.comparison import run_comparison
 from idlebuf.experiments.models import Load, Model, chosen_models, models
 from idlebuf.experiments.saved import COMPARISON_FILE, save_comparison
 from idlebuf.output import check_free, output_dir
-from idlebuf.reporters import REPORT_FILES, columns, write_reports
+from idlebuf.reporters import columns
 from idlebuf.reporters.json import rows_json
+from idlebuf.reporters.report_files import REPORT_FILES, write_reports
 from idlebuf.reporters.text import render_comparison
 from idlebuf.reporters.units import human_bytes
 from probes.features import preflight

@@ -1,31 +1,5 @@
 """Reporters: typed results (analysis.results, the experiments' Comparison and Sweep) rendered
 for people and tools. One module per format - text (terminal tables), json, html (with its
-svg plots), perfetto (timelines) - each computing nothing of its own."""
-
-from __future__ import annotations
-
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from idlebuf.experiments.comparison import Comparison
-
-
-REPORT_FILES = ("report.html", "timeline.pftrace")
-
-
-def write_reports(comparison: Comparison, directory: Path, title: str) -> dict[str, str]:
-    """A comparison's HTML page and Perfetto timeline, written into `directory` (replacing
-    them: callers check first, with output.check_free and REPORT_FILES): their paths as
-    {"report", "timeline"}."""
-    from idlebuf.output import write_file
-    from idlebuf.reporters.html import comparison_html
-    from idlebuf.reporters.perfetto import timeline_trace
-
-    report = write_file(directory / "report.html", comparison_html(comparison, title), force=True)
-    timeline = write_file(
-        directory / "timeline.pftrace",
-        timeline_trace(comparison.timelines, comparison.pids()).SerializeToString(),
-        force=True,
-    )
-    return {"report": str(report), "timeline": str(timeline)}
+svg plots), perfetto (timelines) - each computing nothing of its own; report_files writes a
+comparison's page and timeline. This package imports none of them, so that they can import
+each other without a cycle through it."""
