@@ -332,23 +332,27 @@ TIMELINE_FIGURES = (
 
 @dataclass
 class TimelinePoint(Result):
-    """A process's state at the end of one step of the time series."""
+    """A process's state at the end of one step of the time series. A figure is None where it
+    was not measured at that instant (RSS before its first sample): a gap, never a 0. The
+    posted reads are known throughout (live, and found at attach), hence never None."""
 
     pid: int
     t_s: float  # seconds since tracing began
     posted_reads: int = 0
     pinned_bytes: int = 0
-    io_buffer_heap_bytes: int = 0
-    heap_live_bytes: int = 0
-    rss_bytes: int = 0
-    socket_kernel_bytes: int = 0
-    connections_open: int = 0
-    idle_connections: int = 0
-    pending_writes: int = 0
-    pending_write_bytes: int = 0
+    io_buffer_heap_bytes: int | None = 0
+    heap_live_bytes: int | None = 0
+    rss_bytes: int | None = 0
+    socket_kernel_bytes: int | None = 0
+    connections_open: int | None = 0
+    idle_connections: int | None = 0
+    pending_writes: int | None = 0
+    pending_write_bytes: int | None = 0
 
-    def figure(self, name: str) -> float:
-        return float(getattr(self, name))
+    def figure(self, name: str) -> float | None:
+        """The figure `name` (a field), or None where it was not measured."""
+        value = getattr(self, name)
+        return None if value is None else float(value)
 
 
 @dataclass

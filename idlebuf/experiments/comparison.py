@@ -48,6 +48,7 @@ class Comparison:
     timelines: dict[str, list[TimelinePoint]] = field(default_factory=dict)  # per row's model
     models: dict[str, ModelInfo] = field(default_factory=dict)  # explained models
     complete: bool = False  # every model asked for was recorded
+    ratio_of: str = "io_buffer_memory"  # the figure "x readiness" divides (write side: writes')
 
     def pids(self) -> dict[str, int]:
         return {r.model: r.pid for r in self.rows}
@@ -138,7 +139,7 @@ def run_comparison(
     """Record every chosen model under `load` into base/<model>. Ratios are of the rows'
     `ratio_of` to the first model's. `save` is called after every model, so an interrupted
     run keeps the models already recorded."""
-    comparison = Comparison(load)
+    comparison = Comparison(load, ratio_of=ratio_of)
     for i, model in enumerate(chosen):
         row, series = record_model(
             model,
@@ -189,16 +190,21 @@ def renamed(comparison: Comparison, prefix: str) -> Comparison:
         {prefix + name: points for name, points in comparison.timelines.items()},
         {prefix + name: info for name, info in comparison.models.items()},
         comparison.complete,
+        comparison.ratio_of,
     )
 
 
 def merged(comparisons: Sequence[Comparison]) -> Comparison:
-    """Several comparisons as one (ratios to the first row of all)."""
-    out = Comparison(comparisons[0].scenario if len(comparisons) == 1 else None, complete=True)
+    """Several comparisons as one (ratios to the first row of all, of the first's figure)."""
+    out = Comparison(
+        comparisons[0].scenario if len(comparisons) == 1 else None,
+        complete=True,
+        ratio_of=comparisons[0].ratio_of,
+    )
     for c in comparisons:
         out.rows += c.rows
         out.timelines.update(c.timelines)
         out.models.update(c.models)
         out.complete &= c.complete
-    out.rows = with_ratios(out.rows)
+    out.rows = with_ratios(out.rows, out.ratio_of)
     return out

@@ -46,6 +46,7 @@ def comparison_json(comparison: Comparison) -> dict[str, Any]:
         },
         "models": to_json(comparison.models),
         "complete": comparison.complete,
+        "ratio_of": comparison.ratio_of,
     }
 
 
@@ -105,6 +106,12 @@ def _rows(raw: Any, version: int) -> list[ComparisonRow]:
     return rows
 
 
+def _ratio_of(figure: Any) -> str:
+    if figure not in ("io_buffer_memory", "write_buffer_heap"):
+        raise TypeError(f"ratio_of {figure!r} is not a figure rows are compared by")
+    return str(figure)
+
+
 def load_comparison(directory: Path) -> Comparison:
     path = directory / COMPARISON_FILE
     data = _read(path, COMPARISON_FORMAT)
@@ -120,6 +127,7 @@ def load_comparison(directory: Path) -> Comparison:
             },
             models={name: ModelInfo(**m) for name, m in data["models"].items()},
             complete=bool(data.get("complete", True)),
+            ratio_of=_ratio_of(data.get("ratio_of", "io_buffer_memory")),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise TraceError(f"{path}: not a comparison idlebuf wrote ({exc!r})") from None

@@ -1,4 +1,6 @@
-"""The columns a comparison is shown in: one list for the terminal table and the HTML page."""
+"""The columns a comparison is shown in: each column once, in the lists of the terminal table
+and of the HTML page (which shows its secondary columns in a details line under each row, so
+that its table fits the window)."""
 
 from __future__ import annotations
 
@@ -24,24 +26,37 @@ RSS_GROWTH = Column("rss_growth", "RSS growth", "RSS growth", human_bytes)
 SOCKET_MEMORY = Column("socket_kernel_bytes", "socket mem", "kernel socket memory", human_bytes)
 RATIO = Column("ratio_to_readiness", "x readiness", "x readiness", ratio)
 
+POSTED = Column("posted_reads", "posted", "posted reads", count)
+PINNED = Column("pinned_bytes", "pinned", "pinned", human_bytes)
+IO_BUFFER_MEMORY = Column("io_buffer_memory", "IO-buffer memory", "IO-buffer memory", human_bytes)
+RESIDENT = Column("io_buffer_memory_resident", "resident", "resident", human_bytes)
+PER_IDLE = Column(
+    "per_idle_connection_bytes",
+    "per idle conn",
+    "IO buffer + socket memory per idle connection",
+    human_bytes,
+)
+KERNEL = Column("kernel_per_connection_bytes", "kernel/conn", "kernel per connection", human_bytes)
+WHOLE = Column(
+    "whole_per_idle_connection_bytes",
+    "whole/idle conn",
+    "whole cost per idle connection",
+    human_bytes,
+)
+
 READS = [
     MODEL,
     CONNECTIONS,
     ACTIVE,
-    Column("posted_reads", "posted", "posted reads", count),
-    Column("pinned_bytes", "pinned", "pinned", human_bytes),
-    Column("io_buffer_memory", "IO-buffer memory", "IO-buffer memory", human_bytes),
-    Column("io_buffer_memory_resident", "resident", "resident", human_bytes),
+    POSTED,
+    PINNED,
+    IO_BUFFER_MEMORY,
+    RESIDENT,
     RSS_GROWTH,
     SOCKET_MEMORY,
-    Column("per_idle_connection_bytes", "per idle conn", "per idle connection", human_bytes),
-    Column("kernel_per_connection_bytes", "kernel/conn", "kernel per connection", human_bytes),
-    Column(
-        "whole_per_idle_connection_bytes",
-        "whole/idle conn",
-        "whole cost per idle connection",
-        human_bytes,
-    ),
+    PER_IDLE,
+    KERNEL,
+    WHOLE,
     RATIO,
 ]
 WRITE_FIGURES = [
@@ -51,3 +66,20 @@ WRITE_FIGURES = [
 ]
 # the write side (demo --push): its own figures instead of the reads'
 WRITES = [MODEL, CONNECTIONS, ACTIVE, *WRITE_FIGURES, RSS_GROWTH, SOCKET_MEMORY, RATIO]
+
+# the page: what is compared in the table, the rest in each row's details line; KEY are
+# the columns the page exists for, highlighted
+PAGE_READS = [
+    MODEL,
+    CONNECTIONS,
+    ACTIVE,
+    POSTED,
+    PINNED,
+    IO_BUFFER_MEMORY,
+    RSS_GROWTH,
+    WHOLE,
+    RATIO,
+]
+PAGE_READS_DETAILS = [RESIDENT, SOCKET_MEMORY, PER_IDLE, KERNEL]  # + the writes', where seen
+PAGE_WRITES = WRITES
+KEY = [WHOLE, RATIO]

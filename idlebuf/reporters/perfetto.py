@@ -3,7 +3,8 @@ opens directly.
 
 Each model (or recording) is a process track, named after it, holding one counter track per
 figure: posted reads, pinned bytes, IO-buffer heap, tracked heap, RSS, socket memory. Models
-recorded one after another are aligned at zero so their tracks can be compared by eye.
+recorded one after another are aligned at zero so their tracks can be compared by eye. A
+figure not measured at an instant (RSS before its first sample) has no sample there.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def timeline_trace(timelines: dict[str, list[TimelinePoint]], pids: dict[str, in
             d.uuid, d.parent_uuid, d.name = track, process_uuid, title
             d.counter.unit = unit
             for point in points:
+                value = point.figure(column)
+                if value is None:  # not measured then: no sample, rather than a false 0
+                    continue
                 p = packet()
                 p.timestamp = round(point.t_s * 1e9)
                 p.track_event.type = TrackEvent.TYPE_COUNTER
                 p.track_event.track_uuid = track
-                p.track_event.counter_value = int(point.figure(column))
+                p.track_event.counter_value = int(value)
     return trace

@@ -18,7 +18,7 @@ from analysis.results import (
 from idlebuf.experiments.sweep import Sweep
 from idlebuf.reporters import columns
 from idlebuf.reporters.columns import Column
-from idlebuf.reporters.units import human_bytes, printable
+from idlebuf.reporters.units import count, human_bytes, printable
 from probes.format.meta import ProcessAtAttach
 
 
@@ -172,8 +172,8 @@ def render_timeline(rows: list[TimelinePoint]) -> str:
             f"{r.t_s:.1f}",
             f"{r.posted_reads:,}",
             *(human_bytes(r.figure(c)) for c in sizes),
-            f"{r.connections_open:,}",
-            f"{r.idle_connections:,}",
+            count(r.connections_open),
+            count(r.idle_connections),
         ]
         for r in rows
     ]
