@@ -1,0 +1,250 @@
+"""The memory side of a recording (`record --memory`): what the targets' buffers and
+connections cost in memory, measured beside the events.
+
+While recording: the kernel memory of the targets' sockets (sock_diag), the allocation
+holding each buffer that matters (posted, parked, last data), looked up by walking the
+allocator's own structures unless the allocator is probed (--alloc-probes), and memory points
+(sockets held, heap in use, resident memory) whenever a target's open files change. As the
+recording ends, while the targets still run: how much of those buffers is resident, every
+buffer (and what writes were sent from) looked up again, and the stacks that allocated or
+posted them, symbolized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from probes import kernel_objects, residency
+from probes.allocators import HeapWalker
+from probes.allocators.base import Allocation
+from probes.attach import process
+from probes.batches import write_rows
+from probes.format import schema
+from probes.format.meta import Allocator, MemoryOptions, Meta
+from probes.process_memory import MemoryReadError
+from probes.residency import BufferTracker
+from probes.socket_memory import SocketSampler, socket_inodes
+
+if TYPE_CHECKING:
+    from probes.format.writer import TraceWriter
+    from probes.loader import Probes
+
+MAX_WRITE_BUFFERS = 1 << 20  # distinct write buffers looked up at the end
+PROBED = "the allocator is probed: allocations give the heap"
+
+
+def open_fds(pid: int) -> list[int]:
+    try:
+        return [int(n) for n in os.listdir(f"/proc/{pid}/fd")]
+    except (OSError, ValueError):
+        return []
+
+
+class MemorySide:
+    """The memory side of one recording, made when its first target is attached; it writes
+    its own tables and keeps meta.json's `memory` up to date."""
+
+    def __init__(
+        self, probes: Probes, writer: TraceWriter, meta: Meta, now_ns: Callable[[], int]
+    ) -> None:
+        self._probes = probes
+        self._writer = writer
+        self._now_ns = now_ns
+        options = probes.options
+        meta.memory = self.memory = MemoryOptions(
+            options.min_alloc, options.sample_every, alloc_probes=options.alloc_probes
+        )
+        meta.kernel_objects, meta.kernel_objects_why = kernel_objects.read_caches()
+        self._sockets = SocketSampler()
+        self._buffers = BufferTracker()
+        # without allocator probes: each target's heap walker (made at its first walk: a
+        # launched command must have exec'd), and the buffers looked up so far
+        self._walkers: dict[int, HeapWalker | None] = {}
+        self._looked_up: set[tuple[int, int]] = set()
+        self._write_buffers: set[tuple[int, int]] = set()  # (pid, addr) writes were sent from
+        # (kind, pid, stack id + 1) of allocations ("alloc") and of posted reads ("post")
+        self._stack_ids: set[tuple[str, int, int]] = set()
+        # memory points (connections vs memory): each target's open files at its last point,
+        # and when the last heap sum began and how long it took (walks get a time budget)
+        self._files_at_point: dict[int, int] = {}
+        self._heap_sum: dict[int, tuple[float, float]] = {}
+
+    def attach(self, pid: int) -> None:
+        """A new target: its allocator probed if asked to (--alloc-probes)."""
+        if self._probes.options.alloc_probes:
+            self.memory.allocators.append(self._probes.attach_allocator(pid))
+
+    def note(self, by_kind: dict[int, np.ndarray], sampling: bool) -> None:
+        """A flushed batch (split by kind): the buffers and stacks it names; with the
+        allocator walked, the allocations of buffers not looked up yet."""
+        empty = np.zeros(0, dtype=schema.WIRE_EVENT.dtype)
+        allocs = by_kind.get(schema.Kind.ALLOC, empty)
+        if allocs.size:
+            self._stack_ids.update(
+                ("alloc", p, k) for p, k in zip(allocs["pid"].tolist(), allocs["key"].tolist())
+            )
+        posts = by_kind.get(schema.Kind.POST, empty)
+        posted_from = posts[posts["first_id"] != 0]
+        self._stack_ids.update(
+            ("post", p, k)
+            for p, k in zip(posted_from["pid"].tolist(), posted_from["first_id"].tolist())
+        )
+        writes = by_kind.get(schema.Kind.WRITE_POST, empty)
+        if writes.size and len(self._write_buffers) < MAX_WRITE_BUFFERS:
+            self._write_buffers.update(zip(writes["pid"].tolist(), writes["addr"].tolist()))
+        self._buffers.note(posts, by_kind.get(schema.Kind.COMPLETE, empty))
+        if not self._probes.options.alloc_probes and sampling:
+            self._walk_heaps("flush")
+
+    def flush(self, pids: list[int]) -> None:
+        """At every flush: the targets' sockets sampled, and a memory point for each."""
+        write_rows(self._writer, schema.SOCKETS, self._sockets.sample(pids, self._now_ns()))
+        self._memory_points(pids)
+
+    def sample(self, pids: list[int]) -> None:
+        """Between flushes: a memory point for each target whose open files changed."""
+        changed = [p for p in pids if self._files_at_point.get(p) != len(open_fds(p))]
+        if changed:
+            self._memory_points(changed)
+
+    def end(self) -> None:
+        """Residency of the buffers that matter and the stacks, symbolized: both need the
+        processes alive, so they are taken as the recording ends."""
+        write_rows(self._writer, schema.RESIDENCY, residency.measure(self._buffers.ranges()))
+        # with the probes too: the walk is then a cross-check of what they saw
+        self._walk_heaps("end")
+        stacks = []
+        for kind, pid, stack_id in sorted(self._stack_ids):
+            if stack_id:
+                frames, symbols = self._probes.stack(stack_id, pid, kind)
+                stacks.append(
+                    {
+                        "pid": pid,
+                        "stack_id": stack_id,
+                        "frames": frames,
+                        "symbols": symbols,
+                        "kind": kind,
+                    }
+                )
+        write_rows(self._writer, schema.STACKS, stacks)
+
+    def close(self) -> None:
+        self._sockets.close()
+        for walker in self._walkers.values():
+            if walker is not None:
+                walker.close()
+
+    def _memory_points(self, pids: list[int]) -> None:
+        """Sockets held, heap in use and resident memory of each of `pids` now: the points
+        analysis.cost fits memory against connections with."""
+        rows = []
+        for pid in pids:
+            files = open_fds(pid)
+            before = len(socket_inodes([pid]))
+            heap: tuple[int, int] | str = PROBED
+            if not self._probes.options.alloc_probes:
+                heap = self._heap_in_use(pid)
+            counts = process.status(pid)
+            after = open_fds(pid)
+            if counts is None:
+                continue  # gone
+            self._files_at_point[pid] = len(after)
+            rows.append(
+                {
+                    "ts_ns": self._now_ns(),
+                    "pid": pid,
+                    "sockets": before,
+                    "heap_bytes": heap[0] if isinstance(heap, tuple) else 0,
+                    "heap_blocks": heap[1] if isinstance(heap, tuple) else 0,
+                    "why": heap if isinstance(heap, str) else "",
+                    "vm_rss": counts["vm_rss"],
+                    "rss_anon": counts["rss_anon"],
+                    "moving": after != files and len(socket_inodes([pid])) != before,
+                }
+            )
+        write_rows(self._writer, schema.MEMORY_POINTS, rows)
+
+    def _heap_in_use(self, pid: int) -> tuple[int, int] | str:
+        """The heap in use (bytes, blocks), or why not; a walk waits until five times the
+        last one's duration has passed since that began, so walking takes at most a fifth
+        of the recorder's time however big the heap."""
+        walker = self._walker(pid)
+        if walker is None:
+            if any(a.pid == pid for a in self.memory.allocators if a.method == "probes"):
+                return PROBED
+            return "the process is gone"
+        began = time.perf_counter()
+        last = self._heap_sum.get(pid)
+        if last is not None and began - last[0] < 5 * last[1]:
+            return f"not walked: the last walk took {last[1] * 1000:.0f} ms (time budget)"
+        found = walker.in_use()
+        self._heap_sum[pid] = (began, time.perf_counter() - began)
+        return found
+
+    def _walker(self, pid: int) -> HeapWalker | None:
+        """The heap walker of `pid`, made at its first use; a process whose allocator has no
+        walker (jemalloc...) gets its allocator probed from then on instead."""
+        if pid in self._walkers:
+            return self._walkers[pid]
+        walker: HeapWalker | None = None
+        with contextlib.suppress(MemoryReadError):  # gone
+            walker = HeapWalker(pid)
+        probed = self._probes.options.alloc_probes
+        if walker is not None and not walker.walks:
+            walker.close()
+            walker = None
+            if not probed:
+                self.memory.allocators.append(self._probes.attach_allocator(pid))
+        elif walker is not None and not probed:
+            self.memory.allocators.append(Allocator(pid=pid, method=walker.method))
+        self._walkers[pid] = walker
+        return walker
+
+    def _walk_heaps(self, what: str) -> None:
+        """Look up the allocation of each buffer that matters (posted, parked, last data):
+        at every flush those not looked up yet, at the end all of them again."""
+        if what == "end":
+            self._looked_up.clear()
+        wanted: dict[int, set[int]] = {}
+        buffers = {(r["pid"], r["addr"]) for r in self._buffers.ranges()}
+        if what == "end":  # what writes were sent from (write-buffer memory)
+            buffers |= self._write_buffers
+        for pid, addr in buffers - self._looked_up:
+            wanted.setdefault(pid, set()).add(addr)
+        rows = []
+        began = time.perf_counter()
+        for pid, addrs in wanted.items():
+            walker = self._walker(pid)
+            if walker is None:
+                continue
+            now = self._now_ns()
+            for addr, found in walker.find(sorted(addrs)).items():
+                self._looked_up.add((pid, addr))
+                rows.append(
+                    {"ts_ns": now, "pid": pid, "buffer": addr, "what": what}
+                    | (
+                        {
+                            "addr": found.addr,
+                            "size": found.size,
+                            "allocator": found.allocator,
+                            "why": "",
+                        }
+                        if isinstance(found, Allocation)
+                        else {"addr": 0, "size": 0, "allocator": "", "why": found.why}
+                    )
+                )
+        write_rows(self._writer, schema.HEAP_BLOCKS, rows)
+        took, walks = (time.perf_counter() - began) * 1000, self.memory.walks
+        if what == "end":
+            walks.end_buffers, walks.end_ms = len(rows), round(took, 2)
+        elif rows:
+            walks.flushes += 1
+            walks.buffers += len(rows)
+            walks.total_ms = round(walks.total_ms + took, 2)
+            walks.max_ms = max(walks.max_ms, round(took, 2))
