@@ -186,11 +186,35 @@ def live_bytes_at(allocations: pd.DataFrame, stamps: np.ndarray, rounding: Round
     return (made_by - freed_by).astype(float)
 
 
+def traced_heap_plan(meta: Meta, points: pd.DataFrame) -> dict[int, tuple[np.ndarray, Rounding]]:
+    """Per pid whose heap is fitted from the allocations the probes traced: the instants
+    at which the traced heap is needed (its settled memory points) and its allocator's
+    rounding. The passes over the trace sum the heap there (analysis.passes.AllocPass)."""
+    memory = meta.memory
+    if memory is None or points.empty or memory.min_alloc > 0:
+        return {}
+    probed = {a.pid: a for a in memory.allocators if a.method == "probes"}
+    out = {}
+    for pid in sorted(set(points["pid"].tolist())):
+        if not (memory.alloc_probes or pid in probed):
+            continue
+        allocator = probed.get(pid)
+        _, rounding = allocator_rounding(allocator.library if allocator else None)
+        mine = points[points["pid"] == pid]
+        out[int(pid)] = (settled(mine)["ts_ns"].to_numpy(np.float64), rounding)
+    return out
+
+
 def heap_fit(
-    points: pd.DataFrame, steady: pd.DataFrame, allocations: pd.DataFrame, meta: Meta, pid: int
+    points: pd.DataFrame,
+    steady: pd.DataFrame,
+    traced_heap: np.ndarray | None,
+    meta: Meta,
+    pid: int,
 ) -> tuple[ConnectionFit | None, str | None]:
     """The heap in use against the sockets held, over `steady` (settled(points)): walked
-    sums where the allocator was walked, the live tracked allocations where it was probed."""
+    sums where the allocator was walked, the live traced allocations (`traced_heap`, at
+    each of `steady`'s instants) where it was probed."""
     memory = meta.memory
     assert memory is not None
     probed = {a.pid: a for a in memory.allocators if a.method == "probes"}
@@ -202,10 +226,8 @@ def heap_fit(
                 f"allocations smaller than --min-alloc {memory.min_alloc:,} were not tracked: "
                 "record with --min-alloc 0 (or without --alloc-probes) to fit the heap"
             )
-        how, rounding = allocator_rounding(allocator.library if allocator else None)
-        mine = allocations[allocations["pid"] == pid]
-        stamps = steady["ts_ns"].to_numpy()
-        live = live_bytes_at(mine, stamps, rounding) * memory.sample_every
+        how, _ = allocator_rounding(allocator.library if allocator else None)
+        live = traced_heap if traced_heap is not None else np.zeros(len(steady))
         source = f"allocations seen by the allocator probes ({how})"
         return fit_against_connections(steady["sockets"].to_numpy(), live, source, moved)
     walked = steady[steady["why"] == ""]
@@ -316,7 +338,7 @@ def whole_cost(
     points: pd.DataFrame,
     sockets: pd.DataFrame,
     connections: pd.DataFrame,
-    allocations: pd.DataFrame,
+    traced_heap: np.ndarray | None,
     heap_buffer_bytes: int,
     idle_uring_requests: int,
 ) -> PerIdleConnection:
@@ -324,7 +346,9 @@ def whole_cost(
     IO buffer + other user memory + kernel = total, for process `pid`.
 
     `points`: its memory points; `sockets`: the sockets table; `connections`: its rows of
-    analysis.memory.connection_table(); `heap_buffer_bytes`: the heap the idle connections'
+    analysis.memory.connection_table(); `traced_heap`: the traced allocations live at its
+    settled memory points (traced_heap_plan), where its allocator was probed;
+    `heap_buffer_bytes`: the heap the idle connections'
     own IO buffers take (posted or retained; a shared pool is not theirs), which the heap
     fit also counts: other user memory is the fit less that, per idle connection."""
     idle = int(connections["idle"].sum())
@@ -357,7 +381,7 @@ def whole_cost(
         out.reason = "no memory points: the trace was recorded without them"
     elif meta.memory is not None:
         steady = settled(mine)
-        out.fit, out.reason = heap_fit(mine, steady, allocations, meta, pid)
+        out.fit, out.reason = heap_fit(mine, steady, traced_heap, meta, pid)
         out.rss_fit, _ = rss_fit(mine, steady)
         out.socket_fit, _ = socket_queue_fit(sockets, pid)
         if out.fit is not None and out.fit.confident:

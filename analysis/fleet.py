@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.buffers import buffer_group_summary
 from analysis.comparison import io_buffer_memory
+from analysis.engine import analyze
 from analysis.results import ProcessSummary, Result
-from analysis.stream import relate, trace_events
-from analysis.summary import summarize
-from probes.format import schema
+from analysis.windows import WINDOW_ROWS, trace_events
 from probes.format.errors import IdlebufError
-from probes.format.reader import open_trace, read_meta, read_table, table_parts
+from probes.format.reader import read_meta
 
 
 @dataclass
@@ -74,13 +72,7 @@ def io_model(process: ProcessSummary) -> str:
     (with provided buffers or not), by blocked syscalls (a thread per connection) or parked
     (green threads, goroutines); else readiness when it waited on readiness."""
     posted = {name: s.posted_reads for name, s in process.by_source.items()}
-    return _model(posted, bool(process.buffer_groups), process.readiness_waits.count)
-
-
-def _model(posted: dict[str, int], buffer_groups: bool, readiness_waits: int) -> str:
-    """io_model() from a process's reads posted at the end per source, whether it provided
-    buffer groups, and how many readiness waits it began."""
-    if buffer_groups:
+    if process.buffer_groups:
         return "queued: io_uring provided buffers"
     if posted.get("uring", 0):
         return "queued: io_uring"
@@ -88,13 +80,13 @@ def _model(posted: dict[str, int], buffer_groups: bool, readiness_waits: int) ->
         return "queued: parked (green threads, Go)"
     if posted.get("syscall", 0):
         return "queued: blocking reads (threads)"
-    if readiness_waits:
+    if process.readiness_waits.count:
         return "readiness (epoll, poll, select)"
     return "unknown"
 
 
-# a trace with more events than this is streamed (analysis.stream) on its worker: about
-# 4 GiB in memory; streamed, its whole cost per idle connection is unknown
+# a trace with more events than this is read in windows (analysis.windows) on its worker,
+# in bounded memory, with the same figures; smaller ones in one window (about 4 GiB here)
 STREAM_ABOVE_EVENTS = 20_000_000
 
 
@@ -102,18 +94,15 @@ def digest(
     path: str, idle_threshold_s: float = 1.0, stream_above: int = STREAM_ABOVE_EVENTS
 ) -> Digest:
     """One trace's digest; never raises for a trace that cannot be read (its failure says
-    why). A trace of more than `stream_above` events is streamed: in bounded memory, its
-    whole cost per idle connection unknown."""
+    why). A trace of more than `stream_above` events is read in windows."""
     try:
-        if trace_events(path) > stream_above:
-            return streamed_digest(path, idle_threshold_s)
-        trace = open_trace(path)
-        summary = summarize(trace, idle_threshold_s)
+        rows = WINDOW_ROWS if trace_events(path) > stream_above else None
+        summary = analyze(path, idle_threshold_s, window_rows=rows)
+        host = read_meta(Path(path)).host.hostname or "unknown"
     except IdlebufError as exc:
         return Digest(path, failure=Failure(path, str(exc).splitlines()[0][:500]))
     except (OSError, ValueError, KeyError, MemoryError) as exc:
         return Digest(path, failure=Failure(path, f"cannot be read: {exc!r}"[:500]))
-    host = trace.meta.host.hostname or "unknown"
     out = Digest(path)
     for process in summary.processes:
         memory = process.memory
@@ -138,53 +127,6 @@ def digest(
             ProcessDigest(
                 path, host, process.pid, process.comm or "?", io_model(process),
                 process.posted_reads.now, process.pinned_bytes.now, **figures,  # type: ignore[arg-type]
-            )
-        )  # fmt: skip
-    return out
-
-
-def streamed_digest(path: str, idle_threshold_s: float = 1.0) -> Digest:
-    """digest() of a trace streamed by analysis.stream.relate: the same figures but the
-    whole cost (None: unknown)."""
-    relation = relate(path, idle_threshold_s)
-    trace_dir = Path(path)
-    meta = read_meta(trace_dir)
-    host = meta.host.hostname or "unknown"
-    small = {
-        name: read_table(trace_dir, schema.TABLES[name], meta)
-        for name in ("buffer_groups", "buffer_rings", "buffer_uses")
-    }
-    groups = buffer_group_summary(
-        small["buffer_groups"], small["buffer_rings"], small["buffer_uses"]
-    )
-    group_bytes = groups.groupby("pid")["bytes"].sum()
-    waits: dict[int, int] = {}
-    for ref in table_parts(trace_dir, schema.WAITS, meta):
-        for pid, n in zip(*np.unique(ref.read(["pid"])["pid"].to_numpy(), return_counts=True)):
-            waits[int(pid)] = waits.get(int(pid), 0) + int(n)
-    out = Digest(path)
-    for p in relation.processes:
-        if not (p.posted_reads.peak or p.reads_completed or (p.connections and p.connections.open)):
-            continue  # as digest() leaves them out
-        figures: dict[str, int | float | None] = dict.fromkeys(MEMORY_FIGURES)
-        if p.connections is not None:
-            held = p.held_data_buffers.bytes if p.held_data_buffers else 0
-            figures = {
-                "connections": p.connections.open,
-                "idle_connections": p.connections.idle,
-                "io_buffer_memory": (p.io_buffer_bytes or 0)
-                + (p.mapped_bytes or 0)
-                + held
-                + int(group_bytes.get(p.pid, 0)),
-                "idle_buffer_bytes": p.idle_user_buffer_bytes,
-                "per_idle_connection_bytes": round(p.per_idle_connection_bytes or 0.0, 1),
-                "whole_per_idle_connection_bytes": None,  # needs the in-memory report
-            }
-        model = _model(p.by_source, p.pid in group_bytes.index, waits.get(p.pid, 0))
-        out.processes.append(
-            ProcessDigest(
-                path, host, p.pid, p.comm or "?", model,
-                p.posted_reads.now, p.pinned_bytes.now, **figures,  # type: ignore[arg-type]
             )
         )  # fmt: skip
     return out

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.reads import columns_of, next_event
-from analysis.results import TIMELINE_FIGURES
 from probes.format.schema import RssMember
 
 ALLOCATION_COLUMNS = ["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"]
@@ -278,25 +277,6 @@ def rss_at(rss: pd.DataFrame, pid: int, ts_ns: int) -> int:
     return int(r.groupby("member")["bytes"].last().sum())
 
 
-def rss_now_and_peak(rss: pd.DataFrame) -> pd.DataFrame:
-    """Per pid: resident bytes (anonymous + file + shared memory) first seen, at the end and at
-    peak, of the process's last address space (a launched command's pre-exec copy of the
-    recorder is not the command)."""
-    if rss.empty:
-        return pd.DataFrame(columns=["pid", "rss_first", "rss_now", "rss_peak"])
-    resident = (RssMember.ANON, RssMember.FILE, RssMember.SHMEM)
-    r = rss[rss["member"].isin(resident)].sort_values("ts_ns", kind="stable")
-    last_mm = r.groupby("pid")["mm_id"].transform("last")
-    r = r[r["mm_id"] == last_mm]
-    # each record gives one counter's new value: carry the others forward
-    wide = r.pivot_table(index=["pid", "ts_ns"], columns="member", values="bytes", aggfunc="last")
-    wide = wide.groupby(level="pid").ffill().fillna(0)
-    total = wide.sum(axis=1).groupby(level="pid")
-    return pd.DataFrame(
-        {"rss_first": total.first(), "rss_now": total.last(), "rss_peak": total.max()}
-    ).reset_index()
-
-
 # Memory a socket holds in the kernel: received data (rmem_alloc), queued for sending
 # (wmem_queued, which includes what is in flight) and reserved ahead (fwd_alloc).
 SOCKET_KERNEL_FIELDS = ["rmem_alloc", "wmem_queued", "fwd_alloc"]
@@ -462,112 +442,6 @@ def idle_connection_cost(connections: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-TIMELINE_COLUMNS = ["pid", "t_s", *TIMELINE_FIGURES]
-
-
-def timeline_edges(start_ns: int, end_ns: int, resolution_ns: int) -> np.ndarray:
-    """The instants a time series reports: the end of each step, the last one at or after
-    the end."""
-    return np.arange(start_ns + resolution_ns, end_ns + resolution_ns, resolution_ns)
-
-
-def process_timeline(
-    posted: pd.DataFrame,
-    allocations: pd.DataFrame,
-    rss: pd.DataFrame,
-    sockets: pd.DataFrame,
-    start_ns: int,
-    end_ns: int,
-    resolution_ns: int,
-    buffers: pd.DataFrame | None = None,
-    pending_writes: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """Per pid, the state at the end of every `resolution_ns` step from start to end.
-
-    `buffers`, if given, is buffer_timeline()'s output for the same edges (see timeline_edges);
-    `pending_writes` is posted_timeline() of the writes to sockets.
-
-    `posted` is posted_timeline()'s output; the heap is the tracked allocations live; RSS the
-    last address space's resident counters; socket figures come from the last sample taken.
-    """
-    edges = timeline_edges(start_ns, end_ns, resolution_ns)
-    if len(edges) == 0:
-        return pd.DataFrame(columns=TIMELINE_COLUMNS)
-
-    def at_edges(frame: pd.DataFrame, value: str) -> pd.DataFrame:
-        """The last value of `value` at or before each edge, per pid: after the last of the
-        rows at one instant (a stable sort keeps their order, ends before starts)."""
-        rows = []
-        for pid, part in frame.sort_values("ts_ns", kind="stable").groupby("pid"):
-            idx = np.searchsorted(part["ts_ns"].to_numpy(np.int64), edges, side="right") - 1
-            vals = np.where(idx >= 0, part[value].to_numpy()[np.maximum(idx, 0)], 0)
-            rows.append(pd.DataFrame({"pid": pid, "edge": edges, value: vals}))
-        return pd.concat(rows) if rows else pd.DataFrame(columns=["pid", "edge", value])
-
-    steps = []
-    if not allocations.empty:
-        a = allocations
-        starts = pd.DataFrame({"pid": a["pid"], "ts_ns": a["alloc_ns"], "d": a["size"]})
-        freed = a[a["free_ns"].notna()]
-        ends = pd.DataFrame(
-            {"pid": freed["pid"], "ts_ns": freed["free_ns"].astype("int64"), "d": -freed["size"]}
-        )
-        heap = pd.concat([starts, ends]).sort_values("ts_ns", kind="stable")
-        heap["heap_live_bytes"] = heap.groupby("pid")["d"].cumsum()
-        steps.append(at_edges(heap, "heap_live_bytes"))
-    if not rss.empty:
-        last_mm = rss.groupby("pid")["mm_id"].transform("last")
-        r = rss[rss["mm_id"] == last_mm].sort_values("ts_ns")
-        wide = (
-            r.pivot_table(index=["pid", "ts_ns"], columns="member", values="bytes", aggfunc="last")
-            .groupby(level="pid")
-            .ffill()
-            .fillna(0)
-        )
-        total = wide.sum(axis=1).rename("rss_bytes").reset_index()
-        steps.append(at_edges(total, "rss_bytes"))
-    if not sockets.empty:
-        conns = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
-        per_sample = (
-            conns.assign(socket_kernel_bytes=conns[SOCKET_KERNEL_FIELDS].sum(axis=1))
-            .groupby(["pid", "ts_ns"])
-            .agg(
-                socket_kernel_bytes=("socket_kernel_bytes", "sum"), connections_open=("fd", "size")
-            )
-            .reset_index()
-        )
-        # a sample in which a process held no connection (only a listener) counts 0
-        every = sockets[["pid", "ts_ns"]].drop_duplicates()
-        per_sample = every.merge(per_sample, on=["pid", "ts_ns"], how="left").fillna(0)
-        per_sample = per_sample.astype(
-            {"socket_kernel_bytes": "int64", "connections_open": "int64"}
-        )
-        steps.append(at_edges(per_sample, "socket_kernel_bytes"))
-        steps.append(at_edges(per_sample, "connections_open"))
-    if not posted.empty:
-        steps.append(at_edges(posted, "posted_reads"))
-        steps.append(at_edges(posted, "pinned_bytes"))
-    if buffers is not None and not buffers.empty:
-        steps.append(buffers)
-    if pending_writes is not None and not pending_writes.empty:
-        w = pending_writes.rename(
-            columns={"posted_reads": "pending_writes", "pinned_bytes": "pending_write_bytes"}
-        )
-        steps.append(at_edges(w, "pending_writes"))
-        steps.append(at_edges(w, "pending_write_bytes"))
-    if not steps:
-        return pd.DataFrame(columns=TIMELINE_COLUMNS)
-    out = steps[0]
-    for more in steps[1:]:
-        out = out.merge(more, on=["pid", "edge"], how="outer")
-    out["t_s"] = (out["edge"] - start_ns) / 1e9
-    for col in TIMELINE_COLUMNS:
-        if col not in out:
-            out[col] = 0
-    out = out.fillna(0)
-    return out[TIMELINE_COLUMNS].sort_values(["pid", "t_s"]).reset_index(drop=True)
-
-
 def with_residency(buffers: pd.DataFrame, residency: pd.DataFrame, what: str) -> pd.Series:
     """Resident bytes of each buffer (pid, fd, addr, len) as measured at the end for `what`
     ("posted", "last_data" or "parked"); NaN where it was not measured."""
@@ -675,75 +549,3 @@ def read_sites(posted: pd.DataFrame, stacks: pd.DataFrame, top: int = 5) -> pd.D
         return pd.DataFrame(columns=SITE_COLUMNS)
     with_stack = with_stack.assign(stack_id=with_stack["stack_id"].astype("int64"))
     return _top_sites(with_stack, "len", stacks, "post", top)
-
-
-def _idle_at_edges(
-    reads: pd.DataFrame,
-    first: pd.Series,
-    closed: pd.Series,
-    edges: np.ndarray,
-    idle_threshold_ns: int,
-) -> pd.DataFrame:
-    """Idle connections per pid (rows) at each edge (columns): open then (first seen at or
-    before it, not closed before it) and no data for the threshold. Vectorized over
-    connections x edges: the last arrival at or before each edge is the running maximum of
-    the arrivals binned by edge."""
-    if first.empty:
-        return pd.DataFrame()
-    n, m = len(first), len(edges)
-    arrivals = reads[reads["ret"] > 0]
-    codes = first.index.get_indexer(pd.MultiIndex.from_arrays([arrivals["pid"], arrivals["fd"]]))
-    bins = np.searchsorted(edges, arrivals["end_ns"].to_numpy(np.float64), side="left")
-    keep = (codes >= 0) & (bins < m)
-    binned = (
-        pd.DataFrame({"c": codes[keep], "b": bins[keep], "t": arrivals["end_ns"].to_numpy()[keep]})
-        .groupby(["c", "b"])["t"]
-        .max()
-    )
-    last = np.full((n, m), -np.inf)
-    last[binned.index.get_level_values("c"), binned.index.get_level_values("b")] = binned
-    last = np.maximum.accumulate(last, axis=1)
-    opened = first.to_numpy(np.float64)[:, None]
-    since = np.where(np.isfinite(last), last, opened)
-    seen = (opened <= edges) & (closed.to_numpy(np.float64)[:, None] >= edges)
-    idle = seen & (edges[None, :] - since >= idle_threshold_ns)
-    return pd.DataFrame(idle, index=first.index.get_level_values("pid")).groupby(level=0).sum()
-
-
-def buffer_timeline(
-    reads: pd.DataFrame,
-    allocations: pd.DataFrame,
-    edges: np.ndarray,
-    idle_threshold_ns: int,
-    sockets: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """Per pid and instant in `edges`: IO-buffer heap bytes (reads posted then, joined to the
-    allocations live then) and idle connections (seen reading or in a socket sample, open,
-    no data for the threshold). One address join per instant: keep `edges` to a few
-    thousand."""
-    cols = ["pid", "edge", "io_buffer_heap_bytes", "idle_connections"]
-    if (reads.empty and (sockets is None or sockets.empty)) or len(edges) == 0:
-        return pd.DataFrame(columns=cols)
-    keys = ["pid", "fd"]
-    first = reads.groupby(keys)["post_ns"].min()
-    closed = pd.Series(np.inf, index=first.index)
-    if sockets is not None and not sockets.empty:
-        conns = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
-        span = conns.groupby(keys)["ts_ns"].agg(["min", "max"]).astype(float)
-        # a socket missing from the last sample (of every socket: a listener still open
-        # shows one in which every connection had closed) had closed by then
-        span.loc[span["max"] == float(sockets["ts_ns"].max()), "max"] = np.inf
-        first = pd.concat([first.astype(float), span["min"]], axis=1).min(axis=1)
-        closed = span["max"].reindex(first.index).fillna(np.inf)
-    idle = _idle_at_edges(reads, first, closed, edges, idle_threshold_ns)
-    post_ns = reads["post_ns"].to_numpy(np.float64)
-    end_ns = reads["end_ns"].to_numpy(np.float64)  # NaN: still posted at the end
-    rows = []
-    for i, edge in enumerate(edges):
-        posted = reads[(post_ns <= edge) & ~(end_ns <= edge)]
-        heap = buffer_attribution(posted, live_at(allocations, edge, "alloc_ns", "free_ns"))
-        per_pid = heap.groupby("pid")["attributed_bytes"].sum()
-        idle_now = idle.iloc[:, i] if not idle.empty else pd.Series(dtype=np.int64)
-        for pid in set(per_pid.index) | set(idle_now.index):
-            rows.append((pid, edge, int(per_pid.get(pid, 0)), int(idle_now.get(pid, 0))))
-    return pd.DataFrame(rows, columns=cols)

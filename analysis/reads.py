@@ -31,7 +31,8 @@ _INTERVAL_COLUMNS = [
     "end_ns",
     "ret",
     "superseded",
-    "seq",  # analysis.stream: the post's number in the trace
+    "seq",  # analysis.reading: the post's number in the trace
+    "attr",  # analysis.reading: bytes of its buffer in an allocation, at its first edge
 ]
 
 

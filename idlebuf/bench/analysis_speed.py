@@ -165,37 +165,24 @@ def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int)
     return reads + int(done.sum()) + connections + 2 * other_allocs
 
 
-# the relate step streamed over the parts (what `report` does on a trace too big to load)
+# the analysis engine over the trace in windows (what `report` does on a trace too big to
+# load), or as one window; every figure of the report either way
 IDLEBUF_SIDE = """
 import json, sys, time
-from analysis.stream import relate
+from analysis.engine import analyze
+from analysis.windows import WINDOW_ROWS
 t0 = time.perf_counter()
-r = relate(sys.argv[1], timeline_s=1.0)
-(p,) = r.processes
-hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"relate_s": time.perf_counter() - t0, "hwm": hwm, "events": r.events,
-    "posted_reads": p.posted_reads.now, "pinned_bytes": p.pinned_bytes.now,
-    "idle_io_buffer_bytes": p.idle_io_buffer_bytes, "idle_connections": p.connections.idle,
-    "timeline_points": len(r.timeline)}))
-"""
-
-# the whole in-memory report (every figure: whole cost, sites, residency...), for reference
-IN_MEMORY_SIDE = """
-import json, sys, time
-from analysis.summary import summarize
-from probes.format.reader import open_trace
-t0 = time.perf_counter()
-trace = open_trace(sys.argv[1])
-loaded = time.perf_counter()
-s = summarize(trace, timeline_s=1.0)
-(p,) = s.processes
+rows = WINDOW_ROWS
+s = analyze(sys.argv[1], timeline_s=1.0, window_rows=rows)
+(p,) = [p for p in s.processes if p.memory is not None and p.memory.connections.open]
 m = p.memory
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"load_s": loaded - t0, "relate_s": time.perf_counter() - loaded, "hwm": hwm,
+print(json.dumps({"relate_s": time.perf_counter() - t0, "hwm": hwm,
     "posted_reads": p.posted_reads.now, "pinned_bytes": p.pinned_bytes.now,
     "idle_io_buffer_bytes": m.io_buffer_heap.idle_bytes, "idle_connections": m.connections.idle,
     "connections": len(m.connection_rows), "timeline_points": len(s.timeline)}))
 """
+IN_MEMORY_SIDE = IDLEBUF_SIDE.replace("rows = WINDOW_ROWS", "rows = None")
 
 DUCKDB_SIDE = """
 import json, sys, time

@@ -54,8 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=number(int, 0),
         default=STREAM_ABOVE_EVENTS,
         metavar="EVENTS",
-        help="stream a trace of more events than this in bounded memory on its worker (its "
-        f"whole cost per idle connection is then unknown; default {STREAM_ABOVE_EVENTS:,})",
+        help="read a trace of more events than this in windows, in bounded memory, on its "
+        f"worker (the same figures; default {STREAM_ABOVE_EVENTS:,})",
     )
     p.add_argument("--top", type=number(int, 1), default=10, metavar="N", help="top N processes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")

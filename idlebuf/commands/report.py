@@ -7,14 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.stream import IN_MEMORY_BYTES_PER_EVENT, relate, trace_events
-from analysis.summary import summarize
+from analysis.engine import analyze
+from analysis.windows import IN_MEMORY_BYTES_PER_EVENT, WINDOW_ROWS, trace_events
 from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.reporters.json import report_json
-from idlebuf.reporters.stream import relation_json, render_relation
 from idlebuf.reporters.text import render_report
 from probes.format.errors import UsageError
-from probes.format.reader import open_trace
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "report",
         help="summarize a trace directory",
         description="Per process: posted reads and pinned bytes (at the end of the recording "
-        "and at peak), reads completed, bytes received, breakdown by source, drops.",
+        "and at peak), reads completed, bytes received, breakdown by source, drops; with "
+        "--memory recordings, the buffers' memory, connections and the whole cost of an idle "
+        "one. A trace of any size: it is read a window of time at a time when it would not "
+        "fit in memory, with the same figures.",
     )
     p.add_argument("trace", type=Path, help="trace directory written by `idlebuf record`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -42,14 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     how.add_argument(
         "--stream",
         action="store_true",
-        help="relate the trace a window of time at a time, in bounded memory (the read, "
-        "buffer and connection figures, not the whole cost); the default for traces too big "
-        "to load",
+        help=f"read the trace in windows of {WINDOW_ROWS:,} events, in bounded memory (the "
+        "default for a trace too big to load whole; the figures are the same)",
     )
     how.add_argument(
         "--in-memory",
         action="store_true",
-        help="load the whole trace and show every figure, however big it is",
+        help="load the whole trace as one window, however big it is",
     )
     p.set_defaults(run=run)
 
@@ -79,47 +79,33 @@ def available_memory() -> int:
     return 0
 
 
-def streamed(args: argparse.Namespace) -> bool:
-    """--stream, --in-memory, or else: stream when loading the trace would take more than
-    half the memory available."""
+def window_rows(args: argparse.Namespace) -> int | None:
+    """Events per window: --stream, --in-memory, or else windows when loading the trace
+    whole would take more than half the memory available (None: one window)."""
     if args.stream or args.in_memory:
-        return bool(args.stream)
+        return WINDOW_ROWS if args.stream else None
     needs = trace_events(args.trace) * IN_MEMORY_BYTES_PER_EVENT
     free = available_memory()
     if free and needs > free // 2:
         print(
-            f"idlebuf report: loading this trace would take about {needs / 2**30:,.1f} GiB of "
-            f"the {free / 2**30:,.1f} GiB available: streaming it (--in-memory to load it "
-            "anyway)",
+            f"idlebuf report: loading this trace whole would take about {needs / 2**30:,.1f} "
+            f"GiB of the {free / 2**30:,.1f} GiB available: reading it in windows of "
+            f"{WINDOW_ROWS:,} events (--in-memory to load it whole anyway)",
             file=sys.stderr,
         )
-        return True
-    return False
+        return WINDOW_ROWS
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     if args.timeline is not None and args.timeline <= 0:
         raise UsageError("--timeline must be positive")
-    progress = Progress()
-    if streamed(args):
-        relation = relate(
-            args.trace,
-            idle_threshold_s=args.idle_threshold,
-            timeline_s=args.timeline,
-            progress=progress,
-        )
-        if args.json:
-            print(relation_json(relation, args.connections))
-        else:
-            print(render_relation(relation, str(args.trace)))
-        return 0
-    progress("reading the trace")
-    trace = open_trace(args.trace)
-    summary = summarize(
-        trace,
+    summary = analyze(
+        args.trace,
         idle_threshold_s=args.idle_threshold,
         timeline_s=args.timeline,
-        progress=progress,
+        window_rows=window_rows(args),
+        progress=Progress(),
     )
     if args.json:
         print(report_json(summary, args.connections))

@@ -1,18 +1,25 @@
-"""Memory analysis from synthetic tables: allocation lifetimes, the address join, idleness, RSS."""
+"""Memory analysis from synthetic tables: allocation lifetimes, the address join, idleness,
+RSS, the time series (tiny traces through the engine)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 
+from analysis.engine import analyze
 from analysis.memory import (
     allocation_intervals,
     buffer_attribution,
     connection_activity,
     idle_reads,
     live_at,
-    rss_now_and_peak,
 )
-from probes.format.schema import RssMember
+from probes.format import schema
+from probes.format.meta import MemoryOptions, Meta
+from probes.format.schema import RssMember, Source
+from probes.format.writer import TraceWriter
 
 
 def allocs(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
@@ -79,21 +86,6 @@ def test_idle_means_no_data_for_the_threshold() -> None:
     posted = intervals[intervals["end_ns"].isna()]
     idle = idle_reads(posted, connection_activity(intervals), at_ns=1000, idle_threshold_ns=850)
     assert idle.tolist() == [False, True]  # fd 5 had data at 200, fd 6 never since 100
-
-
-def test_rss_sums_resident_counters_of_the_last_address_space() -> None:
-    rss = pd.DataFrame(
-        [
-            (1, 1, 7, RssMember.ANON, 900),
-            (2, 1, 8, RssMember.ANON, 100),
-            (3, 1, 8, RssMember.FILE, 50),
-            (4, 1, 8, RssMember.ANON, 300),
-            (5, 1, 8, RssMember.SWAP, 999),
-        ],
-        columns=["ts_ns", "pid", "mm_id", "member", "bytes"],
-    )
-    (row,) = rss_now_and_peak(rss).to_dict("records")
-    assert (row["rss_now"], row["rss_peak"]) == (350, 350)  # mm 7 was the pre-exec copy
 
 
 def test_retained_is_the_last_data_buffer_of_an_idle_connection() -> None:
@@ -197,27 +189,6 @@ def test_connection_table_and_idle_cost() -> None:
     assert (cost["idle_connections"], cost["per_idle_connection_bytes"]) == (1, 64 + 123)
 
 
-def test_process_timeline_steps() -> None:
-    from analysis.memory import process_timeline
-
-    posted = pd.DataFrame(
-        [(1, 150, 1, 64), (1, 250, 2, 128)],
-        columns=["pid", "ts_ns", "posted_reads", "pinned_bytes"],
-    )
-    allocations = pd.DataFrame(
-        [(1, 0x10, 1000, 1, 120, 260.0)],
-        columns=["pid", "addr", "size", "fn", "alloc_ns", "free_ns"],
-    )
-    empty_rss = pd.DataFrame(columns=["ts_ns", "pid", "mm_id", "member", "bytes"])
-    empty_sockets = pd.DataFrame(
-        columns=["ts_ns", "pid", "fd", "family", "state", "rmem_alloc", "wmem_queued", "fwd_alloc"]
-    )
-    tl = process_timeline(posted, allocations, empty_rss, empty_sockets, 100, 300, 100)
-    assert tl["t_s"].tolist() == [1e-7, 2e-7]
-    assert tl["posted_reads"].tolist() == [1, 2]
-    assert tl["heap_live_bytes"].tolist() == [1000, 0]  # freed at 260
-
-
 def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
     from analysis.memory import mapping_intervals, program_break
     from probes.format.schema import MapFn
@@ -243,46 +214,122 @@ def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
     assert program_break(maps)["brk_heap_bytes"].tolist() == [0x21000]
 
 
-def test_buffer_timeline_joins_at_each_instant() -> None:
-    import numpy as np
+def tiny_trace(path: Path, **tables: list[dict[str, object]]) -> Path:
+    """A trace from T to T + 300 ns (recorded with --memory) holding these rows."""
+    w = TraceWriter(path)
+    w.write_meta(Meta(complete=True, tracing_since_ns=T, end_monotonic_ns=T + 300,
+                      memory=MemoryOptions(min_alloc=0)))  # fmt: skip
+    w.append(schema.PROCESSES, schema.PROCESSES.filled(1, pid=1, comm="srv"))
+    for name, rows in tables.items():
+        table = schema.TABLES[name]
+        columns = {k: [r[k] for r in rows] for k in rows[0]}
+        w.append(table, table.filled(len(rows), **{
+            k: v if isinstance(v[0], (str, bool)) else np.array(v) for k, v in columns.items()
+        }))  # fmt: skip
+    w.close()
+    return path
 
-    from analysis.memory import buffer_timeline
 
-    nan = float("nan")
-    reads = pd.DataFrame(
-        [(1, 5, 0x1000, 64, 10, nan, nan), (1, 6, 0x1040, 64, 10, 150.0, 9.0)],
-        columns=["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"],
+def series(path: Path, figure: str) -> list[int | None]:
+    """`figure` at each edge, every 100 ns from T: T + 100, T + 200, T + 300."""
+    summary = analyze(path, timeline_s=100e-9)
+    return [getattr(t, figure) for t in summary.timeline_of(1)]
+
+
+T = 1_000  # the tiny traces' start (monotonic ns)
+
+
+def test_rss_sums_resident_counters_of_the_last_address_space(tmp_path: Path) -> None:
+    rss = [
+        (1, 7, RssMember.ANON, 900),
+        (2, 8, RssMember.ANON, 100),
+        (3, 8, RssMember.FILE, 50),
+        (4, 8, RssMember.ANON, 300),
+        (5, 8, RssMember.SWAP, 999),
+        (150, 8, RssMember.ANON, 200),
+    ]
+    trace = tiny_trace(tmp_path / "t", rss=[
+        {"ts_ns": T + t, "pid": 1, "mm_id": mm, "member": int(m), "bytes": b}
+        for t, mm, m, b in rss
+    ])  # fmt: skip
+    memory = analyze(trace).process(1).memory
+    assert memory is not None
+    # mm 7 was the pre-exec copy; swap is not resident
+    assert (memory.rss.first, memory.rss.now, memory.rss.peak) == (100, 250, 350)
+    assert series(trace, "rss_bytes") == [350, 250, 250]
+
+
+def test_the_time_series_counts_reads_posted_and_the_heap_at_each_edge(tmp_path: Path) -> None:
+    trace = tiny_trace(
+        tmp_path / "t",
+        posts=[
+            {
+                "ts_ns": T + 50,
+                "pid": 1,
+                "tid": 2,
+                "fd": 5,
+                "source": int(Source.SYSCALL),
+                "op": 45,
+                "key": 2,
+                "addr": 0x1000,
+                "len": 64,
+            },
+            {
+                "ts_ns": T + 150,
+                "pid": 1,
+                "tid": 3,
+                "fd": 6,
+                "source": int(Source.SYSCALL),
+                "op": 45,
+                "key": 3,
+                "addr": 0x1040,
+                "len": 64,
+            },
+        ],  # fmt: skip
+        completions=[
+            {
+                "ts_ns": T + 250,
+                "pid": 1,
+                "tid": 3,
+                "source": int(Source.SYSCALL),
+                "key": 3,
+                "ret": 9,
+            },
+        ],  # fmt: skip
+        allocs=[{"ts_ns": T + 5, "pid": 1, "tid": 2, "addr": 0x1000, "size": 128}],
+        frees=[{"ts_ns": T + 280, "pid": 1, "tid": 2, "addr": 0x1000}],
     )
-    allocations = pd.DataFrame(
-        [(1, 0x1000, 128, 1, 0, 5, nan)],
-        columns=["pid", "addr", "size", "fn", "stack_id", "alloc_ns", "free_ns"],
-    )
-    tl = buffer_timeline(reads, allocations, np.array([100, 200, 300]), idle_threshold_ns=120)
-    assert tl["io_buffer_heap_bytes"].tolist() == [128, 64, 64]  # fd 6's read ended at 150
-    assert tl["idle_connections"].tolist() == [0, 1, 2]  # fd 5 since 10; fd 6 since data at 150
+    assert series(trace, "posted_reads") == [1, 2, 1]  # fd 6's read ended at 250
+    assert series(trace, "pinned_bytes") == [64, 128, 64]
+    # each buffer in the 128-byte allocation; freed at 280, its read still posted
+    assert series(trace, "io_buffer_heap_bytes") == [64, 128, 64]
+    assert series(trace, "heap_live_bytes") == [128, 128, 0]
+    # fd 5 idle from 50 + 1 s: never within 300 ns; the threshold is a second
+    assert series(trace, "idle_connections") == [0, 0, 0]
+    summary = analyze(trace, idle_threshold_s=100e-9, timeline_s=100e-9)
+    # idle from 150 (fd 5, first seen at 50), fd 6 busy until its data at 250
+    assert [t.idle_connections for t in summary.timeline_of(1)] == [0, 1, 1]
+    # no socket sample, no RSS event: not measured (None), never 0
+    assert series(trace, "rss_bytes") == [None, None, None]
+    assert series(trace, "connections_open") == [None, None, None]
 
 
-def test_connections_that_all_closed_are_closed() -> None:
+def test_connections_that_all_closed_are_closed(tmp_path: Path) -> None:
     """A last sample with only the listener: every connection had closed by then, in the
     per-connection table and in the time series alike (not "open" from an earlier sample)."""
-    from analysis.memory import connection_table, process_timeline
 
     def row(ts: int, fd: int, state: str) -> dict[str, object]:
-        return {"ts_ns": ts, "pid": 1, "fd": fd, "inode": 100 + fd, "family": "tcp",
-                "ipv6": False, "state": state, "local": "a:1", "remote": "b:2",
-                "rmem_alloc": 0, "wmem_queued": 0, "fwd_alloc": 0}  # fmt: skip
+        return {"ts_ns": T + ts, "pid": 1, "fd": fd, "inode": 100 + fd, "family": "tcp",
+                "state": state, "local": "a:1", "remote": "b:2"}  # fmt: skip
 
-    sockets = pd.DataFrame(
-        [row(100, 5, "ESTABLISHED"), row(100, 6, "ESTABLISHED"), row(100, 3, "LISTEN")]
-        + [row(200, 3, "LISTEN")]
+    trace = tiny_trace(
+        tmp_path / "t",
+        sockets=[row(120, 5, "ESTABLISHED"), row(120, 6, "ESTABLISHED"), row(120, 3, "LISTEN")]
+        + [row(220, 3, "LISTEN")],
     )
-    reads = pd.DataFrame(columns=["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"])
-    retained = pd.DataFrame(columns=["pid", "fd", "attributed_bytes"])
-    table = connection_table(reads, sockets, retained, at_ns=250, idle_threshold_ns=10)
-    assert table["closed_ns"].tolist() == [100, 100]
+    memory = analyze(trace, idle_threshold_s=10e-9).process(1).memory
+    assert memory is not None
+    table = memory.connection_rows
+    assert table["closed_ns"].tolist() == [T + 120, T + 120]
     assert not table["idle"].any()
-    empty = pd.DataFrame(columns=["pid", "ts_ns", "posted_reads", "pinned_bytes"])
-    allocations = pd.DataFrame(columns=["pid", "addr", "size", "fn", "alloc_ns", "free_ns"])
-    rss = pd.DataFrame(columns=["ts_ns", "pid", "mm_id", "member", "bytes"])
-    tl = process_timeline(empty, allocations, rss, sockets, 50, 250, 100)
-    assert tl["connections_open"].tolist() == [2, 0]
+    assert series(trace, "connections_open") == [None, 2, 0]  # no sample before 120

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.buffers import buffer_group_summary
+from analysis.buffers import buffer_group_summary, uses_tally
 from analysis.reads import label_reads, network_reads
 from probes.format.schema import GroupKind, PostFlag, Source
 
@@ -52,7 +52,7 @@ def test_registered_ring_counts_what_its_memory_showed() -> None:
         columns=["ts_ns", "pid", "ring", "group", "entries", "tail", "buffers", "bytes"],
     )
     u = uses([(3, 9, 0xA, 7, b, 100, 1, 0) for b in range(3)] + [(4, 9, 0xA, 7, 0, -105, 1, 0)])
-    (row,) = buffer_group_summary(g, rings, u).to_dict("records")
+    (row,) = buffer_group_summary(g, rings, uses_tally(u, rings)).to_dict("records")
     assert (row["how"], row["buffers"], row["bytes"]) == ("ring", 67, 67 * 4099)
     assert (row["consumed"], row["available"]) == (3, 67)  # tail 70 - 3 used
 
@@ -68,6 +68,6 @@ def test_provided_buffers_count_distinct_ids() -> None:
     empty_rings = pd.DataFrame(
         columns=["ts_ns", "pid", "ring", "group", "entries", "tail", "buffers", "bytes"]
     )
-    (row,) = buffer_group_summary(g, empty_rings, u).to_dict("records")
+    (row,) = buffer_group_summary(g, empty_rings, uses_tally(u, empty_rings)).to_dict("records")
     assert (row["how"], row["buffers"], row["bytes"]) == ("provide", 13, 13 * 512)
     assert (row["consumed"], row["available"]) == (2, 12)

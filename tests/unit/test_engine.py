@@ -1,6 +1,7 @@
-"""The streamed relate step (analysis.stream.relate) gives exactly the figures of the
-in-memory one (summarize), on traces cut into many parts: reads posted in one part and
-completed in another, parts whose times overlap, windows of a few events."""
+"""The analysis engine (analysis.engine.analyze) gives exactly the same report, every figure
+of it, whatever the windows it works through: one window (in memory) or windows of a few
+events, on traces cut into many parts - reads posted in one part and completed in another,
+parts whose times overlap."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from analysis.stream import BIG_TABLES, Relation, relate, relation_of, trace_events
-from analysis.summary import summarize
+from analysis.engine import analyze
+from analysis.windows import EVENT_COLUMNS, trace_events
 from probes.format import schema
 from probes.format.errors import TraceError
 from probes.format.meta import MemoryOptions, Meta
 from probes.format.reader import open_trace
-from probes.format.schema import PostFlag, Source
+from probes.format.schema import GroupKind, PostFlag, Source
 from probes.format.writer import TraceWriter
 from tests.synthetic import late_trace, mixed_trace, open_trace_tables, server_trace, walked_trace
 
@@ -129,9 +130,15 @@ def busy_trace(path: Path, seed: int, killed: bool = False) -> Path:
                 if t >= stop:
                     if quiet:
                         completions.append(
-                            dict(ts_ns=stop, pid=pid, tid=tid, source=int(Source.SYSCALL),
-                                 key=tid, ret=64)
-                        )  # fmt: skip
+                            dict(
+                                ts_ns=stop,
+                                pid=pid,
+                                tid=tid,
+                                source=int(Source.SYSCALL),
+                                key=tid,
+                                ret=64,
+                            )
+                        )
                     break
                 roll = rng.random()
                 if roll < 0.07:
@@ -175,7 +182,12 @@ def busy_trace(path: Path, seed: int, killed: bool = False) -> Path:
             )
             if rng.random() < 0.8:
                 frees.append(
-                    dict(ts_ns=made + int(rng.integers(0, SECOND)), pid=pid, tid=pid, addr=a)
+                    dict(
+                        ts_ns=min(made + int(rng.integers(0, SECOND)), end - 1),
+                        pid=pid,
+                        tid=pid,
+                        addr=a,
+                    )
                 )
         for _ in range(20):
             frees.append(
@@ -220,6 +232,7 @@ def busy_trace(path: Path, seed: int, killed: bool = False) -> Path:
         "waits": waits,
         "wait_ends": wait_ends,
         "sockets": sockets,
+        **other_tables(rng, end),
     }
     w = TraceWriter(path)
     w.write_meta(
@@ -227,7 +240,7 @@ def busy_trace(path: Path, seed: int, killed: bool = False) -> Path:
             complete=not killed,
             tracing_since_ns=T0,
             end_monotonic_ns=None if killed else end,
-            memory=MemoryOptions(),
+            memory=MemoryOptions(min_alloc=0),  # the heap fit from every allocation traced
         )
     )
     w.append(
@@ -235,13 +248,156 @@ def busy_trace(path: Path, seed: int, killed: bool = False) -> Path:
         schema.PROCESSES.filled(3, pid=np.array([4201, 4203, 4207]), comm=["a", "b", "c"]),
     )
     for name, rows in tables.items():
-        rows.sort(key=lambda r: r["ts_ns"])
+        rows = sorted((r for r in rows if r["ts_ns"] <= end), key=lambda r: r["ts_ns"])
         table = schema.TABLES[name]
         cols = {k: [r.get(k, 0) for r in rows] for k in rows[0]}
-        data = {k: (v if isinstance(v[0], str) else np.array(v)) for k, v in cols.items()}
+        data = {k: (v if isinstance(v[0], (str, bool)) else np.array(v)) for k, v in cols.items()}
         w.append(table, table.filled(len(rows), **data))
     w.close()
     return path
+
+
+def other_tables(rng: np.random.Generator, end: int) -> dict[str, list[dict]]:
+    """busy_trace's other tables: writes (some still pending at the end), resident memory
+    (two address spaces: the exec'd command's is the last), /proc status samples, io_uring
+    buffer uses (multishot completions among them), the walkers' heap blocks, and memory
+    points over which the heap is fitted against the connections held."""
+    out: dict[str, list[dict]] = {
+        k: []
+        for k in (
+            "writes",
+            "write_completions",
+            "rss",
+            "proc_status",
+            "buffer_uses",
+            "buffer_groups",
+            "buffer_rings",
+            "heap_blocks",
+            "memory_points",
+        )
+    }
+    for pid in (4201, 4203, 4207):
+        for c in range(17):
+            t = T0 + int(rng.integers(0, SECOND))
+            while t < end:
+                out["writes"].append(
+                    dict(
+                        ts_ns=t,
+                        pid=pid,
+                        tid=pid * 100 + c,
+                        fd=100 + c,
+                        source=int(Source.SYSCALL),
+                        op=44,
+                        key=pid * 100 + c,
+                        addr=HEAP + (pid << 24) + (1 << 21) + c * 64,
+                        len=int(rng.integers(1, 9000)),
+                    )
+                )
+                t += int(rng.integers(1_000, 400_000_000))
+                if t < end and rng.random() < 0.9:
+                    out["write_completions"].append(
+                        dict(
+                            ts_ns=t,
+                            pid=pid,
+                            tid=pid * 100 + c,
+                            source=int(Source.SYSCALL),
+                            key=pid * 100 + c,
+                            ret=int(rng.choice([-11, 10, 4000])),
+                        )
+                    )
+                t += int(rng.integers(1_000, 100_000_000))
+        for i in range(300):
+            mm = 7 if i < 20 else 9  # the pre-exec copy first, then the command's own
+            out["rss"].append(
+                dict(
+                    ts_ns=T0 + i * 9_000_000 + pid,
+                    pid=pid,
+                    mm_id=mm,
+                    member=int(rng.choice([0, 1, 3, 2])),
+                    bytes=int(rng.integers(1, 1 << 24)),
+                )
+            )
+        for what, at in (("attach", T0), ("end", end)):
+            out["proc_status"].append(
+                dict(
+                    ts_ns=at,
+                    pid=pid,
+                    mm_id=0 if what == "end" else 9,
+                    what=what,
+                    vm_rss=5 << 20,
+                    rss_anon=3 << 20,
+                    rss_file=2 << 20,
+                    rss_shmem=4096,
+                )
+            )
+        ring = 0xABC000 + pid
+        out["buffer_groups"].append(
+            dict(
+                ts_ns=T0,
+                pid=pid,
+                ring=ring,
+                group=1,
+                how=int(GroupKind.RING),
+                addr=HEAP,
+                entries_or_size=64,
+                buffers=0,
+                first_id=0,
+            )
+        )
+        out["buffer_rings"].append(
+            dict(
+                ts_ns=T0 + 1,
+                pid=pid,
+                ring=ring,
+                group=1,
+                entries=64,
+                tail=64,
+                buffers=64,
+                bytes=64 * 512,
+            )
+        )
+        for i in range(97):
+            out["buffer_uses"].append(
+                dict(
+                    ts_ns=T0 + int(rng.integers(0, 3 * SECOND)),
+                    pid=pid,
+                    ring=ring,
+                    group=1,
+                    buffer_id=i % 64,
+                    bytes=int(rng.choice([-105, 100, 1500])),
+                    user_data=1,
+                    request=int(rng.choice([0, 0xF00 + i])),
+                )
+            )
+        for c in range(0, 29, 4):
+            buf = HEAP + (pid << 24) + c * 8192
+            out["heap_blocks"].append(
+                dict(
+                    ts_ns=T0 + SECOND,
+                    pid=pid,
+                    buffer=buf,
+                    addr=buf - 16,
+                    size=20000,
+                    allocator="glibc",
+                    what="flush",
+                    why="",
+                )
+            )
+        for k in range(13):
+            out["memory_points"].append(
+                dict(
+                    ts_ns=T0 + k * 200_000_000 + 7,
+                    pid=pid,
+                    sockets=10 + 2 * (k % 7),
+                    heap_bytes=0,
+                    heap_blocks=0,
+                    why="not walked",
+                    vm_rss=(5 << 20) + k * 4096,
+                    rss_anon=3 << 20,
+                    moving=bool(k == 5),
+                )
+            )
+    return out
 
 
 def cut(src: Path, dst: Path, rows: int, overlapping: bool = False) -> Path:
@@ -265,47 +421,45 @@ def cut(src: Path, dst: Path, rows: int, overlapping: bool = False) -> Path:
     return dst
 
 
-def in_memory(path: Path, timeline_s: float | None = 0.25) -> Relation:
-    return relation_of(summarize(open_trace(path), timeline_s=timeline_s))
-
-
-def same(streamed: Relation, expected: Relation) -> None:
-    got, want = streamed.to_json(connections=True), expected.to_json(connections=True)
-    for key in ("events", "windows"):  # how it streamed: the in-memory path says nothing
-        got.pop(key), want.pop(key)
-    assert got == want
+def report(path: Path, window_rows: int | None = None, timeline_s: float | None = 0.25) -> dict:
+    return analyze(path, timeline_s=timeline_s, window_rows=window_rows).to_json(connections=True)
 
 
 @pytest.mark.parametrize("seed", [3, 7, 11])
 @pytest.mark.parametrize("layout", ["consecutive", "overlapping"])
-def test_streamed_figures_equal_in_memory_ones(
+def test_every_window_size_gives_the_same_report(
     tmp_path: Path, seed: int, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     whole = busy_trace(tmp_path / "whole", seed)
-    expected = in_memory(whole)
-    assert sum(p.posted_reads.now for p in expected.processes) > 0
-    assert any("parked" in p.by_source for p in expected.processes)
-    assert sum(p.retained.buffers for p in expected.processes if p.retained) > 3
+    expected = report(whole)
+    processes = expected["processes"]
+    # the trace holds what windows could get wrong
+    assert sum(p["posted_reads"]["now"] for p in processes) > 0
+    assert all("parked" in p["by_source"] for p in processes)
+    assert sum(p["memory"]["retained"]["buffers"] for p in processes) > 3
+    assert all(p["writes"]["pending_writes"] and p["writes"]["bytes_sent"] for p in processes)
+    assert all(p["buffer_groups"][0]["consumed"] for p in processes)
+    assert all(p["memory"]["per_idle_connection"]["fit"] for p in processes)
+    assert all(p["memory"]["rss"]["peak"] for p in processes)
+    for figure in ("idle_connections", "io_buffer_heap_bytes", "pending_writes", "rss_bytes"):
+        assert any(t[figure] for t in expected["timeline"]), figure
     parts = cut(whole, tmp_path / "parts", 37, overlapping=layout == "overlapping")
     posts = sorted((parts / "posts").glob("part-*.parquet"))
     assert len(posts) > 23  # reads posted in one part and completed in a later one
-    monkeypatch.setattr("analysis.stream.STEPS_IN_MEMORY", 101)  # the steps go to disk
-    for window in (53, 1009, 10**9):
-        streamed = relate(parts, timeline_s=0.25, window_rows=window)
-        same(streamed, expected)
+    monkeypatch.setattr("analysis.series.STEPS_IN_MEMORY", 101)  # the steps go to disk
+    for window in (53, 1009, None):
+        said: list[str] = []
+        got = analyze(parts, timeline_s=0.25, window_rows=window, progress=said.append)
+        assert got.to_json(connections=True) == expected, window
         if window == 53:
-            assert streamed.windows > 50
-    assert relate(parts, timeline_s=0.25).events == sum(
-        len(open_trace(whole)[t]) for t in BIG_TABLES
-    )
+            assert len(said) > 50
+    assert trace_events(parts) == sum(len(open_trace(whole)[t]) for t in EVENT_COLUMNS)
 
 
 def test_a_killed_recording_ends_at_its_last_event(tmp_path: Path) -> None:
     whole = busy_trace(tmp_path / "whole", 5, killed=True)
-    same(
-        relate(cut(whole, tmp_path / "parts", 211), timeline_s=0.5, window_rows=400),
-        in_memory(whole, 0.5),
-    )
+    parts = cut(whole, tmp_path / "parts", 211)
+    assert report(parts, 400, 0.5) == report(whole, None, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -319,12 +473,9 @@ def test_a_killed_recording_ends_at_its_last_event(tmp_path: Path) -> None:
     ],
     ids=["queued", "readiness", "mixed", "late", "walked"],
 )
-def test_the_report_traces_stream_to_the_same_figures(tmp_path: Path, make) -> None:
+def test_the_report_traces_give_the_same_report_in_windows(tmp_path: Path, make) -> None:
     whole = make(tmp_path / "whole")
-    same(
-        relate(cut(whole, tmp_path / "parts", 5), timeline_s=0.5, window_rows=7),
-        in_memory(whole, 0.5),
-    )
+    assert report(cut(whole, tmp_path / "parts", 5), 7, 0.5) == report(whole, None, 0.5)
 
 
 def _edit_parts(trace: Path, change) -> None:
@@ -335,62 +486,63 @@ def _edit_parts(trace: Path, change) -> None:
     (trace / "meta.json").write_text(json.dumps(meta))
 
 
-def test_a_trace_whose_meta_json_lists_no_part_times_streams_from_the_footers(
+def test_a_trace_whose_meta_json_lists_no_part_times_is_read_from_the_footers(
     tmp_path: Path,
 ) -> None:
     """Traces written before parts carried their first and last timestamp in meta.json."""
     whole = busy_trace(tmp_path / "whole", 13)
     parts = cut(whole, tmp_path / "parts", 41, overlapping=True)
     _edit_parts(parts, lambda p: (p.pop("first_ns", None), p.pop("last_ns", None)))
-    same(relate(parts, timeline_s=0.5, window_rows=101), in_memory(whole, 0.5))
+    assert report(parts, 101, 0.5) == report(whole, None, 0.5)
 
 
 def test_a_part_outside_the_times_meta_json_gives_it_is_refused(tmp_path: Path) -> None:
     parts = cut(busy_trace(tmp_path / "whole", 17), tmp_path / "parts", 41)
 
     def later(part: dict) -> None:
-        if part["name"] == "part-000003.parquet" and "first_ns" in part:
+        listed = part.get("first_ns"), part.get("last_ns")
+        if part["name"] == "part-000003.parquet" and None not in listed and listed[0] < listed[1]:
             part["first_ns"] += 1
 
     _edit_parts(parts, later)
-    with pytest.raises(TraceError, match="outside the"):
-        relate(parts, window_rows=101)
+    for window in (101, None):
+        with pytest.raises(TraceError, match="outside the"):
+            analyze(parts, window_rows=window)
 
 
-def test_report_streams_by_itself_a_trace_too_big_for_the_memory_available(
+def test_report_takes_windows_by_itself_for_a_trace_too_big_for_the_memory_available(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from idlebuf.cli import main
-    from idlebuf.commands import report
+    from idlebuf.commands import report as command
 
     trace = mixed_trace(tmp_path / "t")
     events = trace_events(trace)
-    monkeypatch.setattr(report, "available_memory", lambda: 2 * events * 215 - 1)
+    monkeypatch.setattr(command, "available_memory", lambda: 2 * events * 215 - 1)
     assert main(["report", "--json", "--connections", "--timeline", "1", str(trace)]) == 0
     out, err = capsys.readouterr()
-    assert "streaming it (--in-memory to load it anyway)" in err and err.count("\n") == 1
-    got = json.loads(out)
-    assert got.pop("streamed") is True
-    want = relate(trace, timeline_s=1.0).to_json(connections=True)
-    assert got == want and got["processes"][0]["connection_table"]
-    assert main(["report", "--json", "--in-memory", str(trace)]) == 0  # loaded after all
+    assert "in windows of" in err and err.count("\n") == 1
+    windowed = json.loads(out)
+    assert any(p.get("memory", {}).get("connection_table") for p in windowed["processes"])
+    assert (
+        main(["report", "--json", "--connections", "--timeline", "1", "--in-memory", str(trace)])
+        == 0
+    )
     out, err = capsys.readouterr()
-    assert "streamed" not in json.loads(out) and not err
-    monkeypatch.setattr(report, "available_memory", lambda: 2 * events * 215)
-    assert main(["report", "--json", str(trace)]) == 0  # fits: loaded
-    assert "streamed" not in json.loads(capsys.readouterr().out)
+    assert json.loads(out) == windowed and not err
+    monkeypatch.setattr(command, "available_memory", lambda: 2 * events * 215)
+    assert main(["report", "--json", "--connections", "--timeline", "1", str(trace)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == windowed and not err
 
 
-def test_the_streamed_report_says_what_it_could_not_see(tmp_path: Path) -> None:
+def test_a_report_in_windows_says_what_it_could_not_see(tmp_path: Path) -> None:
     """A server attached to late: the buffers allocated before the attach are unknown, not
     0 bytes, and the reads posted now say they were found at attach."""
-    from idlebuf.reporters.stream import render_relation
+    from idlebuf.reporters.text import render_report
 
-    text = render_relation(relate(late_trace(tmp_path / "late")), "T")
-    assert "0 B + unknown" in text
-    assert "posted now: 23 found at attach, 0 seen live" in text
-    assert (
-        "UNKNOWN IO-buffer heap: 23 connections, 92.1 KiB: buffers allocated before the "
-        "attach: not traced" in text
-    )
-    assert "UNKNOWN posted reads: 7 connections: sockets of a Go binary stripped" in text
+    text = render_report(analyze(late_trace(tmp_path / "late"), window_rows=3), "T")
+    assert "+ unknown" in text
+    assert "23 found at attach, 0 seen live" in text
+    assert "buffers allocated before the attach: not traced" in text
+    assert "sockets of a Go binary stripped" in text

@@ -1,0 +1,351 @@
+"""What the passes over a trace come to, per process: its memory side (IO-buffer heap,
+retained buffers, connections, the whole cost of an idle connection) from the reads
+posted at the end, the allocations live then and the small tables.
+
+Pure functions: frames and the passes' results in, typed results (analysis.results) out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.cost import whole_cost
+from analysis.memory import (
+    buffer_attribution,
+    buffer_sites,
+    connections_from_activity,
+    idle_connection_cost,
+    idle_reads,
+    live_at,
+    mapping_intervals,
+    program_break,
+    read_sites,
+    walked_blocks,
+    with_residency,
+    write_buffer_heap,
+)
+from analysis.reading import ReadsAtEnd
+from analysis.results import (
+    Allocations,
+    Buffers,
+    BufferSite,
+    ConnectionCounts,
+    HeapLive,
+    IoBufferHeap,
+    MemoryFigures,
+    PerIdleConnection,
+    Provenance,
+    ResidentMemory,
+    RetainedBuffers,
+    Unknown,
+)
+from probes.format.meta import MemoryOptions, Meta
+from probes.format.schema import PostFlag, Source
+
+
+def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
+    full = [f for f in frames if not f.empty]
+    if not full:
+        return frames[0]
+    return full[0] if len(full) == 1 else pd.concat(full, ignore_index=True)
+
+
+def walked_for(
+    memory: MemoryOptions, heap_blocks: pd.DataFrame
+) -> tuple[set[int], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(pids whose allocator was probed, and the walkers' allocations, mappings and failed
+    lookups for the others: walked_blocks() of what the probes did not see)."""
+    probed = {a.pid for a in memory.allocators if a.method == "probes"}
+    walked_heap, walked_maps, failed = walked_blocks(heap_blocks)
+    if memory.alloc_probes:  # the probes saw it all; the walk is a cross-check
+        return probed, walked_heap.iloc[0:0], walked_maps.iloc[0:0], failed
+    walked_heap = walked_heap[~walked_heap["pid"].isin(probed)]
+    walked_maps = walked_maps[~walked_maps["pid"].isin(probed)]
+    return probed, walked_heap, walked_maps, failed
+
+
+def mappings_live(
+    maps: pd.DataFrame, unmaps: pd.DataFrame, walked_maps: pd.DataFrame, at_ns: int
+) -> pd.DataFrame:
+    """The program's own mappings live at `at_ns`: those traced and those the walkers found."""
+    mapped = live_at(mapping_intervals(maps, unmaps), at_ns, "map_ns", "unmap_ns")
+    return _stacked(mapped, walked_maps).drop_duplicates(["pid", "addr"])
+
+
+def with_mapped_bytes(attributed: pd.DataFrame, mapped: pd.DataFrame) -> pd.DataFrame:
+    """buffer_attribution()'s rows with `mapped_bytes`: of a buffer in no allocation, the
+    bytes inside a mapping the program made itself."""
+    outside = attributed["alloc_size"] == 0
+    in_maps = buffer_attribution(
+        attributed[outside].drop(columns=["alloc_addr", "alloc_size", "attributed_bytes"]), mapped
+    )
+    attributed = attributed.assign(mapped_bytes=0)
+    attributed.loc[outside, "mapped_bytes"] = in_maps["attributed_bytes"].to_numpy()
+    return attributed
+
+
+def buffer_unknowns(
+    attributed: pd.DataFrame,
+    memory: MemoryOptions,
+    probed: set[int],
+    failed: pd.DataFrame,
+    late: bool,
+) -> dict[int, list[Unknown]]:
+    """Per pid, the posted buffers (with_mapped_bytes() rows) in no allocation and no
+    mapping whose allocation could not be seen: by the probes, made before the attach or
+    smaller than what they track; by the walkers, the lookup `failed` (and says why). The
+    others are not heap."""
+    unseen = (attributed["alloc_size"] == 0) & (attributed["mapped_bytes"] == 0)
+    unseen &= attributed["len"] > 0  # a buffer-select read pins no buffer of its own
+    by_probes = attributed["pid"].isin(probed)
+    too_small = unseen & by_probes & (attributed["len"] < memory.min_alloc)
+    before = unseen & by_probes & ~too_small & late
+    why_failed = attributed[["pid", "addr"]].merge(
+        failed.rename(columns={"buffer": "addr"}), on=["pid", "addr"], how="left"
+    )["why"]
+    why_failed.index = attributed.index
+    lookup_failed = unseen & ~by_probes & why_failed.notna()
+    out: dict[int, list[Unknown]] = {}
+    for _, mine in attributed.groupby("pid"):
+        found = [
+            Unknown(int(rows.sum()), why, int(mine.loc[rows[rows].index, "len"].sum()))
+            for rows, why in (
+                (before[mine.index], "buffers allocated before the attach: not traced"),
+                (too_small[mine.index], f"buffers smaller than --min-alloc {memory.min_alloc:,}"),
+            )
+            if rows.any()
+        ]
+        failed_here = lookup_failed[mine.index]
+        for why, rows in mine[failed_here].groupby(why_failed[mine.index][failed_here]):
+            found.append(Unknown(len(rows), str(why), int(rows["len"].sum())))
+        if found:
+            out[int(mine["pid"].iloc[0])] = found
+    return out
+
+
+def quiet_unknowns(connections: pd.DataFrame, late: bool) -> dict[int, list[Unknown]]:
+    """Per pid, the idle connections that received nothing since the attach and hold no
+    read now: what they kept from before cannot be seen."""
+    if not late:
+        return {}
+    quiet = connections["idle"] & connections["last_data_ns"].isna()
+    quiet &= connections["posted_bytes"] == 0
+    counts = connections[quiet].groupby("pid").size()
+    return {
+        int(pid): [Unknown(int(n), "idle connections with no data since the attach")]
+        for pid, n in zip(counts.index.tolist(), counts.tolist())
+        if n
+    }
+
+
+def posted_provenance(posted_now: pd.DataFrame, meta: Meta) -> dict[int, Provenance]:
+    """Per pid, where its posted reads now come from: found at attach (flagged SCANNED) or
+    seen live, and what could not be found (rings only counted, stripped Go binaries)."""
+    scanned = (posted_now["flags"].to_numpy(np.int64) & PostFlag.SCANNED) != 0
+    found = pd.Series(scanned, index=posted_now.index).groupby(posted_now["pid"]).sum()
+    total = posted_now.groupby("pid").size()
+    out = {
+        int(pid): Provenance(live=int(total[pid] - found[pid]), at_attach=int(found[pid]))
+        for pid in total.index
+    }
+    for process in meta.at_attach:
+        unknown = out.setdefault(process.pid, Provenance()).unknown
+        for ring in process.rings:
+            if ring.how != "walked" and ring.requests:
+                unknown.append(
+                    Unknown(
+                        ring.requests,
+                        f"io_uring requests posted before the attach on ring fd {ring.fd}, "
+                        f"counted from /proc but not read: {ring.why}",
+                    )
+                )
+        go = process.go
+        if go is not None and go.why:
+            unknown.append(Unknown(go.sockets, f"sockets of {go.why}: readers unknown"))
+    return out
+
+
+@dataclass
+class Resident:
+    """Per pid, resident bytes first seen, at the end, at peak (analysis.passes.RssPass)."""
+
+    first: dict[int, int]
+    now: dict[int, int]
+    peak: dict[int, int]
+    sources: dict[int, str]  # where they come from
+
+
+def rss_sources(rss_pids: set[int], status: pd.DataFrame) -> dict[int, str]:
+    """Per pid, where its resident-memory figures come from."""
+    out = {}
+    for pid in set(status["pid"].tolist()) | rss_pids:
+        what = set(status.loc[status["pid"] == pid, "what"].tolist())
+        parts = [f"/proc/PID/status at {' and '.join(sorted(what))}"] if what else []
+        if pid in rss_pids:
+            parts.append("kmem:rss_stat while recording")
+        out[int(pid)] = "; ".join(parts)
+    return out
+
+
+@dataclass
+class MemoryInputs:
+    """What the memory side of a trace is computed from."""
+
+    meta: Meta
+    state: dict[str, pd.DataFrame]  # the small tables (analysis.windows.STATE_TABLES)
+    sockets: pd.DataFrame
+    reads: ReadsAtEnd
+    traced_live: pd.DataFrame  # allocations the probes saw live at the end
+    write_buffers: pd.DataFrame
+    resident: Resident
+    fitted_heap: dict[int, np.ndarray]  # pid -> traced heap at its settled memory points
+    end_ns: int
+    threshold_ns: int
+
+
+def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
+    """Per pid: IO-buffer heap (all posted reads, and those of idle connections), the heap
+    tracked live, resident memory, connections and the whole cost of an idle one. Sampled
+    allocation figures are scaled and flagged."""
+    meta, state = m.meta, m.state
+    memory = meta.memory
+    if memory is None:
+        return {}
+    sample = memory.sample_every
+    probed, walked_heap, walked_maps, failed = walked_for(memory, state["heap_blocks"])
+    live = _stacked(m.traced_live, walked_heap)
+    posted = m.reads.posted
+    attributed = buffer_attribution(posted, live)
+    # buffers outside every allocation: in memory the program mapped itself?
+    mapped = mappings_live(state["maps"], state["unmaps"], walked_maps, m.end_ns)
+    attributed = with_mapped_bytes(attributed, mapped)
+    brk = program_break(state["maps"]).set_index("pid")
+    sites = buffer_sites(attributed, live, state["stacks"])
+    posted_from = read_sites(attributed, state["stacks"])
+    activity = m.reads.activity.reset_index()[["pid", "fd", "first_ns", "last_data_ns"]]
+    idle = idle_reads(attributed, activity, m.end_ns, m.threshold_ns)
+    # every connection's last data buffer still held, idle or not (a pool's buffers once each);
+    # those of idle connections are the retained buffers
+    held = m.reads.data.buffers(posted, live, m.end_ns, 0)
+    retained = held[m.end_ns - held["end_ns"] >= m.threshold_ns].reset_index(drop=True)
+    # resident bytes, where the recorder measured them (NaN -> 0: not measured)
+    residency = state["residency"]
+    parked = attributed["source"] == Source.PARKED
+    attributed["resident_bytes"] = (
+        with_residency(attributed, residency, "posted")
+        .where(~parked, with_residency(attributed, residency, "parked"))
+        .fillna(0)
+    )
+    retained["resident_bytes"] = with_residency(retained, residency, "last_data").fillna(0)
+    write_heap = write_buffer_heap(m.write_buffers, live).set_index("pid")
+    connections = connections_from_activity(
+        m.reads.activity.copy(), m.sockets, retained, m.end_ns, m.threshold_ns
+    )
+    cost = idle_connection_cost(connections).set_index("pid")
+    late = bool(meta.targets.pids)
+    if memory.alloc_probes:  # every allocator probed
+        probed |= set(attributed["pid"].tolist())
+    heap_unknowns = buffer_unknowns(attributed, memory, probed, failed, late)
+    retained_unknowns = quiet_unknowns(connections, late)
+    methods = {a.pid: a.method for a in memory.allocators}
+    resident = m.resident
+    out = {}
+    pids = set(live["pid"]) | set(attributed["pid"]) | set(resident.now) | set(connections["pid"])
+    for pid in sorted(pids):
+        conns = connections[connections["pid"] == pid]
+        open_conns = conns[conns["closed_ns"].isna()]
+        mine = attributed[attributed["pid"] == pid]
+        mine_idle = mine[idle[mine.index]]
+        holders = mine[mine["alloc_size"] > 0].drop_duplicates("alloc_addr")
+        heap = m.traced_live[m.traced_live["pid"] == pid]
+        mine_retained = retained[retained["pid"] == pid]
+        retained_unknown = retained_unknowns.get(int(pid), [])
+        walked_pid = int(pid) not in probed
+        sites_here = sites[sites["pid"] == pid].to_dict("records")
+        from_here = posted_from[posted_from["pid"] == pid].to_dict("records")
+        figures = MemoryFigures(
+            io_buffer_heap=IoBufferHeap(
+                bytes=int(mine["attributed_bytes"].sum()),
+                idle_bytes=int(mine_idle["attributed_bytes"].sum()),
+                allocations=len(holders),
+                allocation_bytes=int(holders["alloc_size"].sum()),
+                mapped_bytes=int(mine["mapped_bytes"].sum()),
+                idle_mapped_bytes=int(mine_idle["mapped_bytes"].sum()),
+                resident_bytes=int(mine["resident_bytes"].sum()),
+                idle_resident_bytes=int(mine_idle["resident_bytes"].sum()),
+                unknown=heap_unknowns.get(int(pid), []),
+            ),
+            idle_posted_reads=int(len(mine_idle)),
+            io_buffer_sites=[_site(r) for r in sites_here],
+            read_sites=[_site(r) for r in from_here],
+            write_buffer_heap=Allocations(
+                int(write_heap["allocations"].get(pid, 0)), int(write_heap["bytes"].get(pid, 0))
+            ),
+            held_data_buffers=Buffers(
+                int((held["pid"] == pid).sum()),
+                int(held.loc[held["pid"] == pid, "attributed_bytes"].sum()),
+            ),
+            retained=RetainedBuffers(
+                len(mine_retained),
+                int(mine_retained["attributed_bytes"].sum()),
+                int(mine_retained["resident_bytes"].sum()),
+                retained_unknown,
+            ),
+            heap_live=HeapLive(
+                allocations=None if walked_pid else len(heap) * sample,
+                bytes=None if walked_pid else int(heap["size"].sum()) * sample,
+                estimated=sample > 1,
+                brk_heap_bytes=int(brk["brk_heap_bytes"].get(pid, 0)),
+                mappings=int((mapped["pid"] == pid).sum()),
+                mapped_bytes=int(mapped.loc[mapped["pid"] == pid, "size"].sum()),
+                since_attach=late,
+            ),
+            rss=ResidentMemory(
+                resident.first.get(int(pid)),
+                resident.now.get(int(pid)),
+                resident.peak.get(int(pid)),
+                resident.sources.get(int(pid), "unknown") if pid in resident.now else "unknown",
+            ),
+            connections=ConnectionCounts(len(open_conns), int(open_conns["idle"].sum())),
+            socket_kernel_bytes=int(open_conns["socket_kernel_bytes"].sum()),
+            per_idle_connection=PerIdleConnection(
+                resident_bytes=_per_connection(
+                    mine_idle["resident_bytes"].sum()
+                    + mine_retained["resident_bytes"].sum()
+                    + cost["socket_kernel_bytes"].get(pid, 0),
+                    int(cost["idle_connections"].get(pid, 0)),
+                ),
+                user_buffer_bytes=int(cost["user_buffer_bytes"].get(pid, 0)),
+                socket_kernel_bytes=int(cost["socket_kernel_bytes"].get(pid, 0)),
+                bytes=float(cost["per_idle_connection_bytes"].get(pid, 0.0)),
+                unknown=retained_unknown,
+            ),
+            allocations_found_by=methods.get(int(pid), "probes"),
+            connection_rows=conns,
+        )
+        figures.per_idle_connection = whole_cost(
+            figures.per_idle_connection,
+            meta,
+            int(pid),
+            state["memory_points"],
+            m.sockets,
+            conns,
+            m.fitted_heap.get(int(pid)),
+            figures.io_buffer_heap.idle_bytes + figures.retained.bytes,
+            int((mine_idle["source"] == Source.URING).sum()),
+        )
+        out[int(pid)] = figures
+    return out
+
+
+def _site(row: dict[Hashable, Any]) -> BufferSite:
+    return BufferSite(int(row["bytes"]), int(row["buffers"]), [str(x) for x in row["symbols"]])
+
+
+def _per_connection(total: float, connections: int) -> float:
+    return float(total) / connections if connections else 0.0

@@ -1,0 +1,287 @@
+"""Posted reads across windows: their lifetimes, what finished ones leave, and what is still
+posted at the end.
+
+A window's posts and completions are paired by `read_intervals`, with the reads still open
+(carried from the windows before) put in front of its posts: a carried post is older than
+any event of the window, so the pairing is the one over the whole trace. What a finished
+read leaves is additive or extreme, per process and per connection (`read_summary`,
+`read_activity`), plus each connection's last data buffer (`LastData`: the retained
+buffers), its +1 / -1 steps of the posted count (the peaks) and its span on the time
+series' edges. Reads parked after EAGAIN and reads found parked at attach end only windows
+later (analysis.parking); they are "late": counted, stepped and spanned when decided.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.idle import IdleSeries
+from analysis.memory import LastData, merge_activity, read_activity
+from analysis.parking import Attribute, NextPost, Parking
+from analysis.reads import EAGAIN, columns_of, is_network, network_reads, read_intervals
+from analysis.reads import read_summary as count_reads
+from analysis.series import Chunk, EdgeSeries, Peaks, steps_of
+from analysis.windows import EVENT_COLUMNS, empty
+from probes.format.schema import Source
+
+CARRIED = [*EVENT_COLUMNS["posts"], "seq", "attr"]
+
+
+def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
+    full = [f for f in frames if not f.empty]
+    if not full:
+        return frames[0]
+    return full[0] if len(full) == 1 else pd.concat(full, ignore_index=True)
+
+
+def no_reads() -> pd.DataFrame:
+    """read_intervals() of nothing, with its columns."""
+    return read_intervals(empty("posts").assign(seq=0, attr=0.0), empty("completions"))
+
+
+def merge_counts(pieces: list[pd.DataFrame]) -> pd.DataFrame:
+    """read_summary() of several pieces of a trace's reads, as of all of them."""
+    full = [p for p in pieces if not p.empty]
+    if len(full) <= 1:
+        return full[0] if full else pieces[0]
+    out = pd.concat(full).groupby(["pid", "source", "label"], sort=True).sum().reset_index()
+    return out.astype({c: "int64" for c in out.columns if c not in ("source", "label")})
+
+
+@dataclass
+class ReadsAtEnd:
+    """What the reads of a whole trace come to."""
+
+    counts: pd.DataFrame  # read_summary() of every read
+    activity: pd.DataFrame  # read_activity() of the network reads, per (pid, fd)
+    posted: pd.DataFrame  # the network reads posted (or parked) at the end
+    peaks: dict[int, tuple[int, int]]  # pid -> highest (posted reads, pinned bytes)
+    data: LastData  # each connection's last data buffer
+    waits_begun: pd.Series  # readiness waits per pid
+    waits_ended: pd.Series
+
+
+class ReadPass:
+    """The reads of a trace, a window at a time (see the module's docstring)."""
+
+    def __init__(self, series: EdgeSeries, idle: IdleSeries, memory: bool) -> None:
+        self.series = series
+        self.idle = idle
+        self.memory = memory  # attribute buffers to allocations on the time series
+        self.carry = no_reads().rename(columns={"post_ns": "ts_ns"})[CARRIED]
+        self.parking = Parking()
+        self.retry = NextPost()  # for the reads parked at attach
+        self.held: list[pd.DataFrame] = []  # reads parked at attach, waiting for the next read
+        self.seq = 0
+        self.digests = _Digests(Peaks())
+        self.waits_begun: list[pd.Series] = []
+        self.waits_ended: list[pd.Series] = []
+
+    def window(self, low: float, ev: dict[str, pd.DataFrame], attribute: Attribute | None) -> None:
+        posts = ev.get("posts", empty("posts"))
+        completions = ev.get("completions", empty("completions"))
+        waits, wait_ends = ev.get("waits", empty("waits")), ev.get("wait_ends", empty("waits"))
+        self.waits_begun.append(waits.groupby("pid").size())
+        self.waits_ended.append(wait_ends.groupby("pid").size())
+        posts = posts.assign(
+            seq=np.arange(self.seq, self.seq + len(posts), dtype=np.int64), attr=np.nan
+        )
+        self.seq += len(posts)
+        iv = read_intervals(_stacked(self.carry, posts), completions)
+        if iv.empty:
+            self._late(self.parking.window(iv, waits, wait_ends))
+            return
+        new = iv["post_ns"].to_numpy(np.float64) >= low
+        source = iv["source"].to_numpy()
+        seeded = source == Source.PARKED
+        is_open = iv["end_ns"].isna().to_numpy()
+        network = is_network(iv)
+        if attribute is not None:
+            attr = iv["attr"].to_numpy(np.float64).copy()
+            todo = network & np.isnan(attr)
+            if todo.any():
+                rows = iv[todo]
+                attr[todo] = attribute(
+                    rows, rows["post_ns"].to_numpy(np.float64), rows["end_ns"].to_numpy()
+                )
+                iv["attr"] = attr
+        if seeded.any():  # parked at attach: ended by the next read on the fd
+            self.digests.hold()
+            self.retry.ask(iv[new & seeded], "post_ns")
+            self.held.append(iv[~is_open & seeded])
+        syscall = source == Source.SYSCALL
+        eagain = ~is_open & syscall & (iv["ret"].to_numpy() == -EAGAIN)
+        if eagain.any():  # parked after EAGAIN? known when the next reads come
+            self.digests.hold()
+            self.parking.add(iv[eagain].assign(attr=np.nan))
+        if self.retry.waiting():
+            self.retry.answer(iv[new & syscall])
+        ended = network & ~is_open & ~seeded
+        column = columns_of(iv, None)
+        arrived = ended & (column("ret", np.float64) > 0)
+        fresh = new & network
+        self.idle.window(
+            column("pid", np.int64)[fresh],
+            column("fd", np.int64)[fresh],
+            column("post_ns", np.int64)[fresh],
+            (
+                column("pid", np.int64)[arrived],
+                column("fd", np.int64)[arrived],
+                column("end_ns", np.float64)[arrived],
+            ),
+        )
+        self.digests.add(iv, new, is_open, seeded)
+        self._spans(iv[ended])
+        if attribute is not None:
+            self.parking.attribute(attribute)
+        self._late(self.parking.window(iv[new & syscall], waits, wait_ends))
+        self.carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[CARRIED]
+
+    def finish(self) -> ReadsAtEnd:
+        """The reads still posted at the end, and those that waited for lookups."""
+        still = read_intervals(self.carry, empty("completions")) if len(self.carry) else no_reads()
+        seeded_open = still["source"].to_numpy() == Source.PARKED
+        if seeded_open.any():
+            self.held.append(still[seeded_open])
+            still = still[~seeded_open]
+        late = _stacked(self._at_attach(), self.parking.finish())
+        self._late(late)
+        counts, activity, late_steps = self.digests.finish()
+        counts.append(count_reads(still))
+        still, late = network_reads(still), network_reads(late)
+        activity.append(read_activity(still))
+        self._spans(still)
+        return ReadsAtEnd(
+            counts=merge_counts(counts),
+            activity=merge_activity(activity),
+            posted=_stacked(still, late[late["end_ns"].isna()]),
+            peaks=self.digests.peaks.peaks(late_steps),
+            data=self.digests.data,
+            waits_begun=_summed(self.waits_begun),
+            waits_ended=_summed(self.waits_ended),
+        )
+
+    def close(self) -> None:
+        self.digests.close()
+
+    def _at_attach(self) -> pd.DataFrame:
+        """The reads parked at attach, ended by the next read the process made on the same
+        fd, now that every read is known."""
+        if not self.held:
+            return no_reads().iloc[0:0]
+        rows = pd.concat(self.held, ignore_index=True)
+        rows["end_ns"] = self.retry.values(rows["seq"])
+        return rows
+
+    def _late(self, reads: pd.DataFrame) -> None:
+        """Reads decided after their window (parked ones): counted, stepped, spanned."""
+        if reads.empty:
+            return
+        self.digests.late(reads)
+        self._spans(network_reads(reads))
+
+    def _spans(self, reads: pd.DataFrame) -> None:
+        """Finished reads (or those still posted at the end) on the time series' edges."""
+        if not self.series.wanted or reads.empty:
+            return
+        column = columns_of(reads, None)
+        pid, post, end = (
+            column("pid", np.int64),
+            column("post_ns", np.int64),
+            column("end_ns", np.float64),
+        )
+        self.series.spans("posted_reads", pid, post, end)
+        self.series.spans("pinned_bytes", pid, post, end, column("len", np.int64))
+        if self.memory:
+            held = np.nan_to_num(column("attr", np.float64)).astype(np.int64)
+            self.series.spans("io_buffer_heap_bytes", pid, post, end, held)
+
+
+def _summed(pieces: list[pd.Series]) -> pd.Series:
+    full = [p for p in pieces if len(p)]
+    if not full:
+        return pd.Series(dtype=np.int64)
+    return pd.concat(full).groupby(level=0).sum()
+
+
+class _Digests:
+    """What each window's finished reads leave - read_summary of all, read_activity of the
+    network ones, their steps - worked out on a thread of its own in window order, and
+    merged every few windows so that a long trace keeps a few frames, not one per window."""
+
+    MERGE_EVERY = 16
+
+    def __init__(self, peaks: Peaks) -> None:
+        self.peaks = peaks
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: deque[Future[tuple[pd.DataFrame, pd.DataFrame]]] = deque()
+        self.counts: list[pd.DataFrame] = []
+        self.activity: list[pd.DataFrame] = []
+        self.data = LastData()
+        self.late_steps: list[Chunk] = []
+
+    def hold(self) -> None:
+        self.pool.submit(self.peaks.hold)  # in order: after the windows before it
+
+    def add(
+        self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
+    ) -> None:
+        self.pending.append(self.pool.submit(self._digest, iv, new, is_open, seeded))
+        while len(self.pending) > 1:  # at most one window in flight
+            self._collect(self.pending.popleft().result())
+
+    def _digest(
+        self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        network = ~seeded & is_network(iv)
+        self.peaks.add(_steps(iv, new, network))
+        ended = network & ~is_open
+        self.data.add(iv, ended)
+        return count_reads(iv, ~is_open & ~seeded), read_activity(iv, ended)
+
+    def _collect(self, done: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+        self.counts.append(done[0])
+        self.activity.append(done[1])
+        if len(self.counts) >= self.MERGE_EVERY:
+            self.counts = [merge_counts(self.counts)]
+            self.activity = [merge_activity(self.activity)]
+
+    def late(self, reads: pd.DataFrame) -> None:
+        self.pending.append(self.pool.submit(self._digest_late, reads))
+
+    def _digest_late(self, reads: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        network = network_reads(reads)
+        self.late_steps.append(_steps(network, np.ones(len(network), bool), None))
+        self.data.add(network)
+        return count_reads(reads), read_activity(network)
+
+    def finish(self) -> tuple[list[pd.DataFrame], list[pd.DataFrame], list[Chunk]]:
+        """(the counts, the activity, the late steps)."""
+        try:
+            while self.pending:
+                self._collect(self.pending.popleft().result())
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return self.counts, self.activity, self.late_steps
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        self.peaks.close()
+
+
+def _steps(reads: pd.DataFrame, new: np.ndarray, where: np.ndarray | None) -> Chunk:
+    """The steps of `reads` (the rows `where` says): +1 at the post of those `new`, -1 at
+    the end of those that ended."""
+    column = columns_of(reads, where)
+    return steps_of(
+        column("pid", np.int64),
+        column("post_ns", np.int64),
+        column("end_ns", np.float64),
+        column("len", np.int64),
+        new if where is None else new[where],
+    )

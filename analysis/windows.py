@@ -1,0 +1,278 @@
+"""A trace as windows of time: the event tables read part by part, each window every event
+earlier than a bound, in time order; the small tables whole.
+
+Each part's first and last timestamp come from meta.json (or, for older traces, the part's
+Parquet footer). Parts are loaded in order of their first timestamp; after each load, every
+event earlier than the first timestamp of the parts not loaded yet is complete - no part
+still to come can hold one - and goes out as one window. Parts that overlap in time simply
+wait together. With no limit on a window's rows the whole trace is one window: "in memory"
+is the same analysis over a single window.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from probes.format import schema
+from probes.format.errors import TraceError
+from probes.format.meta import Meta
+from probes.format.reader import PartRef, read_meta, read_table, table_parts
+
+# The event tables, and the columns the analysis reads of each: read a window at a time.
+EVENT_COLUMNS: dict[str, list[str]] = {
+    "posts": ["ts_ns", "pid", "tid", "fd", "source", "op", "key", "addr", "len", "flags",
+              "stack_id"],
+    "completions": ["ts_ns", "pid", "source", "key", "ret"],
+    "waits": ["ts_ns", "pid", "tid"],
+    "wait_ends": ["ts_ns", "pid", "tid"],
+    "allocs": ["ts_ns", "pid", "addr", "size", "stack_id"],
+    "frees": ["ts_ns", "pid", "addr"],
+    "writes": ["ts_ns", "pid", "tid", "fd", "source", "op", "key", "addr", "len", "flags"],
+    "write_completions": ["ts_ns", "pid", "source", "key", "ret"],
+    "rss": ["ts_ns", "pid", "mm_id", "member", "bytes"],
+    "buffer_uses": ["ts_ns", "pid", "ring", "group", "bytes", "request"],
+}  # fmt: skip
+# Read whole: state and samples (one row per process, buffer or connection per flush).
+STATE_TABLES = (
+    "processes",
+    "stacks",
+    "heap_blocks",
+    "maps",
+    "unmaps",
+    "residency",
+    "buffer_groups",
+    "buffer_rings",
+    "proc_status",
+    "memory_points",
+)
+SOCKET_COLUMNS = [
+    "ts_ns", "pid", "fd", "inode", "family", "ipv6", "state", "local", "remote", "rmem_alloc",
+    "wmem_queued", "fwd_alloc", "epoll", "sock_type",
+]  # fmt: skip
+WINDOW_ROWS = 500_000  # events loaded before a window is related (measured fastest at 10M)
+# what a single window holds per event of the event tables at its peak
+IN_MEMORY_BYTES_PER_EVENT = 215
+
+
+@dataclass
+class Part:
+    table: str
+    ref: PartRef
+    rows: int
+    first_ns: int
+    last_ns: int
+
+
+@dataclass
+class TraceInput:
+    """An opened trace directory: its metadata, its small tables, its event tables' parts
+    planned in time order, and what reading it left out (`warnings`)."""
+
+    path: Path
+    meta: Meta
+    state: dict[str, pd.DataFrame]
+    sockets: pd.DataFrame
+    parts: list[Part]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def pids_of(self, table: str) -> set[int]:
+        """The pids an event table names (read a part at a time, one column)."""
+        pids: set[int] = set()
+        for p in self.parts:
+            if p.table == table:
+                pids.update(np.unique(p.ref.read(["pid"])["pid"].to_numpy()).tolist())
+        return pids
+
+    def column_parts(self, table: str, columns: list[str]) -> Iterator[pd.DataFrame]:
+        """An event table's parts in order, a few columns of each: for passes that need
+        one table before the windows (the last address space of each process)."""
+        for p in sorted((p for p in self.parts if p.table == table), key=lambda p: p.ref.name):
+            yield p.ref.read(columns).to_pandas()
+
+
+def open_input(path: str | Path) -> TraceInput:
+    """The trace at `path`, its metadata and small tables read and checked, its parts
+    planned (not read)."""
+    path = Path(path)
+    meta = read_meta(path)
+    warnings: list[str] = []
+    state = {name: read_table(path, schema.TABLES[name], meta, warnings) for name in STATE_TABLES}
+    sockets = _sockets(path, meta, warnings)
+    parts = []
+    for name in EVENT_COLUMNS:
+        refs = table_parts(path, schema.TABLES[name], meta, warnings)
+        listed = 0
+        for ref in refs:
+            rows, first, last = ref.time_range()
+            listed += rows
+            if rows:
+                parts.append(Part(name, ref, rows, first, last))
+        declared = (meta.rows or {}).get(name) if meta.parts is None else None
+        if declared is not None and listed < declared:  # older traces: the counts agree
+            raise TraceError(
+                f"{path / name}: meta.json says {declared:,} rows, the parts hold {listed:,}"
+            )
+    parts.sort(key=lambda p: p.first_ns)  # stable: a table's parts keep their order
+    return TraceInput(path, meta, state, sockets, parts, warnings)
+
+
+def trace_events(path: str | Path) -> int:
+    """Rows of the event tables, from meta.json's list of parts (or the parts' footers):
+    what analysing the trace costs, before reading it."""
+    path = Path(path)
+    meta = read_meta(path)
+    events = 0
+    for name in EVENT_COLUMNS:
+        for ref in table_parts(path, schema.TABLES[name], meta):
+            events += ref.expect.rows if ref.expect is not None else ref.time_range()[0]
+    return events
+
+
+def recording_span(trace: TraceInput) -> tuple[int, int]:
+    """(start, end) of the recording, CLOCK_MONOTONIC ns: from meta.json, or the first and
+    last events (a killed recording ends at its last event)."""
+    meta = trace.meta
+    start = meta.tracing_since_ns or meta.clock.monotonic_ns
+    end = meta.end_monotonic_ns
+    if end is None or not start:
+        firsts = [p.first_ns for p in trace.parts]
+        lasts = [p.last_ns for p in trace.parts]
+        for df in (*trace.state.values(), trace.sockets):
+            if "ts_ns" in df and not df.empty:
+                firsts.append(int(df["ts_ns"].min()))
+                lasts.append(int(df["ts_ns"].max()))
+        if end is None:
+            end = max(lasts, default=0)
+        if not start:
+            start = min(firsts, default=end)
+    return start, max(start, end)
+
+
+def windows(
+    parts: list[Part], window_rows: int | None
+) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
+    """(low, bound, each table's events from `low` to before `bound`), in time order; the
+    first low is -inf, the last bound +inf. Every event comes out exactly once, each part is
+    read once. `window_rows` None: one window.
+
+    The windows are put together on a thread of their own, one ahead: reading, decoding and
+    cutting parts (Arrow lets go of the GIL) while the caller relates the window before."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        """Hand `item` over unless the caller has stopped listening."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for window in _assembled(parts, window_rows or math.inf):
+                if not offer(window):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            offer(exc)
+            return
+        offer(None)
+
+    producer = threading.Thread(target=produce, name="idlebuf-windows", daemon=True)
+    producer.start()
+    try:
+        while (window := ready.get()) is not None:
+            if isinstance(window, BaseException):
+                raise window
+            yield window
+    finally:
+        stop.set()
+        producer.join()
+
+
+def _assembled(
+    parts: list[Part], window_rows: float
+) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
+    """windows(), put together where it is called."""
+    waiting: dict[str, list[pa.Table]] = {}
+    low = -math.inf
+    i = 0
+    while i < len(parts):
+        loaded = 0
+        while i < len(parts) and (loaded == 0 or loaded < window_rows):
+            p = parts[i]
+            piece = _within(p, p.ref.read(EVENT_COLUMNS[p.table]))
+            waiting.setdefault(p.table, []).append(piece)
+            loaded += p.rows
+            i += 1
+        bound = float(parts[i].first_ns) if i < len(parts) else math.inf
+        out = {}
+        for name, pieces in waiting.items():
+            rows = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+            if bound == math.inf:
+                early, waiting[name] = rows, []
+            else:
+                ts_type = rows.schema.field("ts_ns").type
+                cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
+                early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
+            out[name] = early.to_pandas(split_blocks=True, use_threads=False)
+        yield low, bound, out
+        low = bound
+    if not parts:
+        yield low, math.inf, {}
+
+
+def _within(part: Part, rows: pa.Table) -> pa.Table:
+    """The part's rows, once their times are within those it was planned by (meta.json's
+    word for them, or its footer's)."""
+    if rows.num_rows:
+        bounds = pc.min_max(rows["ts_ns"])
+        first, last = bounds["min"].as_py(), bounds["max"].as_py()
+        if first < part.first_ns or last > part.last_ns:
+            raise TraceError(
+                f"{part.ref.path}/{part.ref.name} holds events from {first} to {last} ns, "
+                f"outside the {part.first_ns} to {part.last_ns} it is listed with"
+            )
+    return rows
+
+
+def _sockets(path: Path, meta: Meta, warnings: list[str]) -> pd.DataFrame:
+    """The socket samples, their strings as categories (a sample per connection per flush
+    repeats a handful of families and states millions of times)."""
+    refs = table_parts(path, schema.SOCKETS, meta, warnings)
+    if not refs:
+        return read_table(path, schema.SOCKETS, meta, warnings)
+    pieces = [r.read(SOCKET_COLUMNS).to_pandas() for r in refs]
+    out = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
+    for col in ("family", "state", "local", "remote"):
+        out[col] = out[col].astype("category")
+    return out
+
+
+def empty(table: str) -> pd.DataFrame:
+    """An event table's columns, no rows."""
+    return _empty(table).copy()
+
+
+@functools.cache
+def _empty(table: str) -> pd.DataFrame:
+    columns = EVENT_COLUMNS[table]
+    return schema.TABLES[table].subset(columns).arrow_schema().empty_table().to_pandas()
