@@ -6,9 +6,8 @@ Pure arithmetic over a TraceSummary: the rows of `idlebuf demo`, `compare` and `
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from analysis.results import MemoryFigures, ProcessSummary, Result
+from analysis.results import JsonObject, MemoryFigures, ProcessSummary, Result
 from probes.format.errors import IdlebufError
 
 
@@ -40,10 +39,10 @@ class ComparisonRow(Result):
     whole_unknown: list[str] = field(default_factory=list)  # why a part is not known
     ratio_to_readiness: float = 1.0  # of the ratio's figure, to the first row's
     trace: str | None = None
-    ground_truth: dict[str, Any] | None = None  # what the server said about itself (demo)
+    ground_truth: JsonObject | None = None  # what the server said about itself (demo)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ComparisonRow:
+    def from_json(cls, data: JsonObject) -> ComparisonRow:
         """A saved row; the fields a file predates keep their defaults (parts unknown)."""
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 

@@ -16,6 +16,10 @@ import pandas as pd
 
 from probes.format.meta import MemoryOptions, ProcessAtAttach
 
+# A JSON object as json.loads gives it and json.dumps takes it: its values may be of any
+# JSON type (numbers, strings, lists, objects, null), so Any is the honest type of a value.
+JsonObject = dict[str, Any]
+
 NOT_IN_JSON = {"json": False}  # dataclass field metadata: a field to_json() leaves out
 
 
@@ -34,7 +38,7 @@ def to_json(value: Any) -> Any:
     return value
 
 
-def _fields_json(result: Any) -> dict[str, Any]:
+def _fields_json(result: Any) -> JsonObject:
     return {
         f.name: to_json(getattr(result, f.name))
         for f in dataclasses.fields(result)
@@ -45,7 +49,7 @@ def _fields_json(result: Any) -> dict[str, Any]:
 class Result:
     """A dataclass rendered as a JSON object of its fields."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return _fields_json(self)
 
 
@@ -272,14 +276,14 @@ class MemoryFigures(Result):
     # analysis.memory.connection_table(), this process's rows
     connection_rows: pd.DataFrame = field(default_factory=pd.DataFrame, metadata=NOT_IN_JSON)
 
-    def to_json(self, connections: bool = False) -> dict[str, Any]:
+    def to_json(self, connections: bool = False) -> JsonObject:
         out = _fields_json(self)
         if connections:
             out["connection_table"] = connection_table_json(self.connection_rows)
         return out
 
 
-def connection_table_json(rows: pd.DataFrame) -> list[dict[str, Any]]:
+def connection_table_json(rows: pd.DataFrame) -> list[JsonObject]:
     """The per-connection rows as JSON objects (NaN as null), without the pid."""
     rows = rows.astype(object).where(rows.notna(), None)
     return [
@@ -306,7 +310,7 @@ class ProcessSummary(Result):
     # where the posted reads come from (seen live, found at attach, unknown)
     provenance: Provenance = field(default_factory=Provenance)
 
-    def to_json(self, connections: bool = False) -> dict[str, Any]:
+    def to_json(self, connections: bool = False) -> JsonObject:
         out = _fields_json(self)
         if self.memory is None:
             del out["memory"]
@@ -373,7 +377,7 @@ class TraceSummary(Result):
     at_attach: list[ProcessAtAttach] = field(default_factory=list)  # what was found at attach
     warnings: list[str] = field(default_factory=list)  # what reading the trace left out
 
-    def to_json(self, connections: bool = False) -> dict[str, Any]:
+    def to_json(self, connections: bool = False) -> JsonObject:
         out = _fields_json(self)
         out["processes"] = [p.to_json(connections) for p in self.processes]
         if self.timeline is None:

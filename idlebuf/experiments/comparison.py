@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from analysis.comparison import ComparisonRow, comparison_row, with_ratios
 from analysis.memory import resident_events, rss_at
-from analysis.results import Result, TimelinePoint
+from analysis.results import JsonObject, Result, TimelinePoint
 from analysis.summary import summarize, timeline_step
 from idlebuf.experiments.models import Load, Model
 from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
@@ -115,7 +114,7 @@ def resident_now(pid: int) -> int | None:
         return None
 
 
-def last_truth(stdout: bytes) -> dict[str, Any] | None:
+def last_truth(stdout: bytes) -> JsonObject | None:
     """What the server itself said last (it prints its ground truth as it exits)."""
     truth = None
     for line in stdout.splitlines():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.comparison import ComparisonRow
-from analysis.results import TimelinePoint, to_json
+from analysis.results import JsonObject, TimelinePoint, to_json
 from idlebuf.experiments.comparison import (
     Comparison,
     ModelInfo,
@@ -34,7 +34,7 @@ SWEEP_FORMAT = ("idlebuf-sweep", 1, "sweep")
 MAX_BYTES = 256 << 20  # a saved experiment is a few MiB at most
 
 
-def comparison_json(comparison: Comparison) -> dict[str, Any]:
+def comparison_json(comparison: Comparison) -> JsonObject:
     return {
         "format": COMPARISON_FORMAT[0],
         "format_version": COMPARISON_FORMAT[1],
@@ -50,7 +50,7 @@ def comparison_json(comparison: Comparison) -> dict[str, Any]:
     }
 
 
-def sweep_json(sweep: Sweep) -> dict[str, Any]:
+def sweep_json(sweep: Sweep) -> JsonObject:
     return {
         "format": SWEEP_FORMAT[0],
         "format_version": SWEEP_FORMAT[1],
@@ -74,7 +74,7 @@ def save_sweep(sweep: Sweep, directory: Path) -> Path:
     return write_file(directory / SWEEP_FILE, json.dumps(sweep_json(sweep), indent=1), force=True)
 
 
-def _read(path: Path, expected: tuple[str, int, str]) -> dict[str, Any]:
+def _read(path: Path, expected: tuple[str, int, str]) -> JsonObject:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)
