@@ -7,230 +7,301 @@ scripts/bench --only analysis,scale --output /tmp/bench.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from idlebuf.bench.common import Spread
 from idlebuf.bench.overhead import CONFIGS
 from idlebuf.reporters.text import table
 from idlebuf.reporters.units import human_bytes
 from probes.format.errors import IdlebufError
 
+if TYPE_CHECKING:  # the parts are imported when run: each brings its own dependencies
+    from idlebuf.bench.analysis_speed import AnalysisSpeed
+    from idlebuf.bench.attach import AttachRun
+    from idlebuf.bench.ceiling import Ceiling
+    from idlebuf.bench.fleet_speed import FleetSpeed
+    from idlebuf.bench.overhead import Overhead
+    from idlebuf.bench.scale import ScaleRun
+
 PARTS = ("overhead", "ceiling", "analysis", "fleet", "scale", "attach")
 
 
-def machine() -> dict[str, Any]:
+@dataclass(frozen=True)
+class Machine:
+    kernel: str
+    cpus: int
+    cpu_model: str
+    memory_bytes: int
+    python: str
+
+
+@dataclass
+class BenchResults:
+    """What one `scripts/bench` run measured: written as JSON, rendered as tables."""
+
+    machine: Machine
+    started: str
+    overhead: Overhead | None = None
+    ceiling: Ceiling | None = None
+    analysis: AnalysisSpeed | None = None
+    fleet: FleetSpeed | None = None
+    scale: dict[str, ScaleRun] | None = None  # by server
+    attach: dict[str, AttachRun] | None = None  # by server
+    errors: dict[str, str] = field(default_factory=dict)  # part -> why it failed
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def machine() -> Machine:
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
         models = {line.split(":", 1)[1].strip() for line in f if line.startswith("model name")}
     with open("/proc/meminfo", encoding="ascii") as f:
         mem_kib = int(f.readline().split()[1])
-    return {
-        "kernel": platform.release(),
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": ", ".join(sorted(models)),
-        "memory_bytes": mem_kib * 1024,
-        "python": platform.python_version(),
-    }
+    return Machine(
+        kernel=platform.release(),
+        cpus=len(os.sched_getaffinity(0)),
+        cpu_model=", ".join(sorted(models)),
+        memory_bytes=mem_kib * 1024,
+        python=platform.python_version(),
+    )
 
 
 def _cpus(cpus: list[int] | None) -> str:
     return ",".join(map(str, cpus)) if cpus else "any"
 
 
-def _m(s: dict[str, float], fmt: str = "{:.3f}") -> str:
+def _m(s: Spread, fmt: str = "{:.3f}") -> str:
     """min / median / max, formatted."""
-    return " / ".join(fmt.format(s[k]) for k in ("min", "median", "max"))
+    return " / ".join(fmt.format(v) for v in (s.min, s.median, s.max))
 
 
-def render(results: dict[str, Any]) -> str:
-    out = []
-    if "overhead" in results:
-        o = results["overhead"]
-        rows = []
-        for server in ("readiness", "threads"):
-            for config, r in o.get(server, {}).items():
-                rows.append(
-                    [
-                        server,
-                        config,
-                        f"{r['untraced_requests_per_s']['median']:,.0f}",
-                        _m(r["throughput_ratio"]),
-                        _m(r["p99_ratio"]),
-                        str(r["throughput_ratio"]["n"]),
-                        f"{r['recorder_cpu_share']['median']:.0%}",
-                    ]
-                )
-        out.append(
-            f"Overhead on the traced server ({o['connections']} connections back to back; "
-            f"tracing switched off and on every {o['seconds']:g} s, each traced window against "
-            "the untraced ones on either side (first quarter of each left out), "
-            "min / median / max over windows; server on CPU "
-            f"{_cpus(o.get('server_cpus'))}, load generator on CPU {_cpus(o.get('load_cpus'))})\n"
-            + table(
-                [
-                    "server",
-                    "traced with",
-                    "untraced req/s",
-                    "throughput",
-                    "p99",
-                    "windows",
-                    "recorder",
-                ],
-                rows,
-            )
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _overhead(o: Overhead) -> str:
+    rows = [
+        [
+            server,
+            config,
+            f"{r.untraced_requests_per_s.median:,.0f}",
+            _m(r.throughput_ratio),
+            _m(r.p99_ratio),
+            str(r.throughput_ratio.n),
+            f"{r.recorder_cpu_share.median:.0%}",
+        ]
+        for server in ("readiness", "threads")
+        for config, r in o.servers.get(server, {}).items()
+    ]
+    return (
+        f"Overhead on the traced server ({o.connections} connections back to back; "
+        f"tracing switched off and on every {o.seconds:g} s, each traced window against "
+        "the untraced ones on either side (first quarter of each left out), "
+        "min / median / max over windows; server on CPU "
+        f"{_cpus(o.server_cpus)}, load generator on CPU {_cpus(o.load_cpus)})\n"
+        + table(
+            ["server", "traced with", "untraced req/s", "throughput", "p99", "windows", "recorder"],
+            rows,
         )
-    if "ceiling" in results:
-        c = results["ceiling"]
-        rows = []
-        for procs in (1, 2):
-            r = c[f"live_{procs}"]
+    )
+
+
+def _ceiling(c: Ceiling) -> str:
+    rows = [
+        [
+            f"storm x{procs}",
+            _m(r.events_per_s.scaled(1e-6), "{:.2f}"),
+            _m(r.drops, "{:,.0f}"),
+            f"{r.recorder_cpu_share.median:.0%}",
+            human_bytes(r.recorder_peak_rss_bytes),
+            f"{r.untraced_events_per_s_equivalent / 1e6:.2f}",
+        ]
+        for procs, r in sorted(c.live.items())
+    ]
+    p = c.pipeline
+    return (
+        "Recorder ceiling (ping-pong storm: a 1-byte send and recv per turn, 4 events)\n"
+        + table(
+            ["load", "M events/s", "dropped", "recorder CPU", "recorder RSS", "untraced M/s"],
+            rows,
+        )
+        + f"\nuser-space pipeline alone: {p.events_per_s / 1e6:.2f}M events/s wall, "
+        f"{p.events_per_cpu_s / 1e6:.2f}M per CPU-second"
+    )
+
+
+def _analysis(a: AnalysisSpeed) -> str:
+    rows = []
+    for side in ("idlebuf", "duckdb", "idlebuf in memory"):
+        runs = a.sides.get(side, [])
+        if runs:
+            walls = [r.wall_s for r in runs]
             rows.append(
                 [
-                    f"storm x{procs}",
-                    _m({k: v / 1e6 for k, v in r["events_per_s"].items() if k != "n"}, "{:.2f}"),
-                    _m(r["drops"], "{:,.0f}"),
-                    f"{r['recorder_cpu_share']['median']:.0%}",
-                    human_bytes(r["recorder_peak_rss_bytes"]),
-                    f"{r['untraced_events_per_s_equivalent'] / 1e6:.2f}",
+                    side,
+                    _m(Spread(min(walls), _median(walls), max(walls), len(walls)), "{:.1f}"),
+                    human_bytes(max(r.peak_rss_bytes for r in runs)),
                 ]
             )
-        p = c["pipeline"]
-        out.append(
-            "Recorder ceiling (ping-pong storm: a 1-byte send and recv per turn, 4 events)\n"
-            + table(
-                ["load", "M events/s", "dropped", "recorder CPU", "recorder RSS", "untraced M/s"],
-                rows,
+    text = (
+        f"Analysis of a synthetic trace of {a.events:,} events, {a.connections:,} "
+        "connections (load + relate, in a fresh process; idlebuf: the relate step "
+        "streamed, as `report --stream`; in memory: the whole report)\n"
+        + table(["side", "seconds (min / median / max)", "peak RSS"], rows)
+    )
+    medians = {
+        side: _median([r.wall_s for r in a.sides[side]])
+        for side in ("idlebuf", "duckdb")
+        if a.sides.get(side)
+    }
+    if len(medians) == 2:
+        text += f"\nidlebuf / DuckDB (medians): {medians['idlebuf'] / medians['duckdb']:.2f}"
+    huge = a.huge
+    first = next(iter(huge.runs.values()), None) if huge else None
+    if huge and first:
+        per = first.wall_s / huge.events * 1e9
+        text += (
+            f"\nstreamed {huge.events:,} events: {first.wall_s:.1f} s "
+            f"({per:.0f} ns per event"
+            + (
+                f"; {medians['idlebuf'] / a.events * 1e9:.0f} at {a.events:,}"
+                if "idlebuf" in medians
+                else ""
             )
-            + f"\nuser-space pipeline alone: {p['events_per_s'] / 1e6:.2f}M events/s wall, "
-            f"{p['events_per_cpu_s'] / 1e6:.2f}M per CPU-second"
+            + f"), peak RSS {human_bytes(first.peak_rss_bytes)}"
         )
-    if "analysis" in results:
-        a = results["analysis"]
-        rows = []
-        for side in ("idlebuf", "duckdb", "idlebuf in memory"):
-            runs = a.get(side, [])
-            if runs:
-                rows.append(
-                    [
-                        side,
-                        _m(
-                            {
-                                "min": min(r["wall_s"] for r in runs),
-                                "median": sorted(r["wall_s"] for r in runs)[len(runs) // 2],
-                                "max": max(r["wall_s"] for r in runs),
-                            },
-                            "{:.1f}",
-                        ),
-                        human_bytes(max(r["peak_rss_bytes"] for r in runs)),
-                    ]
-                )
-        text = (
-            f"Analysis of a synthetic trace of {a['events']:,} events, {a['connections']:,} "
-            "connections (load + relate, in a fresh process; idlebuf: the relate step "
-            "streamed, as `report --stream`; in memory: the whole report)\n"
-            + table(["side", "seconds (min / median / max)", "peak RSS"], rows)
-        )
-        medians = {
-            side: sorted(r["wall_s"] for r in a[side])[len(a[side]) // 2]
-            for side in ("idlebuf", "duckdb")
-            if a.get(side)
-        }
-        if len(medians) == 2:
-            text += f"\nidlebuf / DuckDB (medians): {medians['idlebuf'] / medians['duckdb']:.2f}"
-        huge = a.get("huge")
-        if huge:
-            per = huge["wall_s"] / huge["events"] * 1e9
+        duck = huge.runs.get("duckdb")
+        if duck:
             text += (
-                f"\nstreamed {huge['events']:,} events: {huge['wall_s']:.1f} s "
-                f"({per:.0f} ns per event"
-                + (
-                    f"; {medians['idlebuf'] / a['events'] * 1e9:.0f} at {a['events']:,}"
-                    if "idlebuf" in medians
-                    else ""
-                )
-                + f"), peak RSS {human_bytes(huge['peak_rss_bytes'])}"
+                f"; DuckDB on the same: {duck.wall_s:.1f} s, peak RSS "
+                f"{human_bytes(duck.peak_rss_bytes)}"
             )
-            duck = a.get("huge_duckdb")
-            if duck:
-                text += (
-                    f"; DuckDB on the same: {duck['wall_s']:.1f} s, peak RSS "
-                    f"{human_bytes(duck['peak_rss_bytes'])}"
-                )
-        out.append(text)
-    if "fleet" in results:
-        f = results["fleet"]
-        rows = []
-        for side in ("dask (2 workers)", "one process"):
-            runs = sorted(f.get(side, []))
-            if runs:
-                stats = {"min": runs[0], "median": runs[len(runs) // 2], "max": runs[-1]}
-                rows.append([side, _m(stats, "{:.1f}")])
-        out.append(
-            f"Fleet of {f['traces']:,} traces x {f['events_per_trace']:,} events "
-            "(`idlebuf fleet --json`, whole command)\n"
-            + table(["side", "seconds (min / median / max)"], rows)
-        )
-    if "scale" in results:
-        rows = [
-            [
-                name,
-                f"{r['connections']:,}",
-                f"{r['posted_reads']:,} / {r['truth_posted_reads']:,}",
-                "yes" if r["exact"] else "NO",
-                f"{r['cpu_s']:.1f}",
-                human_bytes(r["peak_rss_bytes"]),
-                human_bytes(r["trace_bytes"]),
-            ]
-            for name, r in results["scale"].items()
+    return text
+
+
+def _fleet(f: FleetSpeed) -> str:
+    rows = []
+    for side in ("dask (2 workers)", "one process"):
+        runs = sorted(f.sides.get(side, []))
+        if runs:
+            rows.append([side, _m(Spread(runs[0], _median(runs), runs[-1], len(runs)), "{:.1f}")])
+    return (
+        f"Fleet of {f.traces:,} traces x {f.events_per_trace:,} events "
+        "(`idlebuf fleet --json`, whole command)\n"
+        + table(["side", "seconds (min / median / max)"], rows)
+    )
+
+
+def _scale(scale: dict[str, ScaleRun]) -> str:
+    rows = [
+        [
+            name,
+            f"{r.connections:,}",
+            f"{r.posted_reads:,} / {r.truth_posted_reads:,}",
+            "yes" if r.exact else "NO",
+            f"{r.recorder.cpu_s:.1f}",
+            human_bytes(r.recorder.peak_rss_bytes),
+            human_bytes(r.trace_bytes),
         ]
-        out.append(
-            "Scale (recorded from the server's start)\n"
-            + table(
-                ["server", "conns", "posted / server", "exact", "rec CPU-s", "rec RSS", "trace"],
-                rows,
-            )
-        )
-    if "attach" in results:
-        rows = [
-            [
-                name,
-                f"{r['connections']:,}",
-                f"{r['found']:,} / {r['truth_posted_reads']:,}",
-                "yes" if r["exact"] else "NO",
-                f"{r['walk_ms']:,.0f}",
-                f"{r['record_wall_s']:.1f}",
-                f"{r.get('heap_walk_ms') or 0:,.0f}",
-                f"{r.get('heap_walk_end_ms') or 0:,.0f}",
-            ]
-            for name, r in results["attach"].items()
+        for name, r in scale.items()
+    ]
+    return "Scale (recorded from the server's start)\n" + table(
+        ["server", "conns", "posted / server", "exact", "rec CPU-s", "rec RSS", "trace"], rows
+    )
+
+
+def _attach(attach: dict[str, AttachRun]) -> str:
+    rows = [
+        [
+            name,
+            f"{r.connections:,}",
+            f"{r.found:,} / {r.truth_posted_reads:,}",
+            "yes" if r.exact else "NO",
+            f"{r.walk_ms:,.0f}",
+            f"{r.record_wall_s:.1f}",
+            f"{r.heap_walk_ms or 0:,.0f}",
+            f"{r.heap_walk_end_ms or 0:,.0f}",
         ]
-        out.append(
-            "State at attach (record -p on an idle server)\n"
-            + table(
-                [
-                    "server",
-                    "conns",
-                    "found / server",
-                    "exact",
-                    "walk ms",
-                    "record s",
-                    "heap walk ms",
-                    "at end ms",
-                ],
-                rows,
-            )
-        )
+        for name, r in attach.items()
+    ]
+    return "State at attach (record -p on an idle server)\n" + table(
+        [
+            "server",
+            "conns",
+            "found / server",
+            "exact",
+            "walk ms",
+            "record s",
+            "heap walk ms",
+            "at end ms",
+        ],
+        rows,
+    )
+
+
+def render(results: BenchResults) -> str:
+    out = []
+    if results.overhead:
+        out.append(_overhead(results.overhead))
+    if results.ceiling:
+        out.append(_ceiling(results.ceiling))
+    if results.analysis:
+        out.append(_analysis(results.analysis))
+    if results.fleet:
+        out.append(_fleet(results.fleet))
+    if results.scale:
+        out.append(_scale(results.scale))
+    if results.attach:
+        out.append(_attach(results.attach))
     return "\n\n".join(out)
 
 
-def _part(name: str) -> Any:
-    import importlib  # noqa: PLC0415
+def run_part(
+    name: str,
+    args: argparse.Namespace,
+    configs: list[str],
+    log: Callable[[str], None],
+    results: BenchResults,
+) -> None:
+    """Measure part `name` into `results`."""
+    if name == "overhead":
+        from idlebuf.bench import overhead
 
-    return importlib.import_module(f"idlebuf.bench.{name}")
+        results.overhead = overhead.run(args.rounds, args.seconds, args.connections, log, configs)
+    elif name == "ceiling":
+        from idlebuf.bench import ceiling
+
+        results.ceiling = ceiling.run(args.storm, args.trials, log)
+    elif name == "analysis":
+        from idlebuf.bench import analysis_speed
+
+        results.analysis = analysis_speed.run(
+            args.workdir, args.events, args.repeats, log, args.huge_events
+        )
+    elif name == "fleet":
+        from idlebuf.bench import fleet_speed
+
+        results.fleet = fleet_speed.run(
+            args.workdir, args.fleet_traces, args.fleet_events, args.repeats, log
+        )
+    elif name == "scale":
+        from idlebuf.bench import scale
+
+        results.scale = scale.run(args.scale, 16384, log)
+    elif name == "attach":
+        from idlebuf.bench import attach
+
+        results.attach = attach.run(args.scale, 16384, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,25 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
-    results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M")}
-    runners = {
-        "overhead": lambda: _part("overhead").run(
-            args.rounds, args.seconds, args.connections, log, configs
-        ),
-        "ceiling": lambda: _part("ceiling").run(args.storm, args.trials, log),
-        "analysis": lambda: _part("analysis_speed").run(
-            args.workdir, args.events, args.repeats, log, args.huge_events
-        ),
-        "fleet": lambda: _part("fleet_speed").run(
-            args.workdir, args.fleet_traces, args.fleet_events, args.repeats, log
-        ),
-        "scale": lambda: _part("scale").run(args.scale, 16384, log),
-        "attach": lambda: _part("attach").run(args.scale, 16384, log),
-    }
+    results = BenchResults(machine(), time.strftime("%Y-%m-%d %H:%M"))
     try:
         for name in parts:
             try:
-                results[name] = runners[name]()
+                run_part(name, args, configs, log, results)
             except (
                 IdlebufError,
                 RuntimeError,
@@ -320,14 +377,14 @@ def main(argv: list[str] | None = None) -> int:
                 ValueError,
             ) as exc:  # one failing part keeps the rest
                 log(f"{name}: failed: {exc}")
-                results[name + "_error"] = str(exc)
-            args.output.write_text(json.dumps(results, indent=1))  # nothing measured is lost
+                results.errors[name] = str(exc)
+            args.output.write_text(results.to_json())  # nothing measured is lost
     except KeyboardInterrupt:
         print("bench: interrupted; keeping what was measured", file=sys.stderr)
-    args.output.write_text(json.dumps(results, indent=1))
+    args.output.write_text(results.to_json())
     print(render(results))
     print(f"\nfigures: {args.output}")
-    disagreement = results.get("analysis", {}).get("disagreement")
+    disagreement = results.analysis.disagreement if results.analysis else None
     if disagreement:  # figures that differ make the timings meaningless
         print(f"bench: FAILED: {disagreement}", file=sys.stderr)
         return 1

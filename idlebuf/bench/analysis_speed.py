@@ -15,9 +15,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -247,14 +248,62 @@ print(json.dumps({"relate_s": time.perf_counter() - t0, "hwm": hwm, "posted_read
 FIGURES = ("posted_reads", "pinned_bytes", "idle_io_buffer_bytes", "idle_connections")
 
 
+class Figures(TypedDict):
+    """What every side computes (FIGURES), as its JSON line says."""
+
+    posted_reads: int
+    pinned_bytes: int
+    idle_io_buffer_bytes: int
+    idle_connections: int
+
+
+@dataclass(frozen=True)
+class SideRun:
+    """One run of one side, in a fresh process."""
+
+    figures: Figures
+    relate_s: float  # as the side timed itself, interpreter start and imports left out
+    wall_s: float
+    peak_rss_bytes: int  # the side's own VmHWM
+
+
+@dataclass
+class HugeRun:
+    """The big trace, streamed once by each side."""
+
+    events: int
+    runs: dict[str, SideRun] = field(default_factory=dict)  # "idlebuf", "duckdb" if installed
+    answers: Figures | None = None
+
+
+@dataclass
+class AnalysisSpeed:
+    events: int
+    connections: int
+    trace: str
+    sides: dict[str, list[SideRun]] = field(default_factory=dict)  # side -> its runs
+    answers: Figures | None = None  # what every run of every side said...
+    disagreement: str | None = None  # ...or where two differ: the benchmark then fails
+    huge: HugeRun | None = None
+
+
 class AnswersDiffer(RuntimeError):
     """idlebuf and DuckDB computed different figures from the same trace."""
 
 
-def check_answers(sides: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+def _figures(answer: Mapping[str, int]) -> Figures:
+    return Figures(
+        posted_reads=answer["posted_reads"],
+        pinned_bytes=answer["pinned_bytes"],
+        idle_io_buffer_bytes=answer["idle_io_buffer_bytes"],
+        idle_connections=answer["idle_connections"],
+    )
+
+
+def check_answers(sides: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figures:
     """The figures every run of every side computed; AnswersDiffer, naming the figure and
     the values, when two runs disagree."""
-    answers = {
+    answers: dict[tuple[str, int], dict[str, int]] = {
         (name, i): {f: r[f] for f in FIGURES}
         for name, runs in sides.items()
         for i, r in enumerate(runs)
@@ -267,12 +316,12 @@ def check_answers(sides: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
                     f"analysis: {key[0]} run {key[1] + 1} says {figure} = {answer[figure]:,}, "
                     f"{first_key[0]} run {first_key[1] + 1} says {first[figure]:,}"
                 )
-    return first
+    return _figures(first)
 
 
-def _measured(code: str, trace: Path) -> dict[str, Any]:
-    """Run `code` in a fresh interpreter; its JSON answer plus wall time and peak RSS (the
-    code reports its own VmHWM as "hwm")."""
+def _measured(code: str, trace: Path) -> SideRun:
+    """Run `code` in a fresh interpreter: its figures and its own time from its JSON line,
+    with the wall time and peak RSS (the code reports its own VmHWM as "hwm")."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(trace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -284,7 +333,9 @@ def _measured(code: str, trace: Path) -> dict[str, Any]:
     answer = json.loads(out.decode().strip().splitlines()[-1])  # DuckDB may print progress
     # the side's own high-water RSS (VmHWM, this address space only): wait4's ru_maxrss would
     # also count the pre-exec copy of this process
-    return {**answer, "wall_s": time.perf_counter() - started, "peak_rss_bytes": answer["hwm"]}
+    return SideRun(
+        _figures(answer), answer["relate_s"], time.perf_counter() - started, answer["hwm"]
+    )
 
 
 def _synthetic(workdir: Path, events: int, log: Callable[[str], None]) -> tuple[Path, int, int]:
@@ -309,12 +360,13 @@ def run(
     log: Callable[[str], None],
     huge_events: int = 0,
     in_memory: bool = True,
-) -> dict[str, Any]:
+) -> AnalysisSpeed:
     trace, written, connections = _synthetic(workdir, events, log)
     codes = {"idlebuf": IDLEBUF_SIDE, "duckdb": DUCKDB_SIDE}
     if in_memory:
         codes["idlebuf in memory"] = IN_MEMORY_SIDE
-    sides: dict[str, list[dict[str, Any]]] = {name: [] for name in codes}
+    out = AnalysisSpeed(written, connections, str(trace), {name: [] for name in codes})
+    sides = out.sides
     try:
         import duckdb  # noqa: F401
     except ImportError:
@@ -325,32 +377,29 @@ def run(
             result = _measured(codes[name], trace)
             sides[name].append(result)
             log(
-                f"analysis {name} {r + 1}/{repeats}: {result['wall_s']:.1f} s, "
-                f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
+                f"analysis {name} {r + 1}/{repeats}: {result.wall_s:.1f} s, "
+                f"{result.peak_rss_bytes / 2**20:,.0f} MiB"
             )
-    out: dict[str, Any] = {"events": written, "connections": connections, "trace": str(trace)}
-    huge_sides: dict[str, list[dict[str, Any]]] = {}
     if huge_events:  # once each: the streamed relate step, and DuckDB as a check
         huge, huge_written, _ = _synthetic(workdir, huge_events, log)
+        out.huge = HugeRun(huge_written)
         for name in [n for n in ("idlebuf", "duckdb") if n in sides]:
-            result = _measured(codes[name], huge)
+            result = out.huge.runs[name] = _measured(codes[name], huge)
             log(
-                f"analysis {name} on {huge_written:,} events: {result['wall_s']:.1f} s, "
-                f"{result['peak_rss_bytes'] / 2**20:,.0f} MiB"
+                f"analysis {name} on {huge_written:,} events: {result.wall_s:.1f} s, "
+                f"{result.peak_rss_bytes / 2**20:,.0f} MiB"
             )
-            huge_sides[f"{name} ({huge_written:,} events)"] = [result]
-        out["huge"] = {"events": huge_written, **huge_sides[next(iter(huge_sides))][0]}
-        if "duckdb" in sides:
-            out["huge_duckdb"] = huge_sides[f"duckdb ({huge_written:,} events)"][0]
     try:
-        out["answers"] = check_answers({k: v for k, v in sides.items() if v})
-        if huge_sides:
-            out["huge_answers"] = check_answers(huge_sides)
+        out.answers = check_answers({k: [r.figures for r in v] for k, v in sides.items() if v})
+        if out.huge:
+            out.huge.answers = check_answers(
+                {f"{k} ({out.huge.events:,} events)": [r.figures] for k, r in out.huge.runs.items()}
+            )
         log(
             "analysis: every side agrees: "
-            + ", ".join(f"{k} {v:,}" for k, v in out["answers"].items())
+            + ", ".join(f"{k} {v:,}" for k, v in out.answers.items())
         )
     except AnswersDiffer as exc:  # kept with the timings; the benchmark then fails
-        out["disagreement"] = str(exc)
+        out.disagreement = str(exc)
         log(f"ANALYSIS ANSWERS DIFFER: {exc}")
-    return {**out, **sides}
+    return out

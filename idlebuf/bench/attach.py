@@ -12,8 +12,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from idlebuf.experiments.processes import read_event, spawn, stop
 from probes.format.reader import read_meta
@@ -26,7 +26,23 @@ SERVERS: dict[str, list[str]] = {
 }
 
 
-def one(name: str, connections: int, buffer: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AttachRun:
+    """One idle server recorded late: what the recorder found at attach against the
+    server's own count, and what looking it up cost."""
+
+    connections: int
+    truth_posted_reads: int  # the server's count
+    found: int  # blocked syscalls + io_uring requests + parked goroutines
+    exact: bool
+    walk_ms: float  # finding them
+    record_wall_s: float  # the whole `record --duration 1`
+    heap_walk_ms: float | None  # the first flush's heap walk: every buffer (None: no walk)
+    heap_walk_buffers: int | None
+    heap_walk_end_ms: float | None  # the walk at the end
+
+
+def one(name: str, connections: int, buffer: int) -> AttachRun:
     server = subprocess.Popen(
         [*SERVERS[name], "--buffer-size", str(buffer)],
         stdout=subprocess.PIPE,
@@ -81,25 +97,23 @@ def one(name: str, connections: int, buffer: int) -> dict[str, Any]:
         stop(server)
     seen = found.blocked_syscalls + sum(r.requests for r in found.rings)
     seen += found.go.parked_reads if found.go else 0
-    return {
-        "connections": connections,
-        "truth_posted_reads": truth["posted_reads"],
-        "found": seen,
-        "exact": seen == truth["posted_reads"] == connections,
-        "walk_ms": found.walk_ms,
-        "record_wall_s": wall,
-        "heap_walk_ms": walks.max_ms if walks else None,  # the first flush: every buffer
-        "heap_walk_buffers": walks.buffers if walks else None,
-        "heap_walk_end_ms": walks.end_ms if walks else None,
-    }
+    return AttachRun(
+        connections=connections,
+        truth_posted_reads=truth["posted_reads"],
+        found=seen,
+        exact=seen == truth["posted_reads"] == connections,
+        walk_ms=found.walk_ms,
+        record_wall_s=wall,
+        heap_walk_ms=walks.max_ms if walks else None,
+        heap_walk_buffers=walks.buffers if walks else None,
+        heap_walk_end_ms=walks.end_ms if walks else None,
+    )
 
 
-def run(connections: int, buffer: int, log: Callable[[str], None]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def run(connections: int, buffer: int, log: Callable[[str], None]) -> dict[str, AttachRun]:
+    """Each queued model's server, by name."""
+    out = {}
     for name in SERVERS:
         r = out[name] = one(name, connections, buffer)
-        log(
-            f"attach {name}: found {r['found']:,} of {r['truth_posted_reads']:,} in "
-            f"{r['walk_ms']:,.0f} ms"
-        )
+        log(f"attach {name}: found {r.found:,} of {r.truth_posted_reads:,} in {r.walk_ms:,.0f} ms")
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,16 +13,23 @@ import pyarrow.parquet as pq
 from probes.format.reader import read_meta
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """min / median / max of repeated measurements (or ratios)."""
+@dataclass(frozen=True)
+class Spread:
+    """min / median / max of repeated measurements (or ratios), and how many there were."""
+
+    min: float
+    median: float
+    max: float
+    n: int
+
+    def scaled(self, factor: float) -> Spread:
+        return Spread(self.min * factor, self.median * factor, self.max * factor, self.n)
+
+
+def spread(values: Sequence[float]) -> Spread:
     if not values:
-        return {"min": float("nan"), "median": float("nan"), "max": float("nan"), "n": 0}
-    return {
-        "min": min(values),
-        "median": statistics.median(values),
-        "max": max(values),
-        "n": len(values),
-    }
+        return Spread(float("nan"), float("nan"), float("nan"), 0)
+    return Spread(min(values), statistics.median(values), max(values), len(values))
 
 
 def table_rows(trace: Path, *tables: str) -> int:

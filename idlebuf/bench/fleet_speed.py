@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from idlebuf.bench.analysis_speed import synthetic_trace
 
@@ -34,7 +34,15 @@ def make_fleet(root: Path, traces: int, events: int, log: Callable[[str], None])
             log(f"fleet: {i + 1}/{traces} traces written")
 
 
-def _run(root: Path, *args: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FleetSpeed:
+    traces: int
+    events_per_trace: int
+    sides: dict[str, list[float]]  # "dask (2 workers)", "one process": wall seconds per run
+
+
+def _run(root: Path, *args: str) -> tuple[float, object]:
+    """`idlebuf fleet --json ARGS ROOT`: its wall time and its answer (compared whole)."""
     began = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "idlebuf", "fleet", "--json", *args, str(root)],
@@ -44,12 +52,12 @@ def _run(root: Path, *args: str) -> dict[str, Any]:
     )
     if proc.returncode:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1])
-    return {"wall_s": time.perf_counter() - began, "answer": json.loads(proc.stdout)}
+    return time.perf_counter() - began, json.loads(proc.stdout)
 
 
 def run(
     workdir: Path, traces: int, events: int, repeats: int, log: Callable[[str], None]
-) -> dict[str, Any]:
+) -> FleetSpeed:
     root = workdir / f"fleet-{traces}x{events}"
     make_fleet(root, traces, events, log)
     sides: dict[str, list[float]] = {"dask (2 workers)": [], "one process": []}
@@ -57,12 +65,12 @@ def run(
     for r in range(repeats):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]
         for name in order:
-            got = (
+            wall_s, answer = (
                 _run(root, "--workers", "2") if name.startswith("dask") else _run(root, "--serial")
             )
-            sides[name].append(got["wall_s"])
-            answers.append(got["answer"])
-            log(f"fleet {name} {r + 1}/{repeats}: {got['wall_s']:.1f} s")
+            sides[name].append(wall_s)
+            answers.append(answer)
+            log(f"fleet {name} {r + 1}/{repeats}: {wall_s:.1f} s")
     if any(a != answers[0] for a in answers):
         raise RuntimeError("fleet: the Dask and serial answers differ")
-    return {"traces": traces, "events_per_trace": events, **sides}
+    return FleetSpeed(traces, events, sides)

@@ -23,12 +23,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from idlebuf.bench.common import spread
+from idlebuf.bench.common import Spread, spread
 from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
 from probes.format.meta import Switch
 from probes.format.reader import switches
@@ -57,6 +57,31 @@ SETTLE = 0.25  # this fraction of SECONDS at the start of each window is left ou
 PRECISE = ("posted reads", "posted + memory", "posted (syscalls)")  # measured with every round
 
 
+@dataclass(frozen=True)
+class ConfigOverhead:
+    """One config on one server: each traced window against the untraced ones around it."""
+
+    throughput_ratio: Spread
+    p99_ratio: Spread
+    untraced_requests_per_s: Spread
+    windows: int
+    switch_s: Spread  # how long switching tracing off or on took
+    recorder_cpu_share: Spread
+    recorder_peak_rss_bytes: int
+
+
+@dataclass
+class Overhead:
+    rounds: int
+    seconds: float  # between switches
+    connections: int
+    server_cpus: list[int]
+    load_cpus: list[int]
+    # server ("readiness", "threads") -> config (of CONFIGS) -> its figures
+    servers: dict[str, dict[str, ConfigOverhead]] = field(default_factory=dict)
+    method: str = "alternate"
+
+
 def placement() -> tuple[set[int] | None, set[int] | None]:
     """CPUs for the server and for the load generator: one each, apart, where there are two
     (they otherwise migrate and share CPUs differently from run to run); the recorder runs
@@ -67,7 +92,9 @@ def placement() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, {cpus[-1]}
 
 
-def start_load(port: int, connections: int, samples: Path, cpus: set[int] | None) -> Any:
+def start_load(
+    port: int, connections: int, samples: Path, cpus: set[int] | None
+) -> subprocess.Popen[bytes]:
     """Back-to-back 1,000-byte echo exchanges on every connection until a line on stdin."""
     return spawn(
         "workloads.loadgen",
@@ -129,7 +156,7 @@ def measure(
     connections: int,
     load_cpus: set[int] | None,
     workdir: Path,
-) -> dict[str, Any]:
+) -> ConfigOverhead:
     """One config on one running server: `rounds` traced windows, each between two untraced."""
     trace = workdir / "trace"
     rec = RecorderProcess(trace, "-p", str(pid), *record_args, "--alternate", str(seconds))
@@ -162,15 +189,15 @@ def measure(
     throughput, p99, base = compare(stretches, ends, latencies)
     if not throughput:
         raise RuntimeError(f"no traced window between untraced ones ({len(stretches)} windows)")
-    return {
-        "throughput_ratio": spread(throughput),
-        "p99_ratio": spread(p99),
-        "untraced_requests_per_s": spread(base),
-        "windows": len(stretches),
-        "switch_s": spread([(a.to_ns - a.from_ns) / 1e9 for a in alternations[1:]] or [0.0]),
-        "recorder_cpu_share": spread([footprint["cpu_share"]]),
-        "recorder_peak_rss_bytes": footprint["peak_rss_bytes"],
-    }
+    return ConfigOverhead(
+        throughput_ratio=spread(throughput),
+        p99_ratio=spread(p99),
+        untraced_requests_per_s=spread(base),
+        windows=len(stretches),
+        switch_s=spread([(a.to_ns - a.from_ns) / 1e9 for a in alternations[1:]] or [0.0]),
+        recorder_cpu_share=spread([footprint.cpu_share]),
+        recorder_peak_rss_bytes=footprint.peak_rss_bytes,
+    )
 
 
 def run(
@@ -179,22 +206,18 @@ def run(
     connections: int,
     log: Callable[[str], None],
     configs: list[str] | None = None,
-) -> dict[str, Any]:
+) -> Overhead:
     configs = list(CONFIGS) if configs is None else configs
     server_cpus, load_cpus = placement()
-    results: dict[str, Any] = {
-        "method": "alternate",
-        "rounds": rounds,
-        "seconds": seconds,
-        "connections": connections,
-        "server_cpus": sorted(server_cpus or ()),
-        "load_cpus": sorted(load_cpus or ()),
-    }
+    results = Overhead(
+        rounds, seconds, connections, sorted(server_cpus or ()), sorted(load_cpus or ())
+    )
     for server_name, (module, args) in SERVERS.items():
         server = spawn(module, *args, cpus=server_cpus)
         try:
             port = read_event(server.stdout, "listening", 30)["port"]  # type: ignore[arg-type]
-            per_config: dict[str, Any] = {}
+            per_config: dict[str, ConfigOverhead] = {}
+            results.servers[server_name] = per_config
             for config in configs:
                 with tempfile.TemporaryDirectory() as tmp:
                     r = measure(
@@ -210,12 +233,10 @@ def run(
                 per_config[config] = r
                 log(
                     f"overhead {server_name} {config}: throughput "
-                    f"{r['throughput_ratio']['median']:.3f} "
-                    f"(median of {r['throughput_ratio']['n']}), "
-                    f"p99 {r['p99_ratio']['median']:.3f}, untraced "
-                    f"{r['untraced_requests_per_s']['median']:,.0f} req/s"
+                    f"{r.throughput_ratio.median:.3f} (median of {r.throughput_ratio.n}), "
+                    f"p99 {r.p99_ratio.median:.3f}, untraced "
+                    f"{r.untraced_requests_per_s.median:,.0f} req/s"
                 )
-            results[server_name] = per_config
         finally:
             stop(server)
     return results

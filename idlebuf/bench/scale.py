@@ -11,12 +11,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from analysis.summary import summarize
 from idlebuf.bench.common import trace_drops
-from idlebuf.experiments.processes import RecorderProcess, read_event, spawn, stop
+from idlebuf.experiments.processes import Footprint, RecorderProcess, read_event, spawn, stop
 from probes.format.reader import open_trace
 
 SERVERS = {
@@ -25,7 +25,23 @@ SERVERS = {
 }
 
 
-def one(server: tuple[str, ...], connections: int, buffer: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ScaleRun:
+    """One server recorded from its start until a read is posted on every connection."""
+
+    connections: int
+    seconds_to_settle: float
+    posted_reads: int  # the report's
+    pinned_bytes: int
+    truth_posted_reads: int  # the server's own count
+    truth_pinned_bytes: int
+    exact: bool
+    drops: int
+    trace_bytes: int
+    recorder: Footprint
+
+
+def one(server: tuple[str, ...], connections: int, buffer: int) -> ScaleRun:
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "scale"
         rec = RecorderProcess(
@@ -59,29 +75,29 @@ def one(server: tuple[str, ...], connections: int, buffer: int) -> dict[str, Any
                 stop(load)
         summary = summarize(open_trace(trace))
         proc = summary.process(listening["pid"])
-        return {
-            "connections": connections,
-            "seconds_to_settle": settled,
-            "posted_reads": proc.posted_reads.now,
-            "pinned_bytes": proc.pinned_bytes.now,
-            "truth_posted_reads": truth["posted_reads"],
-            "truth_pinned_bytes": truth["pinned_bytes"],
-            "exact": proc.posted_reads.now == truth["posted_reads"] == connections
+        return ScaleRun(
+            connections=connections,
+            seconds_to_settle=settled,
+            posted_reads=proc.posted_reads.now,
+            pinned_bytes=proc.pinned_bytes.now,
+            truth_posted_reads=truth["posted_reads"],
+            truth_pinned_bytes=truth["pinned_bytes"],
+            exact=proc.posted_reads.now == truth["posted_reads"] == connections
             and proc.pinned_bytes.now == truth["pinned_bytes"],
-            "drops": sum(trace_drops(trace).values()),
-            "trace_bytes": sum(f.stat().st_size for f in trace.rglob("*") if f.is_file()),
-            **footprint,
-        }
+            drops=sum(trace_drops(trace).values()),
+            trace_bytes=sum(f.stat().st_size for f in trace.rglob("*") if f.is_file()),
+            recorder=footprint,
+        )
 
 
-def run(connections: int, buffer: int, log: Callable[[str], None]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def run(connections: int, buffer: int, log: Callable[[str], None]) -> dict[str, ScaleRun]:
+    """Each server, by name."""
+    out = {}
     for name, server in SERVERS.items():
-        r = one(server, connections, buffer)
-        out[name] = r
+        r = out[name] = one(server, connections, buffer)
         log(
-            f"scale {name}: {r['posted_reads']:,} posted (server: {r['truth_posted_reads']:,}), "
-            f"exact={r['exact']}, recorder {r['cpu_s']:.1f} CPU-s, "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB peak"
+            f"scale {name}: {r.posted_reads:,} posted (server: {r.truth_posted_reads:,}), "
+            f"exact={r.exact}, recorder {r.recorder.cpu_s:.1f} CPU-s, "
+            f"{r.recorder.peak_rss_bytes / 2**20:.0f} MiB peak"
         )
     return out

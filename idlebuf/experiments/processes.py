@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +24,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _pending: weakref.WeakKeyDictionary[IO[bytes], bytes] = weakref.WeakKeyDictionary()
 
 
+# A workload's JSON line stays a mapping: its fields depend on the event and on the workload
+# (each server prints its own ground truth), and workloads import nothing of ours to share
+# a type with (DESIGN.md rule 2); callers take the fields they know.
 def read_event(stream: IO[bytes], event: str, timeout: float) -> dict[str, Any]:
     """The next JSON line with {"event": event} a workload prints, within `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -87,6 +91,15 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What a background recorder has cost since it attached."""
+
+    cpu_s: float
+    cpu_share: float  # of one CPU
+    peak_rss_bytes: int  # so far
+
+
 class RecorderProcess:
     """`idlebuf record -o TRACE --force ARGS` in the background. With `stdout=PIPE`, a
     launched command's output (a workload's JSON lines) is readable from `proc.stdout`."""
@@ -117,11 +130,10 @@ class RecorderProcess:
         self.cpu_at_attach = cpu_seconds(self.proc.pid)
         self.attached_at = time.monotonic()
 
-    def footprint(self) -> dict[str, float]:
-        """CPU seconds and share of one CPU since attach, and peak RSS so far."""
+    def footprint(self) -> Footprint:
         cpu = cpu_seconds(self.proc.pid) - self.cpu_at_attach
         wall = max(time.monotonic() - self.attached_at, 1e-9)
-        return {"cpu_s": cpu, "cpu_share": cpu / wall, "peak_rss_bytes": peak_rss(self.proc.pid)}
+        return Footprint(cpu, cpu / wall, peak_rss(self.proc.pid))
 
     def wait(self, timeout: float) -> bytes:
         """Until the recorder stops by itself (--duration, targets exited): what it printed
