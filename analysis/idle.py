@@ -24,10 +24,6 @@ def connection_keys(pid: np.ndarray, fd: np.ndarray) -> np.ndarray:
     return (pid.astype(np.int64) << 32) | (fd.astype(np.int64) & 0xFFFFFFFF)
 
 
-def _pids(keys: np.ndarray) -> np.ndarray:
-    return keys >> 32
-
-
 def socket_spans(sockets: pd.DataFrame) -> pd.DataFrame:
     """Per connection key: the first and last sample that showed it (`closed` inf when it
     was in the last sample of all: a listener still open shows one in which every
@@ -49,8 +45,12 @@ class IdleSeries:
     def __init__(self, series: EdgeSeries, sockets: pd.DataFrame, threshold_ns: int) -> None:
         self.series = series
         self.threshold = float(threshold_ns)
-        self.spans = socket_spans(sockets) if series.wanted else socket_spans(sockets.iloc[0:0])
-        self.ref = pd.Series(dtype=np.float64)  # key -> first seen, or the last arrival
+        self.spans = socket_spans(sockets if series.wanted else sockets.iloc[0:0])
+        # per connection seen reading: its key, when it was first seen or data last
+        # arrived (`ref`), and its last socket sample (`closed`: inf while open)
+        self.keys = pd.Index(np.zeros(0, np.int64))
+        self.ref = np.zeros(0)
+        self.closed = np.zeros(0)
 
     def window(
         self,
@@ -59,48 +59,69 @@ class IdleSeries:
         post_ns: np.ndarray,
         arrived: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> None:
-        """One window: the network reads posted in it (pid, fd, post_ns) and the data that
-        arrived in it (pid, fd, end_ns of the reads that received bytes)."""
+        """One window: the network reads posted in it (pid, fd, post_ns: in time order)
+        and the data that arrived in it (pid, fd, end_ns of the reads that received
+        bytes)."""
         if not self.series.wanted:
             return
         if len(pid):
-            keys = connection_keys(pid, fd)
-            first = pd.Series(post_ns.astype(np.float64)).groupby(keys).min()
-            fresh = first[~first.index.isin(self.ref.index)]
-            if len(fresh):
-                opened = self.spans["opened"].reindex(fresh.index).to_numpy()
-                fresh = pd.Series(np.fmin(fresh.to_numpy(), opened), index=fresh.index)
-                self.ref = fresh if self.ref.empty else pd.concat([self.ref, fresh])
+            self._seen(connection_keys(pid, fd), post_ns.astype(np.float64))
         a_pid, a_fd, a_ts = arrived
         if not len(a_pid):
             return
-        keys = connection_keys(a_pid, a_fd)
+        at = self.keys.get_indexer(connection_keys(a_pid, a_fd))
         ts = a_ts.astype(np.float64)
-        order = np.lexsort((ts, keys))
-        keys, ts = keys[order], ts[order]
-        first_of_key = np.r_[True, keys[1:] != keys[:-1]]
+        known = at >= 0  # posted in this window or before: always
+        at, ts = at[known], ts[known]
+        if len(ts) > 1 and (ts[1:] >= ts[:-1]).all():  # ends mostly come in time order
+            small = at.astype(np.uint16) if len(self.keys) < 2**16 else at
+            order = np.argsort(small, kind="stable")  # by radix, for 16 bits
+        else:
+            order = np.lexsort((ts, at))
+        at, ts = at[order], ts[order]
+        first_of_key = np.r_[True, at[1:] != at[:-1]]
         prev = np.empty_like(ts)
         prev[1:] = ts[:-1]
-        prev[first_of_key] = self.ref.reindex(keys[first_of_key]).to_numpy()
-        self._idle(keys, prev, ts)
-        last_of_key = np.r_[keys[1:] != keys[:-1], True]
-        self.ref.loc[keys[last_of_key]] = ts[last_of_key]
+        prev[first_of_key] = self.ref[at[first_of_key]]
+        self._idle(at, prev, ts)
+        last_of_key = np.r_[at[1:] != at[:-1], True]
+        self.ref[at[last_of_key]] = ts[last_of_key]
+
+    def _seen(self, keys: np.ndarray, post_ns: np.ndarray) -> None:
+        """Connections first seen reading in this window: idle from when they were first
+        seen (reading, or in an earlier socket sample)."""
+        fresh = self.keys.get_indexer(keys) < 0
+        if not fresh.any():
+            return
+        codes, uniques = pd.factorize(keys[fresh])
+        # codes come in order of first appearance, and the posts in time order: a code's
+        # first row is its connection's earliest post
+        firsts = np.flatnonzero(np.r_[True, codes[1:] > np.maximum.accumulate(codes)[:-1]])
+        new_keys = np.asarray(uniques)
+        sampled = self.spans.reindex(new_keys)
+        first = np.fmin(post_ns[fresh][firsts], sampled["opened"].to_numpy())
+        self.keys = self.keys.append(pd.Index(new_keys))
+        self.ref = np.concatenate([self.ref, first])
+        self.closed = np.concatenate([self.closed, sampled["closed"].fillna(np.inf).to_numpy()])
 
     def finish(self) -> None:
         """Each connection after its last arrival (or since it was first seen), and those
         only the socket samples showed."""
         if not self.series.wanted:
             return
-        only_sampled = self.spans.index[~self.spans.index.isin(self.ref.index)]
-        keys = np.concatenate([self.ref.index.to_numpy(np.int64), only_sampled.to_numpy()])
-        since = np.concatenate(
-            [self.ref.to_numpy(np.float64), self.spans.loc[only_sampled, "opened"].to_numpy()]
-        )
-        self._idle(keys, since, np.full(len(keys), np.inf))
+        self._idle(np.arange(len(self.keys)), self.ref, np.full(len(self.keys), np.inf))
+        only = self.spans[~self.spans.index.isin(self.keys)]
+        if len(only):
+            ends = np.fmin(np.inf, only["closed"].to_numpy() + 1)
+            start = only["opened"].to_numpy() + self.threshold
+            self.series.spans(FIGURE, only.index.to_numpy(np.int64) >> 32, start, ends)
 
-    def _idle(self, keys: np.ndarray, since: np.ndarray, until: np.ndarray) -> None:
-        """Idle from `since` + the threshold to `until` (an arrival), within the time each
-        connection was open."""
-        closed = self.spans["closed"].reindex(keys).fillna(np.inf).to_numpy()
-        end = np.fmin(until, closed + 1)  # open at an edge up to its last sample
-        self.series.spans(FIGURE, _pids(keys), since + self.threshold, end)
+    def _idle(self, at: np.ndarray, since: np.ndarray, until: np.ndarray) -> None:
+        """Connections `at` (positions in self.keys) idle from `since` + the threshold to
+        `until` (an arrival), within the time each was open."""
+        start = since + self.threshold
+        end = np.fmin(until, self.closed[at] + 1)  # open at an edge up to its last sample
+        some = start < end  # most arrivals come sooner than the threshold: nothing idle
+        if some.any():
+            keys = self.keys.to_numpy(np.int64)[at[some]]
+            self.series.spans(FIGURE, keys >> 32, start[some], end[some])

@@ -22,8 +22,8 @@ import pandas as pd
 from analysis.reads import _next_post, parked_of, wait_spans, waiting_between
 
 # attribution of reads to the allocations holding their buffers at their first edge:
-# (rows, start, end) -> bytes, NaN for rows whose first edge is not in this window
-Attribute = Callable[[pd.DataFrame, np.ndarray, np.ndarray], np.ndarray]
+# (pid, addr, len, start, end) -> bytes, NaN for reads whose first edge is not in this window
+Attribute = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def _stacked(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -54,17 +54,22 @@ class Parking:
         if len(todo):
             rows = self.pending.iloc[todo]
             found = attribute(
-                rows, rows["end_ns"].to_numpy(np.float64), rows["at"].to_numpy(np.float64)
+                rows["pid"].to_numpy(np.int64),
+                rows["addr"].to_numpy(np.uint64),
+                rows["len"].to_numpy(np.int64),
+                rows["end_ns"].to_numpy(np.float64),
+                rows["at"].to_numpy(np.float64),
             )
             attr = self.pending["attr"].to_numpy(np.float64).copy()
             attr[todo] = found
             self.pending["attr"] = attr
 
     def window(
-        self, posts: pd.DataFrame, waits: pd.DataFrame, wait_ends: pd.DataFrame
+        self, posts_of: Callable[[], pd.DataFrame], waits: pd.DataFrame, wait_ends: pd.DataFrame
     ) -> pd.DataFrame:
-        """One window: `posts` its syscall reads (posted in it), `waits` and `wait_ends`
-        its readiness waits. The parked reads decided now, as parked_reads() makes them."""
+        """One window: `posts_of()` its syscall reads (posted in it: asked for only when an
+        EAGAIN return waits for them), `waits` and `wait_ends` its readiness waits. The
+        parked reads decided now, as parked_reads() makes them."""
         begun = _stacked(self.open_waits, waits[["pid", "tid", "ts_ns"]])
         spans = wait_spans(begun, wait_ends) if not begun.empty else None
         if spans is not None:
@@ -76,6 +81,7 @@ class Parking:
         if self.pending.empty:
             return self.pending
         p = self.pending.reset_index(drop=True)
+        posts = posts_of()
         if not posts.empty:
             for by, value, column in (("fd", "at", "at"), ("addr", "next_fd", "next_fd")):
                 todo = np.flatnonzero(p[column].isna().to_numpy())

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.memory import allocation_intervals, buffer_attribution, live_at
+from analysis.memory import allocation_intervals, live_at
+from analysis.parking import Attribute
 from analysis.reads import columns_of, read_intervals
 from analysis.series import EdgeSeries, Peaks, steps_of
 from analysis.windows import EVENT_COLUMNS, empty
@@ -129,29 +130,94 @@ class AllocPass:
                 made["free_ns"].to_numpy(np.float64)[mine][gone], sizes[gone], f.stamps
             )
 
-    def attribution(self, bound: float) -> Callable[..., np.ndarray]:
+    def attribution(self, bound: float) -> Attribute:
         """For reads whose first edge is in this window: the bytes of their buffer inside
         the allocation holding it then (NaN: their first edge comes later; 0: they span no
-        edge)."""
+        edge). The walkers' blocks hold their buffers whenever these were read into."""
         edges = self.series.edges
         assert edges is not None
-        walked = self.walked
+        m = len(edges)
+        held: list[dict[str, np.ndarray]] = []  # this window's allocations, once sorted
 
-        def attribute(rows: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-            out = np.full(len(rows), np.nan)
+        def attribute(
+            pid: np.ndarray,
+            addr: np.ndarray,
+            length: np.ndarray,
+            start: np.ndarray,
+            end: np.ndarray,
+        ) -> np.ndarray:
+            out = np.full(len(pid), np.nan)
             first = self.series.first_edge(start)
-            at = edges[np.minimum(first, len(edges) - 1)].astype(np.float64)
-            spans = (first < len(edges)) & ~(at >= np.nan_to_num(end, nan=np.inf))
+            at = edges[np.minimum(first, m - 1)].astype(np.float64)
+            spans = (first < m) & ~(at >= np.nan_to_num(end, nan=np.inf))
             out[~spans] = 0.0
             now = spans & (at < bound)
+            if not now.any():
+                return out
+            if not held:
+                held.append(_by_address(self.made, self.walked))
+            allocations = held[0]
             for f in np.unique(first[now]).tolist():
                 these = np.flatnonzero(now & (first == f))
-                held = _stacked(live_at(self.made, int(edges[f]), "alloc_ns", "free_ns"), walked)
-                joined = buffer_attribution(rows.iloc[these][["pid", "addr", "len"]], held)
-                out[these] = joined["attributed_bytes"].to_numpy(np.float64)
+                e = float(edges[f])
+                live = (allocations["alloc_ns"] <= e) & ~(allocations["free_ns"] <= e)
+                out[these] = _inside(allocations, live, pid[these], addr[these], length[these])
             return out
 
         return attribute
+
+
+def _by_address(made: pd.DataFrame, walked: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Allocation intervals (and the walkers' blocks, live at any time) sorted by (pid,
+    address), as arrays."""
+    columns = {
+        "pid": np.concatenate([made["pid"].to_numpy(np.int64), walked["pid"].to_numpy(np.int64)]),
+        "addr": np.concatenate(
+            [made["addr"].to_numpy(np.uint64), walked["addr"].to_numpy(np.uint64)]
+        ),
+        "size": np.concatenate(
+            [made["size"].to_numpy(np.uint64), walked["size"].to_numpy(np.uint64)]
+        ),
+        "alloc_ns": np.concatenate(
+            [made["alloc_ns"].to_numpy(np.float64), np.full(len(walked), -np.inf)]
+        ),
+        "free_ns": np.concatenate(
+            [made["free_ns"].to_numpy(np.float64), np.full(len(walked), np.nan)]
+        ),
+    }
+    order = np.lexsort((columns["addr"], columns["pid"]))
+    return {k: v[order] for k, v in columns.items()}
+
+
+def _inside(
+    allocations: dict[str, np.ndarray],
+    live: np.ndarray,
+    pid: np.ndarray,
+    addr: np.ndarray,
+    length: np.ndarray,
+) -> np.ndarray:
+    """The bytes of each buffer (pid, addr, length) inside the live allocation holding it
+    (0: none). Allocations of a process never overlap at one instant."""
+    out = np.zeros(len(pid))
+    rows = np.flatnonzero(live)
+    owners = allocations["pid"][rows]
+    addr = addr.astype(np.uint64)
+    length = length.astype(np.uint64)
+    for p in np.unique(pid).tolist():
+        mine = rows[owners == p]
+        if not len(mine):
+            continue
+        starts = allocations["addr"][mine]
+        ends = starts + allocations["size"][mine]
+        these = np.flatnonzero(pid == p)
+        a = addr[these]
+        pos = np.searchsorted(starts, a, side="right") - 1
+        found = pos >= 0
+        pos = np.maximum(pos, 0)
+        inside = found & (a < ends[pos])
+        overlap = np.minimum(a + length[these], ends[pos]) - a
+        out[these] = np.where(inside, overlap, 0).astype(np.float64)
+    return out
 
 
 @dataclass

@@ -94,7 +94,7 @@ class ReadPass:
         self.seq += len(posts)
         iv = read_intervals(_stacked(self.carry, posts), completions)
         if iv.empty:
-            self._late(self.parking.window(iv, waits, wait_ends))
+            self._late(self.parking.window(lambda: iv, waits, wait_ends))
             return
         new = iv["post_ns"].to_numpy(np.float64) >= low
         source = iv["source"].to_numpy()
@@ -105,9 +105,13 @@ class ReadPass:
             attr = iv["attr"].to_numpy(np.float64).copy()
             todo = network & np.isnan(attr)
             if todo.any():
-                rows = iv[todo]
+                column = columns_of(iv, todo)
                 attr[todo] = attribute(
-                    rows, rows["post_ns"].to_numpy(np.float64), rows["end_ns"].to_numpy()
+                    column("pid", np.int64),
+                    column("addr", np.uint64),
+                    column("len", np.int64),
+                    column("post_ns", np.float64),
+                    column("end_ns", np.float64),
                 )
                 iv["attr"] = attr
         if seeded.any():  # parked at attach: ended by the next read on the fd
@@ -121,25 +125,23 @@ class ReadPass:
             self.parking.add(iv[eagain].assign(attr=np.nan))
         if self.retry.waiting():
             self.retry.answer(iv[new & syscall])
-        ended = network & ~is_open & ~seeded
-        column = columns_of(iv, None)
-        arrived = ended & (column("ret", np.float64) > 0)
-        fresh = new & network
-        self.idle.window(
-            column("pid", np.int64)[fresh],
-            column("fd", np.int64)[fresh],
-            column("post_ns", np.int64)[fresh],
-            (
-                column("pid", np.int64)[arrived],
-                column("fd", np.int64)[arrived],
-                column("end_ns", np.float64)[arrived],
-            ),
-        )
+        if self.series.wanted:
+            ended = network & ~is_open & ~seeded
+            column = columns_of(iv, None)
+            arrived = ended & (column("ret", np.float64) > 0)
+            fresh = new & network
+            pid, fd = column("pid", np.int64), column("fd", np.int64)
+            self.idle.window(
+                pid[fresh],
+                fd[fresh],
+                column("post_ns", np.int64)[fresh],
+                (pid[arrived], fd[arrived], column("end_ns", np.float64)[arrived]),
+            )
+            self._spans(iv, ended)
         self.digests.add(iv, new, is_open, seeded)
-        self._spans(iv[ended])
         if attribute is not None:
             self.parking.attribute(attribute)
-        self._late(self.parking.window(iv[new & syscall], waits, wait_ends))
+        self._late(self.parking.window(lambda: iv[new & syscall], waits, wait_ends))
         self.carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[CARRIED]
 
     def finish(self) -> ReadsAtEnd:
@@ -155,7 +157,7 @@ class ReadPass:
         counts.append(count_reads(still))
         still, late = network_reads(still), network_reads(late)
         activity.append(read_activity(still))
-        self._spans(still)
+        self._spans(still, None)
         return ReadsAtEnd(
             counts=merge_counts(counts),
             activity=merge_activity(activity),
@@ -183,23 +185,24 @@ class ReadPass:
         if reads.empty:
             return
         self.digests.late(reads)
-        self._spans(network_reads(reads))
+        self._spans(network_reads(reads), None)
 
-    def _spans(self, reads: pd.DataFrame) -> None:
-        """Finished reads (or those still posted at the end) on the time series' edges."""
+    def _spans(self, reads: pd.DataFrame, where: np.ndarray | None) -> None:
+        """Finished reads (the rows `where` says; or those still posted at the end) on the
+        time series' edges."""
         if not self.series.wanted or reads.empty:
             return
-        column = columns_of(reads, None)
-        pid, post, end = (
+        column = columns_of(reads, where)
+        weights = {"posted_reads": None, "pinned_bytes": column("len", np.int64)}
+        if self.memory:
+            held = np.nan_to_num(column("attr", np.float64)).astype(np.int64)
+            weights["io_buffer_heap_bytes"] = held
+        self.series.spans_of(
             column("pid", np.int64),
             column("post_ns", np.int64),
             column("end_ns", np.float64),
+            weights,
         )
-        self.series.spans("posted_reads", pid, post, end)
-        self.series.spans("pinned_bytes", pid, post, end, column("len", np.int64))
-        if self.memory:
-            held = np.nan_to_num(column("attr", np.float64)).astype(np.int64)
-            self.series.spans("io_buffer_heap_bytes", pid, post, end, held)
 
 
 def _summed(pieces: list[pd.Series]) -> pd.Series:

@@ -148,6 +148,12 @@ class EdgeSeries:
 
     def __init__(self, edges: np.ndarray | None) -> None:
         self.edges = edges
+        # evenly spaced edges (a time series' steps): an instant's edge by arithmetic
+        self.step: int | None = None
+        if edges is not None and len(edges) > 1:
+            steps = np.diff(edges)
+            if (steps == steps[0]).all() and steps[0] > 0:
+                self.step = int(steps[0])
         self.spanned: dict[tuple[int, str], np.ndarray] = {}  # differences, m + 1
         self.levels: dict[tuple[int, str], np.ndarray] = {}  # values, NaN: not measured
         self.pids: set[int] = set()
@@ -157,9 +163,21 @@ class EdgeSeries:
         return self.edges is not None and len(self.edges) > 0
 
     def first_edge(self, ts: np.ndarray) -> np.ndarray:
-        """The index of the first edge at or after each instant (len(edges): none)."""
+        """The index of the first edge at or after each instant (len(edges): none; NaN
+        too)."""
         assert self.edges is not None
-        return np.searchsorted(self.edges, ts, side="left")
+        if self.step is None:
+            return np.searchsorted(self.edges, ts, side="left")
+        ts = np.asarray(ts)
+        m = len(self.edges)
+        first = int(self.edges[0])
+        if ts.dtype.kind == "f":
+            out = np.where(ts == -np.inf, 0, m)
+            finite = np.isfinite(ts)
+            t = ts[finite].astype(np.int64)
+            out[finite] = np.clip(-((first - t) // self.step), 0, m)
+            return out
+        return np.clip(-((first - ts.astype(np.int64)) // self.step), 0, m)
 
     def spans(
         self,
@@ -167,26 +185,42 @@ class EdgeSeries:
         pid: np.ndarray,
         start: np.ndarray,
         end: np.ndarray,
-        weight: np.ndarray | int = 1,
+        weight: np.ndarray | None = None,
     ) -> None:
-        """Add `weight` to `figure` at every edge e with start <= e < end (end NaN or inf:
-        to the last edge), per pid."""
+        """Add `weight` (None: 1) to `figure` at every edge e with start <= e < end (end
+        NaN or inf: to the last edge), per pid."""
+        self.spans_of(pid, start, end, {figure: weight})
+
+    def spans_of(
+        self,
+        pid: np.ndarray,
+        start: np.ndarray,
+        end: np.ndarray,
+        weights: dict[str, np.ndarray | None],
+    ) -> None:
+        """spans() of several figures over the same intervals (None: a weight of 1), the
+        edges each covers found once."""
         if not self.wanted or not len(pid):
             return
         assert self.edges is not None
         m = len(self.edges)
         lo = self.first_edge(np.asarray(start, np.float64))
         end = np.asarray(end, np.float64)
-        hi = np.where(np.isnan(end), m, self.first_edge(np.nan_to_num(end, nan=np.inf)))
-        w = np.broadcast_to(np.asarray(weight, np.int64), lo.shape)
+        hi = np.full(len(end), m)
+        finite = ~np.isnan(end)
+        hi[finite] = self.first_edge(end[finite])
         self.pids.update(np.unique(pid).tolist())
         keep = lo < hi
-        pid, lo, hi, w = pid[keep], lo[keep], hi[keep], w[keep]
+        if not keep.all():
+            pid, lo, hi = pid[keep], lo[keep], hi[keep]
+            weights = {f: None if w is None else w[keep] for f, w in weights.items()}
         for p in np.unique(pid).tolist():
             mine = pid == p
-            diff = self.spanned.setdefault((int(p), figure), np.zeros(m + 1, np.int64))
-            np.add.at(diff, lo[mine], w[mine])
-            np.add.at(diff, hi[mine], -w[mine])
+            for figure, w in weights.items():
+                diff = self.spanned.setdefault((int(p), figure), np.zeros(m + 1, np.int64))
+                wp = None if w is None else w[mine].astype(np.float64)
+                diff += np.bincount(lo[mine], wp, minlength=m + 1).astype(np.int64)
+                diff -= np.bincount(hi[mine], wp, minlength=m + 1).astype(np.int64)
 
     def level(self, figure: str, pid: int, ts: np.ndarray, values: np.ndarray) -> None:
         """Samples of a level figure for one pid, in time order, later than every sample

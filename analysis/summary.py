@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from analysis.engine import analyze, step_for_span
 from analysis.results import TraceSummary
+from analysis.windows import WINDOW_ROWS
 from probes.format.reader import Trace
 
 __all__ = ["analyze", "recording_span", "step_for_span", "summarize", "timeline_step"]
@@ -20,7 +21,7 @@ def summarize(
     idle_threshold_s: float = 1.0,
     timeline_s: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
-    window_rows: int | None = None,
+    window_rows: int | None = WINDOW_ROWS,
 ) -> TraceSummary:
     """Every process's figures of `trace` (analysis.engine.analyze of its directory)."""
     return analyze(trace.path, idle_threshold_s, timeline_s, window_rows, progress)

@@ -62,8 +62,6 @@ SOCKET_COLUMNS = [
     "wmem_queued", "fwd_alloc", "epoll", "sock_type",
 ]  # fmt: skip
 WINDOW_ROWS = 500_000  # events loaded before a window is related (measured fastest at 10M)
-# what a single window holds per event of the event tables at its peak
-IN_MEMORY_BYTES_PER_EVENT = 215
 
 
 @dataclass

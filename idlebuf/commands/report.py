@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from analysis.engine import analyze
-from analysis.windows import IN_MEMORY_BYTES_PER_EVENT, WINDOW_ROWS, trace_events
+from analysis.windows import WINDOW_ROWS
 from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.reporters.json import report_json
 from idlebuf.reporters.text import render_report
@@ -22,8 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Per process: posted reads and pinned bytes (at the end of the recording "
         "and at peak), reads completed, bytes received, breakdown by source, drops; with "
         "--memory recordings, the buffers' memory, connections and the whole cost of an idle "
-        "one. A trace of any size: it is read a window of time at a time when it would not "
-        "fit in memory, with the same figures.",
+        "one. A trace of any size: it is read a window of time at a time, in bounded memory.",
     )
     p.add_argument("trace", type=Path, help="trace directory written by `idlebuf record`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -44,12 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--stream",
         action="store_true",
         help=f"read the trace in windows of {WINDOW_ROWS:,} events, in bounded memory (the "
-        "default for a trace too big to load whole; the figures are the same)",
+        "default)",
     )
     how.add_argument(
         "--in-memory",
         action="store_true",
-        help="load the whole trace as one window, however big it is",
+        help="load the whole trace as one window, however big it is (the same figures, in "
+        "more memory and time)",
     )
     p.set_defaults(run=run)
 
@@ -67,36 +67,6 @@ class Progress:
             print(f"idlebuf report: {took:5.1f} s: {stage}...", file=sys.stderr, flush=True)
 
 
-def available_memory() -> int:
-    """MemAvailable, bytes (0 if /proc/meminfo does not say)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def window_rows(args: argparse.Namespace) -> int | None:
-    """Events per window: --stream, --in-memory, or else windows when loading the trace
-    whole would take more than half the memory available (None: one window)."""
-    if args.stream or args.in_memory:
-        return WINDOW_ROWS if args.stream else None
-    needs = trace_events(args.trace) * IN_MEMORY_BYTES_PER_EVENT
-    free = available_memory()
-    if free and needs > free // 2:
-        print(
-            f"idlebuf report: loading this trace whole would take about {needs / 2**30:,.1f} "
-            f"GiB of the {free / 2**30:,.1f} GiB available: reading it in windows of "
-            f"{WINDOW_ROWS:,} events (--in-memory to load it whole anyway)",
-            file=sys.stderr,
-        )
-        return WINDOW_ROWS
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.timeline is not None and args.timeline <= 0:
         raise UsageError("--timeline must be positive")
@@ -104,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         args.trace,
         idle_threshold_s=args.idle_threshold,
         timeline_s=args.timeline,
-        window_rows=window_rows(args),
+        window_rows=None if args.in_memory else WINDOW_ROWS,
         progress=Progress(),
     )
     if args.json:
