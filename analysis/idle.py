@@ -69,7 +69,7 @@ class IdleSeries:
         a_pid, a_fd, a_ts = arrived
         if not len(a_pid):
             return
-        at = self.keys.get_indexer(connection_keys(a_pid, a_fd))
+        at = self.keys.get_indexer(pd.Index(connection_keys(a_pid, a_fd)))
         ts = a_ts.astype(np.float64)
         known = at >= 0  # posted in this window or before: always
         at, ts = at[known], ts[known]
@@ -90,7 +90,7 @@ class IdleSeries:
     def _seen(self, keys: np.ndarray, post_ns: np.ndarray) -> None:
         """Connections first seen reading in this window: idle from when they were first
         seen (reading, or in an earlier socket sample)."""
-        fresh = self.keys.get_indexer(keys) < 0
+        fresh = self.keys.get_indexer(pd.Index(keys)) < 0
         if not fresh.any():
             return
         codes, uniques = pd.factorize(keys[fresh])
