@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -131,29 +132,41 @@ class _Analysis:
         allocs = AllocPass(series, self.end_ns, walked_blocks(state["heap_blocks"])[0], fit)
         writes = WritePass(series)
         columns = ["ts_ns", "pid", "mm_id", "member"]
-        last_mm = last_address_spaces(
-            list(trace.column_parts("rss", columns)), state["proc_status"]
-        )
+        last_mm = last_address_spaces(trace.column_parts("rss", columns), state["proc_status"])
         rss = RssPass(series, last_mm, state["proc_status"])
         tallies: list[pd.DataFrame] = []
         intermediate: list[pd.DataFrame] = []
+
+        def others(low: float, bound: float, ev: dict[str, pd.DataFrame]) -> None:
+            writes.window(low, ev)
+            rss.window(low, bound, ev)
+            uses = ev.get("buffer_uses")
+            if uses is not None and not uses.empty:
+                tallies.append(uses_tally(uses, state["buffer_rings"]))
+                intermediate.append(intermediate_tally(uses))
+
         total, done, count = trace.events, 0, 0
+        # the allocations, writes and resident memory are related on a second thread while
+        # the reads are paired (numpy's sorts and Arrow's reads let go of the GIL): the
+        # machine's other core. A read's buffer is attributed once the window's
+        # allocations are paired.
+        side = ThreadPoolExecutor(1, thread_name_prefix="idlebuf-side")
         try:
             for low, bound, ev in windows(trace.parts, window_rows):
-                allocs.window(low, ev)
-                attribute = allocs.attribution(bound) if memory and series.wanted else None
+                paired = side.submit(allocs.window, low, ev)
+                rest = side.submit(others, low, bound, ev)
+                attribute = None
+                if memory and series.wanted:
+                    attribute = allocs.attribution(bound, paired.result)
                 reads.window(low, ev, attribute)
-                writes.window(low, ev)
-                rss.window(low, bound, ev)
-                uses = ev.get("buffer_uses")
-                if uses is not None and not uses.empty:
-                    tallies.append(uses_tally(uses, state["buffer_rings"]))
-                    intermediate.append(intermediate_tally(uses))
+                paired.result()
+                rest.result()
                 done += sum(len(df) for df in ev.values())
                 count += 1
                 self.progress(f"{done:,} of {total:,} events (window {count})")
             at_end = reads.finish()
         finally:
+            side.shutdown(cancel_futures=True)
             reads.close()
         live = allocs.finish()
         written = writes.finish()

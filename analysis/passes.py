@@ -8,7 +8,8 @@ additive (counts, sums) or a span on the time series' edges (analysis.series).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,10 +131,11 @@ class AllocPass:
                 made["free_ns"].to_numpy(np.float64)[mine][gone], sizes[gone], f.stamps
             )
 
-    def attribution(self, bound: float) -> Attribute:
+    def attribution(self, bound: float, paired: Callable[[], object]) -> Attribute:
         """For reads whose first edge is in this window: the bytes of their buffer inside
         the allocation holding it then (NaN: their first edge comes later; 0: they span no
-        edge). The walkers' blocks hold their buffers whenever these were read into."""
+        edge). The walkers' blocks hold their buffers whenever these were read into.
+        `paired()` returns once this window's allocations are paired."""
         edges = self.series.edges
         assert edges is not None
         m = len(edges)
@@ -155,6 +157,7 @@ class AllocPass:
             if not now.any():
                 return out
             if not held:
+                paired()
                 held.append(_by_address(self.made, self.walked))
             allocations = held[0]
             for f in np.unique(first[now]).tolist():
@@ -315,11 +318,11 @@ STATUS_MEMBERS = {"rss_anon": RssMember.ANON, "rss_file": RssMember.FILE,
                   "rss_shmem": RssMember.SHMEM}  # fmt: skip
 
 
-def last_address_spaces(rss_parts: list[pd.DataFrame], status: pd.DataFrame) -> dict[int, int]:
+def last_address_spaces(rss_parts: Iterable[pd.DataFrame], status: pd.DataFrame) -> dict[int, int]:
     """Per pid, the address space (mm_id) of its last resident-memory event: a launched
     command's pre-exec copy of the recorder is not the command. `rss_parts` in order."""
     last: dict[int, tuple[int, int]] = {}  # pid -> (ts, mm)
-    for part in [*rss_parts, status_events(status, {})]:
+    for part in itertools.chain(rss_parts, [status_events(status, {})]):
         part = part[part["member"].isin([int(m) for m in RESIDENT])]
         if part.empty:
             continue
