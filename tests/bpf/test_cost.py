@@ -2,16 +2,22 @@
 
 - Our readiness server with a session struct of 2,053 bytes (a prime) per connection, 1,009
   connections opened in 13 steps: the heap fitted against the connections gives glibc's chunk
-  for a 2,053-byte request - 2,064 bytes (the request plus its 8-byte header, rounded up to
-  16) - whether the heap was walked or every allocation probed; the kernel model matches the
-  objects /proc/slabinfo gained for the connections' sockets, inodes, files and dentries.
+  for a 2,053-byte request - exactly 2,064 bytes (the request plus its 8-byte header, rounded
+  up to 16) - whether the heap was walked or every allocation probed; the kernel model is
+  each cache's bytes per object as /proc/slabinfo gives them, plus the queue memory the
+  server reads for its sockets (SO_MEMINFO), and matches the objects /proc/slabinfo gained
+  for the connections' sockets, inodes, files and dentries.
 - Redis (Debian's redis-server, jemalloc): the fitted bytes per client against Redis's own
-  accounting of its allocator's memory (INFO used_memory), within 10%.
+  accounting of its allocator's memory (INFO used_memory), within 10%; its kernel part from
+  /proc/slabinfo and `ss -m`.
+- The glibc heap sum behind the walked fit, against glibc's own accounting (mallinfo2) in
+  the walked process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import selectors
 import shutil
 import signal
@@ -38,10 +44,37 @@ pytestmark = pytest.mark.bpf
 
 CONNECTIONS, SESSION = 1009, 2053
 GLIBC_CHUNK = (SESSION + 8 + 15) // 16 * 16  # 2,064: what malloc(2,053) takes from the heap
-RAMP_S = 5.0  # the load generator opens the connections in 13 steps over this long
+# the load generator opens the connections in 13 steps over this long: 1.25 s a step, so
+# that the memory points (taken at the recorder's flushes, at least every second) catch
+# every step settled even on a loaded machine (over 5 s, 5 settled points were seen)
+RAMP_S = 16.0
 REDIS_STEPS, REDIS_SETTLE_S = 5, 4.0
 # objects one connection's socket takes, on each side of loopback, from unmerged caches
 SOCKET_CACHES = ("TCP", "sock_inode_cache", "filp", "dentry")
+# ...and, as a member of an epoll set, its epoll item and wait-queue entry: one of each per
+# idle connection (an idle connection holds no io_uring request)
+EPOLL_CACHES = ("eventpoll_epi", "eventpoll_pwq")
+PAGE = 4096
+
+
+def object_bytes(cache: str) -> float:
+    """What one object of `cache` costs on this kernel: its slab's bytes over the objects
+    a slab holds, from /proc/slabinfo (pagesperslab, objperslab); a cache the kernel merged
+    into another is not listed there, so from /sys/kernel/slab/CACHE (order, objs_per_slab)."""
+    for line in Path("/proc/slabinfo").read_text().splitlines()[2:]:
+        fields = line.split()
+        if fields[0] == cache:
+            return int(fields[5]) * PAGE / int(fields[4])
+    where = Path("/sys/kernel/slab") / cache
+    order = int((where / "order").read_text())
+    return (PAGE << order) / int((where / "objs_per_slab").read_text())
+
+
+def kernel_model(caches: tuple[str, ...], queue_bytes: float) -> tuple[dict[str, float], float]:
+    """Each cache's bytes per idle connection (one object of each, to the tenth of a byte as
+    the report gives them) and the kernel part: their sum plus the queue memory."""
+    parts = {c: round(object_bytes(c), 1) for c in caches}
+    return parts, round(sum(parts.values()) + queue_bytes, 1)
 
 
 def slab_objects(settled: object = max) -> dict[str, int]:
@@ -73,9 +106,13 @@ def _slab_objects() -> dict[str, int]:
     return out
 
 
-def per_idle(report: dict, pid: int) -> dict:
+def memory_of(report: dict, pid: int) -> dict:
     (proc,) = [p for p in report["processes"] if p["pid"] == pid]
-    return proc["memory"]["per_idle_connection"]
+    return proc["memory"]
+
+
+def per_idle(report: dict, pid: int) -> dict:
+    return memory_of(report, pid)["per_idle_connection"]
 
 
 @pytest.mark.parametrize("method", ["walkers", "probes"])
@@ -95,29 +132,53 @@ def test_session_struct_is_fitted_to_its_chunk(tmp_path: Path, method: str) -> N
             rec.wait_for(lambda t: t["sessions"] == CONNECTIONS, 60)
             time.sleep(1.5)  # a flush with every connection open, settled
             after = slab_objects(min)
+            truth = rec.truth()
             rec.finish()
         finally:
             stop(load)
+    assert (truth["session_size"], truth["sessions"]) == (SESSION, CONNECTIONS)
+    assert (truth["held_bytes"], truth["connections_open"]) == (0, CONNECTIONS)
     cost = per_idle(report_json(trace), rec.pid)
     fit = cost["fit"]
     assert fit is not None, cost["reason"]
     assert fit["confident"], cost["reason"]
-    assert fit["distinct_counts"] >= 5 and fit["points"] >= 5
-    # R²: the line through every point; a start-up buffer the interpreter frees once
-    # connections arrive leaves one point off it at times (the robust slope ignores it)
-    assert fit["r2"] >= 0.95
-    # the allocator's rounding: a 2,053-byte request takes a 2,064-byte chunk (0.5% leeway
-    # for the interpreter's own allocations)
-    assert abs(fit["bytes_per_connection"] - GLIBC_CHUNK) <= 0.005 * GLIBC_CHUNK, fit
-    assert cost["io_buffer_bytes"] == 0  # a readiness server with a shared pool
-    assert cost["other_user_bytes"] == pytest.approx(fit["bytes_per_connection"])
+    # one settled point per count the samples caught: of the 15 there are (no socket before
+    # the server listens, its listener alone, then 13 steps) a sampler running late can miss
+    # one, never invent one
+    assert 10 <= fit["distinct_counts"] == fit["points"] <= 15, fit
+    # the slope's 95% interval within half of glibc's 16-byte rounding step (seen: 0.4 to
+    # 2.3 B). Not R², the line through every point: a start-up buffer the interpreter frees
+    # once connections arrive leaves one point far off it at times (R² 0.897 seen, the
+    # slope exactly 2,064 all the same).
+    assert fit["ci95_bytes"] is not None and fit["ci95_bytes"] < 16 / 2, fit
+    # The chunk exactly, to the allocator's rounding: a 2,053-byte request takes a 2,064-byte
+    # chunk and nothing else the server keeps grows with its connections (its fd tables
+    # never resize), so the heap grows by whole 16-byte steps, 2,064 per connection. The
+    # interpreter's own allocations move a few points by a chunk or two (the first
+    # connections' start-up, a step's 80 bytes; seen: 2,064.0 and 2,064.3), which the median
+    # of the slopes shrugs off to a fraction of a byte: the fit is 2,064 to within half of
+    # glibc's 16-byte rounding step, i.e. it names the 2,064-byte chunk and no other
+    # (2,048 and 2,080 are the neighbours). The 0.5% this replaces let 2,054-2,074 pass.
+    per_connection = fit["bytes_per_connection"]
+    assert abs(per_connection - GLIBC_CHUNK) < 16 / 2, fit
+    assert round(per_connection / 16) * 16 == GLIBC_CHUNK == 2064
+    # a readiness server with a shared pool: the idle connections hold no buffer, and all
+    # the heap they take is their sessions'
+    assert cost["io_buffer_bytes"] == 0
+    assert cost["other_user_bytes"] == per_connection
     parts = {p["cache"]: p for p in cost["kernel_parts"]}
-    assert {*SOCKET_CACHES, "eventpoll_epi", "eventpoll_pwq"} <= set(parts)
+    assert set(parts) == {*SOCKET_CACHES, *EPOLL_CACHES}
     assert all(parts[c]["objects"] == 1 for c in parts)  # each idle connection: one of each
-    assert cost["kernel_bytes"] == pytest.approx(sum(p["bytes"] for p in parts.values()), abs=1)
-    assert cost["total_bytes"] == pytest.approx(
-        cost["io_buffer_bytes"] + cost["other_user_bytes"] + cost["kernel_bytes"], abs=0.5
+    # every connection is idle: the queue memory per idle connection is the server's own
+    # reading of its sockets over the connections
+    expected, kernel = kernel_model(
+        (*SOCKET_CACHES, *EPOLL_CACHES), truth["socket_kernel_bytes"] / CONNECTIONS
     )
+    assert {c: (p["object_bytes"], p["bytes"]) for c, p in parts.items()} == {
+        c: (b, b) for c, b in expected.items()
+    }
+    assert cost["kernel_bytes"] == kernel
+    assert cost["total_bytes"] == round(per_connection + kernel, 1)
     # the model against the objects the slab caches gained: both ends of each connection
     # (the load generator's sockets are the same objects) within 5%
     for cache in SOCKET_CACHES:
@@ -195,6 +256,7 @@ def test_redis_clients_against_its_own_accounting(tmp_path: Path) -> None:
     )  # fmt: skip
     clients: list[socket.socket] = []
     recorder = None
+    queues: list[int] = []
     try:
         wait_until(lambda: _answers(port), 30, "redis-server to listen")
         trace = tmp_path / "trace"
@@ -210,6 +272,7 @@ def test_redis_clients_against_its_own_accounting(tmp_path: Path) -> None:
             clients += connect_at_once(port, CONNECTIONS * (step + 1) // REDIS_STEPS - len(clients))
             time.sleep(REDIS_SETTLE_S)
         ours = used_memory(port)
+        queues = socket_queues(port)
         recorder.send_signal(signal.SIGINT)
         _, err = recorder.communicate(timeout=60)
         assert recorder.returncode == 0, err.decode()
@@ -220,14 +283,46 @@ def test_redis_clients_against_its_own_accounting(tmp_path: Path) -> None:
             stop(recorder)
         stop(redis)
     reference = (ours - base) / CONNECTIONS  # Redis's own figure: its allocator's bytes
-    cost = per_idle(report_json(trace), redis.pid)
+    memory = memory_of(report_json(trace), redis.pid)
+    cost = memory["per_idle_connection"]
     fit = cost["fit"]
     assert fit is not None and fit["confident"], cost["reason"]
     assert "jemalloc" in fit["source"]
     print(f"redis: its own accounting {reference:,.0f} B per client, idlebuf {fit}")
     assert abs(fit["bytes_per_connection"] - reference) <= 0.10 * reference
-    assert cost["kernel_bytes"] > 2048  # a TCP socket, its inode, file, dentry, epoll item
-    assert cost["total_bytes"] is not None
+    # at the end Redis holds our clients and no other: the two INFO connections read their
+    # command, then EOF, and were closed (seconds apart from any socket sample)
+    assert memory["connections"] == {"open": CONNECTIONS, "idle": CONNECTIONS}
+    assert cost["whole_unknown"] == []
+    # its clients never sent a byte: Redis holds no IO buffer for them (it reads on
+    # readiness, into a query buffer it frees after 2 s idle), and the rest is theirs
+    assert cost["io_buffer_bytes"] == 0
+    assert cost["other_user_bytes"] == fit["bytes_per_connection"]
+    # the kernel: a TCP socket, its inode, file and dentry, its epoll item and wait entry,
+    # each at its share of a slab, plus the queue memory ss showed on the clients' sockets
+    assert len(queues) == CONNECTIONS
+    parts = {p["cache"]: p for p in cost["kernel_parts"]}
+    assert set(parts) == {*SOCKET_CACHES, *EPOLL_CACHES}
+    assert all(p["objects"] == 1 for p in parts.values())
+    expected, kernel = kernel_model((*SOCKET_CACHES, *EPOLL_CACHES), sum(queues) / len(queues))
+    assert {c: p["bytes"] for c, p in parts.items()} == expected
+    assert cost["kernel_bytes"] == kernel
+    assert cost["total_bytes"] == round(cost["other_user_bytes"] + kernel, 1)
+
+
+SKMEM = re.compile(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f(\d+),w(\d+),")
+
+
+def socket_queues(port: int) -> list[int]:
+    """The kernel's queue memory (rmem_alloc + fwd_alloc + wmem_queued) of each connected
+    socket on the server's side of `port`, as `ss -tm` shows it."""
+    out = subprocess.run(
+        ["ss", "-tmnH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [sum(int(v) for v in m.groups()) for m in SKMEM.finditer(out)]
 
 
 def _answers(port: int) -> bool:
@@ -237,46 +332,82 @@ def _answers(port: int) -> bool:
         return False
 
 
+# The child reports glibc's own accounting of its heap (mallinfo2: the bytes of the chunks
+# in use in every arena, plus those of blocks of their own mapping) before and after it makes
+# the blocks. `list_first`: the list that keeps the blocks is made before them (a block of its
+# own mapping, which the kernel then merges with the interpreter's next arena mapped below
+# it), else it grows as they are made.
 HEAP_CHILD = """
 import ctypes, sys
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
-print("before", flush=True)
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+libc.mallinfo2.restype = Mallinfo2
+def in_use():
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+keep = [None] * {n} if {list_first} else []
+print("before", in_use(), flush=True)
 sys.stdin.readline()
-keep = [libc.malloc(100) for _ in range({n})]
-print("after", flush=True)
+if {list_first}:
+    for i in range({n}):
+        keep[i] = libc.malloc(100)
+else:
+    keep = [libc.malloc(100) for _ in range({n})]
+print("after", in_use(), flush=True)
 sys.stdin.readline()
 """
 
 
-def test_glibc_heap_in_use_counts_every_block() -> None:
+def _reported(child: subprocess.Popen[bytes], what: bytes) -> int:
+    """The child's line `what N`, once it waits for its next line (blocked reading stdin,
+    done freeing what it used to print it): glibc's figure for a heap that holds still."""
+    assert child.stdout is not None
+    word, figure = child.stdout.readline().split()
+    assert word == what
+    wait_until(
+        lambda: Path(f"/proc/{child.pid}/syscall").read_text().split()[:2] == ["0", "0x0"],
+        10,
+        "the child to wait on stdin",
+    )
+    return int(figure)
+
+
+@pytest.mark.parametrize("list_first", [False, True], ids=["list-grown", "list-first"])
+def test_glibc_heap_in_use_counts_every_block(list_first: bool) -> None:
     """The heap sum behind the walked fit: 30,011 blocks of 100 bytes are 30,011 more chunks
-    in use, of 112 bytes each, and a walk with too small a limit refuses rather than guess."""
+    in use, and the walk's sum grows by exactly what glibc's own accounting says; a walk with
+    too small a limit refuses rather than guess."""
     from probes.allocators import HeapWalker
     from probes.allocators.base import Mappings
     from probes.allocators.glibc import HeapTooBig
 
     n = 30011
     child = subprocess.Popen(
-        [sys.executable, "-c", HEAP_CHILD.format(n=n)],
+        [sys.executable, "-c", HEAP_CHILD.format(n=n, list_first=list_first)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     assert child.stdin is not None and child.stdout is not None
     try:
-        assert child.stdout.readline().strip() == b"before"
+        glibc_before = _reported(child, b"before")
         walker = HeapWalker(child.pid)
         before = walker.in_use()
         child.stdin.write(b"\n")
         child.stdin.flush()
-        assert child.stdout.readline().strip() == b"after"
+        glibc_after = _reported(child, b"after")
         after = walker.in_use()
         assert isinstance(before, tuple) and isinstance(after, tuple), (before, after)
-        # the list holding the addresses grows too: one block of its own (8 bytes a slot,
-        # over-allocated by an eighth), re-allocated as it grows
         blocks, size = after[1] - before[1], after[0] - before[0]
+        # the bytes exactly as glibc counts them: the 30,011 chunks of 112 bytes and the
+        # list's block (8 bytes a slot: a mapping of its own)
+        assert glibc_after - glibc_before >= n * 112
+        assert size == glibc_after - glibc_before, (size, glibc_after - glibc_before)
+        # the blocks: glibc does not count its chunks in use; the interpreter's own (the
+        # list's block, re-allocated as it grows) are a few at most
         assert n <= blocks <= n + 3, blocks
-        assert n * 112 <= size <= n * 112 + 10 * n + 8192, size
         with pytest.raises(HeapTooBig):
             walker.glibc.in_use(Mappings(child.pid).all, limit=n // 2)
         walker.close()
