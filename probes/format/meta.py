@@ -4,7 +4,8 @@ The recorder fills a `Meta` and writes `meta.to_json()`; readers get one back fr
 `Meta.from_json()`, which checks every field's type (finite numbers, no booleans for integers)
 and fills what an older recording did not write with its default. A trace is data that may
 have been damaged or made by hand: a field of the wrong type is a TraceError naming the
-field, never a crash further on.
+field, never a crash further on. So is a time that cannot be: a start after its end, a
+recording longer than MAX_SPAN_NS, a part listed outside the recording's span.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from typing import Any, TypeVar
 
 from probes.format import schema
 from probes.format.errors import TraceError
+
+# No recording lasts a month (the recorder keeps everything it reads): a longer span is
+# damage, and would size every time series and idle duration by it.
+MAX_SPAN_NS = 30 * 86_400 * 1_000_000_000
 
 
 @dataclass
@@ -215,7 +220,70 @@ class Meta:
         field has the wrong type, is not finite, or is out of its range."""
         meta = _from_json(cls, data, where)
         meta._check_ranges(where)
+        meta._check_times(where)
         return meta
+
+    def time_bounds(self) -> tuple[int, int]:
+        """(first, last): the CLOCK_MONOTONIC ns any event of this recording can have, 0
+        aside (state found at attach whose time is unknown). From its clock base (the
+        recorder takes it before any probe is loaded; 0 in a trace made by a program) to its
+        end; a recording killed before its end lasts at most MAX_SPAN_NS from its earliest
+        known time, or from its clock base when meta.json gives no time at all."""
+        if self.end_monotonic_ns is not None:
+            return self.clock.monotonic_ns, self.end_monotonic_ns
+        known = [stamp for _, stamp in self.start_times()]
+        return self.clock.monotonic_ns, min(known, default=self.clock.monotonic_ns) + MAX_SPAN_NS
+
+    def start_times(self) -> list[tuple[str, int]]:
+        """The times meta.json gives for the recording's beginning, with their fields' names:
+        the clock base, when tracing began, each part's first event (0s are unknowns)."""
+        starts = [
+            ("clock.monotonic_ns", self.clock.monotonic_ns),
+            ("tracing_since_ns", self.tracing_since_ns or 0),
+        ]
+        for table, parts in (self.parts or {}).items():
+            starts += [(f"parts.{table} {p.name}: first_ns", p.first_ns or 0) for p in parts]
+        return [(name, stamp) for name, stamp in starts if stamp]
+
+    def _check_times(self, where: str) -> None:
+        """Times that cannot be: a start after the end, a span longer than MAX_SPAN_NS, a
+        part whose events are listed outside the recording's span."""
+        base, since, end = self.clock.monotonic_ns, self.tracing_since_ns, self.end_monotonic_ns
+        order = [("clock.monotonic_ns", base or None), ("tracing_since_ns", since)]
+        order.append(("end_monotonic_ns", end))
+        present = [(name, stamp) for name, stamp in order if stamp is not None]
+        for (early, a), (late, b) in zip(present, present[1:]):
+            if a > b:
+                raise TraceError(f"{where}: {early} ({a}) is after {late} ({b})")
+        ends = [("end_monotonic_ns", end)] if end is not None else []
+        for table, parts in (self.parts or {}).items():
+            for p in parts:
+                if p.first_ns is not None and p.last_ns is not None and p.first_ns > p.last_ns:
+                    raise TraceError(
+                        f"{where}: parts.{table} {p.name}: first_ns ({p.first_ns}) is after "
+                        f"last_ns ({p.last_ns})"
+                    )
+                if end is None and p.last_ns is not None:
+                    ends.append((f"parts.{table} {p.name}: last_ns", p.last_ns))
+        starts = self.start_times()
+        if starts and ends:
+            early, first = min(starts, key=lambda s: s[1])
+            late, last = max(ends, key=lambda e: e[1])
+            if last - first > MAX_SPAN_NS:
+                raise TraceError(
+                    f"{where}: {late} ({last}) is {(last - first) / 86_400e9:,.0f} days after "
+                    f"{early} ({first}): no recording lasts more than "
+                    f"{MAX_SPAN_NS // 86_400_000_000_000} days"
+                )
+        low, high = self.time_bounds()
+        for table, parts in (self.parts or {}).items():
+            for p in parts:
+                for name, stamp in (("first_ns", p.first_ns), ("last_ns", p.last_ns)):
+                    if stamp and not low <= stamp <= high:
+                        raise TraceError(
+                            f"{where}: parts.{table} {p.name}: {name} ({stamp}) is outside "
+                            f"the recording ({_span_words(self)})"
+                        )
 
     def _check_ranges(self, where: str) -> None:
         counts = {
@@ -258,6 +326,14 @@ class Meta:
                         raise TraceError(f"{where}: parts.{table} {part.name}: ts {stamp}")
 
 
+def _span_words(meta: Meta) -> str:
+    """The recording's span as meta.json gives it, in words naming the fields."""
+    low = f"clock.monotonic_ns {meta.clock.monotonic_ns}" if meta.clock.monotonic_ns else "0"
+    if meta.end_monotonic_ns is not None:
+        return f"{low} to end_monotonic_ns {meta.end_monotonic_ns}"
+    return f"{low} to {MAX_SPAN_NS // 86_400_000_000_000} days after its start"
+
+
 def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
@@ -275,14 +351,17 @@ def _to_json(value: Any) -> Any:
 T = TypeVar("T")
 
 
-def _from_json(cls: type[T], data: object, where: str) -> T:
+def _from_json(cls: type[T], data: object, where: str, top: bool = True) -> T:
+    """`cls` from a JSON object; `where` names it in errors: the file, or (not `top`) the
+    file and the field holding it, to which its own fields' names are added with dots."""
     if not isinstance(data, dict):
         raise TraceError(f"{where} should be an object, not {_kind(data)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            values[f.name] = _convert(data[f.name], hints[f.name], f"{where}: {f.name}")
+            name = f"{where}: {f.name}" if top else f"{where}.{f.name}"
+            values[f.name] = _convert(data[f.name], hints[f.name], name)
     return cls(**values)
 
 
@@ -294,7 +373,7 @@ def _convert(value: object, hint: Any, where: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner, where)
     if dataclasses.is_dataclass(hint):
-        return _from_json(hint, value, where)  # type: ignore[arg-type]
+        return _from_json(hint, value, where, top=False)  # type: ignore[arg-type]
     if origin is list:
         if not isinstance(value, list):
             raise TraceError(f"{where} should be a list, not {_kind(value)}")

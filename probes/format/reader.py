@@ -6,7 +6,8 @@ before it is believed: meta.json is read from a regular file of bounded size and
 typed and ranged (probes.format.meta); parts are read only as regular files inside the
 trace's own table directories (no symlink is followed, no FIFO or device opened), their
 schemas must be the format's, and each part must be the one meta.json lists (rows and
-SHA-256). A trace that fails is refused in one line naming the file and the problem. A
+SHA-256), its events within the times meta.json lists for it and within the recording's
+span. A trace that fails is refused in one line naming the file and the problem. A
 recording killed between writing parts and meta.json leaves parts meta.json does not list,
 numbered after those it does: they are read (their columns checked, their digests unknown),
 and the trace carries a warning saying so.
@@ -15,26 +16,42 @@ and the trace carries a warning saying so.
 from __future__ import annotations
 
 import errno
+import grp
 import hashlib
 import json
 import os
+import pwd
 import stat
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from probes.format import schema
 from probes.format.errors import TraceError
-from probes.format.meta import Meta, Part, Switch
+from probes.format.meta import MAX_SPAN_NS, Meta, Part, Switch
 
 META = "meta.json"
 MAX_META_BYTES = 64 << 20
 MAX_PART_BYTES = 4 << 30
 MAX_PART_ROWS = 20_000_000  # far more than one flush writes
+# Columns holding codes our own probes write: any other value is damage. 0 is "not said"
+# (what a trace made by a program leaves in a column it does not fill). An rss member is the
+# kernel's own, and a newer kernel may add one: it is not checked.
+CODES: dict[tuple[str, str], type[IntEnum]] = {
+    ("posts", "source"): schema.Source,
+    ("completions", "source"): schema.Source,
+    ("writes", "source"): schema.Source,
+    ("write_completions", "source"): schema.Source,
+    ("allocs", "fn"): schema.AllocFn,
+    ("maps", "fn"): schema.MapFn,
+    ("waits", "call"): schema.WaitCall,
+    ("buffer_groups", "how"): schema.GroupKind,
+}
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -50,15 +67,54 @@ class Trace:
         return self.tables[name]
 
 
+def unreadable(what: str | Path, exc: OSError) -> TraceError:
+    """The refusal of a file or directory that cannot be opened: its name and why, and for
+    a permission refused, whose it is and who asked (a trace recorded as root is owner-only,
+    and read as another user)."""
+    message = f"{what} cannot be opened: {exc.strerror or exc}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        try:
+            st = os.lstat(what)
+            message += (
+                f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {_user(st.st_uid)}:"
+                f"{_group(st.st_gid)}; idlebuf runs as {_user(os.geteuid())})"
+            )
+        except OSError:  # its directory is the one closed: the name and the reason suffice
+            pass
+    return TraceError(message)
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def _open(name: str | Path, dir_fd: int | None, flags: int, what: str) -> int:
     try:
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno == errno.ELOOP or exc.errno == errno.ENOTDIR and _is_link(name, dir_fd):
             raise TraceError(f"{what} is a symbolic link: refused") from None
         if exc.errno == errno.ENOTDIR:
             raise TraceError(f"{what} is not a directory") from None
-        raise TraceError(f"{what} cannot be opened: {exc.strerror}") from None
+        raise unreadable(what, exc) from None
+
+
+def _is_link(name: str | Path, dir_fd: int | None) -> bool:
+    """Whether `name` is a symbolic link (O_DIRECTORY with O_NOFOLLOW says ENOTDIR for one)."""
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
 
 
 def _read_regular(name: str | Path, dir_fd: int | None, limit: int, what: str) -> bytes:
@@ -96,7 +152,7 @@ def read_meta(path: Path) -> Meta:
     except OSError as exc:
         if exc.errno in (errno.ENOTDIR, errno.ELOOP):
             raise TraceError(f"{path} is not a trace directory") from None
-        raise TraceError(f"{path} cannot be opened: {exc.strerror}") from None
+        raise unreadable(path, exc) from None
     try:
         if not os.path.lexists(meta_path):
             raise TraceError(f"{path} is not an idlebuf trace: it has no meta.json")
@@ -168,11 +224,13 @@ def _part(
     expect: Part | None,
     columns: list[str] | None = None,
     threads: bool = True,
+    bounds: tuple[int, int] | None = None,
 ) -> pa.Table:
     """One part, checked: a regular file, its digest and rows those meta.json lists (when it
-    lists them), its columns the format's with no nulls. With `columns`, only those (the
-    digest is still of the whole file); without `threads`, decoded on the calling thread
-    only, not Arrow's pool."""
+    lists them), its columns the format's with no nulls, its events' times within those
+    meta.json lists for it and within `bounds` (Meta.time_bounds). With `columns`, only
+    those (the digest is still of the whole file); without `threads`, decoded on the
+    calling thread only, not Arrow's pool."""
     what = f"{where}/{name}"
     reader = _checked(dir_fd, name, what, expect)
     try:
@@ -195,9 +253,55 @@ def _part(
             raise TraceError(f"{what}: column {column.name} is {got}, not {column.arrow_type}")
         if piece[column.name].null_count:
             raise TraceError(f"{what}: column {column.name} has missing values")
+    for name in piece.schema.names:
+        codes = CODES.get((table.name, name))
+        if codes is not None and piece.num_rows:
+            known = pa.array([0, *codes], piece.schema.field(name).type)
+            strange = pc.filter(piece[name], pc.invert(pc.is_in(piece[name], value_set=known)))
+            if len(strange):
+                raise TraceError(
+                    f"{what}: column {name} holds {strange[0].as_py()}, not a {codes.__name__} code"
+                )
+    if "ts_ns" in piece.schema.names and piece.num_rows:
+        _check_times(what, piece["ts_ns"], expect, bounds)
     if columns is not None:
         return table.subset(columns).conform(piece)
     return table.conform(piece)
+
+
+def _check_times(
+    what: str, ts: pa.ChunkedArray, expect: Part | None, bounds: tuple[int, int] | None
+) -> None:
+    """A part's events' times: within those meta.json lists for the part (the streamed
+    path plans its windows by them) and, 0s aside (state found at attach, its time unknown),
+    within the recording's span."""
+    bounds_of = pc.min_max(ts)
+    low, high = int(bounds_of["min"].as_py()), int(bounds_of["max"].as_py())
+    first, last = (expect.first_ns, expect.last_ns) if expect is not None else (None, None)
+    if first is not None and last is not None and not first <= low <= high <= last:
+        raise TraceError(
+            f"{what} holds events from {low} to {high} ns, outside the {first} to {last} "
+            "meta.json lists for it"
+        )
+    if low == 0:
+        nonzero = pc.min_max(pc.filter(ts, pc.not_equal(ts, 0)))["min"].as_py()
+        if nonzero is None:
+            return
+        low = int(nonzero)
+    _check_span(what, low, high, bounds)
+
+
+def _check_span(what: str, low: int, high: int, bounds: tuple[int, int] | None) -> None:
+    if bounds is not None and not (bounds[0] <= low and high <= bounds[1]):
+        raise TraceError(
+            f"{what} holds events from {low} to {high} ns, outside the times the recording "
+            f"can have ({bounds[0]} to {bounds[1]} ns, from meta.json)"
+        )
+    if high - low > MAX_SPAN_NS:
+        raise TraceError(
+            f"{what} holds events {(high - low) / 86_400e9:,.0f} days apart: no recording "
+            f"lasts more than {MAX_SPAN_NS // 86_400_000_000_000} days"
+        )
 
 
 @dataclass
@@ -209,6 +313,7 @@ class PartRef:
     path: Path  # the table's directory
     name: str
     expect: Part | None
+    bounds: tuple[int, int] | None = None  # the recording's span (Meta.time_bounds)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The part, checked (see _part), decoded on the calling thread: a reader that runs
@@ -216,7 +321,16 @@ class PartRef:
         threads, left running, can abort the interpreter at exit (apache/arrow#34314)."""
         dir_fd = _open(self.path, None, _DIR, str(self.path))
         try:
-            return _part(dir_fd, self.name, self.table, str(self.path), self.expect, columns, False)
+            return _part(
+                dir_fd,
+                self.name,
+                self.table,
+                str(self.path),
+                self.expect,
+                columns,
+                False,
+                self.bounds,
+            )
         finally:
             os.close(dir_fd)
 
@@ -224,7 +338,7 @@ class PartRef:
         """(rows, first ts_ns, last ts_ns): as meta.json lists them, or from the part's
         footer (row-group statistics) without decoding its rows - once its digest is the one
         meta.json lists; the rows' own bounds when the footer has no statistics. Empty
-        parts give (0, 0, -1)."""
+        parts give (0, 0, -1). Times outside the recording's span are refused."""
         expect = self.expect
         if expect is not None and expect.first_ns is not None and expect.last_ns is not None:
             return expect.rows, expect.first_ns, expect.last_ns  # as meta.json lists it
@@ -248,11 +362,14 @@ class PartRef:
                     lows.append(int(stats.min))
                     highs.append(int(stats.max))
             else:
-                return rows, min(lows), max(highs)
+                low, high = min(lows), max(highs)
+                if low:  # with 0s (state found at attach), the rows below say the rest
+                    _check_span(what, low, high, self.bounds)
+                    return rows, low, high
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
-        ts = self.read(["ts_ns"])["ts_ns"]
-        return rows, int(pa.compute.min(ts).as_py()), int(pa.compute.max(ts).as_py())
+        ts = self.read(["ts_ns"])["ts_ns"]  # its times checked as it is read
+        return rows, int(pc.min(ts).as_py()), int(pc.max(ts).as_py())
 
 
 def _one_line(exc: BaseException) -> str:
@@ -300,7 +417,8 @@ def table_parts(
                 )
             names += extra
             expected += [None] * len(extra)
-    return [PartRef(table, where, n, e) for n, e in zip(names, expected)]
+    bounds = meta.time_bounds() if meta is not None else None
+    return [PartRef(table, where, n, e, bounds) for n, e in zip(names, expected)]
 
 
 def read_table(
@@ -314,7 +432,9 @@ def read_table(
     where = path / table.name
     dir_fd = _open(where, None, _DIR, str(where))
     try:
-        pieces = [_part(dir_fd, p.name, table, str(where), p.expect) for p in parts]
+        pieces = [
+            _part(dir_fd, p.name, table, str(where), p.expect, bounds=p.bounds) for p in parts
+        ]
     finally:
         os.close(dir_fd)
     return pa.concat_tables(pieces).to_pandas()
