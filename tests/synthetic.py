@@ -472,3 +472,113 @@ def open_trace_tables(path: Path) -> dict[str, pa.Table]:
         if parts:
             out[name] = pa.concat_tables([pq.read_table(p) for p in parts])
     return out
+
+
+def glibc_chunk_of(request: int) -> int:
+    """The chunk glibc's malloc(request) takes from the heap: the request and its 8-byte
+    header, rounded up to 16 (32 at least). Written out here, apart from the code under test
+    (analysis.cost.glibc_chunk), for the figures the synthetic traces are built from."""
+    return max(32, (request + 8 + 15) // 16 * 16)
+
+
+SESSION_STEPS = (1, 5, 9, 11, 13, 17, 21)  # sessions_trace: connections open at each point
+
+
+def sessions_trace(
+    path: Path, pid: int = 4246, connections: int = 23, buffer: int = 4099, session: int = 2053
+) -> Path:
+    """A server attached to late with the allocator walkers (record --memory), consistent
+    from end to end: `connections` threads found blocked in recvfrom, each on a buffer of
+    `buffer` bytes in its own glibc chunk (the walk at the end finds every one, reporting
+    its usable size, the chunk less its header, as glibc's walker does), and a session of
+    `session` bytes in a chunk of its own per connection. Its memory points: connections
+    opened in steps (SESSION_STEPS, then all of them), the heap in use growing by exactly
+    the two chunks per connection (4,112 + 2,064 = 6,176 bytes for the defaults); the
+    kernel's slab caches as walked_trace has them. Every connection is idle at the end."""
+    w = TraceWriter(path)
+    w.write_meta(
+        Meta(
+            complete=True,
+            tracing_since_ns=T0,
+            end_monotonic_ns=T0 + 3 * SECOND,
+            targets=Targets(pids=[pid]),
+            memory=MemoryOptions(
+                alloc_probes=False, allocators=[Allocator(pid=pid, method="walk:glibc")]
+            ),
+            kernel_objects={
+                "TCP": SlabCache(2304, 2368, 13, 32768),
+                "sock_inode_cache": SlabCache(768, 832, 19, 16384),
+                "filp": SlabCache(184, 192, 21, 4096),
+                "dentry": SlabCache(192, 192, 21, 4096),
+            },
+        )
+    )
+    fds = list(range(100, 100 + connections))
+    addrs = [HEAP + i * 2 * glibc_chunk_of(buffer) for i in range(connections)]
+    w.append(
+        schema.PROCESSES, schema.PROCESSES.filled(1, pid=pid, comm="sessions", first_seen_ns=T0)
+    )
+    w.append(
+        schema.POSTS,
+        schema.POSTS.filled(
+            connections,
+            ts_ns=T0 + 1000,
+            pid=pid,
+            tid=[pid + i for i in range(connections)],
+            fd=fds,
+            source=int(Source.SYSCALL),
+            op=RECVFROM,
+            key=[pid + i for i in range(connections)],
+            addr=addrs,
+            len=buffer,
+            flags=int(PostFlag.SCANNED),
+        ),
+    )
+    w.append(
+        schema.SOCKETS,
+        schema.SOCKETS.filled(
+            connections,
+            ts_ns=T0 + 3 * SECOND - 1,
+            pid=pid,
+            fd=fds,
+            inode=[5000 + fd for fd in fds],
+            family="tcp",
+            state="ESTABLISHED",
+            rmem_alloc=SOCKET_RMEM,
+        ),
+    )
+    per_connection = glibc_chunk_of(buffer) + glibc_chunk_of(session)
+    counts = [*SESSION_STEPS, connections]
+    w.append(
+        schema.MEMORY_POINTS,
+        schema.MEMORY_POINTS.filled(
+            len(counts),
+            ts_ns=[T0 + i * SECOND // 4 for i in range(len(counts))],
+            pid=pid,
+            sockets=[n + 1 for n in counts],  # and the listener
+            heap_bytes=[5_000_000 + per_connection * n for n in counts],
+            vm_rss=[20_000_000 + 8192 * n for n in counts],
+            moving=False,
+        ),
+    )
+    w.append(
+        schema.HEAP_BLOCKS,
+        pa.Table.from_pylist(
+            [
+                {
+                    "ts_ns": T0 + 3 * SECOND - 5,
+                    "pid": pid,
+                    "buffer": a,
+                    "what": "end",
+                    "addr": a,
+                    "size": glibc_chunk_of(buffer) - 8,
+                    "allocator": "glibc thread arena",
+                    "why": "",
+                }
+                for a in addrs
+            ],
+            schema=schema.HEAP_BLOCKS.arrow_schema(),
+        ),
+    )
+    w.close()
+    return path
