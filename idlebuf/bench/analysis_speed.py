@@ -1,11 +1,14 @@
-"""Analysis speed: load a synthetic 10-million-event trace and relate it - read lifetimes,
-the address join of buffers to allocations, the per-connection table, the time series - as
-`idlebuf report --json --connections --timeline 1` does; and, as a reference point, the same
-lifetimes, join and per-connection table in DuckDB over the same Parquet files.
+"""Analysis speed: the whole report of a synthetic 10-million-event trace with every table
+a `--memory` recording has (idlebuf.bench.synthetic) - every figure, as `idlebuf report
+--json --connections --timeline 1` computes it, in windows (the default) and as one window;
+and, as a reference point, DuckDB computing what SQL can of it over the same Parquet files:
+read lifetimes, the address join of buffers to allocations, the per-connection table, the
+writes, the heap and resident memory at the end.
 
-Both sides compute the same figures - posted reads, pinned bytes, the IO-buffer bytes of idle
-connections, idle connections - and the benchmark fails (AnswersDiffer) when they differ.
-Each side runs in its own process, so its wall time and peak RSS are its own.
+Every side computes the same figures (FIGURES) and the benchmark fails (AnswersDiffer)
+when two differ. Each side runs in its own process, so its wall time and peak RSS are its
+own. A 100-million-event trace is then analysed once by each side: its time, peak memory
+and cost per event against the 10-million one.
 """
 
 from __future__ import annotations
@@ -20,151 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-import numpy as np
-import pyarrow as pa
-
-from probes.format import schema
-from probes.format.meta import MemoryOptions, Meta
-from probes.format.schema import Source
-from probes.format.writer import TraceWriter
-
-SECOND = 1_000_000_000
-HEAP = 0x7F00_0000_0000
-RECVFROM = schema.SYSCALLS["recvfrom"]
-
-
-def synthetic_trace(path: Path, reads: int, connections: int, other_allocs: int) -> int:
-    """A 60-second recording of one server: `reads` reads (a post and a completion each,
-    the last read of each connection still posted), a buffer allocation per connection and
-    `other_allocs` allocations that are freed. Returns the number of events written."""
-    rng = np.random.default_rng(23)
-    duration = 60 * SECOND
-    w = TraceWriter(path)
-    w.write_meta(
-        Meta(
-            complete=True,
-            tracing_since_ns=SECOND,
-            end_monotonic_ns=SECOND + duration,
-            memory=MemoryOptions(),
-        )
-    )
-    w.append(
-        schema.PROCESSES,
-        pa.table(
-            {"pid": [4242], "comm": ["synthetic"], "cmdline": ["synthetic"], "first_seen_ns": [1]},
-            schema=schema.PROCESSES.arrow_schema(),
-        ),
-    )
-    conns = np.arange(connections)
-    buf_addr = HEAP + conns.astype(np.uint64) * 32768
-    # reads in time order; 5% of connections are active until the end, the rest go idle
-    j = np.arange(reads)
-    conn = (j * 7919) % connections
-    active = conn % 20 == 0
-    span = np.where(active, duration, duration // 2)
-    post = SECOND + np.sort(rng.integers(0, duration // 2, reads)) * (span // (duration // 2))
-    order = np.argsort(post, kind="stable")
-    conn, post = conn[order], post[order].astype(np.uint64)
-    # every read completes 20 us later, except each connection's last one
-    last = np.zeros(reads, dtype=bool)
-    _, last_idx = np.unique(conn[::-1], return_index=True)
-    last[reads - 1 - last_idx] = True
-    done = ~last
-    # the buffers, then other allocations made and freed all along
-    other = HEAP + np.uint64(1 << 32) + np.arange(other_allocs, dtype=np.uint64) * 4096
-    made = SECOND + np.sort(rng.integers(0, duration, other_allocs)).astype(np.uint64)
-    alloc_ts = np.concatenate([np.full(connections, SECOND // 2, np.uint64), made])
-    alloc_addr = np.concatenate([buf_addr, other])
-    alloc_size = np.concatenate([np.full(connections, 16384), np.full(other_allocs, 2048)])
-    freed = made + np.uint64(SECOND // 10)
-    # written as the recorder writes: a part of each table per flush, here every second
-    flush = np.arange(0, duration + 3 * SECOND, SECOND, dtype=np.uint64)
-    post_at = np.searchsorted(post, flush)
-    end = post + np.uint64(20_000)
-    done_idx = np.flatnonzero(done)
-    end_at = np.searchsorted(end[done_idx], flush)
-    alloc_at = np.searchsorted(alloc_ts, flush)
-    free_at = np.searchsorted(freed, flush)
-    for f in range(len(flush) - 1):
-        a, b = post_at[f], post_at[f + 1]
-        c = conn[a:b]
-        w.append(
-            schema.POSTS,
-            schema.POSTS.filled(
-                len(c),
-                ts_ns=post[a:b],
-                pid=4242,
-                tid=(100_000 + c).astype(np.uint32),
-                fd=(100 + c).astype(np.int32),
-                source=int(Source.SYSCALL),
-                op=RECVFROM,
-                key=(100_000 + c).astype(np.uint64),
-                addr=buf_addr[c],
-                len=16384,
-            ),
-        )
-        rows = done_idx[end_at[f] : end_at[f + 1]]
-        c = conn[rows]
-        w.append(
-            schema.COMPLETIONS,
-            schema.COMPLETIONS.filled(
-                len(c),
-                ts_ns=end[rows],
-                pid=4242,
-                tid=(100_000 + c).astype(np.uint32),
-                source=int(Source.SYSCALL),
-                key=(100_000 + c).astype(np.uint64),
-                ret=np.full(len(c), 100, dtype=np.int64),
-            ),
-        )
-        a, b = alloc_at[f], alloc_at[f + 1]
-        w.append(
-            schema.ALLOCS,
-            schema.ALLOCS.filled(
-                b - a,
-                ts_ns=alloc_ts[a:b],
-                pid=4242,
-                tid=4242,
-                addr=alloc_addr[a:b],
-                size=alloc_size[a:b],
-                fn=1,
-            ),
-        )
-        a, b = free_at[f], free_at[f + 1]
-        w.append(
-            schema.FREES,
-            schema.FREES.filled(b - a, ts_ns=freed[a:b], pid=4242, tid=4242, addr=other[a:b]),
-        )
-    samples = np.arange(1, 61, dtype=np.uint64) * SECOND
-    w.append(
-        schema.RSS,
-        schema.RSS.filled(
-            len(samples),
-            ts_ns=samples,
-            pid=4242,
-            mm_id=1,
-            member=int(schema.RssMember.ANON),
-            bytes=np.full(len(samples), 200 << 20),
-        ),
-    )
-    sample_ts = np.repeat(np.arange(1, 61, 6, dtype=np.uint64) * SECOND, connections)
-    fds = np.tile(100 + conns, len(sample_ts) // connections).astype(np.int32)
-    w.append(
-        schema.SOCKETS,
-        schema.SOCKETS.filled(
-            len(fds),
-            ts_ns=sample_ts,
-            pid=4242,
-            fd=fds,
-            inode=fds.astype(np.uint64) + 5000,
-            family="tcp",
-            state="ESTABLISHED",
-            rmem_alloc=768,
-        ),
-    )
-    w.close()
-    return reads + int(done.sum()) + connections + 2 * other_allocs
-
+from idlebuf.bench.synthetic import synthetic_trace
 
 # the analysis engine over the trace in windows (what `report` does on a trace too big to
 # load), or as one window; every figure of the report either way
@@ -181,7 +40,10 @@ hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.star
 print(json.dumps({"relate_s": time.perf_counter() - t0, "hwm": hwm,
     "posted_reads": p.posted_reads.now, "pinned_bytes": p.pinned_bytes.now,
     "idle_io_buffer_bytes": m.io_buffer_heap.idle_bytes, "idle_connections": m.connections.idle,
-    "connections": len(m.connection_rows), "timeline_points": len(s.timeline)}))
+    "pending_writes": p.writes.pending_writes, "bytes_sent": p.writes.bytes_sent,
+    "heap_live_bytes": m.heap_live.bytes, "rss_now_bytes": m.rss.now,
+    "whole_per_idle_connection": m.per_idle_connection.total_bytes,
+    "timeline_points": len(s.timeline)}))
 """
 IN_MEMORY_SIDE = IDLEBUF_SIDE.replace("rows = WINDOW_ROWS", "rows = None")
 
@@ -194,7 +56,8 @@ t0 = time.perf_counter()
 d = sys.argv[1]
 con = duckdb.connect()
 con.execute("SET enable_progress_bar = false")
-for table in ("posts", "completions", "allocs", "frees", "sockets"):
+for table in ("posts", "completions", "allocs", "frees", "sockets", "writes",
+              "write_completions", "rss", "proc_status"):
     con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{d}/{table}/*.parquet')")
 end_ns = read_meta(Path(d)).end_monotonic_ns
 idle_ns = 1_000_000_000  # report's --idle-threshold default
@@ -233,19 +96,45 @@ posted AS (
 joined AS (
   SELECT p.idle, least(p.addr + p.len, l.addr + l.size) - p.addr AS inside
   FROM posted p ASOF JOIN live l ON p.pid = l.pid AND p.addr >= l.addr
-  WHERE p.addr < l.addr + l.size)
+  WHERE p.addr < l.addr + l.size),
+wev AS (
+  SELECT pid, source, key, ts_ns, 1 AS is_post, len, NULL::BIGINT AS ret FROM writes
+  UNION ALL
+  SELECT pid, source, key, ts_ns, 0, NULL, ret FROM write_completions),
+wseq AS (
+  SELECT *, lead(is_post) OVER w AS next_post, lead(ret) OVER w AS next_ret
+  FROM wev WINDOW w AS (PARTITION BY pid, source, key ORDER BY ts_ns, is_post DESC)),
+resident AS (
+  SELECT ts_ns, member, bytes FROM rss WHERE member IN (0, 1, 3)
+  UNION ALL SELECT ts_ns, 1, rss_anon FROM proc_status
+  UNION ALL SELECT ts_ns, 0, rss_file FROM proc_status
+  UNION ALL SELECT ts_ns, 3, rss_shmem FROM proc_status)
 SELECT (SELECT count(*) FROM posted), (SELECT sum(len) FROM posted),
        (SELECT sum(inside) FROM joined WHERE idle),
-       (SELECT count(*) FROM conns WHERE open AND idle_for >= {idle_ns})
+       (SELECT count(*) FROM conns WHERE open AND idle_for >= {idle_ns}),
+       (SELECT count(*) FROM wseq WHERE is_post = 1 AND next_post IS NULL),
+       (SELECT sum(next_ret) FROM wseq WHERE is_post = 1 AND next_post = 0 AND next_ret > 0),
+       (SELECT sum(size) FROM live),
+       (SELECT sum(b) FROM (SELECT arg_max(bytes, ts_ns) AS b FROM resident GROUP BY member))
 ''').fetchone()
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"relate_s": time.perf_counter() - t0, "hwm": hwm, "posted_reads": rows[0],
     "pinned_bytes": int(rows[1] or 0), "idle_io_buffer_bytes": int(rows[2] or 0),
-    "idle_connections": rows[3]}))
+    "idle_connections": rows[3], "pending_writes": rows[4], "bytes_sent": int(rows[5] or 0),
+    "heap_live_bytes": int(rows[6] or 0), "rss_now_bytes": int(rows[7] or 0)}))
 """
 
 # what both sides compute, and must agree on
-FIGURES = ("posted_reads", "pinned_bytes", "idle_io_buffer_bytes", "idle_connections")
+FIGURES = (
+    "posted_reads",
+    "pinned_bytes",
+    "idle_io_buffer_bytes",
+    "idle_connections",
+    "pending_writes",
+    "bytes_sent",
+    "heap_live_bytes",
+    "rss_now_bytes",
+)
 
 
 class Figures(TypedDict):
@@ -255,6 +144,10 @@ class Figures(TypedDict):
     pinned_bytes: int
     idle_io_buffer_bytes: int
     idle_connections: int
+    pending_writes: int
+    bytes_sent: int
+    heap_live_bytes: int
+    rss_now_bytes: int
 
 
 @dataclass(frozen=True)
@@ -292,12 +185,7 @@ class AnswersDiffer(RuntimeError):
 
 
 def _figures(answer: Mapping[str, int]) -> Figures:
-    return Figures(
-        posted_reads=answer["posted_reads"],
-        pinned_bytes=answer["pinned_bytes"],
-        idle_io_buffer_bytes=answer["idle_io_buffer_bytes"],
-        idle_connections=answer["idle_connections"],
-    )
+    return Figures(**{f: answer[f] for f in FIGURES})  # type: ignore[typeddict-item]
 
 
 def check_answers(sides: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figures:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from idlebuf.bench.analysis_speed import synthetic_trace
+from idlebuf.bench.synthetic import synthetic_trace
 
 HOSTS = 7
 

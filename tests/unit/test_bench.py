@@ -63,7 +63,8 @@ def test_analysis_sides_must_agree_or_the_benchmark_fails() -> None:
     from idlebuf.bench.analysis_speed import AnswersDiffer, check_answers
 
     same = {"posted_reads": 10007, "pinned_bytes": 1, "idle_io_buffer_bytes": 2,
-            "idle_connections": 9506}  # fmt: skip
+            "idle_connections": 9506, "pending_writes": 501, "bytes_sent": 3,
+            "heap_live_bytes": 4, "rss_now_bytes": 5}  # fmt: skip
     sides = {"idlebuf": [dict(same, wall_s=9.0)], "duckdb": [dict(same), dict(same)]}
     assert check_answers(sides) == same
     sides["duckdb"][1]["idle_connections"] = 9505
