@@ -17,10 +17,10 @@ import pandas as pd
 
 from analysis.comparison import io_buffer_memory
 from analysis.engine import analyze
-from analysis.results import ProcessSummary, Result
+from analysis.results import NOT_IN_JSON, ProcessSummary, Result
 from analysis.windows import WINDOW_ROWS, trace_events
 from probes.format.errors import IdlebufError
-from probes.format.reader import read_meta
+from probes.format.reader import read_meta, unreadable
 
 
 @dataclass
@@ -58,6 +58,7 @@ MEMORY_FIGURES = (
 class Failure(Result):
     trace: str
     reason: str
+    readable: bool = field(default=True, metadata=NOT_IN_JSON)  # False: could not be opened
 
 
 @dataclass
@@ -254,18 +255,22 @@ def find_traces(paths: list[Path], max_depth: int = 4) -> tuple[list[str], list[
     found: set[str] = set()
     failures = []
     for path in paths:
-        if (path / "meta.json").is_file():
-            found.add(str(path))
+        try:
+            if (path / "meta.json").is_file():
+                found.add(str(path))
+                continue
+            if not path.is_dir():
+                failures.append(Failure(str(path), "no such trace or directory"))
+                continue
+            here = {
+                str(p.parent)
+                for depth in range(1, max_depth + 1)
+                for p in path.glob("/".join(["*"] * depth) + "/meta.json")
+                if p.is_file() and not p.is_symlink()
+            }
+        except OSError as exc:  # a directory this user may not enter: one failure of many
+            failures.append(Failure(str(path), str(unreadable(path, exc)), readable=False))
             continue
-        if not path.is_dir():
-            failures.append(Failure(str(path), "no such trace or directory"))
-            continue
-        here = {
-            str(p.parent)
-            for depth in range(1, max_depth + 1)
-            for p in path.glob("/".join(["*"] * depth) + "/meta.json")
-            if p.is_file() and not p.is_symlink()
-        }
         if not here:
             failures.append(Failure(str(path), "holds no trace (no meta.json below it)"))
         found |= here

@@ -15,7 +15,7 @@ from idlebuf.commands.options import add_idle_threshold, number
 from idlebuf.output import write_file
 from idlebuf.reporters.fleet import fleet_html, render_fleet
 from idlebuf.reporters.json import dumps
-from probes.format.errors import UsageError
+from probes.format.errors import TraceError, UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -142,6 +142,8 @@ def summarise_on_dask(
 def run(args: argparse.Namespace) -> int:
     traces, missing = find_traces(args.paths)
     if not traces and missing:
+        if not missing[0].readable:  # a trace error, as report and compare give it
+            raise TraceError(missing[0].reason)
         raise UsageError(f"{missing[0].trace}: {missing[0].reason}")
     if args.serial:
         digests = summarise_serially(traces, args.idle_threshold, args.stream_above)

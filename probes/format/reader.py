@@ -236,7 +236,8 @@ def _part(
     try:
         wanted = None
         if columns is not None:
-            wanted = [c for c in columns if c in reader.schema_arrow.names]
+            names = set(reader.schema_arrow.names)  # a property worked out on each use
+            wanted = [c for c in columns if c in names]
         piece = reader.read(columns=wanted, use_threads=threads)
     except (OSError, pa.ArrowException) as exc:
         raise TraceError(f"{what} is damaged: {_one_line(exc)}") from None
