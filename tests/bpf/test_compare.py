@@ -5,13 +5,16 @@ reads and pinned bytes exactly; RSS and its growth against the server's own /pro
 it started listening and as it exited; kernel socket memory against SO_MEMINFO) and against
 the construction: queued models hold all 53 buffers, the readiness models what a pool or the
 7 active connections need, the provided-buffer ring its 2 x 7 = 14 buffers; every connection
-is idle at the end, so the per-idle-connection cost is what the server holds per connection.
+is idle at the end, so the per-idle-connection cost is what the server holds per connection;
+the kernel's part is the objects each model's connection holds at /proc/slabinfo's sizes; the
+whole cost is unknown (3 seconds give the heap fit too few points), and says so.
 The HTML report and the Perfetto timeline it writes are read back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 
 from probes.format.reader import open_trace
+from tests.bpf.test_cost import object_bytes
 from tests.helpers import idlebuf
 from tests.readers import read_report, read_timeline
 
@@ -42,6 +46,37 @@ RSS_TOLERANCE = 256 << 10
 # on the connections that carried data. (Sockets holding data are checked byte for byte
 # against ss in test_socket_memory.)
 SOCKET_TOLERANCE = 4096 * ACTIVE
+# The kernel's objects each idle connection holds, by how its server waits: a TCP socket, its
+# inode, file and dentry; an epoll item and its wait entry where the server waits in epoll
+# (the readiness loop, the green threads' hub); an io_uring request in flight (io_kiocb)
+# where a RECV, or (poll-first) a POLL_ADD, is posted on it.
+SOCKET = ("TCP", "sock_inode_cache", "filp", "dentry")
+EPOLL = ("eventpoll_epi", "eventpoll_pwq")
+URING = ("io_kiocb",)
+KERNEL_OBJECTS = {
+    "readiness-pool": SOCKET + EPOLL,
+    "readiness-retain": SOCKET + EPOLL,
+    "queued-threads": SOCKET,
+    "queued-green": SOCKET + EPOLL,
+    "queued-uring": SOCKET + URING,
+    "uring-buffer-ring": SOCKET + URING,
+    "uring-poll-first": SOCKET + URING,
+}
+# why the heap fit (and so the other user memory and the whole cost) is unknown: the demo
+# opens its connections together and records 3 s, a few memory points where a fit needs 6
+# settled ones at 3 distinct counts
+FIT_TOO_SHORT = re.compile(
+    r"other user memory: (low confidence: [0-5] points are too few to bound the slope "
+    r"\(.*; 6 settled points are needed\)|connections did not change enough: .*)"
+)
+
+
+def kernel_per_connection(name: str, queue_bytes: int) -> int:
+    """The kernel part of model `name`'s idle connection, as the row gives it (whole bytes):
+    each object at its slab's bytes over the objects a slab holds (to the tenth of a byte,
+    as the report's parts), plus its sockets' queue memory per connection."""
+    slab = sum(round(object_bytes(cache), 1) for cache in KERNEL_OBJECTS[name])
+    return round(round(slab + queue_bytes / CONNECTIONS, 1))
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +123,18 @@ def test_every_model_against_its_own_ground_truth(demo: dict[str, Any]) -> None:
                 SOCKET_TOLERANCE / CONNECTIONS
             ), name
         assert 0 <= row["io_buffer_memory_resident"] <= row["io_buffer_memory"], name
-        # the kernel's objects behind each idle connection: a TCP socket alone is 2.3 KiB
-        assert row["kernel_per_connection_bytes"] > 2048, name
-        whole = row["whole_per_idle_connection_bytes"]
-        assert whole is None or whole >= row["kernel_per_connection_bytes"], name
+        # the kernel's objects behind each idle connection
+        if name == "uring-poll-first":  # every connection waits in a POLL_ADD of its own
+            assert truth["polling"] == CONNECTIONS, name
+        kernel = kernel_per_connection(name, truth["socket_kernel_bytes"])
+        assert row["kernel_per_connection_bytes"] == kernel, name
+        # the whole cost: its other user memory unknown, for the reason the demo's length
+        # gives, so the sum is unknown; the known parts are there, never a 0 for the rest
+        assert row["whole_per_idle_connection_bytes"] is None, name
+        assert row["other_user_per_idle_connection_bytes"] is None, name
+        (why,) = row["whole_unknown"]
+        assert FIT_TOO_SHORT.fullmatch(why), (name, why)
+        assert row["io_buffer_per_idle_connection_bytes"] is not None, name
 
 
 def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> None:
@@ -101,6 +144,7 @@ def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> Non
         assert (row["posted_reads"], row["pinned_bytes"]) == (CONNECTIONS, CONNECTIONS * BUFFER)
         assert row["io_buffer_memory"] == CONNECTIONS * BUFFER
         assert row["per_idle_connection_bytes"] == BUFFER
+        assert row["io_buffer_per_idle_connection_bytes"] == BUFFER
         assert row["ratio_to_readiness"] >= CONNECTIONS / POOL  # the pool holds at most 4
     pool, retain = rows["readiness-pool"], rows["readiness-retain"]
     # readiness pins nothing and holds at most the active connections' buffers
@@ -108,12 +152,17 @@ def test_queued_models_hold_a_buffer_per_connection(demo: dict[str, Any]) -> Non
     assert pool["per_idle_connection_bytes"] <= POOL * BUFFER / CONNECTIONS
     assert retain["pinned_bytes"] == 0 and retain["io_buffer_memory"] == ACTIVE * BUFFER
     assert retain["io_buffer_memory"] == retain["ground_truth"]["held_bytes"]
+    # every connection idle: the retained buffers spread over all of them
+    assert retain["io_buffer_per_idle_connection_bytes"] == round(
+        retain["ground_truth"]["held_bytes"] / CONNECTIONS
+    )
     ring, poll = rows["uring-buffer-ring"], rows["uring-poll-first"]
     assert ring["posted_reads"] == CONNECTIONS and ring["pinned_bytes"] == 0
     assert ring["ground_truth"]["buffer_group"]["buffers"] == RING
     group = ring["ground_truth"]["buffer_group"]
     assert ring["io_buffer_memory"] == RING * BUFFER == group["bytes"]
     assert ring["per_idle_connection_bytes"] == 0  # the ring is shared, no connection's own
+    assert ring["io_buffer_per_idle_connection_bytes"] == 0
     assert poll["posted_reads"] == 0 and 0 < poll["io_buffer_memory"] <= POOL * BUFFER
     # the ratio is each model's IO-buffer memory over the readiness baseline's
     for name, row in rows.items():
