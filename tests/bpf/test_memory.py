@@ -58,10 +58,11 @@ def expected_walk(alloc: str, truth: dict) -> dict[int, tuple[int, int, set[str]
     """For each buffer the server says it holds: the block the walk at the end must find
     for it (address, size, which allocator), from the server's own allocations and the
     allocator's rounding."""
-    (pool,) = truth["allocations"] if alloc == "pool" else [None]
+    pool: dict[str, int] = truth["allocations"][0] if alloc == "pool" else {}
     out = {}
     for b in truth["buffers"]:
-        if alloc == "pool":  # every slot in the one block, a mapping of its own
+        if alloc == "pool":  # every slot in the one block (its only allocation), a mapping
+            assert len(truth["allocations"]) == 1
             out[b["addr"]] = (pool["addr"], glibc_mmapped(pool["size"]), {"glibc mmap"})
         elif alloc == "mmap":  # each buffer a mapping the server made: whole pages
             out[b["addr"]] = (b["addr"], -(-b["len"] // PAGE) * PAGE, {"mapping"})

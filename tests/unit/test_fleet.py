@@ -92,7 +92,7 @@ def built(i: int, path: Path) -> dict[str, Any]:
             whole_per_idle_connection_bytes=round(whole, 1),
         )  # fmt: skip
     per_idle = figures["per_idle_connection_bytes"]
-    assert per_idle is not None
+    assert isinstance(per_idle, int)
     figures["per_idle_connection_bytes"] = float(per_idle)
     return {"trace": str(path), "host": host_of(i), "pid": pid, **figures}
 
