@@ -56,7 +56,7 @@ NETWORK_SOURCES = ("syscall", "uring", "parked")
 MAX_TIMELINE_POINTS = 10_000  # per process
 # figures of the time series measured only with --memory; sampled (None before a sample)
 MEMORY_SERIES = ("io_buffer_heap_bytes", "heap_live_bytes")
-SAMPLED_SERIES = ("rss_bytes", "socket_kernel_bytes", "connections_open")
+SAMPLED_SERIES = ("rss_bytes", "socket_kernel_bytes")
 
 Progress = Callable[[str], None]
 
@@ -278,16 +278,14 @@ class _Analysis:
 
     def _sampled_sockets(self) -> None:
         """Each process's socket samples on the time series' edges: the kernel's queue
-        memory of its connections, and how many it held (0 in a sample that showed only
-        its listener)."""
+        memory of its connections (0 in a sample that showed only its listener)."""
         sockets = self.trace.sockets
         if not self.series.wanted or sockets.empty:
             return
         conns = sockets[(sockets["family"] != "unix") & (sockets["state"] != "LISTEN")]
         kernel = conns[SOCKET_KERNEL_FIELDS].sum(axis=1).astype(np.int64)
         keys = [conns["pid"].to_numpy(np.int64), conns["ts_ns"].to_numpy(np.int64)]
-        g = kernel.groupby(keys)
-        per_sample = pd.DataFrame({"kernel": g.sum(), "open": g.size()})
+        per_sample = pd.DataFrame({"kernel": kernel.groupby(keys).sum()})
         every = sockets[["pid", "ts_ns"]].drop_duplicates().astype(np.int64)
         every = every.sort_values(["pid", "ts_ns"], kind="stable")
         index = pd.MultiIndex.from_frame(every)
@@ -298,27 +296,43 @@ class _Analysis:
             mine = pids == pid
             ts = stamps[mine]
             self.series.level("socket_kernel_bytes", pid, ts, per_sample["kernel"].to_numpy()[mine])
-            self.series.level("connections_open", pid, ts, per_sample["open"].to_numpy()[mine])
+
+    def _first_samples(self) -> dict[int, float]:
+        """Per pid, its first socket sample."""
+        sockets = self.trace.sockets
+        if sockets.empty:
+            return {}
+        first = sockets.groupby("pid")["ts_ns"].min()
+        return dict(zip(first.index.astype(int).tolist(), first.astype(float).tolist()))
 
     def _timeline(self) -> list[TimelinePoint]:
         """Per pid and edge, the figures the passes left on the edges: counts from the
         start, sampled figures from their first sample (None before)."""
         edges = self.series.edges
         assert edges is not None
-        memory = self.trace.meta.memory is not None
+        meta = self.trace.meta
+        memory = meta.memory is not None
+        # the heap traced by the allocator probes; a walked one is not the heap (None)
+        probed = set()
+        if meta.memory is not None:
+            probed = {a.pid for a in meta.memory.allocators if a.method == "probes"}
+        sampled = self._first_samples()
         t_s = (edges - self.start) / 1e9
         out = []
         for pid in sorted(self.series.pids):
             columns: dict[str, list[int | None]] = {}
             for figure in TIMELINE_FIGURES:
                 values = self.series.values(pid, figure)
-                if values is None:
-                    unmeasured = figure in SAMPLED_SERIES or (
-                        figure in MEMORY_SERIES and not memory
-                    )
+                unmeasured = figure in SAMPLED_SERIES or (figure in MEMORY_SERIES and not memory)
+                if figure == "heap_live_bytes" and memory and meta.memory is not None:
+                    unmeasured |= not (meta.memory.alloc_probes or pid in probed)
+                if values is None or (figure == "heap_live_bytes" and unmeasured):
                     columns[figure] = [None if unmeasured else 0] * len(edges)
-                else:
-                    columns[figure] = [None if np.isnan(v) else int(v) for v in values]
+                    continue
+                if figure == "connections_open" and meta.targets.pids:
+                    # attached late: what was open before the first sample was not seen
+                    values = np.where(edges < sampled.get(pid, np.inf), np.nan, values)
+                columns[figure] = [None if np.isnan(v) else int(v) for v in values]
             for i, t in enumerate(t_s.tolist()):
                 out.append(
                     TimelinePoint(pid, float(t), **{f: columns[f][i] for f in TIMELINE_FIGURES})  # type: ignore[arg-type]

@@ -265,7 +265,7 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
         heap = m.traced_live[m.traced_live["pid"] == pid]
         mine_retained = retained[retained["pid"] == pid]
         retained_unknown = retained_unknowns.get(int(pid), [])
-        walked_pid = int(pid) not in probed
+        walked_pid = not memory.alloc_probes and int(pid) not in probed
         sites_here = sites[sites["pid"] == pid].to_dict("records")
         from_here = posted_from[posted_from["pid"] == pid].to_dict("records")
         figures = MemoryFigures(

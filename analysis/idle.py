@@ -17,6 +17,7 @@ import pandas as pd
 from analysis.series import EdgeSeries
 
 FIGURE = "idle_connections"
+OPEN = "connections_open"  # open then: seen by then (reading or sampled), not closed
 
 
 def connection_keys(pid: np.ndarray, fd: np.ndarray) -> np.ndarray:
@@ -100,9 +101,11 @@ class IdleSeries:
         new_keys = np.asarray(uniques)
         sampled = self.spans.reindex(new_keys)
         first = np.fmin(post_ns[fresh][firsts], sampled["opened"].to_numpy())
+        closed = sampled["closed"].fillna(np.inf).to_numpy()
         self.keys = self.keys.append(pd.Index(new_keys))
         self.ref = np.concatenate([self.ref, first])
-        self.closed = np.concatenate([self.closed, sampled["closed"].fillna(np.inf).to_numpy()])
+        self.closed = np.concatenate([self.closed, closed])
+        self.series.spans(OPEN, new_keys >> 32, first, closed + 1)
 
     def finish(self) -> None:
         """Each connection after its last arrival (or since it was first seen), and those
@@ -112,9 +115,11 @@ class IdleSeries:
         self._idle(np.arange(len(self.keys)), self.ref, np.full(len(self.keys), np.inf))
         only = self.spans[~self.spans.index.isin(self.keys)]
         if len(only):
-            ends = np.fmin(np.inf, only["closed"].to_numpy() + 1)
-            start = only["opened"].to_numpy() + self.threshold
-            self.series.spans(FIGURE, only.index.to_numpy(np.int64) >> 32, start, ends)
+            ends = only["closed"].to_numpy() + 1
+            opened = only["opened"].to_numpy()
+            pids = only.index.to_numpy(np.int64) >> 32
+            self.series.spans(FIGURE, pids, opened + self.threshold, ends)
+            self.series.spans(OPEN, pids, opened, ends)
 
     def _idle(self, at: np.ndarray, since: np.ndarray, until: np.ndarray) -> None:
         """Connections `at` (positions in self.keys) idle from `since` + the threshold to

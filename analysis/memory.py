@@ -166,6 +166,9 @@ def retained_buffers(
     return last.buffers(posted, allocations, at_ns, idle_threshold_ns)
 
 
+LAST_COLUMNS = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
+
+
 class LastData:
     """What retained_buffers needs of a trace's reads, kept as they pass: each connection's
     last read that received data (the latest end; at one end, the latest post), and whether
@@ -178,9 +181,11 @@ class LastData:
     def add(self, reads: pd.DataFrame, where: np.ndarray | None = None) -> None:
         """The reads (the rows `where` says) of one window, or those that came late."""
         received = (reads["ret"] > 0).to_numpy() & reads["end_ns"].notna().to_numpy()
-        data = reads[received if where is None else received & where]
-        if data.empty:
+        rows = received if where is None else received & where
+        if not rows.any():
             return
+        column = columns_of(reads, rows)  # the columns kept, not the whole frame copied
+        data = pd.DataFrame({c: column(c, reads[c].dtype) for c in LAST_COLUMNS}, copy=False)
         latest = _last_per_connection(data).assign(moved=False)
         if not self.last.empty:
             latest = _last_per_connection(pd.concat([self.last, latest], ignore_index=True))
@@ -201,8 +206,8 @@ class LastData:
         """retained_buffers(reads, live, at_ns, idle_threshold_ns) of the reads seen, with
         `posted` the reads posted at the end."""
         if self.last.empty:
-            cols = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
-            return pd.DataFrame(columns=[*cols, "alloc_addr", "alloc_size", "attributed_bytes"])
+            columns = [*LAST_COLUMNS, "alloc_addr", "alloc_size", "attributed_bytes"]
+            return pd.DataFrame(columns=columns)
         last = self.last.merge(
             posted[["pid", "fd"]].drop_duplicates(), on=["pid", "fd"], how="left", indicator=True
         )

@@ -309,27 +309,30 @@ def test_the_time_series_counts_reads_posted_and_the_heap_at_each_edge(tmp_path:
     summary = analyze(trace, idle_threshold_s=100e-9, timeline_s=100e-9)
     # idle from 150 (fd 5, first seen at 50), fd 6 busy until its data at 250
     assert [t.idle_connections for t in summary.timeline_of(1)] == [0, 1, 1]
-    # no socket sample, no RSS event: not measured (None), never 0
+    # no RSS event: not measured (None), never 0; the connections seen reading are open
     assert series(trace, "rss_bytes") == [None, None, None]
-    assert series(trace, "connections_open") == [None, None, None]
+    assert series(trace, "socket_kernel_bytes") == [None, None, None]
+    assert series(trace, "connections_open") == [1, 2, 2]
 
 
 def test_connections_that_all_closed_are_closed(tmp_path: Path) -> None:
     """A last sample with only the listener: every connection had closed by then, in the
-    per-connection table and in the time series alike (not "open" from an earlier sample)."""
+    per-connection table and in the time series alike (not "open" from an earlier sample).
+    A connection counts as open from when it was first seen to the last sample showing it."""
 
     def row(ts: int, fd: int, state: str) -> dict[str, object]:
         return {"ts_ns": T + ts, "pid": 1, "fd": fd, "inode": 100 + fd, "family": "tcp",
                 "state": state, "local": "a:1", "remote": "b:2"}  # fmt: skip
 
+    shown = [row(at, fd, "ESTABLISHED") for at in (120, 210) for fd in (5, 6)]
     trace = tiny_trace(
         tmp_path / "t",
-        sockets=[row(120, 5, "ESTABLISHED"), row(120, 6, "ESTABLISHED"), row(120, 3, "LISTEN")]
-        + [row(220, 3, "LISTEN")],
+        sockets=shown + [row(120, 3, "LISTEN"), row(210, 3, "LISTEN"), row(250, 3, "LISTEN")],
     )
     memory = analyze(trace, idle_threshold_s=10e-9).process(1).memory
     assert memory is not None
     table = memory.connection_rows
-    assert table["closed_ns"].tolist() == [T + 120, T + 120]
+    assert table["closed_ns"].tolist() == [T + 210, T + 210]
     assert not table["idle"].any()
-    assert series(trace, "connections_open") == [None, 2, 0]  # no sample before 120
+    # seen from 120 to 210: open at the edge at 200, not at 100 nor at 300
+    assert series(trace, "connections_open") == [0, 2, 0]
