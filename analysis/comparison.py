@@ -71,10 +71,13 @@ WHOLE_COST_PARTS = (
 def io_buffer_memory(process: ProcessSummary) -> tuple[int, int]:
     """(committed, resident) bytes of user memory held for reads at the end: posted or parked
     buffers (heap or the program's own mappings), buffers still held after their data (a pool's
-    counted once), provided-buffer groups. Resident covers the posted and idle retained ones."""
+    counted once), provided-buffer groups. Resident covers the posted and idle retained ones.
+    A posted buffer whose allocation was not seen (made before the attach, a lookup that
+    failed) counts its own length: memory it holds for certain, never 0."""
     memory = _memory(process)
     heap = memory.io_buffer_heap
     committed = heap.bytes + heap.mapped_bytes + memory.held_data_buffers.bytes
+    committed += sum(u.bytes or 0 for u in heap.unknown)
     committed += sum(g.bytes for g in process.buffer_groups)
     resident = heap.resident_bytes + memory.retained.resident_bytes
     return committed, resident
@@ -111,7 +114,7 @@ def comparison_row(
         pending_writes=process.writes.pending_writes,
         pending_write_bytes=process.writes.pending_write_bytes,
         write_buffer_heap=memory.write_buffer_heap.bytes,
-        io_buffer_per_idle_connection_bytes=_rounded(cost.io_buffer_bytes),
+        io_buffer_per_idle_connection_bytes=_rounded(cost.buffer_bytes),
         other_user_per_idle_connection_bytes=_rounded(cost.other_user_bytes),
         kernel_per_connection_bytes=_rounded(cost.kernel_bytes),
         whole_per_idle_connection_bytes=_rounded(cost.total_bytes),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -330,6 +331,41 @@ def idle_sockets(
     return found, unknown
 
 
+# --- the buffer is its allocation ----------------------------------------------------------
+def allocation_footprint(
+    sizes: np.ndarray, allocators: np.ndarray, rounding: Rounding
+) -> np.ndarray:
+    """The bytes each allocation takes from its allocator, as its `allocator` found it: a
+    glibc heap chunk is the block and its 8-byte size field; a glibc block of its own
+    mapping is the mapping (the block and 16 bytes of header); a Go span object and a
+    mapping are themselves; an allocation the probes traced (no allocator named) is its
+    request as the probed allocator rounds it."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    kinds = np.asarray(allocators, dtype=object)
+    out = sizes.copy()
+    traced = np.array([not isinstance(k, str) or k == "" for k in kinds], dtype=bool)
+    if traced.any():
+        out[traced] = rounding(sizes[traced])
+    chunk = np.array([isinstance(k, str) and k.startswith("glibc") for k in kinds], dtype=bool)
+    mmapped = np.array([k == "glibc mmap" for k in kinds], dtype=bool)
+    out[chunk & ~mmapped] += 8
+    out[mmapped] += 16
+    return out
+
+
+@dataclass
+class IdleBuffers:
+    """What the buffers of one process's idle connections take: the allocations holding
+    them (each once, rounding included), the bytes in mappings the program made itself,
+    and those whose allocation was not seen (counted at their length), with how many."""
+
+    allocation_bytes: int = 0
+    mapped_bytes: int = 0
+    unseen_bytes: int = 0
+    unseen: int = 0
+    uring_requests: int = 0  # io_uring reads posted by them (an io_kiocb each)
+
+
 # --- one answer per process ---------------------------------------------------------------
 def whole_cost(
     base: PerIdleConnection,
@@ -339,21 +375,31 @@ def whole_cost(
     sockets: pd.DataFrame,
     connections: pd.DataFrame,
     traced_heap: np.ndarray | None,
-    heap_buffer_bytes: int,
-    idle_uring_requests: int,
+    buffers: IdleBuffers,
 ) -> PerIdleConnection:
     """`base` (the measured per-idle-connection figures) completed with the whole cost:
-    IO buffer + other user memory + kernel = total, for process `pid`.
+    buffer + other user memory + kernel = total, for process `pid`.
 
     `points`: its memory points; `sockets`: the sockets table; `connections`: its rows of
     analysis.memory.connection_table(); `traced_heap`: the traced allocations live at its
-    settled memory points (traced_heap_plan), where its allocator was probed;
-    `heap_buffer_bytes`: the heap the idle connections'
-    own IO buffers take (posted or retained; a shared pool is not theirs), which the heap
-    fit also counts: other user memory is the fit less that, per idle connection."""
+    settled memory points (traced_heap_plan), where its allocator was probed; `buffers`:
+    what its idle connections' own buffers take (posted or retained; a shared pool is
+    counted once). The buffer part is the allocations holding them, which the heap fit also
+    counts: other user memory is the fit less those, per idle connection."""
     idle = int(connections["idle"].sum())
     out = base  # completed in place
     out.io_buffer_bytes = round(base.user_buffer_bytes / idle, 1) if idle else 0.0
+    held = buffers.allocation_bytes + buffers.mapped_bytes + buffers.unseen_bytes
+    out.buffer_bytes = round(held / idle, 1) if idle else 0.0
+    if buffers.unseen and idle:
+        out.whole_unknown.append(
+            Unknown(
+                buffers.unseen,
+                "buffer: allocations not seen (made before the attach, or the lookup "
+                "failed): their buffers counted at their length",
+                buffers.unseen_bytes,
+            )
+        )
     out.saving_bytes = float(base.user_buffer_bytes)
     # the kernel: the slab model on the idle connections, and their queue memory
     slab = 0.0
@@ -364,7 +410,7 @@ def whole_cost(
     else:
         found, unknown = idle_sockets(sockets, connections)
         out.whole_unknown.extend(unknown)
-        out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects, idle_uring_requests)
+        out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects, buffers.uring_requests)
         if found.empty:
             out.kernel_reason = "sock_diag showed none of the connections"
         else:
@@ -385,13 +431,18 @@ def whole_cost(
         out.rss_fit, _ = rss_fit(mine, steady)
         out.socket_fit, _ = socket_queue_fit(sockets, pid)
         if out.fit is not None and out.fit.confident:
-            per_buffer = heap_buffer_bytes / idle if idle else 0.0
+            per_buffer = buffers.allocation_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
     if out.kernel_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"kernel: {out.kernel_reason}"))
     if out.other_user_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
-    if out.other_user_bytes is not None and out.kernel_bytes is not None:
-        out.total_bytes = round(out.io_buffer_bytes + out.other_user_bytes + out.kernel_bytes, 1)
+    out.total_at_least_bytes = round(
+        out.buffer_bytes + max(0.0, out.other_user_bytes or 0.0) + (out.kernel_bytes or 0.0), 1
+    )
+    known = out.other_user_bytes is not None and out.kernel_bytes is not None
+    if known and not buffers.unseen:
+        assert out.other_user_bytes is not None and out.kernel_bytes is not None
+        out.total_bytes = round(out.buffer_bytes + out.other_user_bytes + out.kernel_bytes, 1)
     out.resident_bytes = round(base.resident_bytes + slab + (out.other_user_bytes or 0.0), 1)
     return out

@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.cost import whole_cost
+from analysis.cost import (
+    IdleBuffers,
+    Rounding,
+    allocation_footprint,
+    allocator_rounding,
+    whole_cost,
+)
 from analysis.memory import (
     buffer_attribution,
     buffer_sites,
@@ -336,11 +342,44 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
             m.sockets,
             conns,
             m.fitted_heap.get(int(pid)),
-            figures.io_buffer_heap.idle_bytes + figures.retained.bytes,
-            int((mine_idle["source"] == Source.URING).sum()),
+            idle_buffers(mine_idle, mine_retained, live, rounding_of(memory, int(pid))),
         )
         out[int(pid)] = figures
     return out
+
+
+def rounding_of(memory: MemoryOptions, pid: int) -> Rounding:
+    """How the allocator the probes traced in `pid` rounds a request."""
+    probed = {a.pid: a for a in memory.allocators if a.method == "probes"}
+    allocator = probed.get(pid)
+    return allocator_rounding(allocator.library if allocator else None)[1]
+
+
+def idle_buffers(
+    posted: pd.DataFrame, retained: pd.DataFrame, live: pd.DataFrame, rounding: Rounding
+) -> IdleBuffers:
+    """What one process's idle connections' buffers take: `posted` its idle posted or
+    parked reads (with_mapped_bytes() rows), `retained` its retained buffers, `live` the
+    allocations live at the end (an `allocator` column for those the walkers found). An
+    allocation holding several of them (a pool's buffer) is counted once."""
+    columns = ["pid", "alloc_addr", "alloc_size"]
+    held = pd.concat([posted[columns], retained[columns]], ignore_index=True)
+    held = held[held["alloc_size"] > 0].drop_duplicates(["pid", "alloc_addr"])
+    kinds = live.reindex(columns=["pid", "addr", "allocator"]).rename(
+        columns={"addr": "alloc_addr"}
+    )
+    held = held.merge(kinds.drop_duplicates(["pid", "alloc_addr"]), how="left")
+    footprint = allocation_footprint(
+        held["alloc_size"].to_numpy(np.int64), held["allocator"].to_numpy(object), rounding
+    )
+    unseen = (posted["alloc_size"] == 0) & (posted["mapped_bytes"] == 0) & (posted["len"] > 0)
+    return IdleBuffers(
+        allocation_bytes=int(footprint.sum()),
+        mapped_bytes=int(posted["mapped_bytes"].sum()),
+        unseen_bytes=int(posted.loc[unseen, "len"].sum()),
+        unseen=int(unseen.sum()),
+        uring_requests=int((posted["source"] == Source.URING).sum()),
+    )
 
 
 def _site(row: dict[Hashable, Any]) -> BufferSite:

@@ -65,6 +65,7 @@ def walked_blocks(blocks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.
             "stack_id": 0,
             "alloc_ns": heap["since"].astype("int64"),
             "free_ns": np.nan,
+            "allocator": heap["allocator"],
         }
     )
     mappings = pd.DataFrame(
@@ -79,7 +80,7 @@ def walked_blocks(blocks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.
     )
     failed = latest.loc[latest["size"] == 0, ["pid", "buffer", "why"]]
     return (
-        allocations.reset_index(drop=True)[ALLOCATION_COLUMNS],
+        allocations.reset_index(drop=True)[[*ALLOCATION_COLUMNS, "allocator"]],
         mappings.reset_index(drop=True),
         failed.reset_index(drop=True),
     )

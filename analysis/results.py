@@ -242,10 +242,15 @@ class PerIdleConnection(Result):
     bytes: float = 0.0  # per idle connection
     unknown: list[Unknown] = field(default_factory=list)  # idle connections not fully known
     io_buffer_bytes: float = 0.0  # per idle connection: posted, parked or retained buffers
+    # ... the allocations holding them, rounding included (the buffer part of the total)
+    buffer_bytes: float | None = None
     other_user_bytes: float | None = None  # per connection, beyond IO buffers (the heap fit)
     kernel_bytes: float | None = None  # slab objects (kernel_parts) + queue memory
     kernel_parts: list[KernelPart] = field(default_factory=list)
     total_bytes: float | None = None
+    # the known parts alone (an unknown part as 0, a buffer not seen at its length): what an
+    # idle connection costs at least
+    total_at_least_bytes: float = 0.0
     saving_bytes: float = 0.0  # a readiness design: the IO buffers of all idle connections
     fit: ConnectionFit | None = None  # the heap against connections
     rss_fit: ConnectionFit | None = None  # RSS against connections, for comparison

@@ -301,11 +301,13 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
         ["per idle connection (whole)",
          known(cost.total_bytes) if cost.total_bytes is None
          else _plus_unknown(cost.total_bytes, cost.unknown),
-         "IO buffer + other user memory + kernel (committed); resident "
+         "buffer + other user memory + kernel (committed); at least "
+         + human_bytes(cost.total_at_least_bytes) + "; resident "
          + _plus_unknown(cost.resident_bytes, cost.whole_unknown)],
-        ["  IO buffer", _plus_unknown(cost.io_buffer_bytes, cost.unknown),
-         f"a readiness design would save {_plus_unknown(cost.saving_bytes, cost.unknown)} over "
-         f"{idle:,} idle connections"],
+        ["  buffer", known(cost.buffer_bytes),
+         f"the allocations holding the buffers ({_plus_unknown(cost.io_buffer_bytes, cost.unknown)}"
+         f" posted or kept); a readiness design would save "
+         f"{_plus_unknown(cost.saving_bytes, cost.unknown)} over {idle:,} idle connections"],
         ["  other user memory", known(cost.other_user_bytes), printable(other_why)],
         ["  kernel (model)", known(cost.kernel_bytes), printable(kernel_why)],
     ]  # fmt: skip

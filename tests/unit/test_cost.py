@@ -216,9 +216,12 @@ def test_whole_cost_splits_the_heap_into_buffer_and_session_chunks(tmp_path: Pat
         0,
         True,
     )
-    # every byte of a connection's heap counted once: its buffer's chunk, its session's
+    # every byte of a connection's heap counted once: its buffer's chunk, its session's;
+    # the posted length stays a figure of its own
     assert per_idle["other_user_bytes"] == session_chunk
-    assert per_idle["io_buffer_bytes"] + per_idle["other_user_bytes"] == 6176
+    assert per_idle["buffer_bytes"] == buffer_chunk
+    assert per_idle["buffer_bytes"] + per_idle["other_user_bytes"] == 6176
+    assert per_idle["io_buffer_bytes"] == buffer
     # the kernel: a TCP socket, inode, file and dentry at their share of a slab, and the
     # 768 bytes each socket's queues hold
     slab = round(32768 / 13, 1) + round(16384 / 19, 1) + round(4096 / 21, 1) * 2

@@ -482,7 +482,15 @@ def walked() -> Iterator[tuple[str, str, Any]]:
         [{"cache": c, "objects": 1.0, "object_bytes": b, "bytes": b} for c, b in parts.items()],
     )
     yield name, f"{cost}.kernel_bytes", round(sum(parts.values()) + SOCKET_RMEM, 1)
-    yield name, f"{cost}.whole_unknown", []
+    # the buffer part: the 20 chunks (the block and glibc's 8-byte size field), the 2
+    # buffers' bytes in the mapping, and the one the walk could not read at its length -
+    # which leaves the whole cost unknown, said with why
+    chunks = 20 * (BUFFER + 13 + 8)
+    yield name, f"{cost}.buffer_bytes", round((chunks + 2 * BUFFER + BUFFER) / CONNECTIONS, 1)
+    yield name, f"{cost}.io_buffer_bytes", float(BUFFER)
+    yield name, f"{cost}.whole_unknown.0.connections", 1
+    yield name, f"{cost}.whole_unknown.0.bytes", BUFFER
+    yield name, f"{cost}.total_bytes", None
     # other user memory (and so the total) is not checked here: this trace's memory points
     # grow by every buffer's chunk while its walk finds 3 of the 23 elsewhere, so no one
     # figure is the truth; test_cost checks the split on sessions_trace, which agrees
