@@ -170,7 +170,7 @@ class _Analysis:
             reads.close()
         live = allocs.finish()
         written = writes.finish()
-        idle.finish()
+        idle.finish(at_end.ends_of_stream)
         self._sampled_sockets()
         resident = Resident(
             rss.first, rss.now, rss.peak, rss_sources(rss.traced, state["proc_status"])

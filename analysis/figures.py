@@ -21,10 +21,13 @@ from analysis.cost import (
     allocator_rounding,
     whole_cost,
 )
+from analysis.idle import socket_generations
 from analysis.memory import (
+    CONNECTION_KEYS,
     buffer_attribution,
     buffer_sites,
     connections_from_activity,
+    generations_of,
     idle_connection_cost,
     idle_reads,
     live_at,
@@ -233,7 +236,7 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     brk = program_break(state["maps"]).set_index("pid")
     sites = buffer_sites(attributed, live, state["stacks"])
     posted_from = read_sites(attributed, state["stacks"])
-    activity = m.reads.activity.reset_index()[["pid", "fd", "first_ns", "last_data_ns"]]
+    activity = m.reads.activity.reset_index()[[*CONNECTION_KEYS, "first_ns", "last_data_ns"]]
     idle = idle_reads(attributed, activity, m.end_ns, m.threshold_ns)
     # every connection's last data buffer still held, idle or not (a pool's buffers once each);
     # those of idle connections are the retained buffers
@@ -249,9 +252,13 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     )
     retained["resident_bytes"] = with_residency(retained, residency, "last_data").fillna(0)
     write_heap = write_buffer_heap(m.write_buffers, live).set_index("pid")
+    sockets = m.sockets.assign(gen=socket_generations(m.sockets, m.reads.ends_of_stream))
     connections = connections_from_activity(
-        m.reads.activity.copy(), m.sockets, retained, m.end_ns, m.threshold_ns
+        m.reads.activity.copy(), sockets, retained, m.end_ns, m.threshold_ns
     )
+    # a connection whose stream ended keeps no buffer: the fd's next connection is another
+    going = connections.loc[connections["closed_ns"].isna(), CONNECTION_KEYS]
+    retained = retained.assign(gen=generations_of(retained)).merge(going, on=CONNECTION_KEYS)
     cost = idle_connection_cost(connections).set_index("pid")
     late = bool(meta.targets.pids)
     if memory.alloc_probes:  # every allocator probed

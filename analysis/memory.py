@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.idle import connection_keys
 from analysis.reads import columns_of, next_event
 from probes.format.schema import RssMember
 
@@ -145,7 +146,9 @@ def idle_reads(
     posted: pd.DataFrame, activity: pd.DataFrame, at_ns: int, idle_threshold_ns: int
 ) -> pd.Series:
     """For each posted read, whether its connection had no data for `idle_threshold_ns`."""
-    joined = posted[["pid", "fd"]].merge(activity, on=["pid", "fd"], how="left")
+    keys = [k for k in CONNECTION_KEYS if k in activity]
+    rows = posted.assign(gen=generations_of(posted))[keys]
+    joined = rows.merge(activity, on=keys, how="left")
     since = joined["last_data_ns"].fillna(joined["first_ns"])
     return pd.Series((at_ns - since >= idle_threshold_ns).to_numpy(), index=posted.index)
 
@@ -167,7 +170,7 @@ def retained_buffers(
     return last.buffers(posted, allocations, at_ns, idle_threshold_ns)
 
 
-LAST_COLUMNS = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
+LAST_COLUMNS = ["pid", "fd", "gen", "addr", "len", "post_ns", "end_ns", "ret"]
 
 
 class LastData:
@@ -186,7 +189,13 @@ class LastData:
         if not rows.any():
             return
         column = columns_of(reads, rows)  # the columns kept, not the whole frame copied
-        data = pd.DataFrame({c: column(c, reads[c].dtype) for c in LAST_COLUMNS}, copy=False)
+        data = pd.DataFrame(
+            {
+                c: generations_of(reads, rows) if c == "gen" else column(c, reads[c].dtype)
+                for c in LAST_COLUMNS
+            },
+            copy=False,
+        )
         latest = _last_per_connection(data).assign(moved=False)
         if not self.last.empty:
             latest = _last_per_connection(pd.concat([self.last, latest], ignore_index=True))
@@ -209,9 +218,8 @@ class LastData:
         if self.last.empty:
             columns = [*LAST_COLUMNS, "alloc_addr", "alloc_size", "attributed_bytes"]
             return pd.DataFrame(columns=columns)
-        last = self.last.merge(
-            posted[["pid", "fd"]].drop_duplicates(), on=["pid", "fd"], how="left", indicator=True
-        )
+        now = posted.assign(gen=generations_of(posted))[CONNECTION_KEYS].drop_duplicates()
+        last = self.last.merge(now, on=CONNECTION_KEYS, how="left", indicator=True)
         last = last[(last["_merge"] == "left_only") & (at_ns - last["end_ns"] >= idle_threshold_ns)]
         last = last[~last["moved"].to_numpy(bool)].drop(columns=["_merge", "moved"])
         held = buffer_attribution(last, live)
@@ -231,14 +239,16 @@ def _buffer_keys(latest: pd.DataFrame, data: pd.DataFrame) -> tuple[np.ndarray, 
 
 
 def _last_per_connection(data: pd.DataFrame) -> pd.DataFrame:
-    """Per (pid, fd), the row with the latest end_ns; at one end, the latest post_ns; then
-    the last row (what a stable sort by end_ns of reads in post order leaves last)."""
+    """Per connection (pid, fd, gen), the row with the latest end_ns; at one end, the latest
+    post_ns; then the last row (what a stable sort by end_ns of reads in post order leaves
+    last)."""
     pid = data["pid"].to_numpy(np.int64)
     fd = data["fd"].to_numpy(np.int64)
-    if pid.min() == pid.max() and fd.max() - fd.min() < 2**22:
+    gen = generations_of(data)
+    if pid.min() == pid.max() and not gen.any() and fd.max() - fd.min() < 2**22:
         codes, n = fd - fd.min(), int(fd.max() - fd.min()) + 1
     else:
-        codes, uniques = pd.factorize((pid << 32) | (fd & 0xFFFFFFFF))
+        codes, uniques = pd.factorize(connection_keys(pid, fd, gen))
         n = len(uniques)
     end = data["end_ns"].to_numpy(np.float64)
     best = np.full(n, -np.inf)
@@ -290,6 +300,7 @@ SOCKET_KERNEL_FIELDS = ["rmem_alloc", "wmem_queued", "fwd_alloc"]
 CONNECTION_COLUMNS = [
     "pid",
     "fd",
+    "gen",  # which connection on the fd (one more after each end of stream)
     "inode",
     "family",
     "local",
@@ -306,11 +317,24 @@ CONNECTION_COLUMNS = [
 ]
 
 
+CONNECTION_KEYS = ["pid", "fd", "gen"]  # a connection: an fd's stream (see analysis.idle)
+
+
+def generations_of(frame: pd.DataFrame, where: np.ndarray | None = None) -> np.ndarray:
+    """The `gen` column (each read's connection on its fd), 0 where a frame has none."""
+    if "gen" not in frame:
+        n = len(frame) if where is None else int(np.count_nonzero(where))
+        return np.zeros(n, np.int64)
+    gen = np.nan_to_num(frame["gen"].to_numpy(np.float64)).astype(np.int64)
+    return gen if where is None else gen[where]
+
+
 def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd.DataFrame:
-    """Per connection (index pid, fd), what its reads (the rows `where` says, if given) say:
-    bytes received, first read posted, last data arrived (NaN: never), buffer bytes of reads
-    posted now (NaN: none). Sums, minima and maxima: the activity of a trace's pieces merges
-    into the whole's (merge_activity)."""
+    """Per connection (index pid, fd, gen), what its reads (the rows `where` says, if given)
+    say: bytes received, first read posted, last data arrived (NaN: never), buffer bytes of
+    reads posted now (NaN: none), the end of its stream (a read returned 0; NaN: none seen).
+    Sums, minima and maxima: the activity of a trace's pieces merges into the whole's
+    (merge_activity)."""
     column = columns_of(intervals, where)
     ret = column("ret", np.float64)
     end = column("end_ns", np.float64)
@@ -318,13 +342,15 @@ def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> p
     # one int64 key per connection: one hash of the rows, not one per column
     pid = column("pid", np.int64)
     fd = column("fd", np.int64)
-    codes, keys = pd.factorize((pid << 32) | (fd & 0xFFFFFFFF))
+    gen = generations_of(intervals, where)
+    codes, _ = pd.factorize(connection_keys(pid, fd, gen))
     frame = pd.DataFrame(
         {
             "bytes_received": np.where(data, ret, 0.0),
             "first_ns": column("post_ns", np.int64),
             "last_data_ns": np.where(data, end, np.nan),
             "posted_bytes": np.where(np.isnan(end), column("len", np.float64), np.nan),
+            "eof_ns": np.where(ret == 0, end, np.nan),
         }
     )
     g = frame.groupby(codes, sort=True)
@@ -334,15 +360,18 @@ def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> p
             "first_ns": g["first_ns"].min(),
             "last_data_ns": g["last_data_ns"].max(),
             "posted_bytes": g["posted_bytes"].sum(min_count=1),
+            "eof_ns": g["eof_ns"].max(),
         }
     )
-    keys = np.asarray(keys, dtype=np.int64)[out.index.to_numpy()]
+    _, first_row = np.unique(codes, return_index=True)  # a row of each code, in code order
+    rows = first_row[out.index.to_numpy()]
     out.index = pd.MultiIndex.from_arrays(
         [
-            (keys >> 32).astype(intervals["pid"].dtype),
-            (keys & 0xFFFFFFFF).astype(np.uint32).astype(np.int32).astype(intervals["fd"].dtype),
+            pid[rows].astype(intervals["pid"].dtype),
+            fd[rows].astype(intervals["fd"].dtype),
+            gen[rows],
         ],
-        names=["pid", "fd"],
+        names=CONNECTION_KEYS,
     )
     return out.sort_index()
 
@@ -354,13 +383,14 @@ def merge_activity(pieces: list[pd.DataFrame]) -> pd.DataFrame:
         return pieces[0]
     if not pieces:
         return read_activity(pd.DataFrame(columns=["pid", "fd", "post_ns", "end_ns", "ret", "len"]))
-    g = pd.concat(pieces).groupby(level=["pid", "fd"])
+    g = pd.concat(pieces).groupby(level=CONNECTION_KEYS)
     return pd.DataFrame(
         {
             "bytes_received": g["bytes_received"].sum(),
             "first_ns": g["first_ns"].min(),
             "last_data_ns": g["last_data_ns"].max(),
             "posted_bytes": g["posted_bytes"].sum(min_count=1),
+            "eof_ns": g["eof_ns"].max(),
         }
     )
 
@@ -392,8 +422,14 @@ def connections_from_activity(
     at_ns: int,
     idle_threshold_ns: int,
 ) -> pd.DataFrame:
-    """connection_table() from the reads' read_activity()."""
-    keys = ["pid", "fd"]
+    """connection_table() from the reads' read_activity(). A connection whose stream ended
+    (a read returned 0) closed then, if no later sample showed it; `sockets` may carry each
+    sample's generation (`gen`: which connection on its fd it showed)."""
+    keys = CONNECTION_KEYS
+    if "gen" not in sockets:
+        sockets = sockets.assign(gen=0)
+    if "gen" not in retained:
+        retained = retained.assign(gen=0)
     if not sockets.empty:
         # the last sample: of every socket (a listener still open shows a sample in which
         # every connection had closed)
@@ -422,6 +458,10 @@ def connections_from_activity(
             table[col] = np.nan
     # a socket is first sampled up to one interval after it opened; its first read may be earlier
     table["opened_ns"] = table[["opened_ns", "first_ns"]].min(axis=1)
+    if "eof_ns" in table:  # the end of its stream, unless sampled open later
+        ended = table["eof_ns"].notna() & ~(table["closed_ns"] > table["eof_ns"])
+        table.loc[ended, "closed_ns"] = table.loc[ended, "eof_ns"]
+        table.loc[ended, "retained_bytes"] = 0  # a closed connection keeps no buffer
     since = table["last_data_ns"].fillna(table["first_ns"]).fillna(table["opened_ns"])
     table["idle_ns"] = at_ns - since
     table["idle"] = (table["idle_ns"] >= idle_threshold_ns) & table["closed_ns"].isna()

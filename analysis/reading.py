@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.idle import IdleSeries
+from analysis.idle import Generations, IdleSeries, connection_keys
 from analysis.memory import LastData, merge_activity, read_activity
 from analysis.parking import Attribute, NextPost, Parking
 from analysis.reads import EAGAIN, columns_of, is_network, network_reads, read_intervals
@@ -29,7 +29,7 @@ from analysis.series import Chunk, EdgeSeries, Peaks, steps_of
 from analysis.windows import EVENT_COLUMNS, empty
 from probes.format.schema import Source
 
-CARRIED = [*EVENT_COLUMNS["posts"], "seq", "attr"]
+CARRIED = [*EVENT_COLUMNS["posts"], "seq", "attr", "gen"]
 
 
 def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
@@ -41,7 +41,7 @@ def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
 
 def no_reads() -> pd.DataFrame:
     """read_intervals() of nothing, with its columns."""
-    return read_intervals(empty("posts").assign(seq=0, attr=0.0), empty("completions"))
+    return read_intervals(empty("posts").assign(seq=0, attr=0.0, gen=0.0), empty("completions"))
 
 
 def merge_counts(pieces: list[pd.DataFrame]) -> pd.DataFrame:
@@ -64,6 +64,7 @@ class ReadsAtEnd:
     data: LastData  # each connection's last data buffer
     waits_begun: pd.Series  # readiness waits per pid
     waits_ended: pd.Series
+    ends_of_stream: pd.DataFrame  # pid, fd, end_ns of each read that returned 0
 
 
 class ReadPass:
@@ -81,6 +82,7 @@ class ReadPass:
         self.digests = _Digests(Peaks())
         self.waits_begun: list[pd.Series] = []
         self.waits_ended: list[pd.Series] = []
+        self.generations = Generations()
 
     def window(self, low: float, ev: dict[str, pd.DataFrame], attribute: Attribute | None) -> None:
         posts = ev.get("posts", empty("posts"))
@@ -89,7 +91,7 @@ class ReadPass:
         self.waits_begun.append(waits.groupby("pid").size())
         self.waits_ended.append(wait_ends.groupby("pid").size())
         posts = posts.assign(
-            seq=np.arange(self.seq, self.seq + len(posts), dtype=np.int64), attr=np.nan
+            seq=np.arange(self.seq, self.seq + len(posts), dtype=np.int64), attr=np.nan, gen=np.nan
         )
         self.seq += len(posts)
         iv = read_intervals(_stacked(self.carry, posts), completions)
@@ -101,6 +103,7 @@ class ReadPass:
         seeded = source == Source.PARKED
         is_open = iv["end_ns"].isna().to_numpy()
         network = is_network(iv)
+        self.generations.window(iv, is_open, network)
         if attribute is not None:
             attr = iv["attr"].to_numpy(np.float64).copy()
             todo = network & np.isnan(attr)
@@ -128,14 +131,16 @@ class ReadPass:
         if self.series.wanted:
             ended = network & ~is_open & ~seeded
             column = columns_of(iv, None)
-            arrived = ended & (column("ret", np.float64) > 0)
+            ret = column("ret", np.float64)
+            arrived = ended & (ret >= 0)  # data, or the end of the stream (0)
             fresh = new & network
-            pid, fd = column("pid", np.int64), column("fd", np.int64)
+            key = connection_keys(
+                column("pid", np.int64), column("fd", np.int64), column("gen", np.int64)
+            )
             self.idle.window(
-                pid[fresh],
-                fd[fresh],
+                key[fresh],
                 column("post_ns", np.int64)[fresh],
-                (pid[arrived], fd[arrived], column("end_ns", np.float64)[arrived]),
+                (key[arrived], column("end_ns", np.float64)[arrived], ret[arrived] == 0),
             )
             self._spans(iv, ended)
         self.digests.add(iv, new, is_open, seeded)
@@ -166,6 +171,7 @@ class ReadPass:
             data=self.digests.data,
             waits_begun=_summed(self.waits_begun),
             waits_ended=_summed(self.waits_ended),
+            ends_of_stream=self.generations.ends(),
         )
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ _INTERVAL_COLUMNS = [
     "superseded",
     "seq",  # analysis.reading: the post's number in the trace
     "attr",  # analysis.reading: bytes of its buffer in an allocation, at its first edge
+    "gen",  # analysis.reading: its connection on the fd (one more after each end of stream)
 ]
 
 

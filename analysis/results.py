@@ -289,11 +289,12 @@ class MemoryFigures(Result):
 
 
 def connection_table_json(rows: pd.DataFrame) -> list[JsonObject]:
-    """The per-connection rows as JSON objects (NaN as null), without the pid."""
+    """The per-connection rows as JSON objects (NaN as null), without the pid and the
+    generation (the fd and the times tell connections on one fd apart)."""
     rows = rows.astype(object).where(rows.notna(), None)
     return [
         {str(k): (v.item() if hasattr(v, "item") else v) for k, v in r.items() if k != "pid"}
-        for r in rows.to_dict("records")
+        for r in rows.drop(columns=["gen"], errors="ignore").to_dict("records")
     ]
 
 

@@ -336,3 +336,41 @@ def test_connections_that_all_closed_are_closed(tmp_path: Path) -> None:
     assert not table["idle"].any()
     # seen from 120 to 210: open at the edge at 200, not at 100 nor at 300
     assert series(trace, "connections_open") == [0, 2, 0]
+
+
+def test_an_fd_reused_after_the_end_of_a_stream_is_another_connection(tmp_path: Path) -> None:
+    """fd 7 reads 26 bytes into a 507-byte buffer, then 0 (the peer closed): its connection
+    is over, closed at that read. The next accept gets fd 7 again; it never sends a byte, so
+    only the socket samples show it: a connection of its own, open and idle, holding no
+    buffer, with nothing of the first one's bytes."""
+
+    def read(ts: int, key: int, ret: int) -> tuple[dict[str, object], dict[str, object]]:
+        post = {"ts_ns": T + ts, "pid": 1, "tid": 2, "fd": 7, "source": int(Source.SYSCALL),
+                "op": 45, "key": key, "addr": 0x1000, "len": 507}  # fmt: skip
+        done = {"ts_ns": T + ts + 5, "pid": 1, "tid": 2, "source": int(Source.SYSCALL),
+                "key": key, "ret": ret}  # fmt: skip
+        return post, done
+
+    first, eof = read(10, 1, 26), read(20, 2, 0)
+    sample = {"ts_ns": T + 150, "pid": 1, "fd": 7, "inode": 99, "family": "tcp",
+              "state": "ESTABLISHED", "local": "a:1", "remote": "b:3"}  # fmt: skip
+    trace = tiny_trace(
+        tmp_path / "t",
+        posts=[first[0], eof[0]],
+        completions=[first[1], eof[1]],
+        allocs=[{"ts_ns": T + 1, "pid": 1, "tid": 2, "addr": 0x1000, "size": 507}],
+        sockets=[sample],
+    )
+    memory = analyze(trace, idle_threshold_s=100e-9, timeline_s=100e-9).process(1).memory
+    assert memory is not None
+    table = memory.connection_rows.sort_values("opened_ns")
+    assert table["fd"].tolist() == [7, 7]
+    assert table["bytes_received"].tolist() == [26, 0]
+    assert table["closed_ns"].tolist()[0] == T + 25  # the end of its stream
+    assert pd.isna(table["closed_ns"].tolist()[1])
+    assert table["idle"].tolist() == [False, True]
+    assert table["retained_bytes"].tolist() == [0, 0]
+    assert (memory.connections.open, memory.connections.idle) == (1, 1)
+    assert memory.retained.buffers == 0
+    # over time: the first from 10 to 25, the second from its sample at 150
+    assert series(trace, "connections_open") == [0, 1, 1]
