@@ -259,6 +259,11 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     # a connection whose stream ended keeps no buffer: the fd's next connection is another
     going = connections.loc[connections["closed_ns"].isna(), CONNECTION_KEYS]
     retained = retained.assign(gen=generations_of(retained)).merge(going, on=CONNECTION_KEYS)
+    # io_uring POLL_ADDs armed on idle connections: a request (io_kiocb) each, in the kernel
+    polls = m.reads.polls
+    idle_keys = connections.loc[connections["idle"], CONNECTION_KEYS]
+    polling = polls.assign(gen=generations_of(polls))[CONNECTION_KEYS].merge(idle_keys)
+    polls_of = polling.groupby("pid").size()
     cost = idle_connection_cost(connections).set_index("pid")
     late = bool(meta.targets.pids)
     if memory.alloc_probes:  # every allocator probed
@@ -349,7 +354,13 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
             m.sockets,
             conns,
             m.fitted_heap.get(int(pid)),
-            idle_buffers(mine_idle, mine_retained, live, rounding_of(memory, int(pid))),
+            idle_buffers(
+                mine_idle,
+                mine_retained,
+                live,
+                rounding_of(memory, int(pid)),
+                int(polls_of.get(pid, 0)),
+            ),
         )
         out[int(pid)] = figures
     return out
@@ -363,12 +374,17 @@ def rounding_of(memory: MemoryOptions, pid: int) -> Rounding:
 
 
 def idle_buffers(
-    posted: pd.DataFrame, retained: pd.DataFrame, live: pd.DataFrame, rounding: Rounding
+    posted: pd.DataFrame,
+    retained: pd.DataFrame,
+    live: pd.DataFrame,
+    rounding: Rounding,
+    polls: int = 0,
 ) -> IdleBuffers:
     """What one process's idle connections' buffers take: `posted` its idle posted or
     parked reads (with_mapped_bytes() rows), `retained` its retained buffers, `live` the
     allocations live at the end (an `allocator` column for those the walkers found). An
-    allocation holding several of them (a pool's buffer) is counted once."""
+    allocation holding several of them (a pool's buffer) is counted once. `polls`: io_uring
+    POLL_ADDs armed on them (their requests are counted with the reads')."""
     columns = ["pid", "alloc_addr", "alloc_size"]
     held = pd.concat([posted[columns], retained[columns]], ignore_index=True)
     held = held[held["alloc_size"] > 0].drop_duplicates(["pid", "alloc_addr"])
@@ -385,7 +401,7 @@ def idle_buffers(
         mapped_bytes=int(posted["mapped_bytes"].sum()),
         unseen_bytes=int(posted.loc[unseen, "len"].sum()),
         unseen=int(unseen.sum()),
-        uring_requests=int((posted["source"] == Source.URING).sum()),
+        uring_requests=int((posted["source"] == Source.URING).sum()) + polls,
     )
 
 

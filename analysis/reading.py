@@ -23,7 +23,14 @@ import pandas as pd
 from analysis.idle import Generations, IdleSeries, connection_keys
 from analysis.memory import LastData, merge_activity, read_activity
 from analysis.parking import Attribute, NextPost, Parking
-from analysis.reads import EAGAIN, columns_of, is_network, network_reads, read_intervals
+from analysis.reads import (
+    EAGAIN,
+    columns_of,
+    is_network,
+    is_poll,
+    network_reads,
+    read_intervals,
+)
 from analysis.reads import read_summary as count_reads
 from analysis.series import Chunk, EdgeSeries, Peaks, steps_of
 from analysis.windows import EVENT_COLUMNS, empty
@@ -65,6 +72,7 @@ class ReadsAtEnd:
     waits_begun: pd.Series  # readiness waits per pid
     waits_ended: pd.Series
     ends_of_stream: pd.DataFrame  # pid, fd, end_ns of each read that returned 0
+    polls: pd.DataFrame  # io_uring POLL_ADDs armed at the end (each connection's waiter)
 
 
 class ReadPass:
@@ -160,6 +168,7 @@ class ReadPass:
         self._late(late)
         counts, activity, late_steps = self.digests.finish()
         counts.append(count_reads(still))
+        polls = still[is_poll(still)] if len(still) else still
         still, late = network_reads(still), network_reads(late)
         activity.append(read_activity(still))
         self._spans(still, None)
@@ -172,6 +181,7 @@ class ReadPass:
             waits_begun=_summed(self.waits_begun),
             waits_ended=_summed(self.waits_ended),
             ends_of_stream=self.generations.ends(),
+            polls=polls,
         )
 
     def close(self) -> None:

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.format.schema import SYSCALL_NAMES, URING_OP_NAMES, PostFlag, Source
+from probes.format.schema import SYSCALL_NAMES, URING_OP_NAMES, URING_WAIT_OPS, PostFlag, Source
+
+URING_POLL_ADD = URING_WAIT_OPS["POLL_ADD"]
 
 SOURCE_NAMES = {s.value: s.name.lower() for s in Source}
 
@@ -343,6 +345,8 @@ def _source_and_label(source: int, op: int, flags: int) -> tuple[str, str]:
         return "parked", SYSCALL_NAMES.get(op, f"syscall_{op}")
     if source == Source.URING:
         name = URING_OP_NAMES.get(op, f"op_{op}")
+        if op == URING_POLL_ADD:  # a readiness wait on one socket, not a read
+            return "uring poll", name
         if flags & PostFlag.SOCKET:
             return "uring", name
         if flags & PostFlag.FIXED_FILE:  # a registered file: not known to be a socket
@@ -372,13 +376,20 @@ def label_reads(intervals: pd.DataFrame) -> pd.DataFrame:
     return intervals.assign(source_name=names[which], label=labels[which])
 
 
+def is_poll(intervals: pd.DataFrame) -> np.ndarray:
+    """Which rows are io_uring POLL_ADDs on sockets: readiness waits, not reads."""
+    uring = intervals["source"].to_numpy() == Source.URING
+    return uring & (intervals["op"].to_numpy() == URING_POLL_ADD)
+
+
 def is_network(intervals: pd.DataFrame) -> np.ndarray:
-    """Which reads are on sockets (reads of files through io_uring are not)."""
+    """Which reads are on sockets (reads of files through io_uring are not, nor POLL_ADDs:
+    they read nothing)."""
     flags = intervals["flags"].to_numpy(np.int64)
     file = (intervals["source"].to_numpy() == Source.URING) & (
         flags & (PostFlag.SOCKET | PostFlag.FIXED_FILE) == 0
     )
-    return ~file
+    return ~file & ~is_poll(intervals)
 
 
 def network_reads(intervals: pd.DataFrame) -> pd.DataFrame:
@@ -440,6 +451,8 @@ def read_summary(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd
     ret = column("ret", np.float64)
     ok = ret >= 0
     flags = column("flags", np.int64)
+    # a POLL_ADD's result is an event mask, not bytes
+    poll = (column("source", np.int64) == Source.URING) & (column("op", np.int64) == URING_POLL_ADD)
     figures = {
         "posted_reads": is_open,
         "pinned_bytes": np.where(is_open, column("len", np.int64), 0),
@@ -447,7 +460,7 @@ def read_summary(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd
         "multishot_posted": is_open & ((flags & PostFlag.MULTISHOT) != 0),
         "reads_completed": ok,
         "reads_failed": ret < 0,
-        "bytes_received": np.where(ok, ret, 0),
+        "bytes_received": np.where(ok & ~poll, ret, 0),
     }
     # a trace has millions of reads and a handful of kinds: sum per kind, then label kinds
     kind_columns = ["pid", "source", "op", "flags"]

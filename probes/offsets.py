@@ -76,7 +76,7 @@ def uring_constants(btf: BTF) -> dict[str, int]:
     out["URING_FLAGS_SIZE"] = btf.member_size("io_kiocb", "flags")
     out["ITER_UBUF_VAL"] = btf.enum_value("iter_type", "ITER_UBUF")
     out["ITER_IOVEC_VAL"] = btf.enum_value("iter_type", "ITER_IOVEC")
-    for name, value in schema.URING_READ_OPS.items():
+    for name, value in (schema.URING_READ_OPS | schema.URING_WAIT_OPS).items():
         if btf.enum_value("io_uring_op", f"IORING_OP_{name}") != value:
             raise BTFError(f"IORING_OP_{name} is not {value} on this kernel")
     return out

@@ -90,10 +90,18 @@ static __always_inline int uring_read_of(const void *req, u8 op, u64 rflags, int
     s32 fd = -1;
 
     if (op != URING_OP_RECV && op != URING_OP_READ && op != URING_OP_READV &&
-        op != URING_OP_RECVMSG && op != URING_OP_READ_FIXED && op != URING_OP_READ_MULTISHOT)
+        op != URING_OP_RECVMSG && op != URING_OP_READ_FIXED && op != URING_OP_READ_MULTISHOT &&
+        !(op == URING_OP_POLL_ADD && socket))
         return 0;
     /* Until the request is issued req->file is unset; the sqe's fd waits in req->cqe.fd. */
     bpf_probe_read_kernel(&fd, sizeof(fd), req + URING_OFF_CQE_FD);
+    if (op == URING_OP_POLL_ADD) {
+        /* a readiness wait on one socket: no buffer; its request is the connection's waiter */
+        e->fd = fd;
+        e->flags |= FLAG_SOCKET;
+        e->op = op;
+        return 1;
+    }
     if (rflags & REQ_F_FIXED_FILE_MASK)
         flags |= FLAG_FIXED_FILE;
     else if (socket)

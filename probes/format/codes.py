@@ -138,7 +138,13 @@ URING_READ_OPS: dict[str, int] = {
     "RECV": 27,
     "READ_MULTISHOT": 49,
 }
-URING_OP_NAMES: dict[int, str] = {nr: name for name, nr in URING_READ_OPS.items()}
+# ... that wait for readiness instead: a POLL_ADD armed on a socket holds no buffer, but its
+# request (an io_kiocb) waits for that connection alone - its waiter. Traced as posts of
+# len 0 (source URING, op POLL_ADD) and counted apart from the reads.
+URING_WAIT_OPS: dict[str, int] = {"POLL_ADD": 6}
+URING_OP_NAMES: dict[int, str] = {
+    nr: name for name, nr in (URING_READ_OPS | URING_WAIT_OPS).items()
+}
 URING_PROVIDE_BUFFERS = 31
 
 # Syscalls whose posted reads are traced, x86_64 numbers (the tracepoint names carry them on

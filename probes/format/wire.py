@@ -16,6 +16,7 @@ from probes.format.codes import (
     SYSCALLS,
     URING_PROVIDE_BUFFERS,
     URING_READ_OPS,
+    URING_WAIT_OPS,
     WRITE_SYSCALLS,
     Counter,
     GroupKind,
@@ -135,7 +136,9 @@ def c_header() -> str:
     consts += [f"#define N_COUNTERS {len(Counter)}"]
     consts += [f"#define FLAG_{p.name} {p.value}" for p in PostFlag]
     consts += [f"#define NR_{name} {nr}" for name, nr in (SYSCALLS | WRITE_SYSCALLS).items()]
-    consts += [f"#define URING_OP_{name} {nr}" for name, nr in URING_READ_OPS.items()]
+    consts += [
+        f"#define URING_OP_{name} {nr}" for name, nr in (URING_READ_OPS | URING_WAIT_OPS).items()
+    ]
     consts += [f"#define URING_OP_PROVIDE_BUFFERS {URING_PROVIDE_BUFFERS}"]
     consts += [f"#define NR_io_uring_register {NR_IO_URING_REGISTER}"]
     consts += [f"#define GROUP_{g.name} {g.value}" for g in GroupKind]

@@ -17,8 +17,8 @@ from analysis.memory import (
     live_at,
 )
 from probes.format import schema
-from probes.format.meta import MemoryOptions, Meta
-from probes.format.schema import RssMember, Source
+from probes.format.meta import MemoryOptions, Meta, SlabCache
+from probes.format.schema import PostFlag, RssMember, Source
 from probes.format.writer import TraceWriter
 
 
@@ -214,11 +214,14 @@ def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
     assert program_break(maps)["brk_heap_bytes"].tolist() == [0x21000]
 
 
-def tiny_trace(path: Path, **tables: list[dict[str, object]]) -> Path:
-    """A trace from T to T + 300 ns (recorded with --memory) holding these rows."""
+def tiny_trace(
+    path: Path, caches: dict[str, SlabCache] | None = None, **tables: list[dict[str, object]]
+) -> Path:
+    """A trace from T to T + 300 ns (recorded with --memory) holding these rows; `caches`:
+    the slab caches it read."""
     w = TraceWriter(path)
     w.write_meta(Meta(complete=True, tracing_since_ns=T, end_monotonic_ns=T + 300,
-                      memory=MemoryOptions(min_alloc=0)))  # fmt: skip
+                      memory=MemoryOptions(min_alloc=0), kernel_objects=caches or {}))  # fmt: skip
     w.append(schema.PROCESSES, schema.PROCESSES.filled(1, pid=1, comm="srv"))
     for name, rows in tables.items():
         table = schema.TABLES[name]
@@ -374,3 +377,36 @@ def test_an_fd_reused_after_the_end_of_a_stream_is_another_connection(tmp_path: 
     assert memory.retained.buffers == 0
     # over time: the first from 10 to 25, the second from its sample at 150
     assert series(trace, "connections_open") == [0, 1, 1]
+
+
+def test_an_io_uring_poll_armed_on_an_idle_connection_is_its_waiter(tmp_path: Path) -> None:
+    """A POLL_ADD on a socket reads nothing: it is no posted read and pins no byte, and its
+    completion's result (an event mask) is not bytes received; armed at the end on an idle
+    connection, its request is one io_kiocb in that connection's kernel cost."""
+
+    def poll(ts: int, key: int, fd: int) -> dict[str, object]:
+        return {"ts_ns": T + ts, "pid": 1, "tid": 2, "fd": fd, "source": int(Source.URING),
+                "op": 6, "key": key, "len": 0, "flags": int(PostFlag.SOCKET)}  # fmt: skip
+
+    def sample(fd: int) -> dict[str, object]:
+        return {"ts_ns": T + 250, "pid": 1, "fd": fd, "inode": 100 + fd, "family": "tcp",
+                "state": "ESTABLISHED", "sock_type": 1}  # fmt: skip
+
+    fired = {"ts_ns": T + 40, "pid": 1, "tid": 2, "source": int(Source.URING), "key": 1,
+             "ret": 1}  # fmt: skip
+    trace = tiny_trace(
+        tmp_path / "t",
+        caches={"TCP": SlabCache(2304, 2368, 13, 32768), "io_kiocb": SlabCache(248, 256, 16, 4096)},
+        posts=[poll(10, 1, 5), poll(20, 2, 5), poll(30, 3, 6)],
+        completions=[fired],
+        sockets=[sample(5), sample(6)],
+    )
+    summary = analyze(trace, idle_threshold_s=10e-9)
+    p = summary.process(1)
+    assert (p.posted_reads.now, p.pinned_bytes.now, p.bytes_received) == (0, 0, 0)
+    assert p.by_source["uring poll"].posted_reads == 2  # armed at the end, on fds 5 and 6
+    assert p.memory is not None
+    cost = p.memory.per_idle_connection
+    parts = {k.cache: k for k in cost.kernel_parts}
+    assert parts["io_kiocb"].objects == 1.0  # each idle connection: one request armed
+    assert parts["io_kiocb"].bytes == round(4096 / 16, 1)
