@@ -74,9 +74,14 @@ class Generations:
         gen = iv["gen"].to_numpy(np.float64).copy()
         todo = np.isnan(gen)
         column = columns_of(iv, None)
+        eof = ~is_open & network & (column("ret", np.float64) == 0)
+        if self.counts.empty and not eof.any():  # no stream has ended yet: all first ones
+            if todo.any():
+                gen[todo] = 0
+                iv["gen"] = gen
+            return
         pid, fd = column("pid", np.int64), column("fd", np.int64)
         key = connection_keys(pid, fd, np.zeros(len(pid), np.int64))
-        eof = ~is_open & network & (column("ret", np.float64) == 0)
         if todo.any():
             before = self.counts.reindex(key[todo]).fillna(0).to_numpy(np.int64)
             if eof.any():  # ends of stream in this window, before each new post

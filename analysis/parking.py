@@ -70,7 +70,10 @@ class Parking:
         """One window: `posts_of()` its syscall reads (posted in it: asked for only when an
         EAGAIN return waits for them), `waits` and `wait_ends` its readiness waits. The
         parked reads decided now, as parked_reads() makes them."""
-        begun = _stacked(self.open_waits, waits[["pid", "tid", "ts_ns"]])
+        # pids as the reads carry them (int64), for the joins by pid
+        waits = waits[["pid", "tid", "ts_ns"]].astype({"pid": np.int64})
+        wait_ends = wait_ends.astype({"pid": np.int64})
+        begun = _stacked(self.open_waits, waits)
         spans = wait_spans(begun, wait_ends) if not begun.empty else None
         if spans is not None:
             self.open_waits = (

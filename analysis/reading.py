@@ -37,6 +37,7 @@ from analysis.windows import EVENT_COLUMNS, empty
 from probes.format.schema import Source
 
 CARRIED = [*EVENT_COLUMNS["posts"], "seq", "attr", "gen"]
+WIDE = ("pid", "fd", "source", "op", "flags", "len")
 
 
 def _stacked(*frames: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +83,8 @@ class ReadPass:
         self.series = series
         self.idle = idle
         self.memory = memory  # attribute buffers to allocations on the time series
-        self.carry = no_reads().rename(columns={"post_ns": "ts_ns"})[CARRIED]
+        self.carry = empty("posts").assign(seq=0, attr=0.0, gen=0.0).iloc[0:0]
+        self.carry = self.carry.astype({c: np.int64 for c in WIDE})[CARRIED]
         self.parking = Parking()
         self.retry = NextPost()  # for the reads parked at attach
         self.held: list[pd.DataFrame] = []  # reads parked at attach, waiting for the next read
@@ -98,11 +100,29 @@ class ReadPass:
         waits, wait_ends = ev.get("waits", empty("waits")), ev.get("wait_ends", empty("waits"))
         self.waits_begun.append(waits.groupby("pid").size())
         self.waits_ended.append(wait_ends.groupby("pid").size())
-        posts = posts.assign(
-            seq=np.arange(self.seq, self.seq + len(posts), dtype=np.int64), attr=np.nan, gen=np.nan
-        )
+        made = {
+            "seq": np.arange(self.seq, self.seq + len(posts), dtype=np.int64),
+            "attr": np.full(len(posts), np.nan),
+            "gen": np.full(len(posts), np.nan),
+        }
         self.seq += len(posts)
-        iv = read_intervals(_stacked(self.carry, posts), completions)
+        # the reads still open, then the window's posts: column by column (a frame concat
+        # costs several times more)
+        both = pd.DataFrame(
+            {
+                c: np.concatenate(
+                    [
+                        self.carry[c].to_numpy(),
+                        made[c] if c in made else posts[c].to_numpy(self.carry[c].dtype),
+                    ]
+                )
+                for c in CARRIED
+            },
+            copy=False,
+        )
+        iv = read_intervals(both, completions)
+        # the columns every step reads as int64, converted once
+        iv = iv.astype({c: np.int64 for c in WIDE if c in iv})
         if iv.empty:
             self._late(self.parking.window(lambda: iv, waits, wait_ends))
             return
