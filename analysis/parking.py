@@ -71,8 +71,10 @@ class Parking:
         EAGAIN return waits for them), `waits` and `wait_ends` its readiness waits. The
         parked reads decided now, as parked_reads() makes them."""
         # pids as the reads carry them (int64), for the joins by pid
-        waits = waits[["pid", "tid", "ts_ns"]].astype({"pid": np.int64})
-        wait_ends = wait_ends.astype({"pid": np.int64})
+        if not waits.empty:
+            waits = waits[["pid", "tid", "ts_ns"]].astype({"pid": np.int64})
+        if not wait_ends.empty:
+            wait_ends = wait_ends.astype({"pid": np.int64})
         begun = _stacked(self.open_waits, waits)
         spans = wait_spans(begun, wait_ends) if not begun.empty else None
         if spans is not None:

@@ -210,7 +210,8 @@ def _assembled(
     parts: list[Part], window_rows: float
 ) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
     """windows(), put together where it is called."""
-    waiting: dict[str, list[pa.Table]] = {}
+    # each table's pieces waiting to go out, with the last time each may hold
+    waiting: dict[str, list[tuple[pa.Table, float]]] = {}
     low = -math.inf
     i = 0
     while i < len(parts):
@@ -218,20 +219,27 @@ def _assembled(
         while i < len(parts) and (loaded == 0 or loaded < window_rows):
             p = parts[i]
             piece = _within(p, p.ref.read(EVENT_COLUMNS[p.table]))
-            waiting.setdefault(p.table, []).append(piece)
+            waiting.setdefault(p.table, []).append((piece, float(p.last_ns)))
             loaded += p.rows
             i += 1
         bound = float(parts[i].first_ns) if i < len(parts) else math.inf
         out = {}
         for name, pieces in waiting.items():
-            rows = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
-            if bound == math.inf:
-                early, waiting[name] = rows, []
-            else:
+            if not pieces:
+                continue
+            # a piece whose last event is before the bound goes out whole, uncut (parts
+            # written a flush at a time mostly are); the others are cut at the bound
+            whole = [t for t, last in pieces if last < bound]
+            cut_up = [(t, last) for t, last in pieces if last >= bound]
+            early, later = list(whole), []
+            for rows, last in cut_up:
                 ts_type = rows.schema.field("ts_ns").type
                 cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
-                early, waiting[name] = rows.filter(cut), [rows.filter(pc.invert(cut))]
-            out[name] = early.to_pandas(split_blocks=True, use_threads=False)
+                early.append(rows.filter(cut))
+                later.append((rows.filter(pc.invert(cut)), last))
+            waiting[name] = later
+            table = pa.concat_tables(early) if len(early) > 1 else early[0]
+            out[name] = table.to_pandas(split_blocks=True, use_threads=False)
         yield low, bound, out
         low = bound
     if not parts:
