@@ -75,7 +75,7 @@ class HeapWalker:
         elif self.go_why and mapping.anonymous:
             return NotFound(self.go_why)
         try:
-            glibc = self.glibc.find(addr, mapping)
+            glibc = self.glibc.find(addr, mappings.all)
         except MemoryReadError as exc:
             return NotFound(f"unreadable: {exc}")
         if glibc is not None:
