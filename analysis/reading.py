@@ -113,7 +113,7 @@ class ReadPass:
                 c: np.concatenate(
                     [
                         self.carry[c].to_numpy(),
-                        made[c] if c in made else posts[c].to_numpy(self.carry[c].dtype),
+                        made[c] if c in made else posts[c].to_numpy().astype(self.carry[c].dtype),
                     ]
                 )
                 for c in CARRIED
