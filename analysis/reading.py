@@ -112,8 +112,8 @@ class ReadPass:
             {
                 c: np.concatenate(
                     [
-                        self.carry[c].to_numpy(),
-                        made[c] if c in made else posts[c].to_numpy().astype(self.carry[c].dtype),
+                        kept := self.carry[c].to_numpy(),
+                        made[c] if c in made else posts[c].to_numpy().astype(kept.dtype),
                     ]
                 )
                 for c in CARRIED
