@@ -33,6 +33,7 @@ class ComparisonRow(Result):
     # the whole cost of an idle connection (analysis.cost) and its parts (WHOLE_COST_PARTS);
     # None: could not be known (or a comparison saved before the part was)
     io_buffer_per_idle_connection_bytes: int | None = None  # posted, parked or retained buffers
+    waiter_per_idle_connection_bytes: int | None = None  # what carries its wait
     other_user_per_idle_connection_bytes: int | None = None  # the heap fit, beyond the buffers
     kernel_per_connection_bytes: int | None = None  # slab objects + queue memory
     whole_per_idle_connection_bytes: int | None = None  # the sum of the parts
@@ -63,6 +64,7 @@ class CostPart:
 # ComparisonRow field and one more entry here; reporters draw whatever this lists.
 WHOLE_COST_PARTS = (
     CostPart("io_buffer_per_idle_connection_bytes", "IO buffer"),
+    CostPart("waiter_per_idle_connection_bytes", "waiter"),
     CostPart("other_user_per_idle_connection_bytes", "other user memory"),
     CostPart("kernel_per_connection_bytes", "kernel"),
 )
@@ -115,6 +117,7 @@ def comparison_row(
         pending_write_bytes=process.writes.pending_write_bytes,
         write_buffer_heap=memory.write_buffer_heap.bytes,
         io_buffer_per_idle_connection_bytes=_rounded(cost.buffer_bytes),
+        waiter_per_idle_connection_bytes=_rounded(cost.waiter_bytes),
         other_user_per_idle_connection_bytes=_rounded(cost.other_user_bytes),
         kernel_per_connection_bytes=_rounded(cost.kernel_bytes),
         whole_per_idle_connection_bytes=_rounded(cost.total_bytes),
@@ -200,7 +203,11 @@ def _held(row: ComparisonRow, figure: str) -> list[Held]:
         return [Held("pending writes", row.pending_write_bytes, per)]
     idle = max(row.connections - row.active, 0)
     per = row.io_buffer_per_idle_connection_bytes
-    return [Held("IO buffers", None if per is None else per * idle, per)]
+    held = [Held("IO buffers", None if per is None else per * idle, per)]
+    waiter = row.waiter_per_idle_connection_bytes
+    if waiter:  # threads (or requests) that carry their waits
+        held.append(Held("waiters", waiter * idle, waiter))
+    return held
 
 
 def _memory(process: ProcessSummary, name: str | None = None) -> MemoryFigures:

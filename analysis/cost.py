@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.memory import SOCKET_KERNEL_FIELDS
-from analysis.results import ConnectionFit, KernelPart, PerIdleConnection, Unknown
+from analysis.results import ConnectionFit, KernelPart, PerIdleConnection, SavingPart, Unknown
+from analysis.waiters import Waiting, waiter_parts
 from probes.format.meta import Meta, SlabCache
 
 MIN_COUNTS = 3  # distinct connection counts a fit needs
@@ -366,6 +367,26 @@ class IdleBuffers:
     uring_requests: int = 0  # io_uring reads posted by them (an io_kiocb each)
 
 
+def _saving(out: PerIdleConnection, idle: int, active: int) -> None:
+    """What a readiness design would free: each idle connection's buffer and waiter, less a
+    pool of buffers for the active ones (one each, as large as the idle ones' buffers)."""
+    buffer = out.buffer_bytes or 0.0
+    parts = [SavingPart("buffers of idle connections", round(buffer * idle, 1))]
+    if out.waiter_parts:
+        waiters = sum(p.bytes for p in out.waiter_parts) * idle
+        parts.append(SavingPart("waiters of idle connections", round(waiters, 1)))
+    if active and buffer:
+        parts.append(
+            SavingPart("a pool of buffers for the active ones", -round(buffer * active, 1))
+        )
+    out.saving_parts = parts
+    out.saving_bytes = round(max(0.0, sum(p.bytes for p in parts)), 1)
+    out.saving_assumes = (
+        f"frees the {idle:,} idle connections' buffers and waiters; one event loop; a pool "
+        f"of one buffer per active connection ({active:,})"
+    )
+
+
 # --- one answer per process ---------------------------------------------------------------
 def whole_cost(
     base: PerIdleConnection,
@@ -376,16 +397,18 @@ def whole_cost(
     connections: pd.DataFrame,
     traced_heap: np.ndarray | None,
     buffers: IdleBuffers,
+    waiting: Waiting,
 ) -> PerIdleConnection:
     """`base` (the measured per-idle-connection figures) completed with the whole cost:
-    buffer + other user memory + kernel = total, for process `pid`.
+    buffer + waiter + owned state + kernel = total, for process `pid`.
 
     `points`: its memory points; `sockets`: the sockets table; `connections`: its rows of
     analysis.memory.connection_table(); `traced_heap`: the traced allocations live at its
     settled memory points (traced_heap_plan), where its allocator was probed; `buffers`:
     what its idle connections' own buffers take (posted or retained; a shared pool is
     counted once). The buffer part is the allocations holding them, which the heap fit also
-    counts: other user memory is the fit less those, per idle connection."""
+    counts: other user memory is the fit less those, per idle connection. `waiting`: what
+    carries their waits (analysis.waiters)."""
     idle = int(connections["idle"].sum())
     out = base  # completed in place
     out.io_buffer_bytes = round(base.user_buffer_bytes / idle, 1) if idle else 0.0
@@ -400,7 +423,10 @@ def whole_cost(
                 buffers.unseen_bytes,
             )
         )
-    out.saving_bytes = float(base.user_buffer_bytes)
+    waiting.uring_requests += buffers.uring_requests
+    out.waiter_parts, out.waiter_bytes, out.waiter_reason = waiter_parts(meta, waiting, idle)
+    if out.waiter_bytes is None and idle:
+        out.whole_unknown.append(Unknown(idle, f"waiter: {out.waiter_reason}"))
     # the kernel: the slab model on the idle connections, and their queue memory
     slab = 0.0
     if not meta.kernel_objects:
@@ -410,7 +436,8 @@ def whole_cost(
     else:
         found, unknown = idle_sockets(sockets, connections)
         out.whole_unknown.extend(unknown)
-        out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects, buffers.uring_requests)
+        # (an io_uring request's io_kiocb is its waiter's: counted there, once)
+        out.kernel_parts, missing = kernel_parts(found, meta.kernel_objects)
         if found.empty:
             out.kernel_reason = "sock_diag showed none of the connections"
         else:
@@ -433,16 +460,22 @@ def whole_cost(
         if out.fit is not None and out.fit.confident:
             per_buffer = buffers.allocation_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
+            out.owned_bytes, out.owned_how = out.other_user_bytes, "fitted"
     if out.kernel_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"kernel: {out.kernel_reason}"))
     if out.other_user_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
+    waiter_known = sum(p.bytes for p in out.waiter_parts)
     out.total_at_least_bytes = round(
-        out.buffer_bytes + max(0.0, out.other_user_bytes or 0.0) + (out.kernel_bytes or 0.0), 1
+        out.buffer_bytes
+        + waiter_known
+        + max(0.0, out.other_user_bytes or 0.0)
+        + (out.kernel_bytes or 0.0),
+        1,
     )
-    known = out.other_user_bytes is not None and out.kernel_bytes is not None
-    if known and not buffers.unseen:
-        assert out.other_user_bytes is not None and out.kernel_bytes is not None
-        out.total_bytes = round(out.buffer_bytes + out.other_user_bytes + out.kernel_bytes, 1)
+    parts = (out.waiter_bytes, out.other_user_bytes, out.kernel_bytes)
+    if all(p is not None for p in parts) and not buffers.unseen:
+        out.total_bytes = round(out.buffer_bytes + sum(p or 0.0 for p in parts), 1)
+    _saving(out, idle, int((~connections["idle"] & connections["closed_ns"].isna()).sum()))
     out.resident_bytes = round(base.resident_bytes + slab + (out.other_user_bytes or 0.0), 1)
     return out

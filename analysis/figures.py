@@ -7,6 +7,7 @@ Pure functions: frames and the passes' results in, typed results (analysis.resul
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ from analysis.results import (
     RetainedBuffers,
     Unknown,
 )
+from analysis.waiters import Waiting, latest_waiters, waiting_of
 from probes.format.meta import MemoryOptions, Meta
 from probes.format.schema import PostFlag, Source
 
@@ -264,6 +266,11 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     idle_keys = connections.loc[connections["idle"], CONNECTION_KEYS]
     polling = polls.assign(gen=generations_of(polls))[CONNECTION_KEYS].merge(idle_keys)
     polls_of = polling.groupby("pid").size()
+    # what carries the idle connections' waits (a recording made before idlebuf read them:
+    # unknown)
+    waiters = latest_waiters(state["waiters"])
+    waiting = waiting_of(waiters, connections.loc[connections["idle"]])
+    looked = meta.format_version >= 2
     cost = idle_connection_cost(connections).set_index("pid")
     late = bool(meta.targets.pids)
     if memory.alloc_probes:  # every allocator probed
@@ -360,6 +367,10 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
                 live,
                 rounding_of(memory, int(pid)),
                 int(polls_of.get(pid, 0)),
+            ),
+            dataclasses.replace(
+                waiting.get(int(pid), Waiting(read=looked)),
+                parked=int((mine_idle["source"] == Source.PARKED).sum()),
             ),
         )
         out[int(pid)] = figures

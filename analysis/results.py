@@ -230,11 +230,34 @@ class KernelPart(Result):
 
 
 @dataclass
+class WaiterPart(Result):
+    """One part of what carries an idle connection's wait, per idle connection: of a thread
+    blocked on it (its kernel stack, its task_struct, its user stack's resident pages), a
+    process of its own, a goroutine, an io_uring request (its io_kiocb); where it was seen
+    (`provenance`: at_attach, at_end - read from /proc as the recording ended - or live)."""
+
+    waiter: str  # thread, process, goroutine, uring_request
+    part: str
+    bytes: float
+    provenance: str
+
+
+@dataclass
+class SavingPart(Result):
+    """One part of what a readiness design would free (negative: what it would need)."""
+
+    part: str
+    bytes: float
+
+
+@dataclass
 class PerIdleConnection(Result):
     """What one idle connection costs on average. Measured: its user buffer plus its kernel
-    socket memory (`bytes`, committed; `resident_bytes`). Whole: IO buffer + other user
-    memory (fitted) + kernel (the slab model and queue memory) = `total_bytes`; a figure
-    that could not be known is None, with `reason` (user memory) or `kernel_reason`."""
+    socket memory (`bytes`, committed; `resident_bytes`). Whole: buffer (the allocations
+    holding it) + waiter (what carries its wait) + owned state (other user memory it keeps
+    alive) + kernel (the slab model and queue memory) = `total_bytes`; a figure that could
+    not be known is None, with why (`reason`, `kernel_reason`, `waiter_reason`,
+    `whole_unknown`)."""
 
     resident_bytes: float = 0.0
     user_buffer_bytes: int = 0  # over all idle connections
@@ -244,6 +267,13 @@ class PerIdleConnection(Result):
     io_buffer_bytes: float = 0.0  # per idle connection: posted, parked or retained buffers
     # ... the allocations holding them, rounding included (the buffer part of the total)
     buffer_bytes: float | None = None
+    # per idle connection: what carries its wait, part by part (None: unknown, with why)
+    waiter_bytes: float | None = None
+    waiter_parts: list[WaiterPart] = field(default_factory=list)
+    waiter_reason: str | None = None
+    # the other user memory it keeps alive, and how it was found ("fitted": the heap fit)
+    owned_bytes: float | None = None
+    owned_how: str | None = None
     other_user_bytes: float | None = None  # per connection, beyond IO buffers (the heap fit)
     kernel_bytes: float | None = None  # slab objects (kernel_parts) + queue memory
     kernel_parts: list[KernelPart] = field(default_factory=list)
@@ -251,7 +281,11 @@ class PerIdleConnection(Result):
     # the known parts alone (an unknown part as 0, a buffer not seen at its length): what an
     # idle connection costs at least
     total_at_least_bytes: float = 0.0
-    saving_bytes: float = 0.0  # a readiness design: the IO buffers of all idle connections
+    # a readiness design: the idle connections' buffers and waiters, less a pool of buffers
+    # for the active ones (saving_parts; the assumption in saving_assumes)
+    saving_bytes: float = 0.0
+    saving_parts: list[SavingPart] = field(default_factory=list)
+    saving_assumes: str | None = None
     fit: ConnectionFit | None = None  # the heap against connections
     rss_fit: ConnectionFit | None = None  # RSS against connections, for comparison
     socket_fit: ConnectionFit | None = None  # the kernel's queue memory against connections

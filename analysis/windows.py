@@ -56,6 +56,7 @@ STATE_TABLES = (
     "buffer_rings",
     "proc_status",
     "memory_points",
+    "waiters",
 )
 SOCKET_COLUMNS = [
     "ts_ns", "pid", "fd", "inode", "family", "ipv6", "state", "local", "remote", "rmem_alloc",

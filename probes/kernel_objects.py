@@ -37,6 +37,9 @@ CACHES = (
     "eventpoll_epi",
     "eventpoll_pwq",
     "io_kiocb",
+    # what every thread (or process) adds: the waiter of a connection
+    "task_struct",
+    "pid",
 )
 
 

@@ -13,6 +13,7 @@ posted them, symbolized.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import numpy as np
 from probes import kernel_objects, residency
 from probes.allocators import HeapWalker
 from probes.allocators.base import Allocation
-from probes.attach import process
+from probes.attach import process, waiters
 from probes.batches import write_rows
 from probes.format import schema
 from probes.format.meta import Allocator, MemoryOptions, Meta
@@ -61,6 +62,7 @@ class MemorySide:
             options.min_alloc, options.sample_every, alloc_probes=options.alloc_probes
         )
         meta.kernel_objects, meta.kernel_objects_why = kernel_objects.read_caches()
+        meta.kernel_stack_bytes, meta.kernel_stack_why = waiters.kernel_stack_bytes()
         self._sockets = SocketSampler()
         self._buffers = BufferTracker()
         # without allocator probes: each target's heap walker (made at its first walk: a
@@ -76,9 +78,11 @@ class MemorySide:
         self._heap_sum: dict[int, tuple[float, float]] = {}
 
     def attach(self, pid: int) -> None:
-        """A new target: its allocator probed if asked to (--alloc-probes)."""
+        """A new target: its allocator probed if asked to (--alloc-probes), and the threads
+        already waiting on its connections."""
         if self._probes.options.alloc_probes:
             self.memory.allocators.append(self._probes.attach_allocator(pid))
+        self._waiters([pid], "attach")
 
     def note(self, by_kind: dict[int, np.ndarray], sampling: bool) -> None:
         """A flushed batch (split by kind): the buffers and stacks it names; with the
@@ -113,10 +117,12 @@ class MemorySide:
         if changed:
             self._memory_points(changed)
 
-    def end(self) -> None:
-        """Residency of the buffers that matter and the stacks, symbolized: both need the
-        processes alive, so they are taken as the recording ends."""
+    def end(self, pids: list[int]) -> None:
+        """Residency of the buffers that matter, what waits on each connection, and the
+        stacks, symbolized: they need the processes alive, so they are taken as the
+        recording ends."""
         write_rows(self._writer, schema.RESIDENCY, residency.measure(self._buffers.ranges()))
+        self._waiters(pids, "end")
         # with the probes too: the walk is then a cross-check of what they saw
         self._walk_heaps("end")
         stacks = []
@@ -133,6 +139,17 @@ class MemorySide:
                     }
                 )
         write_rows(self._writer, schema.STACKS, stacks)
+
+    def _waiters(self, pids: list[int], what: str) -> None:
+        """The threads waiting on one connection each (probes.attach.waiters), now."""
+        rows = []
+        for pid in pids:
+            now = self._now_ns()
+            rows += [
+                {"ts_ns": now, "kind": "thread", "what": what, **dataclasses.asdict(w)}
+                for w in waiters.thread_waiters(pid)
+            ]
+        write_rows(self._writer, schema.WAITERS, rows)
 
     def close(self) -> None:
         self._sockets.close()

@@ -348,7 +348,7 @@ class Recorder:
             self._sample_status(probes, "end")
             self._flush()
             if self._memory is not None:  # while the targets still run
-                self._memory.end()
+                self._memory.end(self._live_targets())
             exit_code = finish_child(self._child, probes.target_pids())
             elapsed = self.clock.monotonic() - started
             self.meta.stop_reason = stop_reason

@@ -34,6 +34,8 @@ T0 = 10 * SECOND  # the recording starts here (monotonic ns) and lasts 3 s
 HEAP = 0x7F00_0000_0000
 RECVFROM = 45
 SOCKET_RMEM = 768  # rmem_alloc + fwd_alloc of each socket in the last sample
+KERNEL_STACK = 16384  # a thread's kernel stack (THREAD_SIZE) on the recording's kernel
+WAITER_STACK = 5 * 4096  # resident bytes of a blocked thread's user stack
 
 
 def server_trace(
@@ -330,6 +332,7 @@ def late_trace(path: Path, pid: int = 4244, connections: int = 23, buffer: int =
             end_monotonic_ns=T0 + 3 * SECOND,
             targets=Targets(pids=[pid]),
             memory=MemoryOptions(),
+            kernel_stack_bytes=KERNEL_STACK,
             at_attach=[
                 ProcessAtAttach(
                     pid=pid,
@@ -347,6 +350,23 @@ def late_trace(path: Path, pid: int = 4244, connections: int = 23, buffer: int =
     )
     fds = list(range(100, 100 + connections))
     w.append(schema.PROCESSES, schema.PROCESSES.filled(1, pid=pid, comm="late", first_seen_ns=T0))
+    # the same threads, blocked in recvfrom at the end too: each connection's waiter, with
+    # 5 pages of its stack resident
+    w.append(
+        schema.WAITERS,
+        schema.WAITERS.filled(
+            connections,
+            ts_ns=T0 + 3 * SECOND - 20,
+            pid=pid,
+            tid=[pid + i for i in range(connections)],
+            fd=fds,
+            kind="thread",
+            call=RECVFROM,
+            stack_bytes=WAITER_STACK,
+            stack_size=8 << 20,
+            what="end",
+        ),
+    )
     w.append(
         schema.POSTS,
         schema.POSTS.filled(
@@ -418,7 +438,10 @@ def walked_trace(path: Path, pid: int = 4245, connections: int = 23, buffer: int
                 "sock_inode_cache": SlabCache(768, 832, 19, 16384),
                 "filp": SlabCache(184, 192, 21, 4096),
                 "dentry": SlabCache(192, 192, 21, 4096),
+                "task_struct": SlabCache(5888, 6016, 5, 32768),
+                "pid": SlabCache(128, 128, 32, 4096),
             },
+            kernel_stack_bytes=KERNEL_STACK,
         )
     )
     for table, rows in late_tables.items():

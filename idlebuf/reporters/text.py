@@ -289,6 +289,14 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
     def known(n: float | None) -> str:
         return "unknown" if n is None else human_bytes(n)
 
+    waiter_why = cost.waiter_reason or "none of its own (its wait is the process's)"
+    if cost.waiter_parts:
+        waiter_why = (
+            " + ".join(f"{p.waiter} {p.part} {human_bytes(p.bytes)}" for p in cost.waiter_parts)
+            + f" ({cost.waiter_parts[0].provenance.replace('_', ' ')})"
+        )
+        if cost.waiter_reason:
+            waiter_why += f"; {cost.waiter_reason}"
     other_why = cost.reason or ""
     if cost.fit is not None:
         other_why = _fit_text(cost.fit) + (f" - {cost.reason}" if cost.reason else "")
@@ -301,16 +309,23 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
         ["per idle connection (whole)",
          known(cost.total_bytes) if cost.total_bytes is None
          else _plus_unknown(cost.total_bytes, cost.unknown),
-         "buffer + other user memory + kernel (committed); at least "
+         "buffer + waiter + other user memory + kernel (committed); at least "
          + human_bytes(cost.total_at_least_bytes) + "; resident "
          + _plus_unknown(cost.resident_bytes, cost.whole_unknown)],
         ["  buffer", known(cost.buffer_bytes),
          f"the allocations holding the buffers ({_plus_unknown(cost.io_buffer_bytes, cost.unknown)}"
-         f" posted or kept); a readiness design would save "
-         f"{_plus_unknown(cost.saving_bytes, cost.unknown)} over {idle:,} idle connections"],
+         " posted or kept)"],
+        ["  waiter", known(cost.waiter_bytes), printable(waiter_why)],
         ["  other user memory", known(cost.other_user_bytes), printable(other_why)],
         ["  kernel (model)", known(cost.kernel_bytes), printable(kernel_why)],
     ]  # fmt: skip
+    rows.append(
+        [
+            "a readiness design would save",
+            _plus_unknown(cost.saving_bytes, cost.unknown + cost.whole_unknown),
+            printable(cost.saving_assumes or ""),
+        ]
+    )
     if cost.rss_fit is not None:
         rows.append(["  RSS against connections", "", _fit_text(cost.rss_fit)])
     if cost.socket_fit is not None:

@@ -196,6 +196,9 @@ class Meta:
     # with --memory: the slab caches one connection takes objects from (probes.kernel_objects)
     kernel_objects: dict[str, SlabCache] = field(default_factory=dict)
     kernel_objects_why: str | None = None  # why some (or all) could not be read
+    # with --memory: a thread's kernel stack on this kernel (probes.attach.waiters), or why not
+    kernel_stack_bytes: int | None = None
+    kernel_stack_why: str | None = None
     probes: Probes = field(default_factory=Probes)
     drops: dict[str, int] = field(default_factory=dict)  # schema.DROP_COUNTERS, by name
     alternate_s: float | None = None

@@ -57,6 +57,7 @@ from probes.format.tables import (
     TABLES,
     UNMAPS,
     WAIT_ENDS,
+    WAITERS,
     WAITS,
     WRITE_COMPLETIONS,
     WRITES,
@@ -66,7 +67,7 @@ from probes.format.tables import (
 from probes.format.wire import C_TYPES, WIRE_EVENT, Field, Record, c_header, wire_records
 
 FORMAT_NAME = "idlebuf-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the waiters table, meta.json's kernel_stack_bytes
 
 __all__ = [
     "FORMAT_NAME",
@@ -118,6 +119,7 @@ __all__ = [
     "TABLES",
     "TABLE_OF_KIND",
     "UNMAPS",
+    "WAITERS",
     "WAITS",
     "WAIT_ENDS",
     "WRITES",

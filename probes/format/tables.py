@@ -362,6 +362,25 @@ PROCESSES = Table(
     ),
 )
 
+# What carries each connection's wait (record --memory; probes.attach.waiters), read from
+# /proc at attach and at the end: a thread blocked on one connection alone (in a read, or in
+# poll/select/epoll_wait watching it alone), its user stack's resident bytes and reservation.
+# The kernel's part of a thread (its kernel stack, its task_struct) is in meta.json.
+WAITERS = Table(
+    "waiters",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("tid", pa.uint32()),
+        Column("fd", pa.int32()),  # the connection it waits on
+        Column("kind", pa.string()),  # "thread"
+        Column("call", pa.int32()),  # the syscall it is blocked in
+        Column("stack_bytes", pa.uint64()),  # resident bytes of its stack mapping
+        Column("stack_size", pa.uint64()),  # the mapping's size
+        Column("what", pa.string()),  # "attach" or "end"
+    ),
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -386,6 +405,7 @@ TABLES: dict[str, Table] = {
         HEAP_BLOCKS,
         MEMORY_POINTS,
         PROCESSES,
+        WAITERS,
     )
 }
 TABLE_OF_KIND: dict[Kind, Table] = {

@@ -17,7 +17,7 @@ import pytest
 
 from analysis.reads import read_intervals
 from probes.format.reader import open_trace
-from probes.format.schema import URING_OP_NAMES, PostFlag, Source
+from probes.format.schema import URING_OP_NAMES, URING_WAIT_OPS, PostFlag, Source
 from tests.helpers import (
     Recording,
     go,
@@ -214,7 +214,14 @@ def test_poll_first_reads_only_into_pooled_buffers(tmp_path: Path) -> None:
     assert proc["reads_completed"] == ACTIVE and proc["bytes_received"] == ACTIVE * SIZE
     t = open_trace(trace)
     iv = read_intervals(t["posts"], t["completions"])
-    reads = iv[(iv["pid"] == pid) & (iv["source"] == Source.URING)]
+    uring = iv[(iv["pid"] == pid) & (iv["source"] == Source.URING)]
+    polls = uring[uring["op"] == URING_WAIT_OPS["POLL_ADD"]]
+    reads = uring[uring["op"] != URING_WAIT_OPS["POLL_ADD"]]
     assert len(reads) == ACTIVE
     assert set(reads["addr"]) <= set(truth["pool"]["addresses"])
     assert set(reads["len"]) == {BUFFER}
+    # the POLL_ADDs: one armed on every connection at the end (its waiter), none pinning a
+    # byte; counted apart from the reads
+    assert int(polls["end_ns"].isna().sum()) == truth["polling"] == CONNECTIONS
+    assert set(polls["len"]) == {0}
+    assert proc["by_source"]["uring poll"]["posted_reads"] == CONNECTIONS

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.synthetic import SECOND, SOCKET_RMEM, T0
+from tests.synthetic import KERNEL_STACK, SECOND, SOCKET_RMEM, T0, WAITER_STACK
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 
@@ -236,7 +236,11 @@ def mixed() -> Iterator[tuple[str, str, Any]]:
     yield name, f"{cost}.socket_kernel_bytes", IDLE * SOCKET_RMEM
     yield name, f"{cost}.bytes", float(BUFFER + SOCKET_RMEM)
     yield name, f"{cost}.io_buffer_bytes", float(BUFFER)
-    yield name, f"{cost}.saving_bytes", float(IDLE * BUFFER)
+    # a readiness design: the 20 idle buffers' chunks (glibc: request + 8, to 16), less a
+    # pool of one such buffer for each of the 8 connections not idle
+    chunk = (BUFFER + 8 + 15) // 16 * 16
+    yield name, f"{cost}.buffer_bytes", float(chunk)
+    yield name, f"{cost}.saving_bytes", float((IDLE - (CONNECTIONS + 5 - IDLE)) * chunk)
     idle_resident = 4096 * len([k for k in odd if k >= ACTIVE])
     yield name, f"{cost}.resident_bytes", (idle_resident + IDLE * SOCKET_RMEM) / IDLE
     # no memory points and no slab caches in this trace: the rest is unknown, not 0
@@ -367,7 +371,6 @@ def attached_late(name: str, pid: int) -> Iterator[tuple[str, str, Any]]:
     yield name, f"{cost}.socket_kernel_bytes", CONNECTIONS * SOCKET_RMEM
     yield name, f"{cost}.bytes", float(BUFFER + SOCKET_RMEM)
     yield name, f"{cost}.io_buffer_bytes", float(BUFFER)
-    yield name, f"{cost}.saving_bytes", float(CONNECTIONS * BUFFER)
     ts = instants()
     yield from timeline(name, "posted_reads", [CONNECTIONS] * len(ts))
     yield from timeline(name, "pinned_bytes", [CONNECTIONS * BUFFER] * len(ts))
@@ -416,6 +419,25 @@ def late() -> Iterator[tuple[str, str, Any]]:
     yield name, f"{attach}.go.why", "a Go binary stripped of DWARF"
     yield name, f"{attach}.walk_ms", 12.5
     yield from timeline(name, "heap_live_bytes", [0] * len(TIMELINE))  # none since the attach
+    # each connection's waiter: a thread blocked in recvfrom at the end, its kernel stack and
+    # user stack known, its task_struct not (no slab caches read): unknown, with why
+    cost = f"{m}.per_idle_connection"
+    yield name, f"{cost}.waiter_bytes", None
+    yield (
+        name,
+        f"{cost}.waiter_parts",
+        [
+            {"waiter": "thread", "part": "kernel stack", "bytes": float(KERNEL_STACK),
+             "provenance": "at_end"},
+            {"waiter": "thread", "part": "user stack", "bytes": float(WAITER_STACK),
+             "provenance": "at_end"},
+        ],
+    )  # fmt: skip
+    yield (
+        name,
+        f"{cost}.waiter_reason",
+        "a thread's task_struct: the recording did not read its slab cache",
+    )
 
 
 # walked_trace's slab caches: (bytes a slab, objects a slab)
@@ -491,6 +513,21 @@ def walked() -> Iterator[tuple[str, str, Any]]:
     yield name, f"{cost}.whole_unknown.0.connections", 1
     yield name, f"{cost}.whole_unknown.0.bytes", BUFFER
     yield name, f"{cost}.total_bytes", None
+    # each connection's waiter: a thread blocked in recvfrom, its kernel stack, its
+    # task_struct and struct pid at their share of a slab, its user stack's resident pages
+    waiter = KERNEL_STACK + 32768 / 5 + 4096 / 32 + WAITER_STACK
+    yield name, f"{cost}.waiter_bytes", round(waiter, 1)
+    yield name, f"{cost}.waiter_reason", None
+    # a readiness design frees the 23 buffers and threads (no active connection: no pool)
+    yield (
+        name,
+        f"{cost}.saving_parts",
+        [
+            {"part": "buffers of idle connections",
+             "bytes": round(round((chunks + 3 * BUFFER) / CONNECTIONS, 1) * CONNECTIONS, 1)},
+            {"part": "waiters of idle connections", "bytes": round(waiter * CONNECTIONS, 1)},
+        ],
+    )  # fmt: skip
     # other user memory (and so the total) is not checked here: this trace's memory points
     # grow by every buffer's chunk while its walk finds 3 of the 23 elsewhere, so no one
     # figure is the truth; test_cost checks the split on sessions_trace, which agrees

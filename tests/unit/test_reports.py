@@ -103,9 +103,9 @@ def test_html_report_has_the_table_and_a_line_per_model(compared: tuple[dict, Pa
     # the whole cost by part: the traces read no slab caches and no memory points; the
     # buffer part is the allocation holding the buffer (glibc's chunk: request + 8, to 16)
     assert report.stacks["Whole cost per idle connection, by part"] == {
-        "ready": {"IO buffer": 0, "other user memory": None, "kernel": None},
-        "queued": {"IO buffer": (BUFFER + 8 + 15) // 16 * 16, "other user memory": None,
-                   "kernel": None},
+        "ready": {"IO buffer": 0, "waiter": 0, "other user memory": None, "kernel": None},
+        "queued": {"IO buffer": (BUFFER + 8 + 15) // 16 * 16, "waiter": 0,
+                   "other user memory": None, "kernel": None},
     }  # fmt: skip
     assert report.bars["IO-buffer memory at the end"] == {
         "ready": BUFFER,
@@ -242,6 +242,7 @@ def hand_made(names: tuple[str, ...] = ("ready", "queued", "uring", "older")) ->
             pending_write_bytes=0,
             write_buffer_heap=0,
             io_buffer_per_idle_connection_bytes=io,
+            waiter_per_idle_connection_bytes=0,  # the wait is the process's: no waiter
             other_user_per_idle_connection_bytes=other,
             kernel_per_connection_bytes=kernel,
             whole_per_idle_connection_bytes=sum(p or 0 for p in parts) if known else None,
@@ -255,6 +256,7 @@ def hand_made(names: tuple[str, ...] = ("ready", "queued", "uring", "older")) ->
         "older": replace(
             row("older", 11 * BUFFER, (None, None, KERNEL)),
             whole_per_idle_connection_bytes=BUFFER + OTHER + KERNEL,
+            waiter_per_idle_connection_bytes=None,  # saved before waiters were read
         ),
     }
 
@@ -315,10 +317,10 @@ def test_headline_says_what_the_idle_connections_hold(hand_made_page: Path) -> N
 def test_whole_cost_is_stacked_by_part_unknown_parts_as_unknown(hand_made_page: Path) -> None:
     report = read_report(hand_made_page)
     assert report.stacks["Whole cost per idle connection, by part"] == {
-        "ready": {"IO buffer": 0, "other user memory": OTHER, "kernel": KERNEL},
-        "queued": {"IO buffer": BUFFER, "other user memory": None, "kernel": KERNEL},
-        "uring": {"IO buffer": BUFFER, "other user memory": OTHER, "kernel": KERNEL},
-        "older": {"IO buffer": None, "other user memory": None, "kernel": KERNEL},
+        "ready": {"IO buffer": 0, "waiter": 0, "other user memory": OTHER, "kernel": KERNEL},
+        "queued": {"IO buffer": BUFFER, "waiter": 0, "other user memory": None, "kernel": KERNEL},
+        "uring": {"IO buffer": BUFFER, "waiter": 0, "other user memory": OTHER, "kernel": KERNEL},
+        "older": {"IO buffer": None, "waiter": None, "other user memory": None, "kernel": KERNEL},
     }
     # the table's whole cost is the stack's total: unknown where a part is
     whole = {r[0]: r[7] for r in report.table[1:]}

@@ -122,7 +122,7 @@ def one_line_error(args: list[str], match: str) -> None:
 
 
 def test_report_refuses_a_newer_format(tmp_path: Path) -> None:
-    t = write_trace(tmp_path / "t", version=2)
+    t = write_trace(tmp_path / "t", version=schema.FORMAT_VERSION + 1)
     one_line_error(["report", str(t)], "newer than this idlebuf reads")
 
 

@@ -1,0 +1,181 @@
+"""What carries each connection's wait, read from /proc: the threads blocked on one
+connection alone, and what each costs.
+
+A thread is a connection's waiter when it is blocked in a read on that socket, or in
+poll/ppoll/select/pselect6 watching that socket alone, or in epoll_wait on an epoll set that
+holds that socket alone (MariaDB's threads wait in poll() on their own socket, then read with
+MSG_DONTWAIT: queued in substance, though no read is posted). A thread that waits for many
+connections (a pool, an event loop) is the process's, not any one connection's.
+
+Its cost: its user stack as resident pages (the mapping that holds its stack pointer, counted
+through /proc/PID/pagemap - never the reservation), plus what the kernel gives every thread
+(a kernel stack, a task_struct: the analysis applies the kernel's figures from meta.json).
+Only sizes reach the trace, never memory contents; /proc/PID/mem is read, never written, and
+the process is never stopped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from probes.attach.blocked import is_socket
+from probes.format.schema import SYSCALLS
+from probes.residency import resident_bytes
+
+# x86_64 numbers of the calls a thread waits in for readiness (the read-type calls are
+# schema.SYSCALLS)
+POLL, PPOLL, SELECT, PSELECT6 = 7, 271, 23, 270
+EPOLL_WAIT, EPOLL_PWAIT, EPOLL_PWAIT2 = 232, 281, 441
+_POLLFD = struct.Struct("<ihh")
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A thread blocked on one connection (`fd`), and its user stack."""
+
+    pid: int
+    tid: int
+    fd: int
+    call: int  # the syscall it is blocked in
+    stack_bytes: int  # resident bytes of its stack mapping
+    stack_size: int  # the mapping's size (the reservation)
+
+
+def _syscall(pid: int, tid: int) -> tuple[int, list[int], int] | None:
+    """(nr, arguments, stack pointer) of the call a thread is blocked in; None if running."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall", encoding="ascii") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or not fields[0].isdigit():
+        return None
+    return int(fields[0]), [int(a, 16) for a in fields[1:7]], int(fields[7], 16)
+
+
+def _epoll_targets(pid: int, epfd: int) -> list[int]:
+    """The fds an epoll set watches (/proc/PID/fdinfo/EPFD's tfd lines)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epfd}", encoding="ascii", errors="replace") as f:
+            return [int(line.split()[1]) for line in f if line.startswith("tfd:")]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def watched_alone(pid: int, nr: int, args: list[int], mem: Callable[[int, int], bytes]) -> int:
+    """The one fd a blocked call waits on, or -1 (none, or several)."""
+    if nr in SYSCALLS.values():
+        return args[0]
+    if nr in (POLL, PPOLL):
+        if args[1] != 1:
+            return -1
+        fd, _events, _revents = _POLLFD.unpack(mem(args[0], _POLLFD.size))
+        return fd
+    if nr in (SELECT, PSELECT6):
+        nfds = args[0]
+        if not 0 < nfds <= 1024 or args[2] or args[3]:  # writes or exceptions watched too
+            return -1
+        words = (nfds + 63) // 64
+        bits = int.from_bytes(mem(args[1], 8 * words), "little") if args[1] else 0
+        if bits == 0 or bits & (bits - 1):  # none, or several
+            return -1
+        return bits.bit_length() - 1
+    if nr in (EPOLL_WAIT, EPOLL_PWAIT, EPOLL_PWAIT2):
+        targets = _epoll_targets(pid, args[0])
+        return targets[0] if len(targets) == 1 else -1
+    return -1
+
+
+class _Stacks:
+    """A process's mappings, to find the one holding a thread's stack pointer."""
+
+    def __init__(self, pid: int) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                    self.starts.append(lo)
+                    self.ends.append(hi)
+        except (OSError, ValueError):
+            pass
+
+    def holding(self, addr: int) -> tuple[int, int] | None:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0 and addr < self.ends[i]:
+            return self.starts[i], self.ends[i]
+        return None
+
+
+def _pread(fd: int, addr: int, length: int) -> bytes:
+    return os.pread(fd, length, addr)
+
+
+def thread_waiters(pid: int) -> list[Waiter]:
+    """The threads of `pid` blocked on one connection each, with their stacks' resident
+    bytes. Threads that exit meanwhile, or whose memory cannot be read, are left out."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+    out: list[Waiter] = []
+    stacks: _Stacks | None = None
+    mem_fd = pagemap_fd = -1
+    try:
+        for tid in tids:
+            blocked = _syscall(pid, tid)
+            if blocked is None:
+                continue
+            nr, args, sp = blocked
+            if mem_fd < 0:
+                mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = watched_alone(pid, nr, args, functools.partial(_pread, mem_fd))
+            except (OSError, struct.error):
+                continue
+            if fd < 0 or not is_socket(pid, fd):
+                continue
+            if stacks is None:
+                stacks = _Stacks(pid)
+                pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            found = stacks.holding(sp)
+            resident = size = 0
+            if found is not None:
+                size = found[1] - found[0]
+                try:
+                    resident = resident_bytes(pagemap_fd, found[0], size)
+                except OSError:
+                    continue
+            out.append(Waiter(pid, tid, fd, nr, resident, size))
+    except OSError:  # the process went away
+        return out
+    finally:
+        for fd_ in (mem_fd, pagemap_fd):
+            if fd_ >= 0:
+                os.close(fd_)
+    return out
+
+
+def kernel_stack_bytes() -> tuple[int | None, str | None]:
+    """A thread's kernel stack on this kernel (THREAD_SIZE, not exposed as such): the
+    kernel's stack memory (/proc/meminfo KernelStack) over its threads (/proc/loadavg),
+    to the nearest power of two; None with why when they cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            stacks = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("KernelStack:")
+            )
+        with open("/proc/loadavg", encoding="ascii") as f:
+            threads = int(f.read().split()[3].split("/")[1])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None, "/proc/meminfo's KernelStack or /proc/loadavg cannot be read"
+    if threads <= 0 or stacks <= 0:
+        return None, "the kernel reported no stack memory"
+    return 1 << round(math.log2(stacks / threads)), None
