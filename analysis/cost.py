@@ -461,19 +461,22 @@ def whole_cost(
             per_buffer = buffers.allocation_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
             out.owned_bytes, out.owned_how = out.other_user_bytes, "fitted"
+    if waiting.processes and idle:  # a process per connection: its private memory is its own
+        owned = waiting.private_bytes - (held if waiting.processes == idle else 0)
+        out.owned_bytes, out.owned_how = round(max(0.0, owned) / idle, 1), "private"
     if out.kernel_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"kernel: {out.kernel_reason}"))
-    if out.other_user_bytes is None and idle:
+    if out.owned_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
     waiter_known = sum(p.bytes for p in out.waiter_parts)
     out.total_at_least_bytes = round(
         out.buffer_bytes
         + waiter_known
-        + max(0.0, out.other_user_bytes or 0.0)
+        + max(0.0, out.owned_bytes or 0.0)
         + (out.kernel_bytes or 0.0),
         1,
     )
-    parts = (out.waiter_bytes, out.other_user_bytes, out.kernel_bytes)
+    parts = (out.waiter_bytes, out.owned_bytes, out.kernel_bytes)
     if all(p is not None for p in parts) and not buffers.unseen:
         out.total_bytes = round(out.buffer_bytes + sum(p or 0.0 for p in parts), 1)
     _saving(out, idle, int((~connections["idle"] & connections["closed_ns"].isna()).sum()))

@@ -27,6 +27,7 @@ from analysis.figures import (
     memory_by_process,
     posted_provenance,
     rss_sources,
+    server_cost,
 )
 from analysis.idle import IdleSeries
 from analysis.memory import SOCKET_KERNEL_FIELDS, walked_blocks
@@ -200,6 +201,7 @@ class _Analysis:
             memory=meta.memory,
             at_attach=list(meta.at_attach),
             warnings=list(trace.warnings),
+            per_idle_connection=server_cost(list(figures.values())),
         )
 
     def _processes(

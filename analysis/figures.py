@@ -54,7 +54,7 @@ from analysis.results import (
     RetainedBuffers,
     Unknown,
 )
-from analysis.waiters import Waiting, latest_waiters, waiting_of
+from analysis.waiters import Waiting, latest_waiters, merged_parts, waiting_of
 from probes.format.meta import MemoryOptions, Meta
 from probes.format.schema import PostFlag, Source
 
@@ -422,3 +422,38 @@ def _site(row: dict[Hashable, Any]) -> BufferSite:
 
 def _per_connection(total: float, connections: int) -> float:
     return float(total) / connections if connections else 0.0
+
+
+def server_cost(processes: list[MemoryFigures]) -> PerIdleConnection | None:
+    """The recording's targets as one server (PostgreSQL's postmaster and its backends): each
+    part per idle connection of them all, weighted by each process's idle connections; a
+    part unknown in any process with idle connections is unknown. None without any."""
+    weights = [(m, m.connections.idle) for m in processes if m.connections.idle]
+    idle = sum(n for _, n in weights)
+    if not idle:
+        return None
+    costs = [(m.per_idle_connection, n) for m, n in weights]
+
+    def mean(name: str) -> float | None:
+        values = [(getattr(c, name), n) for c, n in costs]
+        if any(v is None for v, _ in values):
+            return None
+        return round(sum(v * n for v, n in values) / idle, 1)
+
+    out = PerIdleConnection(
+        user_buffer_bytes=sum(c.user_buffer_bytes for c, _ in costs),
+        socket_kernel_bytes=sum(c.socket_kernel_bytes for c, _ in costs),
+        io_buffer_bytes=mean("io_buffer_bytes") or 0.0,
+        buffer_bytes=mean("buffer_bytes"),
+        waiter_bytes=mean("waiter_bytes"),
+        waiter_parts=merged_parts([(c.waiter_parts, n) for c, n in costs], idle),
+        owned_bytes=mean("owned_bytes"),
+        owned_how="; ".join(sorted({c.owned_how for c, _ in costs if c.owned_how})) or None,
+        kernel_bytes=mean("kernel_bytes"),
+        total_bytes=mean("total_bytes"),
+        total_at_least_bytes=mean("total_at_least_bytes") or 0.0,
+        saving_bytes=round(sum(c.saving_bytes for c, _ in costs), 1),
+    )
+    out.bytes = round((out.user_buffer_bytes + out.socket_kernel_bytes) / idle, 1)
+    out.whole_unknown = [u for c, _ in costs for u in c.whole_unknown]
+    return out

@@ -415,6 +415,8 @@ class TraceSummary(Result):
     timeline: list[TimelinePoint] | None = None  # with --timeline
     memory: MemoryOptions | None = None  # the recording's --memory options
     at_attach: list[ProcessAtAttach] = field(default_factory=list)  # what was found at attach
+    # the recording's targets as one server: each part per idle connection of them all
+    per_idle_connection: PerIdleConnection | None = None
     warnings: list[str] = field(default_factory=list)  # what reading the trace left out
 
     def to_json(self, connections: bool = False) -> JsonObject:

@@ -20,6 +20,8 @@ from analysis.results import WaiterPart
 from probes.format.meta import Meta
 
 THREAD_OBJECTS = ("task_struct", "pid")  # what the kernel allocates for every thread
+# ... and for every process, once; vm_area_struct once per mapping
+PROCESS_OBJECTS = ("mm_struct", "signal_cache", "sighand_cache", "files_cache", "fs_cache")
 
 
 @dataclass
@@ -31,6 +33,12 @@ class Waiting:
     provenance: str = "at_end"  # where the threads were seen
     uring_requests: int = 0  # io_uring reads posted or POLL_ADDs armed on them
     parked: int = 0  # reads parked on them: a green thread's or goroutine's, not measured
+    # processes that exist for one of them each (a forked child holding it alone)
+    processes: int = 0
+    private_bytes: int = 0
+    page_table_bytes: int = 0
+    mappings: int = 0
+    process_threads: int = 0
     read: bool = True  # False: the recording did not look (made before waiters were read)
 
 
@@ -57,7 +65,18 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
     for pid in sorted(set(mine["pid"].tolist())):
         rows = mine[mine["pid"] == pid]
         seen = "at_end" if (rows["what"] == "end").all() else "at_attach"
-        out[int(pid)] = Waiting(len(rows), int(rows["stack_bytes"].sum()), seen)
+        threads = rows[rows["kind"] == "thread"]
+        processes = rows[rows["kind"] == "process"]
+        out[int(pid)] = Waiting(
+            len(threads),
+            int(threads["stack_bytes"].sum()),
+            seen,
+            processes=len(processes),
+            private_bytes=int(processes["private_bytes"].sum()),
+            page_table_bytes=int(processes["page_table_bytes"].sum()),
+            mappings=int(processes["mappings"].sum()),
+            process_threads=int(processes["threads"].sum()),
+        )
     return out
 
 
@@ -92,6 +111,8 @@ def waiter_parts(
             parts.append(WaiterPart("thread", cache, round(per, 1), waiting.provenance))
         per = waiting.stack_bytes / idle
         parts.append(WaiterPart("thread", "user stack", round(per, 1), waiting.provenance))
+    if waiting.processes:
+        why = _process_parts(meta, waiting, idle, parts) or why
     if waiting.uring_requests:
         geometry = meta.kernel_objects.get("io_kiocb")
         if geometry is None:
@@ -101,3 +122,43 @@ def waiter_parts(
             parts.append(WaiterPart("uring_request", "io_kiocb", round(per, 1), "live"))
     total = None if why else round(sum(p.bytes for p in parts), 1)
     return parts, total, why
+
+
+def _process_parts(meta: Meta, waiting: Waiting, idle: int, parts: list[WaiterPart]) -> str | None:
+    """The kernel's part of the processes that exist for one connection each: a kernel
+    stack, task_struct and pid per thread, an mm_struct, signal and sighand structs, a file
+    table and fs struct per process, a vm_area_struct per mapping, and the page tables;
+    their private memory is the connection's owned state, counted there. Why a part is not
+    known, or None."""
+    seen = waiting.provenance
+    why = None
+    counts = {cache: waiting.process_threads for cache in THREAD_OBJECTS}
+    counts |= {cache: waiting.processes for cache in PROCESS_OBJECTS}
+    counts["vm_area_struct"] = waiting.mappings
+    if meta.kernel_stack_bytes is None:
+        why = f"a process's kernel stack: {meta.kernel_stack_why or 'not read'}"
+    else:
+        per = waiting.process_threads * meta.kernel_stack_bytes / idle
+        parts.append(WaiterPart("process", "kernel stack", round(per, 1), seen))
+    for cache, count in counts.items():
+        geometry = meta.kernel_objects.get(cache)
+        if geometry is None:
+            why = why or f"a process's {cache}: the recording did not read its slab cache"
+            continue
+        parts.append(
+            WaiterPart("process", cache, round(count * geometry.object_cost / idle, 1), seen)
+        )
+    per = waiting.page_table_bytes / idle
+    parts.append(WaiterPart("process", "page tables", round(per, 1), seen))
+    return why
+
+
+def merged_parts(weighted: list[tuple[list[WaiterPart], int]], idle: int) -> list[WaiterPart]:
+    """Waiter parts of several processes (each with its idle connections) as parts per idle
+    connection of them all."""
+    sums: dict[tuple[str, str, str], float] = {}
+    for parts, n in weighted:
+        for p in parts:
+            key = (p.waiter, p.part, p.provenance)
+            sums[key] = sums.get(key, 0.0) + p.bytes * n
+    return [WaiterPart(w, part, round(b / idle, 1), seen) for (w, part, seen), b in sums.items()]

@@ -40,6 +40,12 @@ CACHES = (
     # what every thread (or process) adds: the waiter of a connection
     "task_struct",
     "pid",
+    "mm_struct",
+    "vm_area_struct",
+    "signal_cache",
+    "sighand_cache",
+    "files_cache",
+    "fs_cache",
 )
 
 

@@ -141,7 +141,8 @@ class MemorySide:
         write_rows(self._writer, schema.STACKS, stacks)
 
     def _waiters(self, pids: list[int], what: str) -> None:
-        """The threads waiting on one connection each (probes.attach.waiters), now."""
+        """The threads waiting on one connection each, and the processes that exist for
+        one connection (probes.attach.waiters), now."""
         rows = []
         for pid in pids:
             now = self._now_ns()
@@ -149,6 +150,12 @@ class MemorySide:
                 {"ts_ns": now, "kind": "thread", "what": what, **dataclasses.asdict(w)}
                 for w in waiters.thread_waiters(pid)
             ]
+            process = waiters.process_waiter(pid, set(pids))
+            if process is not None:
+                rows.append(
+                    {"ts_ns": now, "kind": "process", "what": what, "tid": pid, "call": -1,
+                     "stack_bytes": 0, "stack_size": 0, **dataclasses.asdict(process)}
+                )  # fmt: skip
         write_rows(self._writer, schema.WAITERS, rows)
 
     def close(self) -> None:

@@ -179,3 +179,98 @@ def kernel_stack_bytes() -> tuple[int | None, str | None]:
     if threads <= 0 or stacks <= 0:
         return None, "the kernel reported no stack memory"
     return 1 << round(math.log2(stacks / threads)), None
+
+
+@dataclass(frozen=True)
+class ProcessWaiter:
+    """A process that exists for one connection (a forked child holding it alone: a
+    PostgreSQL backend, a pre-fork server's worker): its private memory - pages only it
+    maps; those it still shares with its parent are the parent's - its page tables, its
+    mappings and threads (the kernel's objects for them are the analysis's)."""
+
+    pid: int
+    fd: int
+    private_bytes: int
+    page_table_bytes: int
+    mappings: int
+    threads: int
+
+
+_LISTEN_TCP = "0A"
+_ACCEPTCON = 0x10000  # a Unix socket that listens (net/unix: __SO_ACCEPTCON)
+
+
+def connection_fds(pid: int) -> list[int]:
+    """The fds of `pid` that are connections: TCP sockets not listening, connected Unix
+    stream sockets (the process's own network namespace's tables)."""
+    inodes: dict[int, int] = {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes[int(link[8:-1])] = int(fd)
+    except OSError:
+        return []
+    connected: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}", encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] != _LISTEN_TCP:
+                        connected.add(int(fields[9]))
+        except (OSError, ValueError):
+            continue
+    try:
+        with open(f"/proc/{pid}/net/unix", encoding="ascii", errors="replace") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                # Num RefCount Protocol Flags Type St Inode [Path]: a stream, connected
+                stream = len(fields) > 6 and fields[4] == "0001" and fields[5] == "03"
+                if stream and not int(fields[3], 16) & _ACCEPTCON:
+                    connected.add(int(fields[6]))
+    except (OSError, ValueError):
+        pass
+    return sorted(fd for inode, fd in inodes.items() if inode in connected)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def process_waiter(pid: int, targets: set[int]) -> ProcessWaiter | None:
+    """`pid`'s cost as the waiter of its one connection, when it is a child of another
+    target holding a single connection (a process per connection); None otherwise."""
+    if _parent(pid) not in targets:
+        return None
+    fds = connection_fds(pid)
+    if len(fds) != 1:
+        return None
+    private = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    private += int(line.split()[1]) * 1024
+        status: dict[str, int] = {}
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmPTE", "Threads"):
+                    status[key] = int(value.split()[0])
+        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as f:
+            mappings = sum(1 for _ in f)
+    except (OSError, ValueError, IndexError):
+        return None
+    return ProcessWaiter(
+        pid, fds[0], private, status.get("VmPTE", 0) * 1024, mappings, status.get("Threads", 1)
+    )

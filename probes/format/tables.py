@@ -364,8 +364,10 @@ PROCESSES = Table(
 
 # What carries each connection's wait (record --memory; probes.attach.waiters), read from
 # /proc at attach and at the end: a thread blocked on one connection alone (in a read, or in
-# poll/select/epoll_wait watching it alone), its user stack's resident bytes and reservation.
-# The kernel's part of a thread (its kernel stack, its task_struct) is in meta.json.
+# poll/select/epoll_wait watching it alone), its user stack's resident bytes and reservation;
+# a process that exists for one connection (a forked child holding it alone), its private
+# memory, page tables, mappings and threads. The kernel's part of a thread or process (its
+# kernel stack, its task_struct...) is the analysis's, from meta.json.
 WAITERS = Table(
     "waiters",
     (
@@ -373,10 +375,14 @@ WAITERS = Table(
         Column("pid", pa.uint32()),
         Column("tid", pa.uint32()),
         Column("fd", pa.int32()),  # the connection it waits on
-        Column("kind", pa.string()),  # "thread"
-        Column("call", pa.int32()),  # the syscall it is blocked in
-        Column("stack_bytes", pa.uint64()),  # resident bytes of its stack mapping
-        Column("stack_size", pa.uint64()),  # the mapping's size
+        Column("kind", pa.string()),  # "thread" or "process"
+        Column("call", pa.int32()),  # a thread: the syscall it is blocked in
+        Column("stack_bytes", pa.uint64()),  # a thread: resident bytes of its stack mapping
+        Column("stack_size", pa.uint64()),  # ... the mapping's size
+        Column("private_bytes", pa.uint64(), default=0),  # a process: its private memory
+        Column("page_table_bytes", pa.uint64(), default=0),  # ... its page tables (VmPTE)
+        Column("mappings", pa.uint32(), default=0),  # ... its mappings (VMAs)
+        Column("threads", pa.uint32(), default=1),  # ... its threads
         Column("what", pa.string()),  # "attach" or "end"
     ),
 )

@@ -111,3 +111,80 @@ def test_a_thread_per_connection_is_each_connection_s_waiter(
     assert saving["waiters of idle connections"] == pytest.approx(
         cost["waiter_bytes"] * CONNECTIONS, abs=CONNECTIONS
     )
+
+
+def meminfo(*keys: str) -> dict[str, int]:
+    with open("/proc/meminfo") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return {k: fields[k] for k in keys}
+
+
+PRIVATE = 1_000_003  # bytes each child writes of its own
+
+
+@pytest.fixture(scope="module")
+def forking(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("c") / "fork_per_connection"
+    source = ROOT / "workloads/c/fork_per_connection.c"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def test_a_process_per_connection_is_its_connection_s_waiter(tmp_path: Path, forking: Path) -> None:
+    """A child forked for each of 23 connections (PostgreSQL's backends, pre-fork servers):
+    the kernel's part of each process, and its private memory as the connection's owned
+    state. The truth: the kernel's own counters as the children started (/proc/meminfo:
+    AnonPages for the private memory, KernelStack, PageTables), per child."""
+    trace = tmp_path / "trace"
+    recorder = RecorderProcess(
+        trace, "--memory", "--", str(forking), str(CONNECTIONS), str(PRIVATE),
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    keys = ("AnonPages", "KernelStack", "PageTables")
+    try:
+        stdout = recorder.proc.stdout
+        assert stdout is not None
+        listening = read_event(stdout, "listening", 60)
+        before = meminfo(*keys)
+        clients = [
+            socket.create_connection(("127.0.0.1", listening["port"])) for _ in range(CONNECTIONS)
+        ]
+        truth = read_event(stdout, "ground_truth", 30)
+        after = meminfo(*keys)
+        time.sleep(2.5)  # every connection idle past the threshold (and a socket sample)
+        recorder.proc.send_signal(2)
+        _, err = recorder.proc.communicate(timeout=60)
+        assert recorder.proc.returncode == 0, err.decode()
+    finally:
+        for c in clients:
+            c.close()
+        stop(recorder.proc)
+    per_child = {k: (after[k] - before[k]) / CONNECTIONS for k in keys}
+    report = report_json(trace)
+    children = {p["pid"]: p for p in report["processes"] if p["pid"] in truth["children"]}
+    assert len(children) == CONNECTIONS
+    owned, parts = [], []
+    for pid, p in children.items():
+        memory = p["memory"]
+        assert memory["connections"] == {"open": 1, "idle": 1}, pid
+        cost = memory["per_idle_connection"]
+        assert cost["owned_how"] == "private", pid
+        assert cost["owned_bytes"] >= PRIVATE, pid  # what it wrote, at least
+        by_part = {(w["waiter"], w["part"]): w["bytes"] for w in cost["waiter_parts"]}
+        assert (
+            by_part[("process", "kernel stack")]
+            == json.loads((trace / "meta.json").read_text())["kernel_stack_bytes"]
+        )
+        assert by_part[("process", "task_struct")] == round(slab_cost("task_struct"), 1)
+        assert by_part[("process", "mm_struct")] == round(slab_cost("mm_struct"), 1)
+        assert by_part[("process", "vm_area_struct")] > 10 * slab_cost("vm_area_struct")
+        owned.append(cost["owned_bytes"] + cost["buffer_bytes"])  # its private memory
+        parts.append(by_part)
+    mean = sum(owned) / len(owned)
+    # its private memory against the anonymous memory the kernel gave the children
+    assert abs(mean - per_child["AnonPages"]) <= 0.10 * per_child["AnonPages"], (mean, per_child)
+    stacks = sum(p[("process", "kernel stack")] for p in parts) / len(parts)
+    assert abs(stacks - per_child["KernelStack"]) <= 0.10 * stacks, per_child
+    tables = sum(p[("process", "page tables")] for p in parts) / len(parts)
+    assert abs(tables - per_child["PageTables"]) <= 0.25 * tables + PAGE, (tables, per_child)
