@@ -34,6 +34,9 @@ class Waiting:
     uring_requests: int = 0  # io_uring reads posted or POLL_ADDs armed on them
     parked: int = 0  # reads parked on them: a green thread's or goroutine's, not measured
     # processes that exist for one of them each (a forked child holding it alone)
+    goroutines: int = 0  # goroutines parked in their reads (Go, walked at the end)
+    goroutine_stack_bytes: int = 0
+    g_bytes: int = 0
     processes: int = 0
     private_bytes: int = 0
     page_table_bytes: int = 0
@@ -67,6 +70,7 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
         seen = "at_end" if (rows["what"] == "end").all() else "at_attach"
         threads = rows[rows["kind"] == "thread"]
         processes = rows[rows["kind"] == "process"]
+        routines = rows[rows["kind"] == "goroutine"]
         out[int(pid)] = Waiting(
             len(threads),
             int(threads["stack_bytes"].sum()),
@@ -76,6 +80,9 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
             page_table_bytes=int(processes["page_table_bytes"].sum()),
             mappings=int(processes["mappings"].sum()),
             process_threads=int(processes["threads"].sum()),
+            goroutines=len(routines),
+            goroutine_stack_bytes=int(routines["stack_bytes"].sum()),
+            g_bytes=int(routines["g_bytes"].sum()),
         )
     return out
 
@@ -90,10 +97,17 @@ def waiter_parts(
     why = None
     if not waiting.read:
         why = "the recording did not read what waits on each connection (made before idlebuf did)"
-    if waiting.parked:
+    if waiting.parked > waiting.goroutines:
         why = (
-            f"{waiting.parked:,} idle connections wait in reads parked by a runtime (green "
-            "threads, goroutines): what carries them is the runtime's, not measured"
+            f"{waiting.parked - waiting.goroutines:,} idle connections wait in reads parked "
+            "by a runtime (green threads, goroutines): what carries them is the runtime's, "
+            "not measured"
+        )
+    if waiting.goroutines:  # their stacks (Go's stacks are the goroutine's alone) and g
+        per = waiting.goroutine_stack_bytes / idle
+        parts.append(WaiterPart("goroutine", "stack", round(per, 1), waiting.provenance))
+        parts.append(
+            WaiterPart("goroutine", "g", round(waiting.g_bytes / idle, 1), waiting.provenance)
         )
     threads = waiting.threads
     if threads:

@@ -137,9 +137,12 @@ class GoBinary:
             self.g_goid = g["goid"]
             self.g_sp = g["sched"] + gobuf["sp"]
             self.g_pc = g["sched"] + gobuf["pc"]
+            self.g_stack = g["stack"]  # runtime.stack {lo, hi}
         except KeyError as exc:
             raise GoLayoutError(f"runtime.g has no member {exc}") from None
         self.g_size = max(self.g_status, self.g_wait_reason, self.g_goid, self.g_sp, self.g_pc) + 8
+        self.g_size = max(self.g_size, self.g_stack + 16)
+        self.g_bytes = g.get(SIZE, 0)  # sizeof(runtime.g): what a goroutine takes besides its stack
 
         constants: dict[str, int] = {}
         for cu in units["runtime"]:
@@ -266,6 +269,9 @@ def _constants(cu: Any) -> dict[str, int]:
     return out
 
 
+SIZE = ""  # _types' key for a struct's byte size (no member is unnamed)
+
+
 def _types(cu: Any, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """Member offsets of the named struct types in one compile unit."""
     out: dict[str, dict[str, int]] = {}
@@ -274,6 +280,9 @@ def _types(cu: Any, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
         if die.tag != "DW_TAG_structure_type" or not name or name.value.decode() not in names:
             continue
         members = {}
+        size = die.attributes.get("DW_AT_byte_size")
+        if size is not None:
+            members[SIZE] = int(size.value)  # the struct's own size, beside its members'
         for member in die.iter_children():
             mname = member.attributes.get("DW_AT_name")
             where = member.attributes.get("DW_AT_data_member_location")

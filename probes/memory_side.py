@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -24,7 +25,8 @@ import numpy as np
 from probes import kernel_objects, residency
 from probes.allocators import HeapWalker
 from probes.allocators.base import Allocation
-from probes.attach import process, waiters
+from probes.attach import goroutines, process, waiters
+from probes.attach.blocked import is_socket
 from probes.batches import write_rows
 from probes.format import schema
 from probes.format.meta import Allocator, MemoryOptions, Meta
@@ -150,6 +152,15 @@ class MemorySide:
                 {"ts_ns": now, "kind": "thread", "what": what, **dataclasses.asdict(w)}
                 for w in waiters.thread_waiters(pid)
             ]
+            if what == "end":  # goroutines parked in reads: walked once, at the end
+                scan = goroutines.parked_reads(pid, functools.partial(is_socket, pid))
+                rows += [
+                    {"ts_ns": now, "kind": "goroutine", "what": what, "pid": pid,
+                     "tid": r.goid & 0xFFFFFFFF, "fd": r.fd, "call": -1,
+                     "stack_bytes": r.stack_bytes, "stack_size": r.stack_bytes,
+                     "g_bytes": r.g_bytes}
+                    for r in scan.reads
+                ]  # fmt: skip
             process = waiters.process_waiter(pid, set(pids))
             if process is not None:
                 rows.append(

@@ -38,6 +38,8 @@ class ParkedRead:
     fd: int
     addr: int
     length: int
+    stack_bytes: int = 0  # its stack: hi - lo (Go's stacks are wholly its own)
+    g_bytes: int = 0  # its runtime.g
 
 
 @dataclass
@@ -123,6 +125,8 @@ def _parked_read(
     goid = struct.unpack_from("<q", raw, binary.g_goid)[0]
     pc = struct.unpack_from("<Q", raw, binary.g_pc)[0]
     sp = struct.unpack_from("<Q", raw, binary.g_sp)[0]
+    lo, hi = struct.unpack_from("<QQ", raw, binary.g_stack)
+    stack = hi - lo if 0 < lo < hi and hi - lo < 1 << 31 else 0
     assert binary.read_range is not None
     try:
         for depth in range(MAX_FRAMES):
@@ -130,7 +134,7 @@ def _parked_read(
             if cfa is None:  # the bottom of the stack (runtime.goexit), or lost on the way
                 return "other" if depth > 1 else "skipped"
             if binary.read_range[0] <= pc - 1 < binary.read_range[1]:
-                return _decode_read(mem, binary, goid, pc - 1, cfa, is_socket)
+                return _decode_read(mem, binary, goid, pc - 1, cfa, is_socket, stack)
             pc, sp = mem.u64(cfa - 8), cfa
     except MemoryReadError:
         return "skipped"
@@ -138,7 +142,13 @@ def _parked_read(
 
 
 def _decode_read(
-    mem: ProcessMemory, binary: GoBinary, goid: int, pc: int, cfa: int, is_socket: Any
+    mem: ProcessMemory,
+    binary: GoBinary,
+    goid: int,
+    pc: int,
+    cfa: int,
+    is_socket: Any,
+    stack: int,
 ) -> ParkedRead | str:
     receiver = binary.pieces("fd", pc, cfa)
     buffer = binary.pieces("p", pc, cfa)
@@ -151,4 +161,4 @@ def _decode_read(
     addr, length = mem.u64(buffer[0].addr), mem.u64(buffer[1].addr)
     if not 0 <= fd < 1 << 31 or length >= 1 << 40 or not is_socket(fd):
         return "other" if 0 <= fd < 1 << 31 else "skipped"
-    return ParkedRead(goid, fd, addr, length)
+    return ParkedRead(goid, fd, addr, length, stack, binary.g_bytes)

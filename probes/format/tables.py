@@ -375,7 +375,7 @@ WAITERS = Table(
         Column("pid", pa.uint32()),
         Column("tid", pa.uint32()),
         Column("fd", pa.int32()),  # the connection it waits on
-        Column("kind", pa.string()),  # "thread" or "process"
+        Column("kind", pa.string()),  # "thread", "process" or "goroutine" (tid: its goid)
         Column("call", pa.int32()),  # a thread: the syscall it is blocked in
         Column("stack_bytes", pa.uint64()),  # a thread: resident bytes of its stack mapping
         Column("stack_size", pa.uint64()),  # ... the mapping's size
@@ -383,6 +383,7 @@ WAITERS = Table(
         Column("page_table_bytes", pa.uint64(), default=0),  # ... its page tables (VmPTE)
         Column("mappings", pa.uint32(), default=0),  # ... its mappings (VMAs)
         Column("threads", pa.uint32(), default=1),  # ... its threads
+        Column("g_bytes", pa.uint32(), default=0),  # a goroutine: its runtime.g
         Column("what", pa.string()),  # "attach" or "end"
     ),
 )

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, RecorderProcess, read_event, report_json, stop
+from tests.helpers import (
+    ROOT,
+    RecorderProcess,
+    Recording,
+    read_event,
+    report_json,
+    start_loadgen,
+    stop,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -188,3 +196,33 @@ def test_a_process_per_connection_is_its_connection_s_waiter(tmp_path: Path, for
     assert abs(stacks - per_child["KernelStack"]) <= 0.10 * stacks, per_child
     tables = sum(p[("process", "page tables")] for p in parts) / len(parts)
     assert abs(tables - per_child["PageTables"]) <= 0.25 * tables + PAGE, (tables, per_child)
+
+
+def test_a_goroutine_parked_in_a_read_is_its_connection_s_waiter(tmp_path: Path) -> None:
+    """A real Go server (workloads/go_server): each of 23 idle connections is read by a
+    goroutine of its own, parked in conn.Read. Its waiter is that goroutine: its stack and
+    its runtime.g. The truth is the Go runtime's own count of goroutine stacks
+    (runtime.MemStats.StackInuse) as the connections arrived."""
+    from tests.bpf.test_attach_late import GO_SERVER
+
+    assert GO_SERVER.exists(), "workloads/go_server is not built: run scripts/bootstrap"
+    trace = tmp_path / "trace"
+    with Recording(trace, [str(GO_SERVER), "--buffer-size", "4096"], ("--memory",)) as rec:
+        before = rec.truth()
+        load = start_loadgen(rec.port, CONNECTIONS, 0, 1, 100, "--hold", "60")
+        try:
+            truth = rec.wait_for(lambda t: t["posted_reads"] == CONNECTIONS)
+            time.sleep(2.5)  # idle past the threshold
+            rec.finish()
+        finally:
+            stop(load)
+    grown = (truth["stack_inuse"] - before["stack_inuse"]) / CONNECTIONS
+    process = next(p for p in report_json(trace)["processes"] if p["pid"] == rec.pid)
+    cost = process["memory"]["per_idle_connection"]
+    assert process["memory"]["connections"]["idle"] == CONNECTIONS
+    parts = {(p["waiter"], p["part"]): p["bytes"] for p in cost["waiter_parts"]}
+    assert set(parts) == {("goroutine", "stack"), ("goroutine", "g")}
+    assert abs(parts[("goroutine", "stack")] - grown) <= 0.10 * grown, (parts, grown)
+    assert 200 <= parts[("goroutine", "g")] <= 1024  # sizeof(runtime.g), from its DWARF
+    assert cost["waiter_bytes"] == round(sum(parts.values()), 1)
+    assert cost["waiter_reason"] is None

@@ -17,6 +17,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -99,6 +100,8 @@ func (s *server) groundTruth() map[string]interface{} {
 		buffers = append(buffers, b)
 	}
 	sort.Slice(buffers, func(i, j int) bool { return buffers[i].Fd < buffers[j].Fd })
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
 	return map[string]interface{}{
 		"event":                "ground_truth",
 		"model":                "queued-goroutines",
@@ -112,6 +115,9 @@ func (s *server) groundTruth() map[string]interface{} {
 		"reads_completed":      s.readsComplete,
 		"bytes_received":       s.bytesReceived,
 		"rss_bytes":            residentBytes(),
+		"stack_inuse":          ms.StackInuse, // the runtime's own count of goroutine stacks
+		"heap_inuse":           ms.HeapInuse,
+		"goroutines":           runtime.NumGoroutine(),
 	}
 }
 
