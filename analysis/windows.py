@@ -145,10 +145,12 @@ def trace_events(path: str | Path) -> int:
 
 def recording_span(trace: TraceInput) -> tuple[int, int]:
     """(start, end) of the recording, CLOCK_MONOTONIC ns: from meta.json, or the first and
-    last events (a killed recording ends at its last event)."""
+    last events (a killed recording ends at its last event). The end is when events
+    stopped being taken, where meta.json says: the walks made after it take time that no
+    connection spent idle as far as anyone could see."""
     meta = trace.meta
     start = meta.tracing_since_ns or meta.clock.monotonic_ns
-    end = meta.end_monotonic_ns
+    end = meta.traced_until_ns or meta.end_monotonic_ns
     if end is None or not start:
         firsts = [p.first_ns for p in trace.parts]
         lasts = [p.last_ns for p in trace.parts]

@@ -345,6 +345,7 @@ class Recorder:
             )
             # A final drain after the loop: what the kernel emitted up to the stop.
             self.take(probes.drain())
+            self.meta.traced_until_ns = _now_ns()
             self._sample_status(probes, "end")
             self._flush()
             if self._memory is not None:  # while the targets still run

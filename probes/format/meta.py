@@ -211,6 +211,9 @@ class Meta:
     stop_reason: str | None = None
     elapsed_s: float | None = None
     end_monotonic_ns: int | None = None
+    # when the events stopped being taken: the walks at the end (waiters, heaps, owned
+    # state) come after it, and a connection is idle or not as of this time
+    traced_until_ns: int | None = None
     error: str | None = None  # why a recording ended early
 
     def to_json(self) -> dict[str, Any]:
@@ -253,6 +256,7 @@ class Meta:
         part whose events are listed outside the recording's span."""
         base, since, end = self.clock.monotonic_ns, self.tracing_since_ns, self.end_monotonic_ns
         order = [("clock.monotonic_ns", base or None), ("tracing_since_ns", since)]
+        order.append(("traced_until_ns", self.traced_until_ns))
         order.append(("end_monotonic_ns", end))
         present = [(name, stamp) for name, stamp in order if stamp is not None]
         for (early, a), (late, b) in zip(present, present[1:]):
@@ -302,6 +306,7 @@ class Meta:
         stamps = {
             "tracing_since_ns": self.tracing_since_ns,
             "end_monotonic_ns": self.end_monotonic_ns,
+            "traced_until_ns": self.traced_until_ns,
             "clock.monotonic_ns": self.clock.monotonic_ns,
             "min_wait_ns": self.min_wait_ns,
         }

@@ -215,12 +215,16 @@ def test_mappings_end_at_munmap_or_mremap_and_brk_is_a_size() -> None:
 
 
 def tiny_trace(
-    path: Path, caches: dict[str, SlabCache] | None = None, **tables: list[dict[str, object]]
+    path: Path,
+    caches: dict[str, SlabCache] | None = None,
+    traced_until: int | None = None,
+    **tables: list[dict[str, object]],
 ) -> Path:
     """A trace from T to T + 300 ns (recorded with --memory) holding these rows; `caches`:
-    the slab caches it read."""
+    the slab caches it read; `traced_until`: when its events stopped being taken."""
     w = TraceWriter(path)
     w.write_meta(Meta(complete=True, tracing_since_ns=T, end_monotonic_ns=T + 300,
+                      traced_until_ns=traced_until,
                       memory=MemoryOptions(min_alloc=0), kernel_objects=caches or {}))  # fmt: skip
     w.append(schema.PROCESSES, schema.PROCESSES.filled(1, pid=1, comm="srv"))
     for name, rows in tables.items():
@@ -316,6 +320,21 @@ def test_the_time_series_counts_reads_posted_and_the_heap_at_each_edge(tmp_path:
     assert series(trace, "rss_bytes") == [None, None, None]
     assert series(trace, "socket_kernel_bytes") == [None, None, None]
     assert series(trace, "connections_open") == [1, 2, 2]
+
+
+def test_a_connection_is_idle_as_of_when_events_stopped_being_taken(tmp_path: Path) -> None:
+    """The walks at a recording's end take time after its last drain (seconds, on a big
+    heap): a read posted 150 ns before the drain is not idle at a 200 ns threshold, though
+    the recording ends 250 ns after it."""
+    post = {"ts_ns": T + 50, "pid": 1, "tid": 2, "fd": 5, "source": int(Source.SYSCALL),
+            "op": 45, "key": 2, "addr": 0x1000, "len": 64}  # fmt: skip
+    idle = []
+    for until in (None, T + 200):
+        trace = tiny_trace(tmp_path / f"t{until}", traced_until=until, posts=[post])
+        memory = analyze(trace, idle_threshold_s=200e-9).process(1).memory
+        assert memory is not None
+        idle.append(memory.idle_posted_reads)
+    assert idle == [1, 0]
 
 
 def test_connections_that_all_closed_are_closed(tmp_path: Path) -> None:
