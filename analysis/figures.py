@@ -370,11 +370,24 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
             ),
             dataclasses.replace(
                 waiting.get(int(pid), Waiting(read=looked)),
-                parked=int((mine_idle["source"] == Source.PARKED).sum()),
+                parked=parked_without_waiter(mine_idle, waiters),
             ),
         )
         out[int(pid)] = figures
     return out
+
+
+def parked_without_waiter(idle_reads: pd.DataFrame, waiters: pd.DataFrame) -> int:
+    """Reads parked on idle connections (EAGAIN, then a readiness wait) whose wait no thread
+    or process found on that connection alone carries: a runtime's (green threads,
+    goroutines). MariaDB's threads read with MSG_DONTWAIT and then poll() their own socket,
+    a PostgreSQL backend epoll_waits on its own: their parked reads have a waiter."""
+    parked = idle_reads[idle_reads["source"] == Source.PARKED]
+    if parked.empty or waiters.empty:
+        return len(parked)
+    carried = waiters[waiters["kind"].isin(["thread", "process"])][["pid", "fd"]]
+    marked = parked[["pid", "fd"]].merge(carried.drop_duplicates(), how="left", indicator=True)
+    return int((marked["_merge"] == "left_only").sum())
 
 
 def rounding_of(memory: MemoryOptions, pid: int) -> Rounding:

@@ -411,3 +411,22 @@ def test_an_io_uring_poll_armed_on_an_idle_connection_is_its_waiter(tmp_path: Pa
     assert "io_kiocb" not in {k.cache for k in cost.kernel_parts}
     (waiter,) = cost.waiter_parts
     assert (waiter.waiter, waiter.part, waiter.bytes) == ("uring_request", "io_kiocb", 256.0)
+
+
+def test_a_parked_read_whose_thread_or_process_waits_on_it_has_a_waiter() -> None:
+    """MariaDB's threads read with MSG_DONTWAIT and then poll() their own socket; a
+    PostgreSQL backend epoll_waits on its own: their EAGAIN-then-wait reads are parked, and
+    the thread or process found waiting on that connection alone carries them - not a
+    runtime. Only a parked read no such waiter holds is a runtime's (a goroutine's)."""
+    from analysis.figures import parked_without_waiter
+
+    reads = pd.DataFrame(
+        {"pid": [1, 1, 1, 2], "fd": [5, 6, 7, 5], "source": [int(Source.PARKED)] * 3 + [1]}
+    )
+    waiters = pd.DataFrame(
+        {"pid": [1, 1, 2], "fd": [5, 7, 5], "kind": ["thread", "goroutine", "process"]}
+    )
+    # fd 5: a thread polls it; fd 6: nothing found; fd 7: a goroutine (counted as such)
+    assert parked_without_waiter(reads, waiters) == 2
+    assert parked_without_waiter(reads, waiters.iloc[0:0]) == 3
+    assert parked_without_waiter(reads[reads["fd"] == 5], waiters) == 0
