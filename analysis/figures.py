@@ -258,6 +258,7 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     connections = connections_from_activity(
         m.reads.activity.copy(), sockets, retained, m.end_ns, m.threshold_ns
     )
+    connections = closed_by_exit(connections, exited_while_recorded(state))
     # a connection whose stream ended keeps no buffer: the fd's next connection is another
     going = connections.loc[connections["closed_ns"].isna(), CONNECTION_KEYS]
     retained = retained.assign(gen=generations_of(retained)).merge(going, on=CONNECTION_KEYS)
@@ -374,6 +375,35 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
             ),
         )
         out[int(pid)] = figures
+    return out
+
+
+def exited_while_recorded(state: dict[str, pd.DataFrame]) -> set[int]:
+    """The targets that exited before the recording ended: seen (processes), but not among
+    those whose status the recorder read as it ended (proc_status 'end', every live
+    target's). None in a trace without those reads (older, or cut short)."""
+    status = state["proc_status"]
+    ended = status.loc[status["what"] == "end", "pid"]
+    if ended.empty:
+        return set()
+    return set(state["processes"]["pid"].astype(int).tolist()) - set(ended.astype(int).tolist())
+
+
+def closed_by_exit(connections: pd.DataFrame, exited: set[int]) -> pd.DataFrame:
+    """Connections of processes that exited are closed, at their last sign of life (last
+    data, or its first read or sample) when nothing closed them before: a PostgreSQL backend reads
+    the client's Terminate message, or a startup it refuses, and exits - no read returns 0,
+    no later sample shows the socket gone, and it had stayed an idle connection open."""
+    if not exited:
+        return connections
+    gone = connections["pid"].isin(list(exited)) & connections["closed_ns"].isna()
+    if not gone.any():
+        return connections
+    out = connections.copy()
+    last = out[["last_data_ns", "opened_ns"]].max(axis=1)
+    out.loc[gone, "closed_ns"] = last[gone]
+    out.loc[gone, "idle"] = False
+    out.loc[gone, "retained_bytes"] = 0
     return out
 
 

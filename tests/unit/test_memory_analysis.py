@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis.engine import analyze
 from analysis.memory import (
@@ -430,3 +431,27 @@ def test_a_parked_read_whose_thread_or_process_waits_on_it_has_a_waiter() -> Non
     assert parked_without_waiter(reads, waiters) == 2
     assert parked_without_waiter(reads, waiters.iloc[0:0]) == 3
     assert parked_without_waiter(reads[reads["fd"] == 5], waiters) == 0
+
+
+def test_a_process_that_exited_holds_no_connection() -> None:
+    """A PostgreSQL backend reads its client's Terminate message (or a startup it refuses)
+    and exits: no read returned 0 and no sample showed its socket. It is closed at its last
+    sign of life, not an idle connection open at the end; a target alive at the end (a
+    status read then) keeps its own."""
+    from analysis.figures import closed_by_exit, exited_while_recorded
+
+    status = pd.DataFrame({"pid": [1, 1, 2], "what": ["attach", "end", "attach"]})
+    processes = pd.DataFrame({"pid": [1, 2, 3]})
+    exited = exited_while_recorded({"proc_status": status, "processes": processes})
+    assert exited == {2, 3}
+    # an older trace, or one cut short: no status read at the end, nothing is known to exit
+    assert exited_while_recorded({"proc_status": status.iloc[:1], "processes": processes}) == set()
+    table = pd.DataFrame(
+        {"pid": [1, 2, 3], "fd": [7, 7, 7], "opened_ns": [10.0, 10.0, 10.0],
+         "last_data_ns": [20.0, 30.0, np.nan], "closed_ns": [np.nan, np.nan, 15.0],
+         "idle": [True, True, False], "retained_bytes": [0, 99, 0]}
+    )  # fmt: skip
+    out = closed_by_exit(table, exited)
+    assert out["closed_ns"].tolist() == [pytest.approx(np.nan, nan_ok=True), 30.0, 15.0]
+    assert out["idle"].tolist() == [True, False, False]
+    assert out["retained_bytes"].tolist() == [0, 0, 0]
