@@ -498,5 +498,20 @@ def server_cost(processes: list[MemoryFigures]) -> PerIdleConnection | None:
         saving_bytes=round(sum(c.saving_bytes for c, _ in costs), 1),
     )
     out.bytes = round((out.user_buffer_bytes + out.socket_kernel_bytes) / idle, 1)
-    out.whole_unknown = [u for c, _ in costs for u in c.whole_unknown]
+    out.whole_unknown = merged_unknowns([u for c, _ in costs for u in c.whole_unknown])
     return out
+
+
+def merged_unknowns(unknowns: list[Unknown]) -> list[Unknown]:
+    """One line per reason, with the connections (and bytes) of every process it concerns:
+    PostgreSQL's 101 backends with one idle connection each had listed the same reason 101
+    times, each for 1 connection."""
+    by_why: dict[str, Unknown] = {}
+    for u in unknowns:
+        seen = by_why.get(u.why)
+        if seen is None:
+            by_why[u.why] = Unknown(u.connections, u.why, u.bytes)
+            continue
+        seen.connections += u.connections
+        seen.bytes = None if seen.bytes is None or u.bytes is None else seen.bytes + u.bytes
+    return list(by_why.values())

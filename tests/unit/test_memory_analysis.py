@@ -455,3 +455,15 @@ def test_a_process_that_exited_holds_no_connection() -> None:
     assert out["closed_ns"].tolist() == [pytest.approx(np.nan, nan_ok=True), 30.0, 15.0]
     assert out["idle"].tolist() == [True, False, False]
     assert out["retained_bytes"].tolist() == [0, 0, 0]
+
+
+def test_the_server_s_unknowns_are_one_line_per_reason() -> None:
+    """The targets as one server (PostgreSQL's backends): a reason several processes give
+    is said once, for all the connections it concerns."""
+    from analysis.figures import merged_unknowns
+    from analysis.results import Unknown
+
+    merged = merged_unknowns(
+        [Unknown(1, "a", 10), Unknown(1, "b"), Unknown(2, "a", 5), Unknown(3, "b", 7)]
+    )
+    assert [(u.connections, u.why, u.bytes) for u in merged] == [(3, "a", 15), (4, "b", None)]
