@@ -53,6 +53,15 @@ NET_BUFFER = 16384  # net_buffer_length, the server's default (asserted below)
 NET_BUFFER_CHUNK = (NET_BUFFER + 4 + 3 + 1 + 24 + 8 + 15) // 16 * 16
 
 
+# Why the rest is unknown while the connections are held still: nothing to fit - or, on a
+# loaded machine, the heap walk's time budget left the last points unwalked, and that is
+# the reason given (analysis.cost.heap_fit looks at the walked settled points only)
+HELD_STILL = (
+    "other user memory: connections did not change enough",
+    "other user memory: not walked: the last walk took",
+)
+
+
 def figures(server: Server) -> dict[str, int]:
     """The server's own and the kernel's counts now (the mariadb client's connection, which
     asks, ends before the next count: its thread waits in the thread cache, counted in both)."""
@@ -143,7 +152,7 @@ def common(process: dict[str, Any], truth: dict[str, float]) -> dict[str, Any]:
     assert cost["owned_bytes"] is None and cost["total_bytes"] is None
     (unknown,) = cost["whole_unknown"]
     assert unknown["connections"] == CONNECTIONS
-    assert unknown["why"].startswith("other user memory: connections did not change enough")
+    assert unknown["why"].startswith(HELD_STILL), unknown
     return cost
 
 
