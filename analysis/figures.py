@@ -258,6 +258,7 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     connections = connections_from_activity(
         m.reads.activity.copy(), sockets, retained, m.end_ns, m.threshold_ns
     )
+    connections = closed_by_exit(connections, exited_while_recorded(state))
     # a connection whose stream ended keeps no buffer: the fd's next connection is another
     going = connections.loc[connections["closed_ns"].isna(), CONNECTION_KEYS]
     retained = retained.assign(gen=generations_of(retained)).merge(going, on=CONNECTION_KEYS)
@@ -370,11 +371,53 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
             ),
             dataclasses.replace(
                 waiting.get(int(pid), Waiting(read=looked)),
-                parked=int((mine_idle["source"] == Source.PARKED).sum()),
+                parked=parked_without_waiter(mine_idle, waiters),
             ),
         )
         out[int(pid)] = figures
     return out
+
+
+def exited_while_recorded(state: dict[str, pd.DataFrame]) -> set[int]:
+    """The targets that exited before the recording ended: seen (processes), but not among
+    those whose status the recorder read as it ended (proc_status 'end', every live
+    target's). None in a trace without those reads (older, or cut short)."""
+    status = state["proc_status"]
+    ended = status.loc[status["what"] == "end", "pid"]
+    if ended.empty:
+        return set()
+    return set(state["processes"]["pid"].astype(int).tolist()) - set(ended.astype(int).tolist())
+
+
+def closed_by_exit(connections: pd.DataFrame, exited: set[int]) -> pd.DataFrame:
+    """Connections of processes that exited are closed, at their last sign of life (last
+    data, or its first read or sample) when nothing closed them before: a PostgreSQL backend reads
+    the client's Terminate message, or a startup it refuses, and exits - no read returns 0,
+    no later sample shows the socket gone, and it had stayed an idle connection open."""
+    if not exited:
+        return connections
+    gone = connections["pid"].isin(list(exited)) & connections["closed_ns"].isna()
+    if not gone.any():
+        return connections
+    out = connections.copy()
+    last = out[["last_data_ns", "opened_ns"]].max(axis=1)
+    out.loc[gone, "closed_ns"] = last[gone]
+    out.loc[gone, "idle"] = False
+    out.loc[gone, "retained_bytes"] = 0
+    return out
+
+
+def parked_without_waiter(idle_reads: pd.DataFrame, waiters: pd.DataFrame) -> int:
+    """Reads parked on idle connections (EAGAIN, then a readiness wait) whose wait no thread
+    or process found on that connection alone carries: a runtime's (green threads,
+    goroutines). MariaDB's threads read with MSG_DONTWAIT and then poll() their own socket,
+    a PostgreSQL backend epoll_waits on its own: their parked reads have a waiter."""
+    parked = idle_reads[idle_reads["source"] == Source.PARKED]
+    if parked.empty or waiters.empty:
+        return len(parked)
+    carried = waiters[waiters["kind"].isin(["thread", "process"])][["pid", "fd"]]
+    marked = parked[["pid", "fd"]].merge(carried.drop_duplicates(), how="left", indicator=True)
+    return int((marked["_merge"] == "left_only").sum())
 
 
 def rounding_of(memory: MemoryOptions, pid: int) -> Rounding:
@@ -455,5 +498,20 @@ def server_cost(processes: list[MemoryFigures]) -> PerIdleConnection | None:
         saving_bytes=round(sum(c.saving_bytes for c, _ in costs), 1),
     )
     out.bytes = round((out.user_buffer_bytes + out.socket_kernel_bytes) / idle, 1)
-    out.whole_unknown = [u for c, _ in costs for u in c.whole_unknown]
+    out.whole_unknown = merged_unknowns([u for c, _ in costs for u in c.whole_unknown])
     return out
+
+
+def merged_unknowns(unknowns: list[Unknown]) -> list[Unknown]:
+    """One line per reason, with the connections (and bytes) of every process it concerns:
+    PostgreSQL's 101 backends with one idle connection each had listed the same reason 101
+    times, each for 1 connection."""
+    by_why: dict[str, Unknown] = {}
+    for u in unknowns:
+        seen = by_why.get(u.why)
+        if seen is None:
+            by_why[u.why] = Unknown(u.connections, u.why, u.bytes)
+            continue
+        seen.connections += u.connections
+        seen.bytes = None if seen.bytes is None or u.bytes is None else seen.bytes + u.bytes
+    return list(by_why.values())

@@ -42,6 +42,8 @@ CACHES = (
     "pid",
     "mm_struct",
     "vm_area_struct",
+    "anon_vma",
+    "anon_vma_chain",
     "signal_cache",
     "sighand_cache",
     "files_cache",

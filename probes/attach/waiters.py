@@ -194,6 +194,9 @@ class ProcessWaiter:
     page_table_bytes: int
     mappings: int
     threads: int
+    # mappings holding anonymous pages: each has an anon_vma of its own and, in a forked
+    # child, two anon_vma_chain links (to its own anon_vma and to its parent's)
+    anon_mappings: int = 0
 
 
 _LISTEN_TCP = "0A"
@@ -255,22 +258,32 @@ def process_waiter(pid: int, targets: set[int]) -> ProcessWaiter | None:
     fds = connection_fds(pid)
     if len(fds) != 1:
         return None
-    private = 0
+    private = anon = mappings = 0
     try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        # smaps, not smaps_rollup: the mappings holding anonymous pages are counted too
+        with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                key = line.split(None, 1)[0]
+                if key in ("Private_Clean:", "Private_Dirty:"):
                     private += int(line.split()[1]) * 1024
+                elif key == "Anonymous:":
+                    anon += int(line.split()[1]) > 0
+                elif not key.endswith(":"):  # a mapping's first line: START-END PERMS ...
+                    mappings += 1
         status: dict[str, int] = {}
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key in ("VmPTE", "Threads"):
                     status[key] = int(value.split()[0])
-        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as f:
-            mappings = sum(1 for _ in f)
     except (OSError, ValueError, IndexError):
         return None
     return ProcessWaiter(
-        pid, fds[0], private, status.get("VmPTE", 0) * 1024, mappings, status.get("Threads", 1)
+        pid,
+        fds[0],
+        private,
+        status.get("VmPTE", 0) * 1024,
+        mappings,
+        status.get("Threads", 1),
+        anon,
     )

@@ -384,6 +384,8 @@ WAITERS = Table(
         Column("mappings", pa.uint32(), default=0),  # ... its mappings (VMAs)
         Column("threads", pa.uint32(), default=1),  # ... its threads
         Column("g_bytes", pa.uint32(), default=0),  # a goroutine: its runtime.g
+        # a process: its mappings holding anonymous pages (an anon_vma and its chain links)
+        Column("anon_mappings", pa.uint32(), default=0),
         Column("what", pa.string()),  # "attach" or "end"
     ),
 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import re
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import real_servers
 from tests.helpers import (
     Recording,
     python_module,
@@ -187,27 +187,6 @@ def test_session_struct_is_fitted_to_its_chunk(tmp_path: Path, method: str) -> N
         assert abs(gained - expected) <= 0.05 * expected, (cache, gained, expected)
 
 
-def _redis(port: int, *command: str) -> bytes:
-    """One command's reply: a simple string's line, or a bulk string's payload."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"*{len(command)}\r\n".encode())
-        for part in command:
-            s.sendall(f"${len(part)}\r\n{part}\r\n".encode())
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            assert chunk, reply
-            reply += chunk
-            if b"\r\n" not in reply:
-                continue
-            head, _, body = reply.partition(b"\r\n")
-            if not head.startswith(b"$"):
-                assert not head.startswith(b"-"), head
-                return head
-            if len(body) >= int(head[1:]):
-                return body[: int(head[1:])]
-
-
 def connect_at_once(port: int, n: int) -> list[socket.socket]:
     """`n` clients connected together (non-blocking connects, then waiting for all), so
     that the server sees a step of connections, not a slow climb a sample may catch
@@ -233,55 +212,43 @@ def connect_at_once(port: int, n: int) -> list[socket.socket]:
 
 
 def used_memory(port: int) -> int:
-    info = _redis(port, "INFO", "memory").decode()
+    info = real_servers.redis_command(port, "INFO", "memory").decode()
     (line,) = [x for x in info.splitlines() if x.startswith("used_memory:")]
     return int(line.split(":")[1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_redis_clients_against_its_own_accounting(tmp_path: Path) -> None:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed (scripts/bootstrap installs it)")
-    port = free_port()
-    redis = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxclients", str(CONNECTIONS + 100), "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    """Redis as its own user (tests.real_servers), its clients ramping while recorded."""
     clients: list[socket.socket] = []
     recorder = None
     queues: list[int] = []
-    try:
-        wait_until(lambda: _answers(port), 30, "redis-server to listen")
-        trace = tmp_path / "trace"
-        recorder = spawn_idlebuf(
-            "record", "-p", str(redis.pid), "-o", str(trace), "--memory", "--min-alloc", "0"
-        )
-        wait_for_trace_started(trace)
-        time.sleep(1.2)  # a first memory point with no client
-        base = used_memory(port)
-        # A new client reads into a 16 KiB query buffer, which Redis's cron frees once the
-        # client has been idle for 2 s: each step waits for that, then for a memory point.
-        for step in range(REDIS_STEPS):
-            clients += connect_at_once(port, CONNECTIONS * (step + 1) // REDIS_STEPS - len(clients))
-            time.sleep(REDIS_SETTLE_S)
-        ours = used_memory(port)
-        queues = socket_queues(port)
-        recorder.send_signal(signal.SIGINT)
-        _, err = recorder.communicate(timeout=60)
-        assert recorder.returncode == 0, err.decode()
-    finally:
-        for c in clients:
-            c.close()
-        if recorder is not None:
-            stop(recorder)
-        stop(redis)
+    trace = tmp_path / "trace"
+    with real_servers.redis(CONNECTIONS + 100) as redis:
+        port = redis.port
+        try:
+            recorder = spawn_idlebuf(
+                "record", "-p", str(redis.pid), "-o", str(trace), "--memory", "--min-alloc", "0"
+            )
+            wait_for_trace_started(trace)
+            time.sleep(1.2)  # a first memory point with no client
+            base = used_memory(port)
+            # A new client reads into a 16 KiB query buffer, which Redis's cron frees once
+            # the client has been idle for 2 s: each step waits for that, then for a memory
+            # point.
+            for step in range(REDIS_STEPS):
+                more = CONNECTIONS * (step + 1) // REDIS_STEPS - len(clients)
+                clients += connect_at_once(port, more)
+                time.sleep(REDIS_SETTLE_S)
+            ours = used_memory(port)
+            queues = socket_queues(port)
+            recorder.send_signal(signal.SIGINT)
+            _, err = recorder.communicate(timeout=60)
+            assert recorder.returncode == 0, err.decode()
+        finally:
+            for c in clients:
+                c.close()
+            if recorder is not None:
+                stop(recorder)
     reference = (ours - base) / CONNECTIONS  # Redis's own figure: its allocator's bytes
     memory = memory_of(report_json(trace), redis.pid)
     cost = memory["per_idle_connection"]
@@ -323,13 +290,6 @@ def socket_queues(port: int) -> list[int]:
         check=True,
     ).stdout
     return [sum(int(v) for v in m.groups()) for m in SKMEM.finditer(out)]
-
-
-def _answers(port: int) -> bool:
-    try:
-        return _redis(port, "PING").startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 # The child reports glibc's own accounting of its heap (mallinfo2: the bytes of the chunks

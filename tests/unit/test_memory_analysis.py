@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis.engine import analyze
 from analysis.memory import (
@@ -430,3 +431,58 @@ def test_an_io_uring_poll_armed_on_an_idle_connection_is_its_waiter(tmp_path: Pa
     assert "io_kiocb" not in {k.cache for k in cost.kernel_parts}
     (waiter,) = cost.waiter_parts
     assert (waiter.waiter, waiter.part, waiter.bytes) == ("uring_request", "io_kiocb", 256.0)
+
+
+def test_a_parked_read_whose_thread_or_process_waits_on_it_has_a_waiter() -> None:
+    """MariaDB's threads read with MSG_DONTWAIT and then poll() their own socket; a
+    PostgreSQL backend epoll_waits on its own: their EAGAIN-then-wait reads are parked, and
+    the thread or process found waiting on that connection alone carries them - not a
+    runtime. Only a parked read no such waiter holds is a runtime's (a goroutine's)."""
+    from analysis.figures import parked_without_waiter
+
+    reads = pd.DataFrame(
+        {"pid": [1, 1, 1, 2], "fd": [5, 6, 7, 5], "source": [int(Source.PARKED)] * 3 + [1]}
+    )
+    waiters = pd.DataFrame(
+        {"pid": [1, 1, 2], "fd": [5, 7, 5], "kind": ["thread", "goroutine", "process"]}
+    )
+    # fd 5: a thread polls it; fd 6: nothing found; fd 7: a goroutine (counted as such)
+    assert parked_without_waiter(reads, waiters) == 2
+    assert parked_without_waiter(reads, waiters.iloc[0:0]) == 3
+    assert parked_without_waiter(reads[reads["fd"] == 5], waiters) == 0
+
+
+def test_a_process_that_exited_holds_no_connection() -> None:
+    """A PostgreSQL backend reads its client's Terminate message (or a startup it refuses)
+    and exits: no read returned 0 and no sample showed its socket. It is closed at its last
+    sign of life, not an idle connection open at the end; a target alive at the end (a
+    status read then) keeps its own."""
+    from analysis.figures import closed_by_exit, exited_while_recorded
+
+    status = pd.DataFrame({"pid": [1, 1, 2], "what": ["attach", "end", "attach"]})
+    processes = pd.DataFrame({"pid": [1, 2, 3]})
+    exited = exited_while_recorded({"proc_status": status, "processes": processes})
+    assert exited == {2, 3}
+    # an older trace, or one cut short: no status read at the end, nothing is known to exit
+    assert exited_while_recorded({"proc_status": status.iloc[:1], "processes": processes}) == set()
+    table = pd.DataFrame(
+        {"pid": [1, 2, 3], "fd": [7, 7, 7], "opened_ns": [10.0, 10.0, 10.0],
+         "last_data_ns": [20.0, 30.0, np.nan], "closed_ns": [np.nan, np.nan, 15.0],
+         "idle": [True, True, False], "retained_bytes": [0, 99, 0]}
+    )  # fmt: skip
+    out = closed_by_exit(table, exited)
+    assert out["closed_ns"].tolist() == [pytest.approx(np.nan, nan_ok=True), 30.0, 15.0]
+    assert out["idle"].tolist() == [True, False, False]
+    assert out["retained_bytes"].tolist() == [0, 0, 0]
+
+
+def test_the_server_s_unknowns_are_one_line_per_reason() -> None:
+    """The targets as one server (PostgreSQL's backends): a reason several processes give
+    is said once, for all the connections it concerns."""
+    from analysis.figures import merged_unknowns
+    from analysis.results import Unknown
+
+    merged = merged_unknowns(
+        [Unknown(1, "a", 10), Unknown(1, "b"), Unknown(2, "a", 5), Unknown(3, "b", 7)]
+    )
+    assert [(u.connections, u.why, u.bytes) for u in merged] == [(3, "a", 15), (4, "b", None)]
