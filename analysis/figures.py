@@ -47,11 +47,13 @@ from analysis.results import (
     ConnectionCounts,
     HeapLive,
     IoBufferHeap,
+    KernelPart,
     MemoryFigures,
     PerIdleConnection,
     Provenance,
     ResidentMemory,
     RetainedBuffers,
+    SavingPart,
     Unknown,
 )
 from analysis.waiters import Waiting, latest_waiters, merged_parts, waiting_of
@@ -496,10 +498,42 @@ def server_cost(processes: list[MemoryFigures]) -> PerIdleConnection | None:
         total_bytes=mean("total_bytes"),
         total_at_least_bytes=mean("total_at_least_bytes") or 0.0,
         saving_bytes=round(sum(c.saving_bytes for c, _ in costs), 1),
+        resident_bytes=mean("resident_bytes") or 0.0,
     )
     out.bytes = round((out.user_buffer_bytes + out.socket_kernel_bytes) / idle, 1)
+    if out.kernel_bytes is not None:  # every process's slab model: their mean, cache by cache
+        out.kernel_parts = _merged_kernel_parts([(c.kernel_parts, n) for c, n in costs], idle)
+    reasons = {c.kernel_reason for c, _ in costs if c.kernel_reason}
+    out.kernel_reason = "; ".join(sorted(reasons)) or None
+    saving: dict[str, float] = {}
+    for c, _ in costs:
+        for part in c.saving_parts:
+            saving[part.part] = saving.get(part.part, 0.0) + part.bytes
+    out.saving_parts = [SavingPart(name, round(b, 1)) for name, b in saving.items()]
+    active = sum(max(0, m.connections.open - m.connections.idle) for m in processes)
+    out.saving_assumes = (
+        f"frees the {idle:,} idle connections' buffers and waiters, in every process; one "
+        f"event loop; a pool of one buffer per active connection ({active:,})"
+    )
     out.whole_unknown = merged_unknowns([u for c, _ in costs for u in c.whole_unknown])
     return out
+
+
+def _merged_kernel_parts(
+    weighted: list[tuple[list[KernelPart], int]], idle: int
+) -> list[KernelPart]:
+    """Slab parts of several processes (each with its idle connections) per idle connection
+    of them all."""
+    objects: dict[str, float] = {}
+    sizes: dict[str, float] = {}
+    for parts, n in weighted:
+        for p in parts:
+            objects[p.cache] = objects.get(p.cache, 0.0) + p.objects * n
+            sizes[p.cache] = p.object_bytes
+    return [
+        KernelPart(cache, round(o / idle, 4), sizes[cache], round(o / idle * sizes[cache], 1))
+        for cache, o in objects.items()
+    ]
 
 
 def merged_unknowns(unknowns: list[Unknown]) -> list[Unknown]:

@@ -134,3 +134,12 @@ def test_a_backend_per_connection_launched_under_idlebuf(tmp_path: Path) -> None
     assert cost["saving_bytes"] == pytest.approx(
         CONNECTIONS * (cost["buffer_bytes"] + cost["waiter_bytes"]), rel=0.001
     )
+    # ...part by part, as each backend's parts add up; the kernel's slab model likewise
+    saving = {p["part"]: p["bytes"] for p in cost["saving_parts"]}
+    assert sum(saving.values()) == pytest.approx(cost["saving_bytes"], rel=0.001), saving
+    assert saving["waiters of idle connections"] == pytest.approx(
+        CONNECTIONS * cost["waiter_bytes"], rel=0.001
+    )
+    slab = sum(p["bytes"] for p in cost["kernel_parts"])
+    assert 0 < slab <= cost["kernel_bytes"], cost["kernel_parts"]
+    assert cost["resident_bytes"] > 0
