@@ -76,9 +76,8 @@ class Generations:
         column = columns_of(iv, None)
         eof = ~is_open & network & (column("ret", np.float64) == 0)
         if self.counts.empty and not eof.any():  # no stream has ended yet: all first ones
-            if todo.any():
-                gen[todo] = 0
-                iv["gen"] = gen
+            gen[todo] = 0
+            iv["gen"] = gen.astype(np.int64)  # known for every read from now on
             return
         pid, fd = column("pid", np.int64), column("fd", np.int64)
         key = connection_keys(pid, fd, np.zeros(len(pid), np.int64))
@@ -98,7 +97,7 @@ class Generations:
                 within[order] = found
                 before = before + np.nan_to_num(within).astype(np.int64)
             gen[todo] = before
-            iv["gen"] = gen
+        iv["gen"] = gen.astype(np.int64)
         if eof.any():
             counts = pd.Series(1, index=key[eof]).groupby(level=0).sum()
             self.counts = counts if self.counts.empty else self.counts.add(counts, fill_value=0)

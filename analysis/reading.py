@@ -21,17 +21,20 @@ import numpy as np
 import pandas as pd
 
 from analysis.idle import Generations, IdleSeries, connection_keys
-from analysis.memory import LastData, merge_activity, read_activity
+from analysis.memory import merge_activity, read_activity
 from analysis.parking import Attribute, NextPost, Parking
 from analysis.reads import (
     EAGAIN,
+    KindCounts,
     columns_of,
     is_network,
     is_poll,
+    kind_counts,
     network_reads,
     read_intervals,
 )
 from analysis.reads import read_summary as count_reads
+from analysis.retained import LastData
 from analysis.series import Chunk, EdgeSeries, Peaks, steps_of
 from analysis.windows import EVENT_COLUMNS, empty
 from probes.format.schema import Source
@@ -249,17 +252,18 @@ def _summed(pieces: list[pd.Series]) -> pd.Series:
 
 
 class _Digests:
-    """What each window's finished reads leave - read_summary of all, read_activity of the
-    network ones, their steps - worked out on a thread of its own in window order, and
-    merged every few windows so that a long trace keeps a few frames, not one per window."""
+    """What each window's finished reads leave - read_summary's counts of all (added up per
+    kind of read, labelled at the end), read_activity of the network ones, their steps -
+    worked out on a thread of its own in window order, and merged every few windows so that
+    a long trace keeps a few frames, not one per window."""
 
     MERGE_EVERY = 16
 
     def __init__(self, peaks: Peaks) -> None:
         self.peaks = peaks
         self.pool = ThreadPoolExecutor(1)
-        self.pending: deque[Future[tuple[pd.DataFrame, pd.DataFrame]]] = deque()
-        self.counts: list[pd.DataFrame] = []
+        self.pending: deque[Future[tuple[KindCounts, pd.DataFrame]]] = deque()
+        self.counts = KindCounts.none()
         self.activity: list[pd.DataFrame] = []
         self.data = LastData()
         self.late_steps: list[Chunk] = []
@@ -276,28 +280,27 @@ class _Digests:
 
     def _digest(
         self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
-    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ) -> tuple[KindCounts, pd.DataFrame]:
         network = ~seeded & is_network(iv)
         self.peaks.add(_steps(iv, new, network))
         ended = network & ~is_open
         self.data.add(iv, ended)
-        return count_reads(iv, ~is_open & ~seeded), read_activity(iv, ended)
+        return kind_counts(iv, ~is_open & ~seeded), read_activity(iv, ended)
 
-    def _collect(self, done: tuple[pd.DataFrame, pd.DataFrame]) -> None:
-        self.counts.append(done[0])
+    def _collect(self, done: tuple[KindCounts, pd.DataFrame]) -> None:
+        self.counts += done[0]
         self.activity.append(done[1])
-        if len(self.counts) >= self.MERGE_EVERY:
-            self.counts = [merge_counts(self.counts)]
+        if len(self.activity) >= self.MERGE_EVERY:
             self.activity = [merge_activity(self.activity)]
 
     def late(self, reads: pd.DataFrame) -> None:
         self.pending.append(self.pool.submit(self._digest_late, reads))
 
-    def _digest_late(self, reads: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _digest_late(self, reads: pd.DataFrame) -> tuple[KindCounts, pd.DataFrame]:
         network = network_reads(reads)
         self.late_steps.append(_steps(network, np.ones(len(network), bool), None))
         self.data.add(network)
-        return count_reads(reads), read_activity(network)
+        return kind_counts(reads), read_activity(network)
 
     def finish(self) -> tuple[list[pd.DataFrame], list[pd.DataFrame], list[Chunk]]:
         """(the counts, the activity, the late steps)."""
@@ -306,7 +309,7 @@ class _Digests:
                 self._collect(self.pending.popleft().result())
         finally:
             self.pool.shutdown(cancel_futures=True)
-        return self.counts, self.activity, self.late_steps
+        return [self.counts.frame()], self.activity, self.late_steps
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
