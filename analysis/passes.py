@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.groups import dense_codes, sums
 from analysis.memory import allocation_intervals, live_at
 from analysis.parking import Attribute
 from analysis.reads import columns_of, read_intervals
@@ -259,15 +260,15 @@ class WritePass:
         )
         ret = column("ret", np.float64)
         done = ret > 0
+        codes, pids = dense_codes(pid)
         self.sums.append(
             pd.DataFrame(
                 {
-                    "writes_completed": done.astype(np.int64),
-                    "bytes_sent": np.where(done, ret, 0).astype(np.int64),
-                }
+                    "writes_completed": sums(codes, done, len(pids)),
+                    "bytes_sent": sums(codes, np.where(done, ret, 0).astype(np.int64), len(pids)),
+                },
+                index=pids,
             )
-            .groupby(pid)
-            .sum()
         )
         self._spans(iv[~is_open])
         self.carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[EVENT_COLUMNS["writes"]]

@@ -124,8 +124,8 @@ class ReadPass:
             copy=False,
         )
         iv = read_intervals(both, completions)
-        # the columns every step reads as int64, converted once
-        iv = iv.astype({c: np.int64 for c in WIDE if c in iv})
+        # the columns every step reads as int64, converted once (the carried ones are)
+        iv = iv.astype({c: np.int64 for c in WIDE if c in iv and iv[c].dtype != np.int64})
         if iv.empty:
             self._late(self.parking.window(lambda: iv, waits, wait_ends))
             return
@@ -178,7 +178,10 @@ class ReadPass:
         if attribute is not None:
             self.parking.attribute(attribute)
         self._late(self.parking.window(lambda: iv[new & syscall], waits, wait_ends))
-        self.carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[CARRIED]
+        # the columns carried alone, not the whole frame picked then narrowed
+        self.carry = pd.DataFrame(
+            {c: iv["post_ns" if c == "ts_ns" else c].to_numpy()[is_open] for c in CARRIED}
+        )
 
     def finish(self) -> ReadsAtEnd:
         """The reads still posted at the end, and those that waited for lookups."""
