@@ -65,3 +65,43 @@ def nan_sums(codes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     out = np.bincount(codes[known], values[known], minlength=n).astype(np.float64)
     out[np.bincount(codes[known], minlength=n) == 0] = np.nan
     return out
+
+
+class KeyIndex:
+    """Distinct int64 keys, each at its position in the order added, and where given keys
+    are among them: by a table when they span a narrow range (one process's connections),
+    by a hash otherwise (a lookup per read of a window, twice a window)."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.int64)
+        self._low = 0
+        self._table: np.ndarray | None = None  # position of each key - low, -1: none
+        self._hashed = pd.Index(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """The position of each of `keys` (-1: not added)."""
+        keys = np.asarray(keys, np.int64)
+        if self._table is None:
+            return self._hashed.get_indexer(pd.Index(keys))
+        offset = keys - self._low
+        inside = (offset >= 0) & (offset < len(self._table))
+        if inside.all():
+            return self._table[offset]
+        out = np.full(len(keys), -1, np.intp)
+        out[inside] = self._table[offset[inside]]
+        return out
+
+    def add(self, keys: np.ndarray) -> None:
+        """New distinct keys, none added before, after those added."""
+        self.keys = np.concatenate([self.keys, np.asarray(keys, np.int64)])
+        if not len(self.keys):
+            return
+        low, high = int(self.keys.min()), int(self.keys.max())
+        if high - low < max(DIRECT_SPAN, 4 * len(self.keys)):
+            self._low, self._table = low, np.full(high - low + 1, -1, np.intp)
+            self._table[self.keys - low] = np.arange(len(self.keys))
+        else:
+            self._table, self._hashed = None, pd.Index(self.keys)

@@ -125,7 +125,9 @@ class ReadPass:
         )
         iv = read_intervals(both, completions)
         # the columns every step reads as int64, converted once (the carried ones are)
-        iv = iv.astype({c: np.int64 for c in WIDE if c in iv and iv[c].dtype != np.int64})
+        narrow = {c: np.int64 for c in WIDE if c in iv and iv[c].dtype != np.int64}
+        if narrow:  # astype copies every column, even given none to convert
+            iv = iv.astype(narrow)
         if iv.empty:
             self._late(self.parking.window(lambda: iv, waits, wait_ends))
             return
