@@ -101,28 +101,27 @@ class ReadPass:
         posts = ev.get("posts", empty("posts"))
         completions = ev.get("completions", empty("completions"))
         waits, wait_ends = ev.get("waits", empty("waits")), ev.get("wait_ends", empty("waits"))
-        self.waits_begun.append(waits.groupby("pid").size())
-        self.waits_ended.append(wait_ends.groupby("pid").size())
+        if len(waits):
+            self.waits_begun.append(waits.groupby("pid").size())
+        if len(wait_ends):
+            self.waits_ended.append(wait_ends.groupby("pid").size())
         made = {
             "seq": np.arange(self.seq, self.seq + len(posts), dtype=np.int64),
             "attr": np.full(len(posts), np.nan),
             "gen": np.full(len(posts), np.nan),
         }
         self.seq += len(posts)
+
         # the reads still open, then the window's posts: column by column (a frame concat
         # costs several times more)
-        both = pd.DataFrame(
-            {
-                c: np.concatenate(
-                    [
-                        kept := self.carry[c].to_numpy(),
-                        made[c] if c in made else posts[c].to_numpy().astype(kept.dtype),
-                    ]
-                )
-                for c in CARRIED
-            },
-            copy=False,
-        )
+        def joined(c: str) -> np.ndarray:
+            kept = self.carry[c].to_numpy()
+            if c in made:
+                return np.concatenate([kept, made[c]])
+            # converted as astype would: the carried columns are the wider
+            return np.concatenate([kept, posts[c].to_numpy()], dtype=kept.dtype, casting="unsafe")
+
+        both = pd.DataFrame({c: joined(c) for c in CARRIED}, copy=False)
         iv = read_intervals(both, completions)
         # the columns every step reads as int64, converted once (the carried ones are)
         narrow = {c: np.int64 for c in WIDE if c in iv and iv[c].dtype != np.int64}
