@@ -230,6 +230,14 @@ class WritesAtEnd:
     buffers: pd.DataFrame  # pid, addr, len: every buffer a write sent from, once
 
 
+MERGE_EVERY = 16  # windows' write buffers kept apart before they are merged
+
+
+def _distinct_buffers(pieces: list[pd.DataFrame]) -> pd.DataFrame:
+    """Each buffer (pid, addr) of `pieces` once, as first seen."""
+    return _stacked(*pieces).drop_duplicates(["pid", "addr"])
+
+
 class WritePass:
     """Writes to sockets, paired like reads: pending at the end and at peak, sent."""
 
@@ -244,7 +252,9 @@ class WritePass:
         writes = ev.get("writes", self.carry.iloc[0:0])
         if not writes.empty:
             seen = writes[["pid", "addr", "len"]].drop_duplicates(["pid", "addr"])
-            self.buffers = [_stacked(*self.buffers, seen).drop_duplicates(["pid", "addr"])]
+            self.buffers.append(seen)
+            if len(self.buffers) >= MERGE_EVERY:  # not the whole set again every window
+                self.buffers = [_distinct_buffers(self.buffers)]
         iv = read_intervals(
             _stacked(self.carry, writes), ev.get("write_completions", empty("write_completions"))
         )
@@ -301,7 +311,7 @@ class WritePass:
             }
         )
         out = out.fillna(0).astype("int64")
-        buffers = self.buffers[0] if self.buffers else empty("writes")[["pid", "addr", "len"]]
+        buffers = _distinct_buffers([empty("writes")[["pid", "addr", "len"]], *self.buffers])
         return WritesAtEnd(out, buffers)
 
     def _spans(self, writes: pd.DataFrame) -> None:
