@@ -65,6 +65,9 @@ SOCKET_COLUMNS = [
     "wmem_queued", "fwd_alloc", "epoll", "sock_type",
 ]  # fmt: skip
 WINDOW_ROWS = 500_000  # events loaded before a window is related (measured fastest at 10M)
+# windows put together ahead of the one being related: a part bigger than a window (a long
+# flush's) is read and decoded while the windows before it are related
+READ_AHEAD = 3
 
 
 @dataclass
@@ -172,9 +175,10 @@ def windows(
     first low is -inf, the last bound +inf. Every event comes out exactly once, each part is
     read once. `window_rows` None: one window.
 
-    The windows are put together on a thread of their own, one ahead: reading, decoding and
-    cutting parts (Arrow lets go of the GIL) while the caller relates the window before."""
-    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    The windows are put together on a thread of their own, up to READ_AHEAD ahead: reading,
+    decoding and cutting parts (Arrow lets go of the GIL) while the caller relates the
+    windows before."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
 
     def offer(item: Any) -> bool:
