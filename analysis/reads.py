@@ -418,6 +418,8 @@ KIND_LIMITS = (2**31, 16, 4096, 65536)  # pid, source, op, flags: what read_summ
 def columns_of(frame: pd.DataFrame, where: np.ndarray | None) -> Callable[[str, Any], np.ndarray]:
     """column(name, dtype): a column of `frame` as an array, only the rows `where` says (a
     mask or positions; all without it) - a few columns picked, not the whole frame copied."""
+    if where is not None and where.dtype == bool and where.all():
+        where = None  # every row: no copy
 
     def column(name: str, dtype: Any) -> np.ndarray:
         values = frame[name].to_numpy(dtype)
