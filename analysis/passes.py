@@ -86,12 +86,22 @@ class AllocPass:
         allocs = ev.get("allocs", self.carry.iloc[0:0])
         frees = ev.get("frees", empty("frees"))
         made = allocation_intervals(_stacked(self.carry, allocs).assign(fn=0), frees)
-        freed = made["free_ns"].notna().to_numpy()
-        self.live_pieces.append(live_at(made[freed], self.end_ns, "alloc_ns", "free_ns"))
-        self._spans(made[freed])
-        self._fit(made, made["alloc_ns"].to_numpy(np.float64) >= low, freed)
+        alloc_ns = made["alloc_ns"].to_numpy(np.float64)
+        free_ns = made["free_ns"].to_numpy(np.float64)
+        freed = ~np.isnan(free_ns)
+        late = freed & (alloc_ns <= self.end_ns) & ~(free_ns <= self.end_ns)  # live_at the end
+        if late.any():
+            self.live_pieces.append(made[late])
+        self._spans(made, freed)
+        self._fit(made, alloc_ns >= low, freed)
         self.made = made
-        self.carry = made[~freed].rename(columns={"alloc_ns": "ts_ns"})[EVENT_COLUMNS["allocs"]]
+        # the open ones carried as their own columns, not the frame masked then narrowed
+        self.carry = pd.DataFrame(
+            {
+                c: made["alloc_ns" if c == "ts_ns" else c].to_numpy()[~freed]
+                for c in EVENT_COLUMNS["allocs"]
+            }
+        )
 
     def finish(self) -> pd.DataFrame:
         """The traced allocations live at the end (live_at of allocation_intervals)."""
@@ -102,13 +112,15 @@ class AllocPass:
             f.live = f.live * f.scale
         return _stacked(*self.live_pieces)
 
-    def _spans(self, made: pd.DataFrame) -> None:
-        column = columns_of(made, None)
+    def _spans(self, made: pd.DataFrame, where: np.ndarray | None = None) -> None:
+        if not self.series.wanted:
+            return
+        column = columns_of(made, where)
         self.series.spans(
             "heap_live_bytes",
             column("pid", np.int64),
             column("alloc_ns", np.int64),
-            made["free_ns"].to_numpy(np.float64),
+            column("free_ns", np.float64),
             column("size", np.int64),
         )
 

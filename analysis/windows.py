@@ -311,7 +311,9 @@ def _taken(waiting: dict[str, list[_Piece]], bound: float) -> dict[str, pd.DataF
                 later.append(rest)
         waiting[name] = later
         table = pa.concat_tables(early) if len(early) > 1 else early[0]
-        out[name] = table.to_pandas(split_blocks=True, use_threads=False)
+        # the pieces' columns joined by Arrow, which lets go of the GIL, then handed to
+        # pandas as they are (to_pandas joins chunked columns holding it: 0.2 s at 10M)
+        out[name] = table.combine_chunks().to_pandas(split_blocks=True, use_threads=False)
     return out
 
 
