@@ -11,6 +11,8 @@ same whatever the windows (tests/unit/test_engine.py cuts traces every way to ch
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +63,27 @@ SAMPLED_SERIES = ("rss_bytes", "socket_kernel_bytes")
 
 Progress = Callable[[str], None]
 
+# glibc's mallopt(3) parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's cap
+TRIM_THRESHOLD = 128 << 20
+
+
+@functools.cache
+def reuse_freed_memory() -> None:
+    """Have glibc's malloc keep the arrays a window frees for the next window's, rather than
+    unmap each one and fault its pages back in, zeroed, for the next (by default an array
+    over 128 KiB to a few MiB is a mapping of its own): at 10M events, 400,000 page faults
+    become 90,000 and the system time halves; the peak grows by a few tens of MiB. Once per
+    process; elsewhere than glibc, nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
 
 def step_for_span(start: int, end: int, wanted_s: float, at_most: bool = False) -> float:
     """`wanted_s` if a time series over start..end at that step has at most
@@ -95,6 +118,7 @@ def analyze(
 ) -> TraceSummary:
     """Every process's figures; "now" is the end of the recording. `window_rows`: events
     per window (None: one window); `progress` is told how far it got after each window."""
+    reuse_freed_memory()
     trace = open_input(path)
     start, end_ns = recording_span(trace)
     edges = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.groups import KeyIndex
 from analysis.reads import columns_of
 from analysis.series import EdgeSeries
 
@@ -76,9 +77,8 @@ class Generations:
         column = columns_of(iv, None)
         eof = ~is_open & network & (column("ret", np.float64) == 0)
         if self.counts.empty and not eof.any():  # no stream has ended yet: all first ones
-            if todo.any():
-                gen[todo] = 0
-                iv["gen"] = gen
+            gen[todo] = 0
+            iv["gen"] = gen.astype(np.int64)  # known for every read from now on
             return
         pid, fd = column("pid", np.int64), column("fd", np.int64)
         key = connection_keys(pid, fd, np.zeros(len(pid), np.int64))
@@ -98,7 +98,7 @@ class Generations:
                 within[order] = found
                 before = before + np.nan_to_num(within).astype(np.int64)
             gen[todo] = before
-            iv["gen"] = gen
+        iv["gen"] = gen.astype(np.int64)
         if eof.any():
             counts = pd.Series(1, index=key[eof]).groupby(level=0).sum()
             self.counts = counts if self.counts.empty else self.counts.add(counts, fill_value=0)
@@ -153,7 +153,7 @@ class IdleSeries:
         # per connection seen reading: its key, when it was first seen, when it was first
         # seen or data last arrived (`ref`), its close (inf while open), whether its
         # stream ended
-        self.keys = pd.Index(np.zeros(0, np.int64))
+        self.keys = KeyIndex()
         self.opened = np.zeros(0)
         self.ref = np.zeros(0)
         self.closed = np.zeros(0)
@@ -175,7 +175,7 @@ class IdleSeries:
         a_keys, a_ts, eof = arrived
         if not len(a_keys):
             return
-        at = self.keys.get_indexer(pd.Index(a_keys))
+        at = self.keys.positions(a_keys)
         ts = a_ts.astype(np.float64)
         known = at >= 0  # posted in this window or before: always
         at, ts, eof = at[known], ts[known], eof[known]
@@ -202,7 +202,7 @@ class IdleSeries:
     def _seen(self, keys: np.ndarray, post_ns: np.ndarray) -> None:
         """Connections first seen reading in this window: idle from when they were first
         seen (reading, or in an earlier socket sample of a first connection on its fd)."""
-        fresh = self.keys.get_indexer(pd.Index(keys)) < 0
+        fresh = self.keys.positions(keys) < 0
         if not fresh.any():
             return
         codes, uniques = pd.factorize(keys[fresh])
@@ -214,7 +214,7 @@ class IdleSeries:
         opened = sampled["opened"].to_numpy(np.float64).copy()
         opened[first_generation(new_keys) != new_keys] = np.nan  # earlier samples: not its
         first = np.fmin(post_ns[fresh][firsts], opened)
-        self.keys = self.keys.append(pd.Index(new_keys))
+        self.keys.add(new_keys)
         self.opened = np.concatenate([self.opened, first])
         self.ref = np.concatenate([self.ref, first])
         self.closed = np.concatenate([self.closed, sampled["closed"].fillna(np.inf).to_numpy()])
@@ -230,7 +230,7 @@ class IdleSeries:
         self._idle(going, self.ref[going], np.full(len(going), np.inf))
         self._open(going)
         spans = socket_spans(self.sockets, socket_generations(self.sockets, ends))
-        only = spans[~spans.index.isin(self.keys)]
+        only = spans[~spans.index.isin(self.keys.keys)]
         if len(only):
             ends_at = only["closed"].to_numpy() + 1
             opened = only["opened"].to_numpy()
@@ -240,7 +240,7 @@ class IdleSeries:
 
     def _open(self, at: np.ndarray) -> None:
         """Connections `at` (positions in self.keys), closed: open from when first seen."""
-        keys = self.keys.to_numpy(np.int64)[at]
+        keys = self.keys.keys[at]
         self.series.spans(OPEN, pids_of(keys), self.opened[at], self.closed[at] + 1)
 
     def _idle(self, at: np.ndarray, since: np.ndarray, until: np.ndarray) -> None:
@@ -250,5 +250,5 @@ class IdleSeries:
         end = np.fmin(until, self.closed[at] + 1)  # open at an edge up to its last sample
         some = start < end  # most arrivals come sooner than the threshold: nothing idle
         if some.any():
-            keys = self.keys.to_numpy(np.int64)[at[some]]
+            keys = self.keys.keys[at[some]]
             self.series.spans(FIGURE, pids_of(keys), start[some], end[some])

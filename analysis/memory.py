@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.groups import dense_codes, first_rows, minima, nan_maxima, nan_sums, sums
 from analysis.idle import connection_keys
 from analysis.reads import columns_of, next_event
 from probes.format.schema import RssMember
@@ -153,116 +154,6 @@ def idle_reads(
     return pd.Series((at_ns - since >= idle_threshold_ns).to_numpy(), index=posted.index)
 
 
-def retained_buffers(
-    intervals: pd.DataFrame, allocations: pd.DataFrame, at_ns: int, idle_threshold_ns: int
-) -> pd.DataFrame:
-    """Buffers a program keeps after reading into them, while their connection is idle.
-
-    Per connection, the buffer of the last read that received data, when the connection has
-    no read posted (or parked) now, has been idle for `idle_threshold_ns`, and the buffer is
-    still inside a live allocation and was not read into for another connection since (a
-    pool's buffer moves on; a pool buffer whose last use was this connection still counts,
-    so a pool can add at most its own size here). The readiness model's way to waste memory.
-    """
-    last = LastData()
-    last.add(intervals)
-    posted = intervals[intervals["end_ns"].isna()]
-    return last.buffers(posted, allocations, at_ns, idle_threshold_ns)
-
-
-LAST_COLUMNS = ["pid", "fd", "gen", "addr", "len", "post_ns", "end_ns", "ret"]
-
-
-class LastData:
-    """What retained_buffers needs of a trace's reads, kept as they pass: each connection's
-    last read that received data (the latest end; at one end, the latest post), and whether
-    another read has received data into its buffer since - posted after that end, so in its
-    window or a later one: a pool's buffer that moved on to another connection."""
-
-    def __init__(self) -> None:
-        self.last = pd.DataFrame()
-
-    def add(self, reads: pd.DataFrame, where: np.ndarray | None = None) -> None:
-        """The reads (the rows `where` says) of one window, or those that came late."""
-        received = (reads["ret"] > 0).to_numpy() & reads["end_ns"].notna().to_numpy()
-        rows = received if where is None else received & where
-        if not rows.any():
-            return
-        column = columns_of(reads, rows)  # the columns kept, not the whole frame copied
-        data = pd.DataFrame(
-            {
-                c: generations_of(reads, rows) if c == "gen" else column(c, reads[c].dtype)
-                for c in LAST_COLUMNS
-            },
-            copy=False,
-        )
-        latest = _last_per_connection(data).assign(moved=False)
-        if not self.last.empty:
-            latest = _last_per_connection(pd.concat([self.last, latest], ignore_index=True))
-        # reads of this window into a buffer after a connection's last data went into it
-        mine, theirs = _buffer_keys(latest, data)
-        buffers, which = np.unique(mine, return_inverse=True)
-        at = pd.Index(buffers).get_indexer(theirs)  # a hash of the few buffers: fast
-        hit = at >= 0
-        since = np.full(len(buffers), -np.inf)
-        np.maximum.at(since, at[hit], data["post_ns"].to_numpy(np.float64)[hit])
-        moved = since[which] > latest["end_ns"].to_numpy(np.float64)
-        latest["moved"] = latest["moved"].to_numpy() | moved
-        self.last = latest
-
-    def buffers(
-        self, posted: pd.DataFrame, live: pd.DataFrame, at_ns: int, idle_threshold_ns: int
-    ) -> pd.DataFrame:
-        """retained_buffers(reads, live, at_ns, idle_threshold_ns) of the reads seen, with
-        `posted` the reads posted at the end."""
-        if self.last.empty:
-            columns = [*LAST_COLUMNS, "alloc_addr", "alloc_size", "attributed_bytes"]
-            return pd.DataFrame(columns=columns)
-        now = posted.assign(gen=generations_of(posted))[CONNECTION_KEYS].drop_duplicates()
-        last = self.last.merge(now, on=CONNECTION_KEYS, how="left", indicator=True)
-        last = last[(last["_merge"] == "left_only") & (at_ns - last["end_ns"] >= idle_threshold_ns)]
-        last = last[~last["moved"].to_numpy(bool)].drop(columns=["_merge", "moved"])
-        held = buffer_attribution(last, live)
-        return held[held["attributed_bytes"] > 0].reset_index(drop=True)
-
-
-def _buffer_keys(latest: pd.DataFrame, data: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """One key per buffer (pid, address) for the connections' last data reads and for
-    `data`'s reads (-1: none of theirs): the address where one process read."""
-    pids = np.concatenate([latest["pid"].to_numpy(), data["pid"].to_numpy()])
-    if pids.min() == pids.max():
-        return latest["addr"].to_numpy(np.uint64), data["addr"].to_numpy(np.uint64)
-    index = pd.MultiIndex.from_frame(latest[["pid", "addr"]]).unique()
-    theirs = index.get_indexer(pd.MultiIndex.from_frame(data[["pid", "addr"]]))
-    mine = index.get_indexer(pd.MultiIndex.from_frame(latest[["pid", "addr"]]))
-    return mine.astype(np.int64), np.where(theirs < 0, -1, theirs).astype(np.int64)
-
-
-def _last_per_connection(data: pd.DataFrame) -> pd.DataFrame:
-    """Per connection (pid, fd, gen), the row with the latest end_ns; at one end, the latest
-    post_ns; then the last row (what a stable sort by end_ns of reads in post order leaves
-    last)."""
-    pid = data["pid"].to_numpy(np.int64)
-    fd = data["fd"].to_numpy(np.int64)
-    gen = generations_of(data)
-    if pid.min() == pid.max() and not gen.any() and fd.max() - fd.min() < 2**22:
-        codes, n = fd - fd.min(), int(fd.max() - fd.min()) + 1
-    else:
-        codes, uniques = pd.factorize(connection_keys(pid, fd, gen))
-        n = len(uniques)
-    end = data["end_ns"].to_numpy(np.float64)
-    best = np.full(n, -np.inf)
-    np.maximum.at(best, codes, end)
-    rows = np.flatnonzero(end == best[codes])
-    post = data["post_ns"].to_numpy(np.int64)[rows]
-    latest_post = np.full(n, np.iinfo(np.int64).min)
-    np.maximum.at(latest_post, codes[rows], post)
-    rows = rows[post == latest_post[codes[rows]]]
-    last_row = np.full(n, -1)
-    np.maximum.at(last_row, codes[rows], rows)
-    return data.iloc[np.sort(last_row[last_row >= 0])].reset_index(drop=True)
-
-
 def resident_events(rss: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
     """kmem:rss_stat events with the /proc/PID/status samples (at attach and at the end) as
     events of the same shape: a sample sets the anonymous, file and shared counters at once.
@@ -323,10 +214,14 @@ CONNECTION_KEYS = ["pid", "fd", "gen"]  # a connection: an fd's stream (see anal
 def generations_of(frame: pd.DataFrame, where: np.ndarray | None = None) -> np.ndarray:
     """The `gen` column (each read's connection on its fd), 0 where a frame has none."""
     if "gen" not in frame:
-        n = len(frame) if where is None else int(np.count_nonzero(where))
+        n = len(frame) if where is None else len(np.arange(len(frame))[where])
         return np.zeros(n, np.int64)
-    gen = np.nan_to_num(frame["gen"].to_numpy(np.float64)).astype(np.int64)
-    return gen if where is None else gen[where]
+    gen = frame["gen"].to_numpy()
+    if where is not None:
+        gen = gen[where]
+    if gen.dtype.kind == "f":
+        gen = np.where(np.isnan(gen), 0.0, gen)
+    return gen.astype(np.int64)
 
 
 def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd.DataFrame:
@@ -339,41 +234,32 @@ def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> p
     ret = column("ret", np.float64)
     end = column("end_ns", np.float64)
     data = ret > 0
-    # one int64 key per connection: one hash of the rows, not one per column
     pid = column("pid", np.int64)
     fd = column("fd", np.int64)
     gen = generations_of(intervals, where)
-    codes, _ = pd.factorize(connection_keys(pid, fd, gen))
-    frame = pd.DataFrame(
-        {
-            "bytes_received": np.where(data, ret, 0.0),
-            "first_ns": column("post_ns", np.int64),
-            "last_data_ns": np.where(data, end, np.nan),
-            "posted_bytes": np.where(np.isnan(end), column("len", np.float64), np.nan),
-            "eof_ns": np.where(ret == 0, end, np.nan),
-        }
-    )
-    g = frame.groupby(codes, sort=True)
-    out = pd.DataFrame(
-        {
-            "bytes_received": g["bytes_received"].sum(),
-            "first_ns": g["first_ns"].min(),
-            "last_data_ns": g["last_data_ns"].max(),
-            "posted_bytes": g["posted_bytes"].sum(min_count=1),
-            "eof_ns": g["eof_ns"].max(),
-        }
-    )
-    _, first_row = np.unique(codes, return_index=True)  # a row of each code, in code order
-    rows = first_row[out.index.to_numpy()]
-    out.index = pd.MultiIndex.from_arrays(
+    # one int64 key per connection, grouped by numpy: a window holds a few thousand
+    codes, keys = dense_codes(connection_keys(pid, fd, gen))
+    n = len(keys)
+    rows = first_rows(codes, n)
+    pids, fds, gens = pid[rows], fd[rows], gen[rows]
+    order = np.lexsort((gens, fds, pids))
+    posted = np.where(np.isnan(end), column("len", np.float64), np.nan)
+    figures = {
+        "bytes_received": sums(codes, np.where(data, ret, 0.0), n),
+        "first_ns": minima(codes, column("post_ns", np.int64), n),
+        "last_data_ns": nan_maxima(codes, np.where(data, end, np.nan), n),
+        "posted_bytes": nan_sums(codes, posted, n),
+        "eof_ns": nan_maxima(codes, np.where(ret == 0, end, np.nan), n),
+    }
+    index = pd.MultiIndex.from_arrays(
         [
-            pid[rows].astype(intervals["pid"].dtype),
-            fd[rows].astype(intervals["fd"].dtype),
-            gen[rows],
+            pids[order].astype(intervals["pid"].dtype),
+            fds[order].astype(intervals["fd"].dtype),
+            gens[order],
         ],
         names=CONNECTION_KEYS,
     )
-    return out.sort_index()
+    return pd.DataFrame({k: v[order] for k, v in figures.items()}, index=index)
 
 
 def merge_activity(pieces: list[pd.DataFrame]) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.groups import dense_codes, sums
 from analysis.memory import allocation_intervals, live_at
 from analysis.parking import Attribute
 from analysis.reads import columns_of, read_intervals
@@ -85,12 +86,22 @@ class AllocPass:
         allocs = ev.get("allocs", self.carry.iloc[0:0])
         frees = ev.get("frees", empty("frees"))
         made = allocation_intervals(_stacked(self.carry, allocs).assign(fn=0), frees)
-        freed = made["free_ns"].notna().to_numpy()
-        self.live_pieces.append(live_at(made[freed], self.end_ns, "alloc_ns", "free_ns"))
-        self._spans(made[freed])
-        self._fit(made, made["alloc_ns"].to_numpy(np.float64) >= low, freed)
+        alloc_ns = made["alloc_ns"].to_numpy(np.float64)
+        free_ns = made["free_ns"].to_numpy(np.float64)
+        freed = ~np.isnan(free_ns)
+        late = freed & (alloc_ns <= self.end_ns) & ~(free_ns <= self.end_ns)  # live_at the end
+        if late.any():
+            self.live_pieces.append(made[late])
+        self._spans(made, freed)
+        self._fit(made, alloc_ns >= low, freed)
         self.made = made
-        self.carry = made[~freed].rename(columns={"alloc_ns": "ts_ns"})[EVENT_COLUMNS["allocs"]]
+        # the open ones carried as their own columns, not the frame masked then narrowed
+        self.carry = pd.DataFrame(
+            {
+                c: made["alloc_ns" if c == "ts_ns" else c].to_numpy()[~freed]
+                for c in EVENT_COLUMNS["allocs"]
+            }
+        )
 
     def finish(self) -> pd.DataFrame:
         """The traced allocations live at the end (live_at of allocation_intervals)."""
@@ -101,13 +112,15 @@ class AllocPass:
             f.live = f.live * f.scale
         return _stacked(*self.live_pieces)
 
-    def _spans(self, made: pd.DataFrame) -> None:
-        column = columns_of(made, None)
+    def _spans(self, made: pd.DataFrame, where: np.ndarray | None = None) -> None:
+        if not self.series.wanted:
+            return
+        column = columns_of(made, where)
         self.series.spans(
             "heap_live_bytes",
             column("pid", np.int64),
             column("alloc_ns", np.int64),
-            made["free_ns"].to_numpy(np.float64),
+            column("free_ns", np.float64),
             column("size", np.int64),
         )
 
@@ -229,6 +242,14 @@ class WritesAtEnd:
     buffers: pd.DataFrame  # pid, addr, len: every buffer a write sent from, once
 
 
+MERGE_EVERY = 16  # windows' write buffers kept apart before they are merged
+
+
+def _distinct_buffers(pieces: list[pd.DataFrame]) -> pd.DataFrame:
+    """Each buffer (pid, addr) of `pieces` once, as first seen."""
+    return _stacked(*pieces).drop_duplicates(["pid", "addr"])
+
+
 class WritePass:
     """Writes to sockets, paired like reads: pending at the end and at peak, sent."""
 
@@ -243,7 +264,9 @@ class WritePass:
         writes = ev.get("writes", self.carry.iloc[0:0])
         if not writes.empty:
             seen = writes[["pid", "addr", "len"]].drop_duplicates(["pid", "addr"])
-            self.buffers = [_stacked(*self.buffers, seen).drop_duplicates(["pid", "addr"])]
+            self.buffers.append(seen)
+            if len(self.buffers) >= MERGE_EVERY:  # not the whole set again every window
+                self.buffers = [_distinct_buffers(self.buffers)]
         iv = read_intervals(
             _stacked(self.carry, writes), ev.get("write_completions", empty("write_completions"))
         )
@@ -259,15 +282,15 @@ class WritePass:
         )
         ret = column("ret", np.float64)
         done = ret > 0
+        codes, pids = dense_codes(pid)
         self.sums.append(
             pd.DataFrame(
                 {
-                    "writes_completed": done.astype(np.int64),
-                    "bytes_sent": np.where(done, ret, 0).astype(np.int64),
-                }
+                    "writes_completed": sums(codes, done, len(pids)),
+                    "bytes_sent": sums(codes, np.where(done, ret, 0).astype(np.int64), len(pids)),
+                },
+                index=pids,
             )
-            .groupby(pid)
-            .sum()
         )
         self._spans(iv[~is_open])
         self.carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[EVENT_COLUMNS["writes"]]
@@ -300,7 +323,7 @@ class WritePass:
             }
         )
         out = out.fillna(0).astype("int64")
-        buffers = self.buffers[0] if self.buffers else empty("writes")[["pid", "addr", "len"]]
+        buffers = _distinct_buffers([empty("writes")[["pid", "addr", "len"]], *self.buffers])
         return WritesAtEnd(out, buffers)
 
     def _spans(self, writes: pd.DataFrame) -> None:

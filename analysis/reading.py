@@ -21,17 +21,20 @@ import numpy as np
 import pandas as pd
 
 from analysis.idle import Generations, IdleSeries, connection_keys
-from analysis.memory import LastData, merge_activity, read_activity
+from analysis.memory import merge_activity, read_activity
 from analysis.parking import Attribute, NextPost, Parking
 from analysis.reads import (
     EAGAIN,
+    KindCounts,
     columns_of,
     is_network,
     is_poll,
+    kind_counts,
     network_reads,
     read_intervals,
 )
 from analysis.reads import read_summary as count_reads
+from analysis.retained import LastData
 from analysis.series import Chunk, EdgeSeries, Peaks, steps_of
 from analysis.windows import EVENT_COLUMNS, empty
 from probes.format.schema import Source
@@ -98,31 +101,32 @@ class ReadPass:
         posts = ev.get("posts", empty("posts"))
         completions = ev.get("completions", empty("completions"))
         waits, wait_ends = ev.get("waits", empty("waits")), ev.get("wait_ends", empty("waits"))
-        self.waits_begun.append(waits.groupby("pid").size())
-        self.waits_ended.append(wait_ends.groupby("pid").size())
+        if len(waits):
+            self.waits_begun.append(waits.groupby("pid").size())
+        if len(wait_ends):
+            self.waits_ended.append(wait_ends.groupby("pid").size())
         made = {
             "seq": np.arange(self.seq, self.seq + len(posts), dtype=np.int64),
             "attr": np.full(len(posts), np.nan),
             "gen": np.full(len(posts), np.nan),
         }
         self.seq += len(posts)
+
         # the reads still open, then the window's posts: column by column (a frame concat
         # costs several times more)
-        both = pd.DataFrame(
-            {
-                c: np.concatenate(
-                    [
-                        kept := self.carry[c].to_numpy(),
-                        made[c] if c in made else posts[c].to_numpy().astype(kept.dtype),
-                    ]
-                )
-                for c in CARRIED
-            },
-            copy=False,
-        )
+        def joined(c: str) -> np.ndarray:
+            kept = self.carry[c].to_numpy()
+            if c in made:
+                return np.concatenate([kept, made[c]])
+            # converted as astype would: the carried columns are the wider
+            return np.concatenate([kept, posts[c].to_numpy()], dtype=kept.dtype, casting="unsafe")
+
+        both = pd.DataFrame({c: joined(c) for c in CARRIED}, copy=False)
         iv = read_intervals(both, completions)
-        # the columns every step reads as int64, converted once
-        iv = iv.astype({c: np.int64 for c in WIDE if c in iv})
+        # the columns every step reads as int64, converted once (the carried ones are)
+        narrow = {c: np.int64 for c in WIDE if c in iv and iv[c].dtype != np.int64}
+        if narrow:  # astype copies every column, even given none to convert
+            iv = iv.astype(narrow)
         if iv.empty:
             self._late(self.parking.window(lambda: iv, waits, wait_ends))
             return
@@ -175,7 +179,10 @@ class ReadPass:
         if attribute is not None:
             self.parking.attribute(attribute)
         self._late(self.parking.window(lambda: iv[new & syscall], waits, wait_ends))
-        self.carry = iv[is_open].rename(columns={"post_ns": "ts_ns"})[CARRIED]
+        # the columns carried alone, not the whole frame picked then narrowed
+        self.carry = pd.DataFrame(
+            {c: iv["post_ns" if c == "ts_ns" else c].to_numpy()[is_open] for c in CARRIED}
+        )
 
     def finish(self) -> ReadsAtEnd:
         """The reads still posted at the end, and those that waited for lookups."""
@@ -249,17 +256,18 @@ def _summed(pieces: list[pd.Series]) -> pd.Series:
 
 
 class _Digests:
-    """What each window's finished reads leave - read_summary of all, read_activity of the
-    network ones, their steps - worked out on a thread of its own in window order, and
-    merged every few windows so that a long trace keeps a few frames, not one per window."""
+    """What each window's finished reads leave - read_summary's counts of all (added up per
+    kind of read, labelled at the end), read_activity of the network ones, their steps -
+    worked out on a thread of its own in window order, and merged every few windows so that
+    a long trace keeps a few frames, not one per window."""
 
     MERGE_EVERY = 16
 
     def __init__(self, peaks: Peaks) -> None:
         self.peaks = peaks
         self.pool = ThreadPoolExecutor(1)
-        self.pending: deque[Future[tuple[pd.DataFrame, pd.DataFrame]]] = deque()
-        self.counts: list[pd.DataFrame] = []
+        self.pending: deque[Future[tuple[KindCounts, pd.DataFrame]]] = deque()
+        self.counts = KindCounts.none()
         self.activity: list[pd.DataFrame] = []
         self.data = LastData()
         self.late_steps: list[Chunk] = []
@@ -276,28 +284,27 @@ class _Digests:
 
     def _digest(
         self, iv: pd.DataFrame, new: np.ndarray, is_open: np.ndarray, seeded: np.ndarray
-    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ) -> tuple[KindCounts, pd.DataFrame]:
         network = ~seeded & is_network(iv)
         self.peaks.add(_steps(iv, new, network))
         ended = network & ~is_open
         self.data.add(iv, ended)
-        return count_reads(iv, ~is_open & ~seeded), read_activity(iv, ended)
+        return kind_counts(iv, ~is_open & ~seeded), read_activity(iv, ended)
 
-    def _collect(self, done: tuple[pd.DataFrame, pd.DataFrame]) -> None:
-        self.counts.append(done[0])
+    def _collect(self, done: tuple[KindCounts, pd.DataFrame]) -> None:
+        self.counts += done[0]
         self.activity.append(done[1])
-        if len(self.counts) >= self.MERGE_EVERY:
-            self.counts = [merge_counts(self.counts)]
+        if len(self.activity) >= self.MERGE_EVERY:
             self.activity = [merge_activity(self.activity)]
 
     def late(self, reads: pd.DataFrame) -> None:
         self.pending.append(self.pool.submit(self._digest_late, reads))
 
-    def _digest_late(self, reads: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _digest_late(self, reads: pd.DataFrame) -> tuple[KindCounts, pd.DataFrame]:
         network = network_reads(reads)
         self.late_steps.append(_steps(network, np.ones(len(network), bool), None))
         self.data.add(network)
-        return count_reads(reads), read_activity(network)
+        return kind_counts(reads), read_activity(network)
 
     def finish(self) -> tuple[list[pd.DataFrame], list[pd.DataFrame], list[Chunk]]:
         """(the counts, the activity, the late steps)."""
@@ -306,7 +313,7 @@ class _Digests:
                 self._collect(self.pending.popleft().result())
         finally:
             self.pool.shutdown(cancel_futures=True)
-        return self.counts, self.activity, self.late_steps
+        return [self.counts.frame()], self.activity, self.late_steps
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)

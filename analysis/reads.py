@@ -6,6 +6,7 @@ Pure functions, DataFrames in and DataFrames out.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -411,27 +412,133 @@ SUMMARY_COUNTS = [
 ]
 
 
-def _sums(codes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    """`values` summed per code (0..n-1)."""
-    if n == 1:
-        return np.array([values.sum()])
-    if values.dtype == bool:
-        return np.bincount(codes[values], minlength=n)
-    return np.bincount(codes, weights=values, minlength=n)
-
-
 KIND_LIMITS = (2**31, 16, 4096, 65536)  # pid, source, op, flags: what read_summary packs
 
 
 def columns_of(frame: pd.DataFrame, where: np.ndarray | None) -> Callable[[str, Any], np.ndarray]:
-    """column(name, dtype): a column of `frame` as an array, only the rows `where` says (all
-    without it) - a few columns picked, not the whole frame copied."""
+    """column(name, dtype): a column of `frame` as an array, only the rows `where` says (a
+    mask or positions; all without it) - a few columns picked, not the whole frame copied."""
+    if where is not None and where.dtype == bool and where.all():
+        where = None  # every row: no copy
 
     def column(name: str, dtype: Any) -> np.ndarray:
         values = frame[name].to_numpy(dtype)
         return values if where is None else values[where]
 
     return column
+
+
+KIND_COLUMNS = ["pid", "source", "op", "flags"]
+
+
+@dataclass
+class KindCounts:
+    """read_summary()'s counts per kind of read (pid, source, op, flags), not labelled yet:
+    a trace has millions of reads and a handful of kinds, so windows add up these arrays and
+    the labels are put on once."""
+
+    kinds: np.ndarray  # (n, 4) int64: KIND_COLUMNS
+    counts: np.ndarray  # (n, len(SUMMARY_COUNTS)) int64
+
+    @staticmethod
+    def none() -> KindCounts:
+        return KindCounts(np.zeros((0, 4), np.int64), np.zeros((0, len(SUMMARY_COUNTS)), np.int64))
+
+    def __add__(self, other: KindCounts) -> KindCounts:
+        kinds = np.concatenate([self.kinds, other.kinds])
+        if not len(kinds):
+            return self
+        unique, codes = np.unique(kinds, axis=0, return_inverse=True)
+        counts = np.zeros((len(unique), len(SUMMARY_COUNTS)), np.int64)
+        np.add.at(counts, codes.ravel(), np.concatenate([self.counts, other.counts]))
+        return KindCounts(unique, counts)
+
+    def frame(self) -> pd.DataFrame:
+        """read_summary()'s rows: per (pid, source, label)."""
+        cols = ["pid", "source", "label", *SUMMARY_COUNTS]
+        if not len(self.kinds):
+            return pd.DataFrame(columns=cols)
+        kinds = pd.DataFrame(
+            {
+                **{c: self.kinds[:, i] for i, c in enumerate(KIND_COLUMNS)},
+                **{c: self.counts[:, i] for i, c in enumerate(SUMMARY_COUNTS)},
+            }
+        )
+        kinds = label_reads(kinds).assign(source=lambda k: k["source_name"])
+        out = kinds.groupby(["pid", "source", "label"], sort=True)[SUMMARY_COUNTS].sum()
+        return out.astype(np.int64).reset_index()[cols]
+
+
+def kind_counts(intervals: pd.DataFrame, where: np.ndarray | None = None) -> KindCounts:
+    """read_summary()'s counts (of the rows `where` says, if given), per kind of read."""
+    if intervals.empty or (where is not None and not where.any()):
+        return KindCounts.none()
+    # every row's figures, those left out counted into one more group, dropped: no column
+    # is copied for the rows kept
+    column = columns_of(intervals, None)
+    end = column("end_ns", np.float64)
+    is_open = np.isnan(end)
+    ret = column("ret", np.float64)
+    ok = ret >= 0
+    flags = column("flags", np.int64)
+    parts = [column(c, np.int64) for c in KIND_COLUMNS]
+    pid, source, op = parts[:3]
+    poll = (source == Source.URING) & (op == URING_POLL_ADD)  # its result is an event mask
+    figures = [
+        is_open,
+        np.where(is_open, column("len", np.int64), 0),
+        is_open & ((flags & PostFlag.BUFFER_SELECT) != 0),
+        is_open & ((flags & PostFlag.MULTISHOT) != 0),
+        ok,
+        ret < 0,
+        np.where(ok & ~poll, ret, 0).astype(np.int64),
+    ]
+    if all(v.min() == v.max() for v in parts):  # one kind of read (one server's, say)
+        codes, n = np.zeros(len(pid), np.int64), 1
+    elif all(v.min() >= 0 and v.max() < limit for v, limit in zip(parts, KIND_LIMITS)):
+        # one int64 key per read (pid < 2^31, source < 16, op < 4096, flags < 2^16): one
+        # hash of the rows
+        kind = pid << 32
+        kind |= source << 28
+        kind |= op << 16
+        kind |= flags
+        codes, uniques = pd.factorize(kind)
+        n = len(uniques)
+    else:
+        codes = _group_ids(parts).astype(np.int64)
+        n = int(codes.max()) + 1
+    kinds, counts = [], []
+    if n > FEW_KINDS:  # each kind's rows picked by its code, the left-out rows as code n
+        if where is not None:
+            codes = np.where(where, codes, n)
+        rows = np.bincount(codes, minlength=n + 1)[:n]
+        first = np.full(n + 1, len(codes))
+        np.minimum.at(first, codes, np.arange(len(codes)))
+        sums = [np.bincount(codes, v, minlength=n + 1)[:n] for v in figures]
+        seen = np.flatnonzero(rows)
+        kinds = [[v[first[k]] for v in parts] for k in seen]
+        counts = [[s[k] for s in sums] for k in seen]
+    for k in range(n if n <= FEW_KINDS else 0):  # a few kinds: a sum per kind and figure
+        mine = None if n == 1 else codes == k
+        rows_of = where if mine is None else mine if where is None else mine & where
+        if rows_of is not None and not rows_of.any():
+            continue
+        kinds.append([v[0 if rows_of is None else int(np.argmax(rows_of))] for v in parts])
+        counts.append([_total(v, rows_of) for v in figures])
+    return KindCounts(
+        np.array(kinds, np.int64).reshape(-1, len(KIND_COLUMNS)),
+        np.array(counts, np.float64).astype(np.int64).reshape(-1, len(SUMMARY_COUNTS)),
+    )
+
+
+FEW_KINDS = 8  # up to this many kinds of read in a window, each is summed on its own
+
+
+def _total(values: np.ndarray, where: np.ndarray | None) -> int:
+    """The sum of `values` (the rows `where` says), exactly."""
+    if values.dtype == bool:
+        return int(np.count_nonzero(values if where is None else values & where))
+    return int(np.add.reduce(values, where=True if where is None else where))
 
 
 def read_summary(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd.DataFrame:
@@ -442,55 +549,7 @@ def read_summary(intervals: pd.DataFrame, where: np.ndarray | None = None) -> pd
     from a provided-buffer group when data arrives); `multishot_posted` those that stay posted
     across completions.
     """
-    cols = ["pid", "source", "label", *SUMMARY_COUNTS]
-    if intervals.empty or (where is not None and not where.any()):
-        return pd.DataFrame(columns=cols)
-    column = columns_of(intervals, where)
-    end = column("end_ns", np.float64)
-    is_open = np.isnan(end)
-    ret = column("ret", np.float64)
-    ok = ret >= 0
-    flags = column("flags", np.int64)
-    # a POLL_ADD's result is an event mask, not bytes
-    poll = (column("source", np.int64) == Source.URING) & (column("op", np.int64) == URING_POLL_ADD)
-    figures = {
-        "posted_reads": is_open,
-        "pinned_bytes": np.where(is_open, column("len", np.int64), 0),
-        "buffer_select_posted": is_open & ((flags & PostFlag.BUFFER_SELECT) != 0),
-        "multishot_posted": is_open & ((flags & PostFlag.MULTISHOT) != 0),
-        "reads_completed": ok,
-        "reads_failed": ret < 0,
-        "bytes_received": np.where(ok & ~poll, ret, 0),
-    }
-    # a trace has millions of reads and a handful of kinds: sum per kind, then label kinds
-    kind_columns = ["pid", "source", "op", "flags"]
-    parts = {c: column(c, np.int64) for c in kind_columns}
-    if all(v.min() >= 0 and v.max() < limit for v, limit in zip(parts.values(), KIND_LIMITS)):
-        # one int64 key per read (pid < 2^31, source < 16, op < 4096, flags < 2^16): one
-        # hash of the rows, and the kind's columns read back from the key
-        kind = parts["pid"] << 32
-        kind |= parts["source"] << 28
-        kind |= parts["op"] << 16
-        kind |= flags
-        codes, keys = pd.factorize(kind)
-        keys = np.asarray(keys, dtype=np.int64)
-        kinds = pd.DataFrame(
-            {
-                "pid": keys >> 32,
-                "source": (keys >> 28) & 0xF,
-                "op": (keys >> 16) & 0xFFF,
-                "flags": keys & 0xFFFF,
-                **{name: _sums(codes, v, len(keys)) for name, v in figures.items()},
-            }
-        )
-    else:
-        counts = pd.DataFrame({**parts, **figures})
-        kinds = counts.groupby(kind_columns, sort=False).sum().reset_index()
-    kinds = label_reads(kinds).assign(source=lambda k: k["source_name"])
-    out = kinds.groupby(["pid", "source", "label"], sort=True)[SUMMARY_COUNTS].sum().reset_index()
-    for c in SUMMARY_COUNTS:
-        out[c] = out[c].astype("int64")
-    return out[cols]
+    return kind_counts(intervals, where).frame()
 
 
 def process_peaks(timeline: pd.DataFrame) -> pd.DataFrame:

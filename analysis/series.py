@@ -172,12 +172,13 @@ class EdgeSeries:
         m = len(self.edges)
         first = int(self.edges[0])
         if ts.dtype.kind == "f":
-            out = np.where(ts == -np.inf, 0, m)
             finite = np.isfinite(ts)
-            t = ts[finite].astype(np.int64)
-            out[finite] = np.clip(-((first - t) // self.step), 0, m)
+            if finite.all():  # most are: worked out in integers at once
+                return self.first_edge(ts.astype(np.int64))
+            out = np.where(ts == -np.inf, 0, m)
+            out[finite] = self.first_edge(ts[finite].astype(np.int64))
             return out
-        return np.clip(-((first - ts.astype(np.int64)) // self.step), 0, m)
+        return np.clip(-((first - ts.astype(np.int64, copy=False)) // self.step), 0, m)
 
     def spans(
         self,
@@ -204,20 +205,26 @@ class EdgeSeries:
             return
         assert self.edges is not None
         m = len(self.edges)
-        lo = self.first_edge(np.asarray(start, np.float64))
+        lo = self.first_edge(np.asarray(start))
         end = np.asarray(end, np.float64)
-        hi = np.full(len(end), m)
         finite = ~np.isnan(end)
-        hi[finite] = self.first_edge(end[finite])
-        self.pids.update(np.unique(pid).tolist())
+        if finite.all():
+            hi = self.first_edge(end)
+        else:
+            hi = np.full(len(end), m)
+            hi[finite] = self.first_edge(end[finite])
+        one = pid.min() == pid.max()  # most traces: one server
+        self.pids.update([int(pid[0])] if one else np.unique(pid).tolist())
         keep = lo < hi
         if not keep.all():
             pid, lo, hi = pid[keep], lo[keep], hi[keep]
             weights = {f: None if w is None else w[keep] for f, w in weights.items()}
-        for p in np.unique(pid).tolist():
-            mine = pid == p
+        if not len(pid):
+            return
+        for p in [int(pid[0])] if one else np.unique(pid).tolist():
+            mine = slice(None) if one else pid == p
             for figure, w in weights.items():
-                diff = self.spanned.setdefault((int(p), figure), np.zeros(m + 1, np.int64))
+                diff = self.spanned.setdefault((p, figure), np.zeros(m + 1, np.int64))
                 wp = None if w is None else w[mine].astype(np.float64)
                 diff += np.bincount(lo[mine], wp, minlength=m + 1).astype(np.int64)
                 diff -= np.bincount(hi[mine], wp, minlength=m + 1).astype(np.int64)

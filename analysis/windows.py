@@ -4,9 +4,11 @@ earlier than a bound, in time order; the small tables whole.
 Each part's first and last timestamp come from meta.json (or, for older traces, the part's
 Parquet footer). Parts are loaded in order of their first timestamp; after each load, every
 event earlier than the first timestamp of the parts not loaded yet is complete - no part
-still to come can hold one - and goes out as one window. Parts that overlap in time simply
-wait together. With no limit on a window's rows the whole trace is one window: "in memory"
-is the same analysis over a single window.
+still to come can hold one - and goes out: as one window, or as several cut at times that
+leave about a window's rows each when there are many more (parts bigger than a window, a
+long flush's), so that a window's cost stays the same whatever the parts. Parts that
+overlap in time simply wait together. With no limit on a window's rows the whole trace is
+one window: "in memory" is the same analysis over a single window.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ SOCKET_COLUMNS = [
     "wmem_queued", "fwd_alloc", "epoll", "sock_type",
 ]  # fmt: skip
 WINDOW_ROWS = 500_000  # events loaded before a window is related (measured fastest at 10M)
+# windows put together ahead of the one being related: a part bigger than a window (a long
+# flush's) is read and decoded while the windows before it are related
+READ_AHEAD = 3
 
 
 @dataclass
@@ -172,9 +177,10 @@ def windows(
     first low is -inf, the last bound +inf. Every event comes out exactly once, each part is
     read once. `window_rows` None: one window.
 
-    The windows are put together on a thread of their own, one ahead: reading, decoding and
-    cutting parts (Arrow lets go of the GIL) while the caller relates the window before."""
-    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    The windows are put together on a thread of their own, up to READ_AHEAD ahead: reading,
+    decoding and cutting parts (Arrow lets go of the GIL) while the caller relates the
+    windows before."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
 
     def offer(item: Any) -> bool:
@@ -209,12 +215,47 @@ def windows(
         producer.join()
 
 
+@dataclass
+class _Piece:
+    """Rows of one part waiting to go out, the last time they may hold, and whether they
+    are in time order (parts written a flush at a time are: cut by a binary search, not a
+    filter)."""
+
+    rows: pa.Table
+    last: float
+    ordered: bool
+
+    @staticmethod
+    def of(rows: pa.Table, last: float) -> _Piece:
+        ts = _times(rows)
+        return _Piece(rows, last, bool(len(ts) < 2 or (ts[1:] >= ts[:-1]).all()))
+
+    def split(self, bound: float) -> tuple[pa.Table, _Piece]:
+        """(its rows before `bound`, the piece of the rest)."""
+        if self.ordered:
+            at = int(np.searchsorted(_times(self.rows), np.uint64(int(bound)), side="left"))
+            return self.rows.slice(0, at), _Piece(self.rows.slice(at), self.last, True)
+        ts_type = self.rows.schema.field("ts_ns").type
+        cut = pc.less(self.rows["ts_ns"], pa.scalar(int(bound), ts_type))
+        later = self.rows.filter(pc.invert(cut))
+        return self.rows.filter(cut), _Piece(later, self.last, False)
+
+    def times_before(self, bound: float) -> np.ndarray:
+        if self.last < bound:
+            return _times(self.rows)
+        return _times(self.split(bound)[0])
+
+
+def _times(rows: pa.Table) -> np.ndarray:
+    return rows["ts_ns"].to_numpy()
+
+
 def _assembled(
     parts: list[Part], window_rows: float
 ) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
     """windows(), put together where it is called."""
-    # each table's pieces waiting to go out, with the last time each may hold
-    waiting: dict[str, list[tuple[pa.Table, float]]] = {}
+    # each table's pieces waiting to go out
+    waiting: dict[str, list[_Piece]] = {}
     low = -math.inf
     i = 0
     while i < len(parts):
@@ -222,31 +263,60 @@ def _assembled(
         while i < len(parts) and (loaded == 0 or loaded < window_rows):
             p = parts[i]
             piece = _within(p, p.ref.read(EVENT_COLUMNS[p.table]))
-            waiting.setdefault(p.table, []).append((piece, float(p.last_ns)))
+            waiting.setdefault(p.table, []).append(_Piece.of(piece, float(p.last_ns)))
             loaded += p.rows
             i += 1
         bound = float(parts[i].first_ns) if i < len(parts) else math.inf
-        out = {}
-        for name, pieces in waiting.items():
-            if not pieces:
-                continue
-            # a piece whose last event is before the bound goes out whole, uncut (parts
-            # written a flush at a time mostly are); the others are cut at the bound
-            whole = [t for t, last in pieces if last < bound]
-            cut_up = [(t, last) for t, last in pieces if last >= bound]
-            early, later = list(whole), []
-            for rows, last in cut_up:
-                ts_type = rows.schema.field("ts_ns").type
-                cut = pc.less(rows["ts_ns"], pa.scalar(int(bound), ts_type))
-                early.append(rows.filter(cut))
-                later.append((rows.filter(pc.invert(cut)), last))
-            waiting[name] = later
-            table = pa.concat_tables(early) if len(early) > 1 else early[0]
-            out[name] = table.to_pandas(split_blocks=True, use_threads=False)
-        yield low, bound, out
-        low = bound
+        times = [piece.times_before(bound) for pieces in waiting.values() for piece in pieces]
+        if i < len(parts) and sum(len(t) for t in times) < window_rows / 4:
+            continue  # a window's worth loaded, little of it complete: load on
+        # parts bigger than a window (a long flush's) go out as several windows
+        for cut in [*_cuts(times, low, bound, window_rows), bound]:
+            yield low, cut, _taken(waiting, cut)
+            low = cut
     if not parts:
         yield low, math.inf, {}
+
+
+def _cuts(times: list[np.ndarray], low: float, bound: float, window_rows: float) -> list[float]:
+    """Bounds between `low` and `bound` that leave about `window_rows` of the events at
+    `times` between two (none when there are not many more): the times at those ranks."""
+    if not math.isfinite(window_rows):
+        return []
+    total = sum(len(t) for t in times)
+    windows = round(total / window_rows)
+    if windows < 2:
+        return []
+    ranks = [total * j // windows for j in range(1, windows)]
+    at = np.partition(np.concatenate(times), ranks)[ranks].tolist()
+    cuts: list[float] = []
+    for t in at:  # events at one instant are never split
+        if low < t < bound and (not cuts or t > cuts[-1]):
+            cuts.append(float(t))
+    return cuts
+
+
+def _taken(waiting: dict[str, list[_Piece]], bound: float) -> dict[str, pd.DataFrame]:
+    """Each table's waiting rows earlier than `bound`, taken out of `waiting`."""
+    out = {}
+    for name, pieces in waiting.items():
+        if not pieces:
+            continue
+        # a piece whose last event is before the bound goes out whole, uncut (parts
+        # written a flush at a time mostly are); the others are cut at the bound
+        early = [piece.rows for piece in pieces if piece.last < bound]
+        later = []
+        for piece in pieces:
+            if piece.last >= bound:
+                before, rest = piece.split(bound)
+                early.append(before)
+                later.append(rest)
+        waiting[name] = later
+        table = pa.concat_tables(early) if len(early) > 1 else early[0]
+        # the pieces' columns joined by Arrow, which lets go of the GIL, then handed to
+        # pandas as they are (to_pandas joins chunked columns holding it: 0.2 s at 10M)
+        out[name] = table.combine_chunks().to_pandas(split_blocks=True, use_threads=False)
+    return out
 
 
 def _within(part: Part, rows: pa.Table) -> pa.Table:

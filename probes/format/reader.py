@@ -257,6 +257,11 @@ def _part(
     for name in piece.schema.names:
         codes = CODES.get((table.name, name))
         if codes is not None and piece.num_rows:
+            allowed = {0, *codes}
+            span = pc.min_max(piece[name])
+            low, high = span["min"].as_py(), span["max"].as_py()
+            if high - low < len(allowed) and all(v in allowed for v in range(low, high + 1)):
+                continue  # every value from the least to the greatest is a code: no search
             known = pa.array([0, *codes], piece.schema.field(name).type)
             strange = pc.filter(piece[name], pc.invert(pc.is_in(piece[name], value_set=known)))
             if len(strange):

@@ -64,7 +64,9 @@ class Table:
                 i = rows.schema.get_field_index(column.name)
                 filled = rows[column.name].fill_null(pa.scalar(column.default, column.arrow_type))
                 rows = rows.set_column(i, column.name, filled)
-        return rows.select(self.column_names()).cast(self.arrow_schema())
+        rows = rows.select(self.column_names())
+        schema = self.arrow_schema()
+        return rows if rows.schema.equals(schema, check_metadata=True) else rows.cast(schema)
 
     def filled(self, n: int, **columns: Any) -> pa.Table:
         """`n` rows: each given column an array/list of n values or one value for all; the

@@ -90,7 +90,7 @@ def test_idle_means_no_data_for_the_threshold() -> None:
 
 
 def test_retained_is_the_last_data_buffer_of_an_idle_connection() -> None:
-    from analysis.memory import retained_buffers
+    from analysis.retained import retained_buffers
 
     nan = float("nan")
     cols = ["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"]
