@@ -252,6 +252,24 @@ class GlibcHeap:
             blocks += len(layout.mmapped)
         return used, blocks
 
+    def chunks(
+        self, mappings: list[Mapping], limit: int = MAX_CHUNKS
+    ) -> tuple[list[tuple[int, int, list[int], list[int], int]], list[tuple[int, int]]]:
+        """Every heap's chunks, walked now, for walkers that read the whole heap
+        (probes.attach.owned): [(heap start, first chunk, chunk starts, chunk sizes, where
+        the chain ended)] and the blocks of their own mapping [(chunk, length)]; raises as
+        in_use() does."""
+        heaps: list[tuple[int, int, list[int], list[int], int]] = []
+        blocks: list[tuple[int, int]] = []
+        budget = _Budget(limit)
+        for region in regions(mappings):
+            layout = self._lay_out(region, budget)
+            for heap, first, _how in layout.heaps:
+                walked = self._heaps[first]
+                heaps.append((heap, first, walked.starts, walked.sizes, walked.end))
+            blocks += layout.mmapped
+        return heaps, blocks
+
     def _region(self, addr: int, mappings: Sequence[Mapping]) -> Region | None:
         if mappings is not self._snapshot:
             self._snapshot = mappings  # held, so that it is not another list of the same id
