@@ -1,7 +1,7 @@
 /* Per-connection state of known size, kept alive only by each connection's roots: the truth
  * for idlebuf's owned-state walk.
  *
- * owned_state PORT CONNECTIONS MODE
+ * owned_state PORT CONNECTIONS MODE [FILLER_MB]
  * MODE threads: a thread per connection, blocked in recv() on a buffer of its own; its state
  *   (a struct pointing to 3 more allocations and the buffer) is held by a pointer on its
  *   stack alone - and by a global linked list that points at every connection's struct, so
@@ -20,6 +20,8 @@
  * allocates for the thread itself (its TLS's dtv, its tcache) - reachable from its stack
  * alone, so owned. One arena (M_ARENA_MAX 1) keeps the count exact. Then
  * {"event": "ground_truth", "pid", "connections", "mode"}; it serves until a signal ends it.
+ * FILLER_MB: first, a global graph of that many MiB of small allocations (48 to 400 bytes,
+ * each pointing at two earlier ones and at random data) - a big heap to walk (benchmarks).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -117,6 +119,29 @@ static void *serve(void *arg)
 
 static long in_use(void) { return (long)mallinfo2().uordblks; }
 
+void **filler; /* the global graph (not static: kept although never read) */
+
+static void fill_heap(long bytes)
+{
+    unsigned long state = 88172645463325252UL, made = 0;
+    void **nodes = NULL;
+    long n = 0, cap = 0;
+    while ((long)made < bytes) {
+        state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+        size_t size = 48 + state % 353;
+        void **p = malloc(size);
+        for (size_t w = 0; w < size / 8; w++)
+            p[w] = (void *)(state * (w + 1)); /* data, mostly not pointers */
+        p[0] = n ? nodes[state % n] : NULL;
+        p[1] = n ? nodes[(state >> 20) % n] : NULL;
+        if (n == cap)
+            nodes = realloc(nodes, (cap = cap ? 2 * cap : 1024) * sizeof *nodes);
+        nodes[n++] = p;
+        made += chunk(p);
+    }
+    filler = nodes; /* global: every one of them reached from here */
+}
+
 static void say(int fd, int index, long grown, int posted)
 {
     long owned = grown - node_bytes - (posted ? buffer_bytes : 0);
@@ -145,6 +170,8 @@ int main(int argc, char **argv)
     if (conns > MAX_CONNS || (!threads && !use_slots && strcmp(mode, "epoll")))
         return 2;
     mallopt(M_ARENA_MAX, 1);
+    if (argc > 4)
+        fill_heap(atol(argv[4]) << 20);
     sem_init(&ready, 0, 0);
     int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
