@@ -508,7 +508,14 @@ SESSION_STEPS = (1, 5, 9, 11, 13, 17, 21)  # sessions_trace: connections open at
 
 
 def sessions_trace(
-    path: Path, pid: int = 4246, connections: int = 23, buffer: int = 4099, session: int = 2053
+    path: Path,
+    pid: int = 4246,
+    connections: int = 23,
+    buffer: int = 4099,
+    session: int = 2053,
+    owned: list[tuple[int, str]] | None = None,
+    method: str = "walk:glibc",
+    allocator: str = "glibc",
 ) -> Path:
     """A server attached to late with the allocator walkers (record --memory), consistent
     from end to end: `connections` threads found blocked in recvfrom, each on a buffer of
@@ -517,7 +524,10 @@ def sessions_trace(
     `session` bytes in a chunk of its own per connection. Its memory points: connections
     opened in steps (SESSION_STEPS, then all of them), the heap in use growing by exactly
     the two chunks per connection (4,112 + 2,064 = 6,176 bytes for the defaults); the
-    kernel's slab caches as walked_trace has them. Every connection is idle at the end."""
+    kernel's slab caches as walked_trace has them. Every connection is idle at the end.
+    `owned`: the walk of each connection's owned state at the end, (bytes, why) per
+    connection in fd order (the `owned` table; none without); `method`: how the
+    allocations were found (meta.json), `allocator`: the walk's process row's."""
     w = TraceWriter(path)
     w.write_meta(
         Meta(
@@ -526,7 +536,7 @@ def sessions_trace(
             end_monotonic_ns=T0 + 3 * SECOND,
             targets=Targets(pids=[pid]),
             memory=MemoryOptions(
-                alloc_probes=False, allocators=[Allocator(pid=pid, method="walk:glibc")]
+                alloc_probes=False, allocators=[Allocator(pid=pid, method=method)]
             ),
             kernel_objects={
                 "TCP": SlabCache(2304, 2368, 13, 32768),
@@ -603,5 +613,29 @@ def sessions_trace(
             schema=schema.HEAP_BLOCKS.arrow_schema(),
         ),
     )
+    if owned is not None:
+        _owned_rows(w, pid, fds, owned, allocator)
     w.close()
     return path
+
+
+def _owned_rows(
+    w: TraceWriter, pid: int, fds: list[int], owned: list[tuple[int, str]], allocator: str
+) -> None:
+    """The `owned` table of a walk at the end: the process's row, then each connection's."""
+    rows = [{"fd": -1, "root": "", "owned_bytes": 0, "how": "", "why": ""}] + [
+        {"fd": fd, "root": "stack", "owned_bytes": b, "how": "reachable", "why": why}
+        for fd, (b, why) in zip(fds, owned)
+    ]
+    w.append(
+        schema.OWNED,
+        schema.OWNED.filled(
+            len(rows),
+            ts_ns=T0 + 3 * SECOND - 3,
+            pid=pid,
+            **{k: [r[k] for r in rows] for k in ("fd", "root", "owned_bytes", "how", "why")},
+            allocations=[0] + [1] * len(owned),
+            allocator=allocator,
+            what="end",
+        ),
+    )
