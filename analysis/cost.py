@@ -521,9 +521,11 @@ def whole_cost(
     if out.kernel_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"kernel: {out.kernel_reason}"))
     if out.owned_bytes is None and idle:
-        walk = "; ".join(u.why for u in owning.unknown) if owning is not None else ""
-        why = f"{out.reason}; {walk}" if walk and out.reason else (walk or out.reason)
-        out.whole_unknown.append(Unknown(idle, f"other user memory: {why}"))
+        out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
+        if owning is not None and owning.unknown:  # why the walk did not know it either
+            out.owned_check = "; ".join(
+                f"{u.why} ({u.connections:,} idle connections)" for u in owning.unknown
+            )
     waiter_known = sum(p.bytes for p in out.waiter_parts)
     out.total_at_least_bytes = round(
         out.buffer_bytes

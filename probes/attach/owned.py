@@ -54,7 +54,17 @@ MAX_CHUNKS = 20_000_000  # ~2.5 GiB of 128-byte chunks: past it, unknown
 READ_SPAN = 32 << 20  # bytes per pread
 MAX_SLOT = 1 << 16  # a connection's slot in an array of them: at most this many bytes
 EPOLL = "anon_inode:[eventpoll]"
-_PLAIN_READS = {SYSCALLS[n] for n in ("read", "recvfrom") if n in SYSCALLS}
+# runtimes whose objects live in heaps of their own, on top of glibc's (mapped by mmap):
+# what their objects hold is not walked, so what a connection owns is a lower bound
+RUNTIMES = {  # a mapped file's name (its start) -> the runtime's heap
+    "libpython": "CPython's small objects (pymalloc's arenas)",
+    "python3": "CPython's small objects (pymalloc's arenas)",
+    "libjvm.so": "the JVM's heap",
+    "libnode.so": "V8's heap",
+    "node": "V8's heap",  # the executable itself: the whole name
+}
+_PLAIN_READS = {SYSCALLS["read"], SYSCALLS["recvfrom"]}  # the buffer: the 2nd argument
+_VECTOR_READS = {SYSCALLS["readv"]: 0, SYSCALLS["recvmsg"]: 16}  # the iovec's pointer at
 
 
 @dataclass
@@ -158,6 +168,26 @@ def epoll_registrations(pid: int) -> dict[int, list[int]]:
     return out
 
 
+def _word(pid: int, addr: int) -> int:
+    """The 8 bytes at `addr` in `pid`'s memory, 0 when they cannot be read."""
+    try:
+        with ProcessMemory(pid) as mem:
+            return mem.u64(addr)
+    except MemoryReadError:
+        return 0
+
+
+def runtime_heap(mappings: Sequence[MemoryMapping]) -> str | None:
+    """What heap of its own a runtime mapped in this process keeps objects in, if any."""
+    for m in mappings:
+        name = m.name.rsplit("/", 1)[-1]
+        for prefix, heap in RUNTIMES.items():
+            whole = prefix == "node"
+            if m.name.startswith("/") and (name == prefix if whole else name.startswith(prefix)):
+                return heap
+    return None
+
+
 def _mapping_of(mappings: Sequence[MemoryMapping], addr: int) -> MemoryMapping | None:
     i = bisect.bisect_right([m.start for m in mappings], addr) - 1
     return mappings[i] if i >= 0 and addr < mappings[i].end else None
@@ -200,6 +230,11 @@ def roots_of(
         roots.stack_mapping = (mapping.start, mapping.end)
         if nr in _PLAIN_READS and args[1]:
             roots.buffers.add(args[1])
+        elif nr in _VECTOR_READS and args[1]:  # the first iovec's base
+            iov = _word(pid, args[1] + _VECTOR_READS[nr]) if _VECTOR_READS[nr] else args[1]
+            base = _word(pid, iov) if iov else 0
+            if base:
+                roots.buffers.add(base)
     for fd, values in epoll_registrations(pid).items():
         if fd in wanted:
             by_fd.setdefault(fd, Roots(fd)).pointers.extend(values)
@@ -392,14 +427,8 @@ def _epoll_seeds(
                     seeds[c].append(reach.targets(words, nodes))
                 elif kind == "node":
                     seeds[c].append(np.array([where], np.int64))
-    whys = []
-    for c, r in enumerate(roots):
-        shown = ", ".join(f"{p:#x}" for p in r.pointers[:2])
-        whys.append(
-            ""
-            if seeds[c] or not r.pointers
-            else f"its epoll data ({shown}) points to no allocation (the fd, or an index?)"
-        )
+    why = "its epoll data points to no allocation (the fd, or an index?)"
+    whys = ["" if seeds[c] or not r.pointers else why for c, r in enumerate(roots)]
     return [np.unique(np.concatenate(s)) if s else np.zeros(0, np.int64) for s in seeds], whys
 
 
@@ -461,8 +490,12 @@ def walk(
     )
     global_words = []
     for m in mappings:
-        if m.perms[:2] != "rw" or m.name in ("[vvar]", "[vsyscall]", "[vdso]"):
+        # shared memory holds no pointer into one process's heap (other processes map it
+        # elsewhere): a database's shared buffers are not read
+        if m.perms[:2] != "rw" or m.perms[3:4] == "s" or m.name in ("[vvar]", "[vsyscall]"):
             continue
+        if time.monotonic() > deadline:
+            return done(f"time budget: {budget_s:g} s ran out reading the program's memory")
         for lo, hi in _minus(m.start, m.end, holes):
             global_words += [w for _, w in reader.sparse(lo, hi)]
     for _lo, sp, hi in others:  # other threads' live stacks (their dead parts left out)
@@ -497,4 +530,7 @@ def walk(
         # a stack that points to no allocation owns none; an epoll pointer that is none is
         # no root at all
         found.why = (whys[c] if r.stack is None else "") or cut
+    runtime = runtime_heap(mappings)
+    if runtime is not None:
+        return done(f"{runtime} are not walked: what it found is a lower bound")
     return done()

@@ -113,3 +113,35 @@ def test_each_connection_owns_exactly_what_its_roots_alone_reach(
     assert {fd: table[fd]["owned_bytes"] for fd in truth} == {
         fd: t["owned"] for fd, t in truth.items()
     }
+
+
+def test_attached_late_the_walk_at_attach_finds_the_same(tmp_path: Path, server: Path) -> None:
+    """`record -p` on a server whose 23 connections sit idle already: the walk at attach
+    (before any event) and the one at the end both find every connection's state exactly."""
+    proc = subprocess.Popen([str(server), "0", str(CONNECTIONS), "threads"], stdout=subprocess.PIPE)
+    clients: list[socket.socket] = []
+    trace = tmp_path / "trace"
+    try:
+        assert proc.stdout is not None
+        listening = read_event(proc.stdout, "listening", 60)
+        clients = [
+            socket.create_connection(("127.0.0.1", listening["port"])) for _ in range(CONNECTIONS)
+        ]
+        truth = {}
+        for _ in range(CONNECTIONS):
+            event = read_event(proc.stdout, "connection", 30)
+            truth[event["fd"]] = event["owned"]
+        read_event(proc.stdout, "ground_truth", 30)
+        done = idlebuf(
+            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", "1.5"
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        for c in clients:
+            c.close()
+        stop(proc)
+    rows = read_table(trace, schema.OWNED, read_meta(trace))
+    for what in ("attach", "end"):
+        walk = rows[(rows["what"] == what) & (rows["fd"] >= 0)]
+        assert dict(zip(walk["fd"].tolist(), walk["owned_bytes"].tolist())) == truth, what
+        assert set(walk["why"].tolist()) == {""}, what

@@ -175,3 +175,16 @@ def test_edges_and_targets_from_a_snapshot_of_words() -> None:
     assert reach.targets(roots, nodes).tolist() == [0, 2]
     size, count = reach.totals(np.array([0, 3, 4], np.int32), nodes, C)
     assert size.tolist() == [32, 0, 0, 48, 272, 0] and count.tolist() == [1, 0, 0, 1, 1, 0]
+
+
+def test_connection_slots_and_the_memory_left_for_global_roots() -> None:
+    from probes.attach.owned import _minus, _slots
+
+    # three connections' epoll pointers into one array of 48-byte slots (one slot empty)
+    base = 0x10_0010
+    slots = _slots({0: [base], 1: [base + 48], 2: [base + 144]})
+    assert slots == {base: 48, base + 48: 48, base + 144: 48}
+    assert _slots({0: [base], 1: [base]}) == {}  # the same pointer: no slot size
+    holes = [(0x2000, 0x3000), (0x5000, 0x6000)]
+    assert _minus(0x1000, 0x7000, holes) == [(0x1000, 0x2000), (0x3000, 0x5000), (0x6000, 0x7000)]
+    assert _minus(0x2000, 0x3000, holes) == []
