@@ -9,6 +9,7 @@ at 2.5 s (at the end those are active, the others idle):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -513,9 +514,8 @@ def sessions_trace(
     connections: int = 23,
     buffer: int = 4099,
     session: int = 2053,
-    owned: list[tuple[int, str]] | None = None,
     method: str = "walk:glibc",
-    allocator: str = "glibc",
+    more: Callable[[TraceWriter, list[int]], None] | None = None,
 ) -> Path:
     """A server attached to late with the allocator walkers (record --memory), consistent
     from end to end: `connections` threads found blocked in recvfrom, each on a buffer of
@@ -525,9 +525,8 @@ def sessions_trace(
     opened in steps (SESSION_STEPS, then all of them), the heap in use growing by exactly
     the two chunks per connection (4,112 + 2,064 = 6,176 bytes for the defaults); the
     kernel's slab caches as walked_trace has them. Every connection is idle at the end.
-    `owned`: the walk of each connection's owned state at the end, (bytes, why) per
-    connection in fd order (the `owned` table; none without); `method`: how the
-    allocations were found (meta.json), `allocator`: the walk's process row's."""
+    `method`: how the allocations were found (meta.json); `more(writer, fds)` writes more
+    tables before the trace is closed."""
     w = TraceWriter(path)
     w.write_meta(
         Meta(
@@ -613,29 +612,7 @@ def sessions_trace(
             schema=schema.HEAP_BLOCKS.arrow_schema(),
         ),
     )
-    if owned is not None:
-        _owned_rows(w, pid, fds, owned, allocator)
+    if more is not None:
+        more(w, fds)
     w.close()
     return path
-
-
-def _owned_rows(
-    w: TraceWriter, pid: int, fds: list[int], owned: list[tuple[int, str]], allocator: str
-) -> None:
-    """The `owned` table of a walk at the end: the process's row, then each connection's."""
-    rows = [{"fd": -1, "root": "", "owned_bytes": 0, "how": "", "why": ""}] + [
-        {"fd": fd, "root": "stack", "owned_bytes": b, "how": "reachable", "why": why}
-        for fd, (b, why) in zip(fds, owned)
-    ]
-    w.append(
-        schema.OWNED,
-        schema.OWNED.filled(
-            len(rows),
-            ts_ns=T0 + 3 * SECOND - 3,
-            pid=pid,
-            **{k: [r[k] for r in rows] for k in ("fd", "root", "owned_bytes", "how", "why")},
-            allocations=[0] + [1] * len(owned),
-            allocator=allocator,
-            what="end",
-        ),
-    )

@@ -14,10 +14,40 @@ from typing import Any
 import pandas as pd
 
 from analysis.owned import latest_walks, owned_columns, owning_of
+from probes.format import schema
+from probes.format.writer import TraceWriter
 from tests.helpers import idlebuf
-from tests.synthetic import sessions_trace
+from tests.synthetic import SECOND, T0, sessions_trace
 
 CONNECTIONS, SESSION_CHUNK, BUFFER_CHUNK = 23, 2064, 4112
+
+
+def walked(
+    path: Path, owned: list[tuple[int, str]], method: str = "walk:glibc", allocator: str = "glibc"
+) -> Path:
+    """sessions_trace with the walk at the end: each connection's (owned bytes, why), in fd
+    order, and the process's row (its allocator)."""
+
+    def owned_rows(w: TraceWriter, fds: list[int]) -> None:
+        rows = [{"fd": -1, "root": "", "owned_bytes": 0, "how": "", "why": ""}] + [
+            {"fd": fd, "root": "stack", "owned_bytes": b, "how": "reachable", "why": why}
+            for fd, (b, why) in zip(fds, owned)
+        ]
+        columns = ("fd", "root", "owned_bytes", "how", "why")
+        w.append(
+            schema.OWNED,
+            schema.OWNED.filled(
+                len(rows),
+                ts_ns=T0 + 3 * SECOND - 3,
+                pid=4246,
+                **{k: [r[k] for r in rows] for k in columns},
+                allocations=[0] + [1] * len(owned),
+                allocator=allocator,
+                what="end",
+            ),
+        )
+
+    return sessions_trace(path, method=method, more=owned_rows)
 
 
 def report(trace: Path, *flags: str) -> dict[str, Any]:
@@ -29,7 +59,7 @@ def report(trace: Path, *flags: str) -> dict[str, Any]:
 
 def test_the_walk_gives_the_owned_state_and_the_fit_agrees(tmp_path: Path) -> None:
     owned = [(SESSION_CHUNK, "")] * CONNECTIONS
-    memory = report(sessions_trace(tmp_path / "t", owned=owned), "--connections")
+    memory = report(walked(tmp_path / "t", owned), "--connections")
     cost = memory["per_idle_connection"]
     assert (cost["owned_how"], cost["owned_bytes"]) == ("reachable", SESSION_CHUNK)
     assert cost["owned_connections"] == CONNECTIONS
@@ -45,7 +75,7 @@ def test_the_walk_gives_the_owned_state_and_the_fit_agrees(tmp_path: Path) -> No
 
 def test_a_disagreement_with_the_fit_is_flagged(tmp_path: Path) -> None:
     owned = [(3001, "")] * CONNECTIONS
-    cost = report(sessions_trace(tmp_path / "t", owned=owned))["per_idle_connection"]
+    cost = report(walked(tmp_path / "t", owned))["per_idle_connection"]
     assert (cost["owned_how"], cost["owned_bytes"]) == ("reachable", 3001)
     assert cost["owned_check"].startswith("the walk and the fit disagree: 3,001 B reachable")
 
@@ -55,7 +85,7 @@ def test_connections_the_walk_did_not_cover_are_unknown_with_why(tmp_path: Path)
     over the 19, the 4 are unknown with why, the total unknown (its lower bound known)."""
     cut = "time budget: 10 s ran out 7 levels down the walk (what it found is a lower bound)"
     owned = [(2000 + i, "") for i in range(19)] + [(100, cut)] * 4
-    cost = report(sessions_trace(tmp_path / "t", owned=owned))["per_idle_connection"]
+    cost = report(walked(tmp_path / "t", owned))["per_idle_connection"]
     assert (cost["owned_bytes"], cost["owned_connections"]) == (2009.0, 19)
     assert {"connections": 4, "why": f"owned state: {cut}", "bytes": None} in cost["whole_unknown"]
     assert cost["total_bytes"] is None and cost["total_at_least_bytes"] > 0
@@ -67,7 +97,7 @@ def test_a_go_program_s_glibc_heap_is_never_fitted_with_confidence(tmp_path: Pat
     for i, (method, allocator) in enumerate(
         [("walk:go+glibc", "glibc"), ("walk:glibc", "go")]  # the walkers said, or the walk did
     ):
-        trace = sessions_trace(tmp_path / f"t{i}", owned=[], method=method, allocator=allocator)
+        trace = walked(tmp_path / f"t{i}", [], method, allocator)
         cost = report(trace)["per_idle_connection"]
         assert cost["fit"] is not None and cost["fit"]["confident"] is False
         assert "a Go program's heap is Go's" in cost["reason"]
