@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.memory import SOCKET_KERNEL_FIELDS
+from analysis.owned import Owning
 from analysis.results import ConnectionFit, KernelPart, PerIdleConnection, SavingPart, Unknown
 from analysis.waiters import Waiting, waiter_parts
 from probes.format.meta import Meta, SlabCache
@@ -40,6 +41,7 @@ CHURN_POINTS = 8  # low confidence when more points than max(this, 20%) moved un
 CHURN_FRACTION = 0.20
 
 MAX_FIT_POINTS = 2000  # pairwise slopes: at most ~2M pairs
+OWNED_AGREE = 0.15  # the walk and the fit disagree past this fraction of the larger
 
 
 def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -397,6 +399,45 @@ def _saving(out: PerIdleConnection, idle: int, active: int) -> None:
     )
 
 
+# --- the owned state -----------------------------------------------------------------------
+def _go_program(meta: Meta, pid: int, owning: Owning | None) -> bool:
+    """Whether `pid` is a Go program (its allocations are the Go runtime's, not glibc's)."""
+    if owning is not None and owning.allocator == "go":
+        return True
+    memory = meta.memory
+    return memory is not None and any(
+        a.pid == pid and a.method == "walk:go+glibc" for a in memory.allocators
+    )
+
+
+def _reachable(out: PerIdleConnection, owning: Owning, idle: int) -> bool:
+    """`out`'s owned state from the walk (the mean over the idle connections it covered),
+    the fit beside it as a cross-check; whether it covered every idle connection."""
+    per = owning.owned_bytes / owning.covered
+    out.owned_bytes, out.owned_how = round(per, 1), "reachable"
+    out.owned_connections = owning.covered
+    out.owned_shared_bytes = owning.shared_bytes
+    notes = []
+    fitted = out.other_user_bytes
+    if fitted is not None and abs(per - fitted) > OWNED_AGREE * max(abs(per), abs(fitted)):
+        notes.append(
+            f"the walk and the fit disagree: {per:,.0f} B reachable, {fitted:,.0f} B fitted "
+            f"(more than {OWNED_AGREE:.0%} apart)"
+        )
+    elif fitted is not None:
+        notes.append(f"the fit agrees: {fitted:,.0f} B")
+    if owning.shared_bytes:
+        notes.append(
+            f"{owning.shared_bytes:,} B reached first by several connections together: "
+            "shared, not counted as any one's"
+        )
+    if owning.raced:
+        notes.append(f"{owning.raced:,} reads of the walk raced with the process")
+    out.owned_check = "; ".join(notes) or None
+    out.whole_unknown.extend(owning.unknown)
+    return owning.covered >= idle
+
+
 # --- one answer per process ---------------------------------------------------------------
 def whole_cost(
     base: PerIdleConnection,
@@ -408,6 +449,7 @@ def whole_cost(
     traced_heap: np.ndarray | None,
     buffers: IdleBuffers,
     waiting: Waiting,
+    owning: Owning | None = None,
 ) -> PerIdleConnection:
     """`base` (the measured per-idle-connection figures) completed with the whole cost:
     buffer + waiter + owned state + kernel = total, for process `pid`.
@@ -418,7 +460,8 @@ def whole_cost(
     what its idle connections' own buffers take (posted or retained; a shared pool is
     counted once). The buffer part is the allocations holding them, which the heap fit also
     counts: other user memory is the fit less those, per idle connection. `waiting`: what
-    carries their waits (analysis.waiters)."""
+    carries their waits (analysis.waiters); `owning`: the state they keep alive, walked
+    (analysis.owned; None: not walked)."""
     idle = int(connections["idle"].sum())
     out = base  # completed in place
     out.io_buffer_bytes = round(base.user_buffer_bytes / idle, 1) if idle else 0.0
@@ -467,17 +510,32 @@ def whole_cost(
         out.fit, out.reason = heap_fit(mine, steady, traced_heap, meta, pid)
         out.rss_fit, _ = rss_fit(mine, steady)
         out.socket_fit, _ = socket_queue_fit(sockets, pid)
+        if out.fit is not None and _go_program(meta, pid, owning):
+            # never a confident figure fitted on memory that is not the program's allocator
+            out.fit.confident = False
+            out.reason = (
+                "not used: a Go program's heap is Go's, and the heap fitted is glibc's "
+                "(its allocations are the runtime's: see the RSS fit)"
+            )
         if out.fit is not None and out.fit.confident:
             per_buffer = buffers.allocation_bytes / idle if idle else 0.0
             out.other_user_bytes = round(out.fit.bytes_per_connection - per_buffer, 1)
             out.owned_bytes, out.owned_how = out.other_user_bytes, "fitted"
+    owned_all = out.owned_bytes is not None
+    if owning is not None and owning.covered and idle and not waiting.processes:
+        owned_all = _reachable(out, owning, idle)
     if waiting.processes and idle:  # a process per connection: its private memory is its own
         owned = waiting.private_bytes - (held if waiting.processes == idle else 0)
         out.owned_bytes, out.owned_how = round(max(0.0, owned) / idle, 1), "private"
+        owned_all = True
     if out.kernel_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"kernel: {out.kernel_reason}"))
     if out.owned_bytes is None and idle:
         out.whole_unknown.append(Unknown(idle, f"other user memory: {out.reason}"))
+        if owning is not None and owning.unknown:  # why the walk did not know it either
+            out.owned_check = "; ".join(
+                f"{u.why} ({u.connections:,} idle connections)" for u in owning.unknown
+            )
     waiter_known = sum(p.bytes for p in out.waiter_parts)
     out.total_at_least_bytes = round(
         out.buffer_bytes
@@ -487,7 +545,7 @@ def whole_cost(
         1,
     )
     parts = (out.waiter_bytes, out.owned_bytes, out.kernel_bytes)
-    if all(p is not None for p in parts) and not buffers.unseen:
+    if all(p is not None for p in parts) and not buffers.unseen and owned_all:
         out.total_bytes = round(out.buffer_bytes + sum(p or 0.0 for p in parts), 1)
     _saving(out, idle, int((~connections["idle"] & connections["closed_ns"].isna()).sum()))
     out.resident_bytes = round(base.resident_bytes + slab + (out.other_user_bytes or 0.0), 1)

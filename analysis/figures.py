@@ -39,6 +39,7 @@ from analysis.memory import (
     with_residency,
     write_buffer_heap,
 )
+from analysis.owned import latest_walks, owned_columns, owning_of
 from analysis.reading import ReadsAtEnd
 from analysis.results import (
     Allocations,
@@ -274,6 +275,9 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     waiters = latest_waiters(state["waiters"])
     waiting = waiting_of(waiters, connections.loc[connections["idle"]])
     looked = meta.format_version >= 2
+    # the state they keep alive, walked (recordings before format 3 did not: unknown)
+    walks = latest_walks(state["owned"])
+    owning = owning_of(walks, connections.loc[connections["idle"]])
     cost = idle_connection_cost(connections).set_index("pid")
     late = bool(meta.targets.pids)
     if memory.alloc_probes:  # every allocator probed
@@ -354,7 +358,7 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
                 unknown=retained_unknown,
             ),
             allocations_found_by=methods.get(int(pid), "probes"),
-            connection_rows=conns,
+            connection_rows=owned_columns(conns, walks[walks["pid"] == pid]),
         )
         figures.per_idle_connection = whole_cost(
             figures.per_idle_connection,
@@ -375,6 +379,7 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
                 waiting.get(int(pid), Waiting(read=looked)),
                 parked=parked_without_waiter(mine_idle, waiters),
             ),
+            owning.get(int(pid)),
         )
         out[int(pid)] = figures
     return out
@@ -494,6 +499,9 @@ def server_cost(processes: list[MemoryFigures]) -> PerIdleConnection | None:
         waiter_parts=merged_parts([(c.waiter_parts, n) for c, n in costs], idle),
         owned_bytes=mean("owned_bytes"),
         owned_how="; ".join(sorted({c.owned_how for c, _ in costs if c.owned_how})) or None,
+        owned_connections=sum(c.owned_connections or 0 for c, _ in costs) or None,
+        owned_shared_bytes=sum(c.owned_shared_bytes or 0 for c, _ in costs) or None,
+        owned_check="; ".join(c.owned_check for c, _ in costs if c.owned_check) or None,
         kernel_bytes=mean("kernel_bytes"),
         total_bytes=mean("total_bytes"),
         total_at_least_bytes=mean("total_at_least_bytes") or 0.0,

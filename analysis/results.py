@@ -271,9 +271,14 @@ class PerIdleConnection(Result):
     waiter_bytes: float | None = None
     waiter_parts: list[WaiterPart] = field(default_factory=list)
     waiter_reason: str | None = None
-    # the other user memory it keeps alive, and how it was found ("fitted": the heap fit)
+    # the other user memory it keeps alive, and how it was found: "reachable" (what its
+    # roots alone reach in the heap, walked: the mean over `owned_connections` idle
+    # connections), "private" (a process per connection), "fitted" (the heap fit)
     owned_bytes: float | None = None
     owned_how: str | None = None
+    owned_connections: int | None = None  # "reachable": the idle connections walked
+    owned_shared_bytes: int | None = None  # ... what they reach first together (not owned)
+    owned_check: str | None = None  # the walk against the fit, and what else to know of it
     other_user_bytes: float | None = None  # per connection, beyond IO buffers (the heap fit)
     kernel_bytes: float | None = None  # slab objects (kernel_parts) + queue memory
     kernel_parts: list[KernelPart] = field(default_factory=list)

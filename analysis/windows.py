@@ -59,6 +59,7 @@ STATE_TABLES = (
     "proc_status",
     "memory_points",
     "waiters",
+    "owned",
 )
 SOCKET_COLUMNS = [
     "ts_ns", "pid", "fd", "inode", "family", "ipv6", "state", "local", "remote", "rmem_alloc",

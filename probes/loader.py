@@ -74,6 +74,8 @@ class ProbeOptions:
     alloc_probes: bool = False
     min_alloc: int = 1024  # allocations smaller than this are not tracked
     sample_every: int = 1  # track one allocation address in N (by a hash of the address)
+    # with memory: what the walk for each connection's owned state may take per process
+    owned_budget_s: float = 10.0
     max_allocs: int = 262144
     max_stacks: int = 16384
     # record only reads/writes that wait at least this long (0: every one); the rest are

@@ -24,8 +24,8 @@ import numpy as np
 
 from probes import kernel_objects, residency
 from probes.allocators import HeapWalker
-from probes.allocators.base import Allocation
-from probes.attach import goroutines, process, waiters
+from probes.allocators.base import Allocation, Mappings
+from probes.attach import goroutines, owned, process, waiters
 from probes.attach.blocked import is_socket
 from probes.batches import write_rows
 from probes.format import schema
@@ -149,13 +149,15 @@ class MemorySide:
 
     def _waiters(self, pids: list[int], what: str) -> None:
         """The threads waiting on one connection each, and the processes that exist for
-        one connection (probes.attach.waiters), now."""
-        rows = []
+        one connection (probes.attach.waiters), now; and the state each connection keeps
+        alive (probes.attach.owned) - a process per connection's is its private memory."""
+        rows, owned_rows = [], []
         for pid in pids:
             now = self._now_ns()
+            threads = waiters.thread_waiters(pid)
             rows += [
                 {"ts_ns": now, "kind": "thread", "what": what, **dataclasses.asdict(w)}
-                for w in waiters.thread_waiters(pid)
+                for w in threads
             ]
             if what == "end":  # goroutines parked in reads: walked once, at the end
                 scan = goroutines.parked_reads(pid, functools.partial(is_socket, pid))
@@ -172,7 +174,43 @@ class MemorySide:
                     {"ts_ns": now, "kind": "process", "what": what, "tid": pid, "call": -1,
                      "stack_bytes": 0, "stack_size": 0, **dataclasses.asdict(process)}
                 )  # fmt: skip
+            else:
+                owned_rows += self._owned(pid, threads, what)
         write_rows(self._writer, schema.WAITERS, rows)
+        write_rows(self._writer, schema.OWNED, owned_rows)
+
+    def _owned(self, pid: int, threads: list[waiters.Waiter], what: str) -> list[dict]:
+        """The state each connection of `pid` keeps alive, walked where a connection has
+        roots of its own (a waiter thread, an epoll pointer); at the end, the process's
+        allocator in any case (a Go program's glibc heap is not its heap: no fit on it)."""
+        try:
+            mappings = Mappings(pid).all
+        except OSError:
+            return []  # gone
+        buffers: dict[int, set[int]] = {}
+        for r in self._buffers.ranges():
+            if r["pid"] == pid:
+                buffers.setdefault(r["fd"], set()).add(r["addr"])
+        roots, others = owned.roots_of(pid, threads, waiters.connection_fds(pid), buffers, mappings)
+        if not roots and what != "end":
+            return []
+        walker = self._walker(pid)
+        if walker is None:
+            return []
+        now = self._now_ns()
+        if walker.go is not None or walker.go_why:
+            why = "a Go program: its heap is Go's, not glibc's (not walked for owned state)"
+            return owned.Walked(pid, "go", why=why).rows(now, what)[:1]
+        if not walker.walks:
+            library = walker.method.split(":", 1)[1]
+            why = f"the heap of {library} is not walked (glibc's is)"
+            return owned.Walked(pid, library, why=why).rows(now, what)[:1]
+        if not roots:
+            why = "no connection has roots of its own (a waiter thread, an epoll pointer)"
+            return owned.Walked(pid, why=why).rows(now, what)[:1]
+        budget = self._probes.options.owned_budget_s
+        walked = owned.walk(pid, walker.mem, mappings, roots, others, budget)
+        return walked.rows(now, what)
 
     def close(self) -> None:
         self._sockets.close()

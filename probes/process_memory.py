@@ -56,6 +56,14 @@ class ProcessMemory:
             raise MemoryReadError(f"pid {self.pid}: short read at {addr:#x}")
         return data
 
+    def read_into(self, addr: int, buf: memoryview) -> int:
+        """Read into `buf` from `addr`: the bytes read, fewer when the memory changed under
+        the read (unmapped since) - a read that raced, never an error."""
+        try:
+            return os.preadv(self._fd, [buf], addr)
+        except OSError:
+            return 0
+
     def u64(self, addr: int) -> int:
         return int(struct.unpack("<Q", self.read(addr, 8))[0])
 

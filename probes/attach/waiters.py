@@ -47,7 +47,7 @@ class Waiter:
     stack_size: int  # the mapping's size (the reservation)
 
 
-def _syscall(pid: int, tid: int) -> tuple[int, list[int], int] | None:
+def blocked_call(pid: int, tid: int) -> tuple[int, list[int], int] | None:
     """(nr, arguments, stack pointer) of the call a thread is blocked in; None if running."""
     try:
         with open(f"/proc/{pid}/task/{tid}/syscall", encoding="ascii") as f:
@@ -130,7 +130,7 @@ def thread_waiters(pid: int) -> list[Waiter]:
     mem_fd = pagemap_fd = -1
     try:
         for tid in tids:
-            blocked = _syscall(pid, tid)
+            blocked = blocked_call(pid, tid)
             if blocked is None:
                 continue
             nr, args, sp = blocked

@@ -45,6 +45,7 @@ from probes.format.tables import (
     HEAP_BLOCKS,
     MAPS,
     MEMORY_POINTS,
+    OWNED,
     POSTS,
     PROC_STATUS,
     PROCESSES,
@@ -67,7 +68,8 @@ from probes.format.tables import (
 from probes.format.wire import C_TYPES, WIRE_EVENT, Field, Record, c_header, wire_records
 
 FORMAT_NAME = "idlebuf-trace"
-FORMAT_VERSION = 2  # 2: the waiters table, meta.json's kernel_stack_bytes
+# 2: the waiters table, meta.json's kernel_stack_bytes; 3: the owned table
+FORMAT_VERSION = 3
 
 __all__ = [
     "FORMAT_NAME",
@@ -108,6 +110,7 @@ __all__ = [
     "HEAP_BLOCKS",
     "MAPS",
     "MEMORY_POINTS",
+    "OWNED",
     "POSTS",
     "PROCESSES",
     "PROC_STATUS",

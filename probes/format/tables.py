@@ -392,6 +392,40 @@ WAITERS = Table(
     ),
 )
 
+# The state each connection keeps alive (record --memory; probes.attach.owned), walked at
+# attach and at the end in a process whose heap is glibc's: per connection (fd >= 0) the
+# allocations its roots (its waiter's stack, its epoll data) reach and no other
+# connection's, less its buffers' allocations (`buffer_bytes`: those among them, the buffer
+# part); per process (fd -1) its allocator, and what the walk saw: the heap in use, what
+# connections share, what is the program's, what nothing reached, the reads that raced with
+# the process, what the walk cost. `why`: not known (or a lower bound), and why. Sizes and
+# counts only, never memory contents.
+OWNED = Table(
+    "owned",
+    (
+        Column("ts_ns", pa.uint64()),
+        Column("pid", pa.uint32()),
+        Column("fd", pa.int32()),  # the connection; -1: the process's row
+        Column("tid", pa.uint32()),  # its waiter thread (0: none)
+        Column("root", pa.string()),  # "stack", "epoll", "stack+epoll"
+        Column("owned_bytes", pa.uint64()),
+        Column("allocations", pa.uint64()),
+        Column("buffer_bytes", pa.uint64()),
+        Column("how", pa.string()),  # "reachable"
+        Column("why", pa.string()),
+        Column("allocator", pa.string()),  # "glibc", "go", or the library not walked
+        Column("heap_bytes", pa.uint64(), default=0),  # the process's row: in use, walked
+        Column("chunks", pa.uint64(), default=0),
+        Column("shared_bytes", pa.uint64(), default=0),
+        Column("global_bytes", pa.uint64(), default=0),
+        Column("unreached_bytes", pa.uint64(), default=0),
+        Column("raced", pa.uint32(), default=0),
+        Column("took_ms", pa.uint32(), default=0),
+        Column("cpu_ms", pa.uint32(), default=0),
+        Column("what", pa.string()),  # "attach" or "end"
+    ),
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -417,6 +451,7 @@ TABLES: dict[str, Table] = {
         MEMORY_POINTS,
         PROCESSES,
         WAITERS,
+        OWNED,
     )
 }
 TABLE_OF_KIND: dict[Kind, Table] = {

@@ -1,0 +1,147 @@
+"""The state a connection keeps alive, found without waiting for it to change: what its roots
+alone reach in the heap, walked from outside the process.
+
+A small C server (workloads/c/owned_state.c) sets up each of 23 connections with a state of
+known size - a struct pointing to 3 allocations and a read buffer - held by the connection's
+roots alone, while a global list or array also points at every connection's struct (global
+data cannot veto). The truth is glibc's own count of the bytes in use (mallinfo2) as each
+connection was set up: its state, and for a thread, what glibc allocates for the thread
+itself (its TLS's dtv, its tcache). Three servers:
+- threads: a thread per connection, blocked in recv() on its buffer (the buffer part, left
+  out of the owned state), its state held by its stack;
+- epoll: one event loop; epoll's data for each connection is its struct (no read posted:
+  the buffer is in the owned state, not told apart);
+- slots: one event loop whose connection structs are slots of one array (as nginx keeps
+  them): each connection's root is its slot. Without that, the array is every
+  connection's at once, and what hangs from it is shared: owned 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from probes.format import schema
+from probes.format.reader import read_meta, read_table
+from tests.helpers import ROOT, RecorderProcess, idlebuf, read_event, stop
+
+pytestmark = pytest.mark.bpf
+
+CONNECTIONS = 23
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is not installed (scripts/bootstrap installs it)")
+    out = tmp_path_factory.mktemp("c") / "owned_state"
+    source = ROOT / "workloads/c/owned_state.c"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def record(trace: Path, server: Path, mode: str) -> dict[int, dict]:
+    """Record the server with --memory while 23 connections sit idle; its truth per fd."""
+    recorder = RecorderProcess(
+        trace, "--memory", "--", str(server), "0", str(CONNECTIONS), mode, stdout=subprocess.PIPE
+    )
+    clients: list[socket.socket] = []
+    truth: dict[int, dict] = {}
+    try:
+        stdout = recorder.proc.stdout
+        assert stdout is not None
+        listening = read_event(stdout, "listening", 60)
+        clients = [
+            socket.create_connection(("127.0.0.1", listening["port"])) for _ in range(CONNECTIONS)
+        ]
+        for _ in range(CONNECTIONS):
+            event = read_event(stdout, "connection", 30)
+            truth[event["fd"]] = event
+        read_event(stdout, "ground_truth", 30)
+        time.sleep(2.5)  # every connection idle past the threshold (and a socket sample)
+        recorder.proc.send_signal(2)
+        _, err = recorder.proc.communicate(timeout=120)
+        assert recorder.proc.returncode == 0, err.decode()
+    finally:
+        for c in clients:
+            c.close()
+        stop(recorder.proc)
+    return truth
+
+
+@pytest.mark.parametrize("mode", ["threads", "epoll", "slots"])
+def test_each_connection_owns_exactly_what_its_roots_alone_reach(
+    tmp_path: Path, server: Path, mode: str
+) -> None:
+    trace = tmp_path / "trace"
+    truth = record(trace, server, mode)
+    meta = read_meta(trace)
+    assert meta.format_version == schema.FORMAT_VERSION
+    rows = read_table(trace, schema.OWNED, meta)
+    end = rows[rows["what"] == "end"]
+    (process,) = end[end["fd"] < 0].to_dict("records")
+    assert process["allocator"] == "glibc" and process["why"] == ""
+    assert process["took_ms"] < 10_000 and process["raced"] == 0, process
+    found = {r["fd"]: r for r in end[end["fd"] >= 0].to_dict("records")}
+    assert set(found) == set(truth)
+    root = "stack" if mode == "threads" else "epoll"
+    for fd, t in truth.items():
+        r = found[fd]
+        assert (r["root"], r["how"], r["why"]) == (root, "reachable", ""), r
+        # exact to glibc's rounding: every chunk of the state, and nothing else
+        assert r["owned_bytes"] == t["owned"], (fd, r, t)
+        # a read posted on it: its buffer's chunk is the buffer part, not owned state
+        assert r["buffer_bytes"] == (t["buffer"] if mode == "threads" else 0), (fd, r, t)
+        assert t["owned"] >= t["graph"]  # a thread's own (dtv, tcache) come on top
+    assert process["shared_bytes"] == 0
+    # the report: the mean over the 23 idle connections, found by the walk
+    done = idlebuf("report", "--json", "--connections", str(trace))
+    assert done.returncode == 0, done.stderr
+    (proc,) = [p for p in json.loads(done.stdout)["processes"] if p["pid"] == process["pid"]]
+    cost = proc["memory"]["per_idle_connection"]
+    mean = sum(t["owned"] for t in truth.values()) / CONNECTIONS
+    assert (cost["owned_how"], cost["owned_connections"]) == ("reachable", CONNECTIONS)
+    assert cost["owned_bytes"] == round(mean, 1)
+    assert not [u for u in cost["whole_unknown"] if u["why"].startswith("owned state")]
+    table = {c["fd"]: c for c in proc["memory"]["connection_table"] if c["closed_ns"] is None}
+    assert {fd: table[fd]["owned_bytes"] for fd in truth} == {
+        fd: t["owned"] for fd, t in truth.items()
+    }
+
+
+def test_attached_late_the_walk_at_attach_finds_the_same(tmp_path: Path, server: Path) -> None:
+    """`record -p` on a server whose 23 connections sit idle already: the walk at attach
+    (before any event) and the one at the end both find every connection's state exactly."""
+    proc = subprocess.Popen([str(server), "0", str(CONNECTIONS), "threads"], stdout=subprocess.PIPE)
+    clients: list[socket.socket] = []
+    trace = tmp_path / "trace"
+    try:
+        assert proc.stdout is not None
+        listening = read_event(proc.stdout, "listening", 60)
+        clients = [
+            socket.create_connection(("127.0.0.1", listening["port"])) for _ in range(CONNECTIONS)
+        ]
+        truth = {}
+        for _ in range(CONNECTIONS):
+            event = read_event(proc.stdout, "connection", 30)
+            truth[event["fd"]] = event["owned"]
+        read_event(proc.stdout, "ground_truth", 30)
+        done = idlebuf(
+            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", "1.5"
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        for c in clients:
+            c.close()
+        stop(proc)
+    rows = read_table(trace, schema.OWNED, read_meta(trace))
+    for what in ("attach", "end"):
+        walk = rows[(rows["what"] == what) & (rows["fd"] >= 0)]
+        assert dict(zip(walk["fd"].tolist(), walk["owned_bytes"].tolist())) == truth, what
+        assert set(walk["why"].tolist()) == {""}, what
