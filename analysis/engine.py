@@ -51,7 +51,7 @@ from analysis.results import (
     WriteFigures,
 )
 from analysis.series import EdgeSeries
-from analysis.windows import TraceInput, open_input, recording_span, windows
+from analysis.windows import TraceInput, Windows, open_input, recording_span
 from probes.format.errors import UsageError
 
 # Sources whose reads count in a process's totals (io_uring reads of files do not).
@@ -146,6 +146,11 @@ class _Analysis:
         self.progress = progress
 
     def run(self, window_rows: int | None) -> TraceSummary:
+        # the first windows are read while the passes are set up
+        with Windows(self.trace.parts, window_rows) as stream:
+            return self._run(stream)
+
+    def _run(self, stream: Windows) -> TraceSummary:
         trace, series = self.trace, self.series
         state, meta = trace.state, trace.meta
         memory = meta.memory is not None
@@ -177,7 +182,7 @@ class _Analysis:
         # allocations are paired.
         side = ThreadPoolExecutor(1, thread_name_prefix="idlebuf-side")
         try:
-            for low, bound, ev in windows(trace.parts, window_rows):
+            for low, bound, ev in stream:
                 paired = side.submit(allocs.window, low, ev)
                 rest = side.submit(others, low, bound, ev)
                 attribute = None

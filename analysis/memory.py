@@ -246,7 +246,7 @@ def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> p
     posted = np.where(np.isnan(end), column("len", np.float64), np.nan)
     figures = {
         "bytes_received": sums(codes, np.where(data, ret, 0.0), n),
-        "first_ns": minima(codes, column("post_ns", np.int64), n),
+        "first_ns": _first_posts(codes, column("post_ns", np.int64), rows),
         "last_data_ns": nan_maxima(codes, np.where(data, end, np.nan), n),
         "posted_bytes": nan_sums(codes, posted, n),
         "eof_ns": nan_maxima(codes, np.where(ret == 0, end, np.nan), n),
@@ -260,6 +260,14 @@ def read_activity(intervals: pd.DataFrame, where: np.ndarray | None = None) -> p
         names=CONNECTION_KEYS,
     )
     return pd.DataFrame({k: v[order] for k, v in figures.items()}, index=index)
+
+
+def _first_posts(codes: np.ndarray, post: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Each connection's earliest post: that of its first row when the reads are in post
+    order (a window's are), else the least."""
+    if len(post) < 2 or (post[1:] >= post[:-1]).all():
+        return post[first]
+    return minima(codes, post, len(first))
 
 
 def merge_activity(pieces: list[pd.DataFrame]) -> pd.DataFrame:

@@ -171,49 +171,59 @@ def recording_span(trace: TraceInput) -> tuple[int, int]:
     return start, max(start, end)
 
 
-def windows(
-    parts: list[Part], window_rows: int | None
-) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
-    """(low, bound, each table's events from `low` to before `bound`), in time order; the
-    first low is -inf, the last bound +inf. Every event comes out exactly once, each part is
-    read once. `window_rows` None: one window.
+class Windows:
+    """The trace's windows: iterated, (low, bound, each table's events from `low` to before
+    `bound`), in time order; the first low is -inf, the last bound +inf. Every event comes
+    out exactly once, each part is read once. `window_rows` None: one window.
 
-    The windows are put together on a thread of their own, up to READ_AHEAD ahead: reading,
+    The windows are put together on a thread of their own, started when this is made (the
+    first windows are read while the caller sets up), up to READ_AHEAD ahead: reading,
     decoding and cutting parts (Arrow lets go of the GIL) while the caller relates the
-    windows before."""
-    ready: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
-    stop = threading.Event()
+    windows before. Used as a context manager: the thread is stopped on leaving."""
 
-    def offer(item: Any) -> bool:
+    def __init__(self, parts: list[Part], window_rows: int | None) -> None:
+        self.ready: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
+        self.stop = threading.Event()
+        self.producer = threading.Thread(
+            target=self._produce, args=(parts, window_rows), name="idlebuf-windows", daemon=True
+        )
+        self.producer.start()
+
+    def __enter__(self) -> Windows:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
+        while (window := self.ready.get()) is not None:
+            if isinstance(window, BaseException):
+                raise window
+            yield window
+
+    def close(self) -> None:
+        self.stop.set()
+        self.producer.join()
+
+    def _offer(self, item: Any) -> bool:
         """Hand `item` over unless the caller has stopped listening."""
-        while not stop.is_set():
+        while not self.stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                self.ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, parts: list[Part], window_rows: int | None) -> None:
         try:
             for window in _assembled(parts, window_rows or math.inf):
-                if not offer(window):
+                if not self._offer(window):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
-            offer(exc)
+            self._offer(exc)
             return
-        offer(None)
-
-    producer = threading.Thread(target=produce, name="idlebuf-windows", daemon=True)
-    producer.start()
-    try:
-        while (window := ready.get()) is not None:
-            if isinstance(window, BaseException):
-                raise window
-            yield window
-    finally:
-        stop.set()
-        producer.join()
+        self._offer(None)
 
 
 @dataclass
@@ -254,7 +264,7 @@ def _times(rows: pa.Table) -> np.ndarray:
 def _assembled(
     parts: list[Part], window_rows: float
 ) -> Iterator[tuple[float, float, dict[str, pd.DataFrame]]]:
-    """windows(), put together where it is called."""
+    """Windows' windows, put together where it is called."""
     # each table's pieces waiting to go out
     waiting: dict[str, list[_Piece]] = {}
     low = -math.inf
