@@ -2,6 +2,7 @@
 
 scripts/bench                       # everything (about 15 minutes on 2 cores)
 scripts/bench --only analysis,scale --output /tmp/bench.json
+scripts/bench --only owned          # the owned-state walk: 1,000 connections, a 200 MB heap
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ if TYPE_CHECKING:  # the parts are imported when run: each brings its own depend
     from idlebuf.bench.ceiling import Ceiling
     from idlebuf.bench.fleet_speed import FleetSpeed
     from idlebuf.bench.overhead import Overhead
+    from idlebuf.bench.owned_walk import OwnedWalkRun
     from idlebuf.bench.scale import ScaleRun
 
-PARTS = ("overhead", "ceiling", "analysis", "fleet", "scale", "attach")
+PARTS = ("overhead", "ceiling", "analysis", "fleet", "scale", "attach", "owned")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class BenchResults:
     fleet: FleetSpeed | None = None
     scale: dict[str, ScaleRun] | None = None  # by server
     attach: dict[str, AttachRun] | None = None  # by server
+    owned: dict[str, OwnedWalkRun] | None = None  # by server model
     errors: dict[str, str] = field(default_factory=dict)  # part -> why it failed
 
     def to_json(self) -> str:
@@ -248,6 +251,25 @@ def _attach(attach: dict[str, AttachRun]) -> str:
     )
 
 
+def _owned(owned: dict[str, OwnedWalkRun]) -> str:
+    rows = [
+        [
+            mode,
+            f"{r.connections:,}",
+            human_bytes(r.heap_bytes),
+            f"{r.chunks:,}",
+            f"{r.took_s:.1f}",
+            f"{r.cpu_s:.1f}",
+            f"{r.exact:,} / {r.connections:,}",
+            f"{r.raced:,}",
+        ]
+        for mode, r in owned.items()
+    ]
+    return "The owned-state walk, attached to an idle server (workloads/c/owned_state.c)\n" + (
+        table(["server", "conns", "heap", "chunks", "wall s", "CPU s", "exact", "raced"], rows)
+    )
+
+
 def render(results: BenchResults) -> str:
     out = []
     if results.overhead:
@@ -262,6 +284,8 @@ def render(results: BenchResults) -> str:
         out.append(_scale(results.scale))
     if results.attach:
         out.append(_attach(results.attach))
+    if results.owned:
+        out.append(_owned(results.owned))
     return "\n\n".join(out)
 
 
@@ -301,6 +325,16 @@ def run_part(
         from idlebuf.bench import attach
 
         results.attach = attach.run(args.scale, 16384, log)
+    elif name == "owned":
+        from idlebuf.bench import owned_walk
+
+        results.owned = {}
+        for mode in ("threads", "epoll"):
+            conns, heap = args.owned_connections, args.owned_heap_mb
+            log(f"owned: {conns:,} connections, {mode}, a {heap} MB heap")
+            results.owned[mode] = owned_walk.run(
+                mode, args.owned_connections, args.owned_heap_mb, owned_walk.owned.DEFAULT_BUDGET_S
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fleet-events", type=int, default=1_000_000, help="events per trace (fleet)"
     )
     parser.add_argument("--scale", type=int, default=10_000, help="connections (scale)")
+    parser.add_argument("--owned-connections", type=int, default=1000, help="connections (owned)")
+    parser.add_argument("--owned-heap-mb", type=int, default=200, help="heap to walk (owned)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/idlebuf-bench"))
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args(argv)
