@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,11 +122,30 @@ __all__ = [
     "stop",
     "Recording",
     "python_module",
+    "compiled_c",
+    "finish_recording",
 ]
 
 
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def compiled_c(workdir: Path, name: str, *flags: str) -> Path:
+    """workloads/c/NAME.c built with gcc into `workdir` (the bootstrap installs gcc)."""
+    if shutil.which("gcc") is None:
+        raise AssertionError("gcc is not installed (scripts/bootstrap installs it)")
+    out = workdir / name
+    source = ROOT / "workloads" / "c" / f"{name}.c"
+    subprocess.run(["gcc", "-O2", *flags, "-o", str(out), str(source)], check=True)
+    return out
+
+
+def finish_recording(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Stop `idlebuf record` as a user would (SIGINT) and check it ended well."""
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()
 
 
 class Recording:
@@ -161,9 +181,7 @@ class Recording:
         return truth
 
     def finish(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err.decode()
+        finish_recording(self.proc)
 
     def __enter__(self) -> Recording:
         return self

@@ -19,7 +19,6 @@ itself (its TLS's dtv, its tcache). Three servers:
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -29,7 +28,14 @@ import pytest
 
 from probes.format import schema
 from probes.format.reader import read_meta, read_table
-from tests.helpers import ROOT, RecorderProcess, idlebuf, read_event, stop
+from tests.helpers import (
+    RecorderProcess,
+    compiled_c,
+    finish_recording,
+    idlebuf,
+    read_event,
+    stop,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -38,12 +44,7 @@ CONNECTIONS = 23
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is not installed (scripts/bootstrap installs it)")
-    out = tmp_path_factory.mktemp("c") / "owned_state"
-    source = ROOT / "workloads/c/owned_state.c"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(out), str(source)], check=True)
-    return out
+    return compiled_c(tmp_path_factory.mktemp("c"), "owned_state", "-pthread")
 
 
 def record(trace: Path, server: Path, mode: str) -> dict[int, dict]:
@@ -65,9 +66,7 @@ def record(trace: Path, server: Path, mode: str) -> dict[int, dict]:
             truth[event["fd"]] = event
         read_event(stdout, "ground_truth", 30)
         time.sleep(2.5)  # every connection idle past the threshold (and a socket sample)
-        recorder.proc.send_signal(2)
-        _, err = recorder.proc.communicate(timeout=120)
-        assert recorder.proc.returncode == 0, err.decode()
+        finish_recording(recorder.proc, timeout=120)
     finally:
         for c in clients:
             c.close()

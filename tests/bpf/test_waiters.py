@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    ROOT,
     RecorderProcess,
     Recording,
+    compiled_c,
+    finish_recording,
     read_event,
     report_json,
     start_loadgen,
@@ -51,14 +51,7 @@ def slab_cost(cache: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.fail("gcc is not installed (scripts/bootstrap installs it)")
-    out = tmp_path_factory.mktemp("c") / "stack_threads"
-    subprocess.run(
-        ["gcc", "-O2", "-pthread", "-o", str(out), str(ROOT / "workloads/c/stack_threads.c")],
-        check=True,
-    )
-    return out
+    return compiled_c(tmp_path_factory.mktemp("c"), "stack_threads", "-pthread")
 
 
 @pytest.mark.parametrize("waits_in", ["recv", "poll"])
@@ -86,9 +79,7 @@ def test_a_thread_per_connection_is_each_connection_s_waiter(
         grown = kernel_stack() - before  # the 23 threads' kernel stacks, and others'
         started = sum(threads_of(p) for p in others) - their_threads
         time.sleep(2.5)  # every connection idle past the threshold (and a socket sample)
-        recorder.proc.send_signal(2)
-        _, err = recorder.proc.communicate(timeout=60)
-        assert recorder.proc.returncode == 0, err.decode()
+        finish_recording(recorder.proc)
     finally:
         for c in clients:
             c.close()
@@ -147,10 +138,7 @@ def status(pid: int, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def forking(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("c") / "fork_per_connection"
-    source = ROOT / "workloads/c/fork_per_connection.c"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(source)], check=True)
-    return out
+    return compiled_c(tmp_path_factory.mktemp("c"), "fork_per_connection")
 
 
 def test_a_process_per_connection_is_its_connection_s_waiter(tmp_path: Path, forking: Path) -> None:
@@ -182,9 +170,7 @@ def test_a_process_per_connection_is_its_connection_s_waiter(tmp_path: Path, for
         after = meminfo(*keys)
         for k, s in OWN.items():
             after[k] -= sum(status(p, s) for p in others) - theirs[k]
-        recorder.proc.send_signal(2)
-        _, err = recorder.proc.communicate(timeout=60)
-        assert recorder.proc.returncode == 0, err.decode()
+        finish_recording(recorder.proc)
     finally:
         for c in clients:
             c.close()
