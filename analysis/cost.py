@@ -42,6 +42,7 @@ CHURN_FRACTION = 0.20
 
 MAX_FIT_POINTS = 2000  # pairwise slopes: at most ~2M pairs
 OWNED_AGREE = 0.15  # the walk and the fit disagree past this fraction of the larger
+SPREAD = 4  # one connection owning this many times the median is flagged (a stale pointer?)
 
 
 def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -430,6 +431,12 @@ def _reachable(out: PerIdleConnection, owning: Owning, idle: int) -> bool:
         notes.append(
             f"{owning.shared_bytes:,} B reached first by several connections together: "
             "shared, not counted as any one's"
+        )
+    if owning.max_bytes > SPREAD * max(owning.median_bytes, 1.0) and owning.covered >= 3:
+        notes.append(
+            f"one connection owns {owning.max_bytes:,} B, over {SPREAD}x the median "
+            f"{owning.median_bytes:,.0f} B: a pointer left on its stack may reach the "
+            "program's structures (counted as its own)"
         )
     if owning.raced:
         notes.append(f"{owning.raced:,} reads of the walk raced with the process")

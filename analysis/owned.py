@@ -25,6 +25,8 @@ class Owning:
     allocator: str | None = None  # "glibc", "go", or the library not walked (None: no row)
     covered: int = 0  # idle connections with a known figure
     owned_bytes: int = 0  # theirs, summed
+    median_bytes: float = 0.0  # one connection's: the median, and the most
+    max_bytes: int = 0
     allocations: int = 0
     shared_bytes: int = 0  # what connections reach first together (the process's)
     raced: int = 0  # reads of the walk that raced with the process
@@ -61,6 +63,8 @@ def owning_of(rows: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Owning]:
             allocator=str(process["allocator"].iloc[0]) if not process.empty else None,
             covered=len(known),
             owned_bytes=int(known["owned_bytes"].sum()),
+            median_bytes=float(known["owned_bytes"].median()) if len(known) else 0.0,
+            max_bytes=int(known["owned_bytes"].max()) if len(known) else 0,
             allocations=int(known["allocations"].sum()),
             shared_bytes=int(process["shared_bytes"].sum()),
             raced=int(process["raced"].sum()),

@@ -15,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,10 @@ class Server:
                 "socket_kernel_bytes": socket_kernel_bytes(self.buffers),
                 "reads_completed": self.reads_completed,
                 "bytes_received": self.bytes_received,
+                # Python's own count of what it allocated (PYTHONTRACEMALLOC=1), else None
+                "python_traced_bytes": (
+                    tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+                ),
             }
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.allocators import pymalloc
 from probes.allocators.base import Mapping as MemoryMapping
 from probes.allocators.glibc import (
     HEADER,
@@ -56,9 +57,10 @@ MAX_SLOT = 1 << 16  # a connection's slot in an array of them: at most this many
 EPOLL = "anon_inode:[eventpoll]"
 # runtimes whose objects live in heaps of their own, on top of glibc's (mapped by mmap):
 # what their objects hold is not walked, so what a connection owns is a lower bound
+PYMALLOC = "CPython's small objects (pymalloc's arenas)"  # walked: probes.allocators.pymalloc
 RUNTIMES = {  # a mapped file's name (its start) -> the runtime's heap
-    "libpython": "CPython's small objects (pymalloc's arenas)",
-    "python3": "CPython's small objects (pymalloc's arenas)",
+    "libpython": PYMALLOC,
+    "python3": PYMALLOC,
     "libjvm.so": "the JVM's heap",
     "libnode.so": "V8's heap",
     "node": "V8's heap",  # the executable itself: the whole name
@@ -347,6 +349,18 @@ def _read_heap(
         sizes.append(np.array([length], np.int64))
         segments.append((chunk, words))
         extents.append((chunk, chunk + length))
+    return _heap(los, his, ends, sizes, segments, extents)
+
+
+def _heap(
+    los: list[np.ndarray],
+    his: list[np.ndarray],
+    ends: list[np.ndarray],
+    sizes: list[np.ndarray],
+    segments: list[tuple[int, np.ndarray]],
+    extents: list[tuple[int, int]],
+) -> _Heap:
+    """The heap of these allocations (their pieces, in any order; disjoint)."""
     if not los:
         empty = np.zeros(0, np.uint64)
         return _Heap(reach.Nodes(empty, empty, np.zeros(0, np.int64)), [], [])
@@ -360,6 +374,35 @@ def _read_heap(
         np.concatenate(ends)[order],
     )
     return _Heap(nodes, segments, sorted(extents))
+
+
+def _with_pymalloc(
+    heap: _Heap, reader: _Reader, mappings: list[MemoryMapping], holes: list[tuple[int, int]]
+) -> tuple[_Heap, pymalloc.Blocks]:
+    """`heap` with CPython's small objects and frame chunks (probes.allocators.pymalloc),
+    found in the process's anonymous memory outside glibc's heaps and the threads' stacks."""
+    taken = sorted(heap.extents + holes)
+    segments = []
+    for m in mappings:
+        if m.perms[:2] == "rw" and m.perms[3:4] == "p" and m.anonymous:
+            for lo, hi in _minus(m.start, m.end, taken):
+                segments += reader.sparse(lo, hi)
+    found = pymalloc.find(segments)
+    if not found.lo:
+        return heap, found
+    nodes = heap.nodes
+    lo = [nodes.lo, *found.lo]
+    hi = [nodes.hi, *found.hi]
+    ends = [nodes.ends if nodes.ends is not None else nodes.hi, *found.hi]
+    sizes = [nodes.bytes, *found.bytes]
+    mine = sorted(found.extents)
+    kept = [
+        s
+        for s in segments
+        if _minus(s[0], s[0] + 8 * len(s[1]), mine) != [(s[0], s[0] + 8 * len(s[1]))]
+    ]
+    reader.raced += found.raced
+    return _heap(lo, hi, ends, sizes, heap.segments + kept, heap.extents + mine), found
 
 
 def _minus(lo: int, hi: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -461,6 +504,17 @@ def walk(
         return done(f"not walked: a heap of {exc}")
     except (CorruptHeap, MemoryReadError) as exc:
         return done(f"glibc's heap could not be read: {exc}")
+    stacks = [(lo, hi) for lo, _sp, hi in others] + [
+        r.stack_mapping for r in roots if r.stack_mapping is not None
+    ]
+    runtime = runtime_heap(mappings)
+    if runtime == PYMALLOC:
+        try:
+            heap, _found = _with_pymalloc(heap, reader, mappings, stacks)
+        except MemoryReadError as exc:
+            return done(f"CPython's small objects could not be read: {exc}")
+        out.allocator = "glibc+pymalloc"
+        runtime = None
     nodes = heap.nodes
     out.chunks, out.heap_bytes = len(nodes), int(nodes.bytes.sum())
     if time.monotonic() > deadline:
@@ -483,11 +537,7 @@ def walk(
             pieces = [w for _, w in reader.sparse(*r.stack)]
             if pieces:
                 seeds[c] = np.union1d(seeds[c], reach.targets(np.concatenate(pieces), nodes))
-    holes = sorted(
-        heap.extents
-        + [(lo, hi) for lo, _sp, hi in others]
-        + [r.stack_mapping for r in roots if r.stack_mapping is not None]
-    )
+    holes = sorted(heap.extents + stacks)
     global_words = []
     for m in mappings:
         # shared memory holds no pointer into one process's heap (other processes map it
@@ -530,7 +580,6 @@ def walk(
         # a stack that points to no allocation owns none; an epoll pointer that is none is
         # no root at all
         found.why = (whys[c] if r.stack is None else "") or cut
-    runtime = runtime_heap(mappings)
     if runtime is not None:
         return done(f"{runtime} are not walked: what it found is a lower bound")
     return done()
