@@ -391,8 +391,8 @@ def _with_pymalloc(
     if not found.lo:
         return heap, found
     nodes = heap.nodes
-    lo = [nodes.lo, *found.lo]
-    hi = [nodes.hi, *found.hi]
+    los = [nodes.lo, *found.lo]
+    his = [nodes.hi, *found.hi]
     ends = [nodes.ends if nodes.ends is not None else nodes.hi, *found.hi]
     sizes = [nodes.bytes, *found.bytes]
     mine = sorted(found.extents)
@@ -402,7 +402,7 @@ def _with_pymalloc(
         if _minus(s[0], s[0] + 8 * len(s[1]), mine) != [(s[0], s[0] + 8 * len(s[1]))]
     ]
     reader.raced += found.raced
-    return _heap(lo, hi, ends, sizes, heap.segments + kept, heap.extents + mine), found
+    return _heap(los, his, ends, sizes, heap.segments + kept, heap.extents + mine), found
 
 
 def _minus(lo: int, hi: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
