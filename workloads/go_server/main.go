@@ -196,6 +196,40 @@ func emitHeap() {
 	os.Stdout.Write(line)
 }
 
+// ballast: objects kept alive for the whole run, so walks of the heap can be timed on one
+// of a realistic size: a tree of 64-byte nodes (pointers) with a 4 KiB buffer on every 32nd.
+type node struct {
+	left, right *node
+	data        []byte
+	n           int
+	_           [16]byte
+}
+
+var ballast []*node
+
+func makeBallast(mb int) {
+	var parent []*node
+	for total := 0; total < mb<<20; {
+		n := &node{n: len(ballast)}
+		total += 64
+		if len(ballast)%32 == 0 {
+			n.data = make([]byte, 4096)
+			total += 4096
+		}
+		if len(parent) > 0 {
+			p := parent[0]
+			if p.left == nil {
+				p.left = n
+			} else {
+				p.right = n
+				parent = parent[1:]
+			}
+		}
+		parent = append(parent, n)
+		ballast = append(ballast, n)
+	}
+}
+
 func emit(record map[string]interface{}) {
 	line, _ := json.Marshal(record)
 	os.Stdout.Write(append(line, '\n'))
@@ -206,6 +240,7 @@ func main() {
 	port := flag.Int("port", 0, "0: any free port (printed)")
 	bufferSize := flag.Int("buffer-size", 16384, "read buffer per connection")
 	withBufio := flag.Bool("bufio", false, "serve through a bufio.Reader and Writer (as net/http)")
+	ballastMB := flag.Int("ballast-mb", 0, "keep this many MiB of small objects alive")
 	flag.Parse()
 
 	var lim syscall.Rlimit
@@ -213,6 +248,7 @@ func main() {
 		lim.Cur = lim.Max
 		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 	}
+	makeBallast(*ballastMB)
 	listener, err := net.Listen("tcp", net.JoinHostPort(*host, strconv.Itoa(*port)))
 	if err != nil {
 		os.Stderr.WriteString("go_server: " + err.Error() + "\n")
