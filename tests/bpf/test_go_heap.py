@@ -138,13 +138,16 @@ def owned(pid: int, mem: ProcessMemory, go: GoHeap, reads: list[ParkedRead]) -> 
     ends = np.where(heap.noscan, heap.lo, heap.hi)
     nodes = reach.Nodes(heap.lo, heap.hi, heap.bytes, ends)
     reader = _words(mem)
-    src, dst = [], []
+    # the heap as one dense snapshot (zeros where no span is in use): one pass for the edges
+    # (reach.edges per span run would scan the nodes' ends once per run - thousands)
+    first, last = heap.extents[0][0], heap.extents[-1][1]
+    words = np.zeros((last - first) // 8, np.uint64)
     for lo, hi in heap.extents:
-        for base, words in reader(lo, hi):
-            s, d = reach.edges(base, words, nodes)
-            src.append(s)
-            dst.append(d)
-    indptr, indices = reach.csr(len(nodes), np.concatenate(src), np.concatenate(dst))
+        for base, part in reader(lo, hi):
+            words[(base - first) // 8 : (base - first) // 8 + len(part)] = part
+    src, dst = reach.edges(first, words, nodes)
+    del words
+    indptr, indices = reach.csr(len(nodes), src, dst)
     seeds = []
     for r in reads:
         words = [w for _, w in reader(r.sp & ~7, r.hi)]
