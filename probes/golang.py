@@ -20,6 +20,8 @@ RSP = 7  # DWARF register number of rsp on x86-64
 READ_FUNCTION = "internal/poll.(*FD).Read"
 ARENA_BASE_OFFSET = {"x86_64": 0xFFFF800000000000}  # runtime.arenaBaseOffset (not in DWARF)
 M_SPAN_IN_USE = 1  # runtime.mSpanInUse
+M_SPAN_MANUAL = 2  # runtime.mSpanManual: goroutine stacks (and the GC's work buffers)
+DATA_SECTIONS = (".data", ".noptrdata", ".bss", ".noptrbss")  # a Go binary's global variables
 
 
 class NotGo(Exception):
@@ -72,6 +74,12 @@ class GoBinary:
                     if s["p_type"] == "PT_LOAD"
                 )
                 self._symbols(elf)
+                # the global variables: the GC's roots besides the stacks (link addresses)
+                self.data_sections = [
+                    (name, int(sec["sh_addr"]), int(sec["sh_size"]))
+                    for name in DATA_SECTIONS
+                    if (sec := elf.get_section_by_name(name)) is not None and sec["sh_size"]
+                ]
                 if not elf.has_dwarf_info():
                     raise GoLayoutError("it is stripped of DWARF debug information")
                 self._dwarf(elf.get_dwarf_info())
@@ -212,7 +220,12 @@ class GoBinary:
 class HeapLayout:
     """Where the Go heap says which span (and so which object) an address is in:
     mheap_.arenas[l1][l2] -> heapArena, .spans[page in arena] -> mspan {startAddr, npages,
-    elemsize, state}. None members: this binary's runtime does not match (unknown)."""
+    elemsize, state}. None members: this binary's runtime does not match (unknown).
+
+    What enumerating every object needs besides (probes.allocators.go.GoHeap.objects):
+    mheap.allArenas (the arenas mapped), and of an mspan nelems, freeindex, allocBits and
+    spanclass (its low bit: noscan). None: not in this runtime's DWARF (the enumeration then
+    says so; find() does not need them)."""
 
     arenas: int  # offset of mheap.arenas
     spans: int  # offset of heapArena.spans
@@ -226,6 +239,18 @@ class HeapLayout:
     l1_bits: int
     l2_bits: int
     base_offset: int
+    all_arenas: int | None = None  # offset of mheap.allArenas ([]arenaIdx)
+    nelems: int | None = None
+    freeindex: int | None = None
+    alloc_bits: int | None = None  # *gcBits: bit k set = object k allocated at the last sweep
+    spanclass: int | None = None
+    span_bytes: int = 0  # sizeof(runtime.mspan), 0 if DWARF did not say
+
+    @property
+    def enumerable(self) -> bool:
+        """Whether every object of the heap can be listed (GoHeap.objects)."""
+        needed = (self.all_arenas, self.nelems, self.freeindex, self.alloc_bits, self.state)
+        return all(x is not None for x in needed) and self.spanclass is not None
 
     @classmethod
     def from_dwarf(
@@ -251,6 +276,12 @@ class HeapLayout:
                 l1_bits=consts["arenaL1Bits"],
                 l2_bits=consts["arenaL2Bits"],
                 base_offset=ARENA_BASE_OFFSET.get(platform.machine(), 0),
+                all_arenas=mheap.get("allArenas"),
+                nelems=span.get("nelems"),
+                freeindex=span.get("freeindex"),
+                alloc_bits=span.get("allocBits"),
+                spanclass=span.get("spanclass"),
+                span_bytes=span.get(SIZE, 0),
             )
         except KeyError:
             return None

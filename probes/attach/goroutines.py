@@ -40,6 +40,8 @@ class ParkedRead:
     length: int
     stack_bytes: int = 0  # its stack: hi - lo (Go's stacks are wholly its own)
     g_bytes: int = 0  # its runtime.g
+    sp: int = 0  # its saved stack pointer (g.sched.sp): [sp, hi) holds its frames, its roots
+    hi: int = 0  # the top of its stack (g.stack.hi); 0: not known
 
 
 @dataclass
@@ -127,6 +129,7 @@ def _parked_read(
     sp = struct.unpack_from("<Q", raw, binary.g_sp)[0]
     lo, hi = struct.unpack_from("<QQ", raw, binary.g_stack)
     stack = hi - lo if 0 < lo < hi and hi - lo < 1 << 31 else 0
+    saved = (sp, hi) if stack and lo <= sp <= hi else (0, 0)
     assert binary.read_range is not None
     try:
         for depth in range(MAX_FRAMES):
@@ -134,7 +137,7 @@ def _parked_read(
             if cfa is None:  # the bottom of the stack (runtime.goexit), or lost on the way
                 return "other" if depth > 1 else "skipped"
             if binary.read_range[0] <= pc - 1 < binary.read_range[1]:
-                return _decode_read(mem, binary, goid, pc - 1, cfa, is_socket, stack)
+                return _decode_read(mem, binary, goid, pc - 1, cfa, is_socket, stack, saved)
             pc, sp = mem.u64(cfa - 8), cfa
     except MemoryReadError:
         return "skipped"
@@ -149,6 +152,7 @@ def _decode_read(
     cfa: int,
     is_socket: Any,
     stack: int,
+    saved: tuple[int, int] = (0, 0),
 ) -> ParkedRead | str:
     receiver = binary.pieces("fd", pc, cfa)
     buffer = binary.pieces("p", pc, cfa)
@@ -161,4 +165,4 @@ def _decode_read(
     addr, length = mem.u64(buffer[0].addr), mem.u64(buffer[1].addr)
     if not 0 <= fd < 1 << 31 or length >= 1 << 40 or not is_socket(fd):
         return "other" if 0 <= fd < 1 << 31 else "skipped"
-    return ParkedRead(goid, fd, addr, length, stack, binary.g_bytes)
+    return ParkedRead(goid, fd, addr, length, stack, binary.g_bytes, *saved)

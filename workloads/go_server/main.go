@@ -8,16 +8,25 @@
 // Speaks the load generator's echo protocol: whatever a connection sends is sent back.
 // Prints {"event": "listening", ...} when ready and its ground truth as JSON on SIGUSR1 and
 // at exit (SIGTERM/SIGINT): connections, the goroutines inside Read with their buffers (fd,
-// address, length), reads completed, bytes received, RSS.
+// address, length), reads completed, bytes received, RSS, and the runtime's MemStats. On
+// SIGUSR2 it first collects its garbage (runtime.GC, which also sweeps every span), so the
+// heap figures count live objects only, and then prints {"event": "heap", ...}: the heap's
+// figures read once ground_truth's own garbage is made, with no allocation after them.
+//
+// With --bufio each connection is served the way net/http serves one: through a
+// bufio.Reader and a bufio.Writer of --buffer-size bytes each (the goroutine then parks in
+// conn.Read with the reader's buffer).
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"flag"
 	"net"
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/metrics"
 	"sort"
 	"strconv"
 	"strings"
@@ -35,6 +44,7 @@ type buffer struct {
 type server struct {
 	mu            sync.Mutex
 	bufferSize    int
+	bufio         bool
 	accepted      int
 	open          map[int]bool
 	reading       map[int]buffer // goroutines inside conn.Read, by fd
@@ -42,7 +52,38 @@ type server struct {
 	bytesReceived int
 }
 
+func (s *server) serveBufio(conn net.Conn) {
+	fd := connFd(conn)
+	r := bufio.NewReaderSize(conn, s.bufferSize)
+	w := bufio.NewWriterSize(conn, s.bufferSize)
+	defer func() {
+		s.mu.Lock()
+		delete(s.open, fd)
+		s.mu.Unlock()
+		conn.Close()
+	}()
+	buf := make([]byte, 512)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			s.mu.Lock()
+			s.readsComplete++
+			s.bytesReceived += n
+			s.mu.Unlock()
+			w.Write(buf[:n])
+			w.Flush()
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
 func (s *server) serve(conn net.Conn) {
+	if s.bufio {
+		s.serveBufio(conn)
+		return
+	}
 	fd := connFd(conn)
 	buf := make([]byte, s.bufferSize) // this connection's own buffer
 	b := buffer{Fd: fd, Addr: uintptr(unsafe.Pointer(&buf[0])), Len: len(buf)}
@@ -101,7 +142,9 @@ func (s *server) groundTruth() map[string]interface{} {
 	}
 	sort.Slice(buffers, func(i, j int) bool { return buffers[i].Fd < buffers[j].Fd })
 	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
+	runtime.ReadMemStats(&ms) // flushes every P's cache: its counts are exact
+	tiny := []metrics.Sample{{Name: "/gc/heap/tiny/allocs:objects"}}
+	metrics.Read(tiny)
 	return map[string]interface{}{
 		"event":                "ground_truth",
 		"model":                "queued-goroutines",
@@ -117,7 +160,73 @@ func (s *server) groundTruth() map[string]interface{} {
 		"rss_bytes":            residentBytes(),
 		"stack_inuse":          ms.StackInuse, // the runtime's own count of goroutine stacks
 		"heap_inuse":           ms.HeapInuse,
+		"heap_alloc":           ms.HeapAlloc,   // bytes of allocated objects (not swept: counted)
+		"heap_objects":         ms.HeapObjects, // Mallocs - Frees: objects (a block of tiny ones: one)
+		"tiny_allocs":          tiny[0].Value.Uint64(),
+		"num_gc":               ms.NumGC,
 		"goroutines":           runtime.NumGoroutine(),
+	}
+}
+
+// What emitHeap reads and writes with, allocated up front: it allocates nothing itself, so
+// the heap it reports is the heap as it stays once it is written (ground_truth's own JSON
+// is garbage allocated after its MemStats were read).
+var (
+	heapStats  runtime.MemStats
+	heapTiny   = []metrics.Sample{{Name: "/gc/heap/tiny/allocs:objects"}}
+	heapRecord = make([]byte, 0, 512)
+)
+
+// emitHeap prints {"event": "heap", ...}: the runtime's heap figures at the moment they are
+// printed, with nothing allocated between.
+func emitHeap() {
+	runtime.ReadMemStats(&heapStats)
+	metrics.Read(heapTiny)
+	line := append(heapRecord[:0], `{"event":"heap","heap_alloc":`...)
+	line = strconv.AppendUint(line, heapStats.HeapAlloc, 10)
+	line = append(line, `,"heap_objects":`...)
+	line = strconv.AppendUint(line, heapStats.HeapObjects, 10)
+	line = append(line, `,"tiny_allocs":`...)
+	line = strconv.AppendUint(line, heapTiny[0].Value.Uint64(), 10)
+	line = append(line, `,"heap_inuse":`...)
+	line = strconv.AppendUint(line, heapStats.HeapInuse, 10)
+	line = append(line, `,"stack_inuse":`...)
+	line = strconv.AppendUint(line, heapStats.StackInuse, 10)
+	line = append(line, "}\n"...)
+	os.Stdout.Write(line)
+}
+
+// ballast: objects kept alive for the whole run, so walks of the heap can be timed on one
+// of a realistic size: a tree of 64-byte nodes (pointers) with a 4 KiB buffer on every 32nd.
+type node struct {
+	left, right *node
+	data        []byte
+	n           int
+	_           [16]byte
+}
+
+var ballast []*node
+
+func makeBallast(mb int) {
+	var parent []*node
+	for total := 0; total < mb<<20; {
+		n := &node{n: len(ballast)}
+		total += 64
+		if len(ballast)%32 == 0 {
+			n.data = make([]byte, 4096)
+			total += 4096
+		}
+		if len(parent) > 0 {
+			p := parent[0]
+			if p.left == nil {
+				p.left = n
+			} else {
+				p.right = n
+				parent = parent[1:]
+			}
+		}
+		parent = append(parent, n)
+		ballast = append(ballast, n)
 	}
 }
 
@@ -130,6 +239,8 @@ func main() {
 	host := flag.String("host", "127.0.0.1", "address to listen on")
 	port := flag.Int("port", 0, "0: any free port (printed)")
 	bufferSize := flag.Int("buffer-size", 16384, "read buffer per connection")
+	withBufio := flag.Bool("bufio", false, "serve through a bufio.Reader and Writer (as net/http)")
+	ballastMB := flag.Int("ballast-mb", 0, "keep this many MiB of small objects alive")
 	flag.Parse()
 
 	var lim syscall.Rlimit
@@ -137,18 +248,27 @@ func main() {
 		lim.Cur = lim.Max
 		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 	}
+	makeBallast(*ballastMB)
 	listener, err := net.Listen("tcp", net.JoinHostPort(*host, strconv.Itoa(*port)))
 	if err != nil {
 		os.Stderr.WriteString("go_server: " + err.Error() + "\n")
 		os.Exit(1)
 	}
-	s := &server{bufferSize: *bufferSize, open: map[int]bool{}, reading: map[int]buffer{}}
+	s := &server{
+		bufferSize: *bufferSize, bufio: *withBufio, open: map[int]bool{}, reading: map[int]buffer{},
+	}
 	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(signals, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
 	go func() {
 		for sig := range signals {
+			if sig == syscall.SIGUSR2 {
+				runtime.GC()
+			}
 			emit(s.groundTruth())
-			if sig != syscall.SIGUSR1 {
+			if sig == syscall.SIGUSR2 {
+				emitHeap()
+			}
+			if sig != syscall.SIGUSR1 && sig != syscall.SIGUSR2 {
 				os.Exit(0)
 			}
 		}
