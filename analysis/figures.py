@@ -241,8 +241,6 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
     brk = program_break(state["maps"]).set_index("pid")
     sites = buffer_sites(attributed, live, state["stacks"])
     posted_from = read_sites(attributed, state["stacks"])
-    activity = m.reads.activity.reset_index()[[*CONNECTION_KEYS, "first_ns", "last_data_ns"]]
-    idle = idle_reads(attributed, activity, m.end_ns, m.threshold_ns)
     # every connection's last data buffer still held, idle or not (a pool's buffers once each);
     # those of idle connections are the retained buffers
     held = m.reads.data.buffers(posted, live, m.end_ns, 0)
@@ -262,6 +260,8 @@ def memory_by_process(m: MemoryInputs) -> dict[int, MemoryFigures]:
         m.reads.activity.copy(), sockets, retained, m.end_ns, m.threshold_ns
     )
     connections = closed_by_exit(connections, exited_while_recorded(state))
+    # the posted reads of idle connections (silent since first seen: sampled, or read)
+    idle = idle_reads(attributed, connections)
     # a connection whose stream ended keeps no buffer: the fd's next connection is another
     going = connections.loc[connections["closed_ns"].isna(), CONNECTION_KEYS]
     retained = retained.assign(gen=generations_of(retained)).merge(going, on=CONNECTION_KEYS)

@@ -133,25 +133,11 @@ def write_buffer_heap(writes: pd.DataFrame, live: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"allocations": g.size(), "bytes": g["alloc_size"].sum()}).reset_index()
 
 
-def connection_activity(intervals: pd.DataFrame) -> pd.DataFrame:
-    """Per (pid, fd): when it was first seen and when data last arrived on it (NaN: never)."""
-    if intervals.empty:
-        return pd.DataFrame(columns=["pid", "fd", "first_ns", "last_data_ns"])
-    data = intervals[intervals["ret"] > 0]
-    first = intervals.groupby(["pid", "fd"])["post_ns"].min().rename("first_ns")
-    last = data.groupby(["pid", "fd"])["end_ns"].max().rename("last_data_ns")
-    return pd.concat([first, last], axis=1).reset_index()
-
-
-def idle_reads(
-    posted: pd.DataFrame, activity: pd.DataFrame, at_ns: int, idle_threshold_ns: int
-) -> pd.Series:
-    """For each posted read, whether its connection had no data for `idle_threshold_ns`."""
-    keys = [k for k in CONNECTION_KEYS if k in activity]
-    rows = posted.assign(gen=generations_of(posted))[keys]
-    joined = rows.merge(activity, on=keys, how="left")
-    since = joined["last_data_ns"].fillna(joined["first_ns"])
-    return pd.Series((at_ns - since >= idle_threshold_ns).to_numpy(), index=posted.index)
+def idle_reads(posted: pd.DataFrame, connections: pd.DataFrame) -> pd.Series:
+    """For each posted read, whether its connection is idle (connection_table())."""
+    rows = posted.assign(gen=generations_of(posted))[CONNECTION_KEYS]
+    joined = rows.merge(connections[[*CONNECTION_KEYS, "idle"]], on=CONNECTION_KEYS, how="left")
+    return pd.Series(joined["idle"].fillna(False).astype(bool).to_numpy(), index=posted.index)
 
 
 def resident_events(rss: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
@@ -356,7 +342,8 @@ def connections_from_activity(
         ended = table["eof_ns"].notna() & ~(table["closed_ns"] > table["eof_ns"])
         table.loc[ended, "closed_ns"] = table.loc[ended, "eof_ns"]
         table.loc[ended, "retained_bytes"] = 0  # a closed connection keeps no buffer
-    since = table["last_data_ns"].fillna(table["first_ns"]).fillna(table["opened_ns"])
+    # no data seen: silent since it was first seen (sampled, or its first read)
+    since = table["last_data_ns"].fillna(table["opened_ns"])
     table["idle_ns"] = at_ns - since
     table["idle"] = (table["idle_ns"] >= idle_threshold_ns) & table["closed_ns"].isna()
     for col in ("bytes_received", "posted_bytes", "retained_bytes", "socket_kernel_bytes"):

@@ -25,7 +25,7 @@ import numpy as np
 from probes import kernel_objects, residency
 from probes.allocators import HeapWalker
 from probes.allocators.base import Allocation, Mappings
-from probes.attach import goroutines, owned, process, waiters
+from probes.attach import goroutines, owned, owned_go, process, waiters
 from probes.attach.blocked import is_socket
 from probes.batches import write_rows
 from probes.format import schema
@@ -85,10 +85,13 @@ class MemorySide:
         self._heap_sum: dict[int, tuple[float, float]] = {}
 
     def attach(self, pid: int) -> None:
-        """A new target: its allocator probed if asked to (--alloc-probes), and the threads
-        already waiting on its connections."""
+        """A new target: its allocator probed if asked to (--alloc-probes), its sockets, and
+        the threads already waiting on its connections."""
         if self._probes.options.alloc_probes:
             self.memory.allocators.append(self._probes.attach_allocator(pid))
+        # its sockets as found, before the walks (seconds on a big heap): a connection
+        # silent since then is idle, however short the recording after them
+        write_rows(self._writer, schema.SOCKETS, self._sockets.sample([pid], self._now_ns()))
         self._waiters([pid], "attach")
 
     def note(self, by_kind: dict[int, np.ndarray], sampling: bool) -> None:
@@ -191,16 +194,19 @@ class MemorySide:
         for r in self._buffers.ranges():
             if r["pid"] == pid:
                 buffers.setdefault(r["fd"], set()).add(r["addr"])
+        walker = self._walker(pid)
+        if walker is not None and walker.go is not None:  # its goroutines' stacks are roots
+            parked = goroutines.parked_reads(pid, functools.partial(is_socket, pid)).reads
+            budget = self._probes.options.owned_budget_s
+            return owned_go.walk(pid, walker.go, parked, budget).rows(self._now_ns(), what)
         roots, others = owned.roots_of(pid, threads, waiters.connection_fds(pid), buffers, mappings)
         if not roots and what != "end":
             return []
-        walker = self._walker(pid)
         if walker is None:
             return []
         now = self._now_ns()
-        if walker.go is not None or walker.go_why:
-            why = "a Go program: its heap is Go's, not glibc's (not walked for owned state)"
-            return owned.Walked(pid, "go", why=why).rows(now, what)[:1]
+        if walker.go_why:
+            return owned.Walked(pid, "go", why=walker.go_why).rows(now, what)[:1]
         if not walker.walks:
             library = walker.method.split(":", 1)[1]
             why = f"the heap of {library} is not walked (glibc's is)"

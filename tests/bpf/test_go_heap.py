@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from probes.attach.goroutines import ParkedRead, parked_reads
 from probes.golang import binary_of, load_bias
 from probes.process_memory import ProcessMemory
 from tests.bpf.test_attach_late import GO_SERVER
+from tests.helpers import idlebuf, report_json
 
 pytestmark = pytest.mark.bpf
 
@@ -223,3 +225,38 @@ def test_each_idle_connection_owns_its_bufio_reader_and_writer(bufio_server: GoS
         assert found.sizes[c].get(BUFFER) == 2, found.sizes[c]  # its reader's and writer's
     assert all(sizes.get(BUFFER, 0) >= 1 for sizes in found.sizes), found.sizes
     del socks
+
+
+def test_attached_late_the_whole_cost_of_a_go_connection_is_known(
+    bufio_server: GoServer, tmp_path: Path
+) -> None:
+    """`record -p` on the Go server whose 23 connections sit idle already: the walk finds
+    each connection's objects on the Go heap (no glibc fit on a Go program), so the whole
+    cost per idle connection is known - buffer + goroutine + owned state + kernel - and its
+    owned state is the heap's growth per connection less the goroutine's g (the waiter's)."""
+    before = bufio_server.heap()
+    socks = idle(bufio_server, CONNECTIONS)
+    after = bufio_server.heap()
+    grown = (after["heap_alloc"] - before["heap_alloc"]) / CONNECTIONS
+    trace = tmp_path / "trace"
+    try:
+        done = idlebuf(
+            "record", "-o", str(trace), "-p", str(bufio_server.pid), "--memory", "--duration", "3"
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        for s in socks:
+            s.close()
+    (proc,) = report_json(trace)["processes"]
+    cost = proc["memory"]["per_idle_connection"]
+    print(f"\nHeapAlloc grew {grown:.0f} B per connection; per idle connection: {cost}")
+    assert (cost["owned_how"], cost["owned_connections"]) == ("reachable", CONNECTIONS)
+    parts = {(p["waiter"], p["part"]) for p in cost["waiter_parts"]}
+    assert parts == {("goroutine", "stack"), ("goroutine", "g")}
+    assert cost["buffer_bytes"] == BUFFER  # the read buffer: a Go size class of its own
+    # the growth holds the buffer, the objects owned, each goroutine's g and the server's
+    # maps (its own); a stale stack word may add to one connection (the mean shows it)
+    owned = cost["owned_bytes"] + cost["buffer_bytes"]
+    assert cost["owned_bytes"] >= 4096  # the bufio.Writer's buffer, at least
+    assert grown - 1024 <= owned <= grown * 1.15, (owned, grown)
+    assert cost["total_bytes"] is not None and cost["total_bytes"] == cost["total_at_least_bytes"]

@@ -11,9 +11,9 @@ import pytest
 
 from analysis.engine import analyze
 from analysis.memory import (
+    SOCKET_KERNEL_FIELDS,
     allocation_intervals,
     buffer_attribution,
-    connection_activity,
     idle_reads,
     live_at,
 )
@@ -76,17 +76,28 @@ def test_buffers_join_the_allocation_containing_them_by_byte_ranges() -> None:
 
 
 def test_idle_means_no_data_for_the_threshold() -> None:
+    from analysis.memory import connection_table
+
+    nan = float("nan")
     intervals = pd.DataFrame(
         [
-            (1, 5, 100, 200.0, 7.0),
-            (1, 5, 200, float("nan"), float("nan")),
-            (1, 6, 100, float("nan"), float("nan")),
+            (1, 5, 0x1000, 64, 100, 200.0, 7.0),
+            (1, 5, 0x1000, 64, 200, nan, nan),
+            (1, 6, 0x2000, 64, 100, nan, nan),
+            (1, 7, 0x3000, 64, 900, nan, nan),  # first read at 900, its socket seen at 50
         ],
-        columns=["pid", "fd", "post_ns", "end_ns", "ret"],
+        columns=["pid", "fd", "addr", "len", "post_ns", "end_ns", "ret"],
     )
+    sockets = pd.DataFrame(
+        [(50, 1, 7, 7007, "tcp", "ESTABLISHED", "a", "b")],
+        columns=["ts_ns", "pid", "fd", "inode", "family", "state", "local", "remote"],
+    ).assign(**{c: 0 for c in SOCKET_KERNEL_FIELDS})
+    retained = pd.DataFrame(columns=["pid", "fd", "attributed_bytes"])
+    table = connection_table(intervals, sockets, retained, 1000, 850)
     posted = intervals[intervals["end_ns"].isna()]
-    idle = idle_reads(posted, connection_activity(intervals), at_ns=1000, idle_threshold_ns=850)
-    assert idle.tolist() == [False, True]  # fd 5 had data at 200, fd 6 never since 100
+    # fd 5 had data at 200; fd 6 none since its first read at 100; fd 7 none since its
+    # socket was first seen at 50 (found before its read was: attached late)
+    assert idle_reads(posted, table).tolist() == [False, True, True]
 
 
 def test_retained_is_the_last_data_buffer_of_an_idle_connection() -> None:
