@@ -76,7 +76,8 @@ def owning_of(rows: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Owning]:
         if rootless:
             why = process_why or (
                 "no roots of its own the walk could follow (no waiter thread, and its "
-                "epoll data, if any, is not a pointer): its wait is the process's"
+                "epoll data or io_uring user_data, if any, is not a pointer): its wait is "
+                "the process's"
             )
             owning.unknown.append(Unknown(rootless, f"owned state: {why}"))
         out[int(pid)] = owning

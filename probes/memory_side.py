@@ -83,6 +83,8 @@ class MemorySide:
         # and when the last heap sum began and how long it took (walks get a time budget)
         self._files_at_point: dict[int, int] = {}
         self._heap_sum: dict[int, tuple[float, float]] = {}
+        # pid -> fd -> the user_data of its latest io_uring request (a root of its state)
+        self._user_data: dict[int, dict[int, int]] = {}
 
     def attach(self, pid: int) -> None:
         """A new target: its allocator probed if asked to (--alloc-probes), its sockets, and
@@ -113,6 +115,9 @@ class MemorySide:
         if writes.size and len(self._write_buffers) < MAX_WRITE_BUFFERS:
             self._write_buffers.update(zip(writes["pid"].tolist(), writes["addr"].tolist()))
         self._buffers.note(posts, by_kind.get(schema.Kind.COMPLETE, empty))
+        uring = posts[posts["ring"] != 0]  # what names each connection in its requests
+        for pid, fd, data in zip(*(uring[k].tolist() for k in ("pid", "fd", "aux"))):
+            self._user_data.setdefault(pid, {})[fd] = data
         if not self._probes.options.alloc_probes and sampling:
             self._walk_heaps("flush")
 
@@ -194,14 +199,20 @@ class MemorySide:
         for r in self._buffers.ranges():
             if r["pid"] == pid:
                 buffers.setdefault(r["fd"], set()).add(r["addr"])
-        walker = self._walker(pid)
+        # (a walker is made at attach only where a connection has roots: a command launched
+        # under idlebuf is attached before its exec, and a walker made then would be stale)
+        walker = self._walker(pid) if what == "end" else self._walkers.get(pid)
         if walker is not None and walker.go is not None:  # its goroutines' stacks are roots
             parked = goroutines.parked_reads(pid, functools.partial(is_socket, pid)).reads
             budget = self._probes.options.owned_budget_s
             return owned_go.walk(pid, walker.go, parked, budget).rows(self._now_ns(), what)
-        roots, others = owned.roots_of(pid, threads, waiters.connection_fds(pid), buffers, mappings)
+        user_data = {fd: [d] for fd, d in self._user_data.get(pid, {}).items()}
+        roots, others = owned.roots_of(
+            pid, threads, waiters.connection_fds(pid), buffers, mappings, user_data
+        )
         if not roots and what != "end":
             return []
+        walker = self._walker(pid)
         if walker is None:
             return []
         now = self._now_ns()
@@ -212,7 +223,9 @@ class MemorySide:
             why = f"the heap of {library} is not walked (glibc's is)"
             return owned.Walked(pid, library, why=why).rows(now, what)[:1]
         if not roots:
-            why = "no connection has roots of its own (a waiter thread, an epoll pointer)"
+            why = (
+                "no connection has roots of its own (a waiter thread, an epoll or io_uring pointer)"
+            )
             return owned.Walked(pid, why=why).rows(now, what)[:1]
         budget = self._probes.options.owned_budget_s
         walked = owned.walk(pid, walker.mem, mappings, roots, others, budget)

@@ -137,7 +137,9 @@ def compiled_c(workdir: Path, name: str, *flags: str) -> Path:
         raise AssertionError("gcc is not installed (scripts/bootstrap installs it)")
     out = workdir / name
     source = ROOT / "workloads" / "c" / f"{name}.c"
-    subprocess.run(["gcc", "-O2", *flags, "-o", str(out), str(source)], check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-o", str(out), str(source), *flags], check=True
+    )  # libraries last
     return out
 
 

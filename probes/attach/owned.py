@@ -78,11 +78,13 @@ class Roots:
     stack: tuple[int, int] | None = None  # [sp, end) of the waiter's stack mapping
     stack_mapping: tuple[int, int] | None = None
     pointers: list[int] = field(default_factory=list)  # registered with epoll for it
+    user_data: list[int] = field(default_factory=list)  # of its io_uring requests
     buffers: set[int] = field(default_factory=set)  # its buffers (the buffer part's)
 
     @property
     def kind(self) -> str:
-        return "+".join(k for k, has in (("stack", self.stack), ("epoll", self.pointers)) if has)
+        kinds = (("stack", self.stack), ("epoll", self.pointers), ("uring", self.user_data))
+        return "+".join(k for k, has in kinds if has)
 
 
 @dataclass
@@ -201,11 +203,12 @@ def roots_of(
     connections: Iterable[int],
     buffers: Mapping[int, Iterable[int]],
     mappings: Sequence[MemoryMapping],
+    user_data: Mapping[int, Iterable[int]] | None = None,
 ) -> tuple[list[Roots], list[tuple[int, int, int]]]:
     """(each connection's roots, the other blocked threads' stacks as (mapping start, stack
     pointer, mapping end)): `waiters` its threads blocked on one connection each,
     `connections` its connections' fds, `buffers` each fd's buffers the recorder knows
-    of."""
+    of, `user_data` the user_data of each fd's io_uring requests seen."""
     by_fd: dict[int, Roots] = {}
     wanted = set(connections)
     waiting = {w.tid: w.fd for w in waiters if w.pid == pid}
@@ -240,6 +243,9 @@ def roots_of(
     for fd, values in epoll_registrations(pid).items():
         if fd in wanted:
             by_fd.setdefault(fd, Roots(fd)).pointers.extend(values)
+    for fd, data in (user_data or {}).items():
+        if fd in wanted:
+            by_fd.setdefault(fd, Roots(fd)).user_data.extend(data)
     for fd, addrs in buffers.items():
         if fd in by_fd:
             by_fd[fd].buffers.update(addrs)
@@ -442,10 +448,11 @@ def _epoll_seeds(
     nodes = heap.nodes
     by_container: dict[tuple[str, int], dict[int, list[int]]] = {}
     for c, r in enumerate(roots):
-        if not r.pointers:
+        registered = r.pointers + r.user_data
+        if not registered:
             continue
-        held = nodes.holding(np.asarray(r.pointers, np.uint64))
-        for p, node in zip(r.pointers, held.tolist()):
+        held = nodes.holding(np.asarray(registered, np.uint64))
+        for p, node in zip(registered, held.tolist()):
             mapping = _mapping_of(mappings, p) if node < 0 else None
             if node >= 0:
                 key = ("node", node)
@@ -470,8 +477,8 @@ def _epoll_seeds(
                     seeds[c].append(reach.targets(words, nodes))
                 elif kind == "node":
                     seeds[c].append(np.array([where], np.int64))
-    why = "its epoll data points to no allocation (the fd, or an index?)"
-    whys = ["" if seeds[c] or not r.pointers else why for c, r in enumerate(roots)]
+    why = "its epoll data or io_uring user_data points to no allocation (the fd, or an index?)"
+    whys = ["" if seeds[c] or not (r.pointers or r.user_data) else why for c, r in enumerate(roots)]
     return [np.unique(np.concatenate(s)) if s else np.zeros(0, np.int64) for s in seeds], whys
 
 

@@ -34,6 +34,7 @@ from tests.helpers import (
     finish_recording,
     idlebuf,
     read_event,
+    report_json,
     stop,
 )
 
@@ -144,3 +145,52 @@ def test_attached_late_the_walk_at_attach_finds_the_same(tmp_path: Path, server:
         walk = rows[(rows["what"] == what) & (rows["fd"] >= 0)]
         assert dict(zip(walk["fd"].tolist(), walk["owned_bytes"].tolist())) == truth, what
         assert set(walk["why"].tolist()) == {""}, what
+
+
+@pytest.fixture(scope="module")
+def uring_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compiled_c(tmp_path_factory.mktemp("c"), "uring_state", "-luring")
+
+
+def test_io_uring_user_data_roots_each_connection_s_state(
+    tmp_path: Path, uring_server: Path
+) -> None:
+    """`record -p` on an io_uring event loop (workloads/c/uring_state.c) whose 23 idle
+    connections each have a RECV posted with user_data = the connection's struct: found at
+    attach in the ring's cancel table, each request's user_data roots its connection's state
+    (its struct and 3 allocations; its buffer, a RECV's, is the buffer part), exactly as
+    glibc counted it - though a global array points at every struct too."""
+    proc = subprocess.Popen([str(uring_server), "0", str(CONNECTIONS)], stdout=subprocess.PIPE)
+    clients: list[socket.socket] = []
+    trace = tmp_path / "trace"
+    try:
+        assert proc.stdout is not None
+        listening = read_event(proc.stdout, "listening", 60)
+        clients = [
+            socket.create_connection(("127.0.0.1", listening["port"])) for _ in range(CONNECTIONS)
+        ]
+        truth = {}
+        for _ in range(CONNECTIONS):
+            event = read_event(proc.stdout, "connection", 30)
+            truth[event["fd"]] = event
+        read_event(proc.stdout, "ground_truth", 30)
+        done = idlebuf(
+            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", "2"
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        for c in clients:
+            c.close()
+        stop(proc)
+    rows = read_table(trace, schema.OWNED, read_meta(trace))
+    end = rows[(rows["what"] == "end") & (rows["fd"] >= 0)]
+    found = {r["fd"]: r for r in end.to_dict("records")}
+    assert set(found) == set(truth)
+    for fd, t in truth.items():
+        r = found[fd]
+        assert (r["root"], r["how"], r["why"]) == ("uring", "reachable", ""), r
+        assert (r["owned_bytes"], r["buffer_bytes"]) == (t["owned"], t["buffer"]), (r, t)
+    (proc_row,) = [p for p in report_json(trace)["processes"] if p["pid"] == proc.pid]
+    cost = proc_row["memory"]["per_idle_connection"]
+    assert (cost["owned_how"], cost["owned_connections"]) == ("reachable", CONNECTIONS)
+    assert cost["owned_bytes"] == round(sum(t["owned"] for t in truth.values()) / CONNECTIONS, 1)
