@@ -234,7 +234,9 @@ class WaiterPart(Result):
     """One part of what carries an idle connection's wait, per idle connection: of a thread
     blocked on it (its kernel stack, its task_struct, its user stack's resident pages), a
     process of its own, a goroutine, an io_uring request (its io_kiocb); where it was seen
-    (`provenance`: at_attach, at_end - read from /proc as the recording ended - or live)."""
+    (`provenance`: at_attach, at_end - read from /proc as the recording ended - or live:
+    an io_uring request traced, or a recording's latest scan while it ran, when it has none
+    at the end - a recorder killed, a process gone before the end)."""
 
     waiter: str  # thread, process, goroutine, uring_request
     part: str

@@ -1,10 +1,11 @@
 """What carries an idle connection's wait, and what it costs: the waiter part of the whole
 cost.
 
-- A thread blocked on the connection alone (probes.attach.waiters, read from /proc at attach
-  and at the end): its kernel stack (THREAD_SIZE on the recording's kernel, meta.json's
-  kernel_stack_bytes), its task_struct and struct pid (their share of a slab, as the kernel
-  model counts objects), its user stack's resident pages.
+- A thread blocked on the connection alone (probes.attach.waiters, read from /proc at attach,
+  while recording - paced, only changes written - and at the end): its kernel stack
+  (THREAD_SIZE on the recording's kernel, meta.json's kernel_stack_bytes), its task_struct
+  and struct pid (their share of a slab, as the kernel model counts objects), its user
+  stack's resident pages.
 - An io_uring request posted (or a POLL_ADD armed) on it: its io_kiocb.
 A connection whose wait is carried by a pool or an event loop has no waiter of its own: that
 waiter is the process's. A recording made before waiters were read says so (unknown).
@@ -30,7 +31,7 @@ class Waiting:
 
     threads: int = 0  # threads blocked on one idle connection each
     stack_bytes: int = 0  # their user stacks' resident bytes
-    provenance: str = "at_end"  # where the threads were seen
+    provenance: str = "at_end"  # where the threads were seen: at_end, live, at_attach
     uring_requests: int = 0  # io_uring reads posted or POLL_ADDs armed on them
     parked: int = 0  # reads parked on them: a green thread's or goroutine's, not measured
     # processes that exist for one of them each (a forked child holding it alone)
@@ -46,17 +47,31 @@ class Waiting:
     read: bool = True  # False: the recording did not look (made before waiters were read)
 
 
+# the kinds of scan, latest last: a process's waiters are those of its latest kind of scan
+SCANS = ("attach", "live", "end")
+PROVENANCE = {"attach": "at_attach", "live": "live", "end": "at_end"}
+
+
 def latest_waiters(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each thread's latest row (the scan at the end over the one at attach); a thread the
-    end's scan found waiting no more is not a waiter (the end is "now")."""
+    """The waiters of each process as of its latest scan: the one at the end where it has
+    one, else its live scans (while recording: a recorder killed, a process gone before
+    the end), else the one at attach. A scan writes each waiter's row when it is new or
+    changed and a row with fd -1 when it waits no more (older traces: whole scans), so a
+    waiter's latest row of that kind of scan is its state then, and fd -1 rows are left
+    out. A process per connection is its main thread's waiter (the kernel's part of its
+    threads is the process's): that thread's row is left out."""
     if rows.empty:
         return rows
-    ended = rows[rows["what"] == "end"]
-    if not ended.empty:  # the end's scan: every waiter then, and only them
-        pids = set(ended["pid"].tolist())
-        attach = rows[(rows["what"] != "end") & ~rows["pid"].isin(pids)]
-        rows = pd.concat([ended, attach], ignore_index=True)
-    return rows.sort_values("ts_ns", kind="stable").drop_duplicates(["pid", "tid"], keep="last")
+    rank = rows["what"].map({what: i for i, what in enumerate(SCANS)}).fillna(0)
+    rows = rows[rank == rank.groupby(rows["pid"]).transform("max")]
+    rows = rows.sort_values("ts_ns", kind="stable").drop_duplicates(
+        ["pid", "kind", "tid"], keep="last"
+    )
+    rows = rows[rows["fd"] >= 0]
+    processes = rows.loc[rows["kind"] == "process", ["pid", "tid"]].drop_duplicates()
+    threads = rows[["pid", "tid"]].merge(processes, how="left", indicator=True)["_merge"]
+    main_thread = (rows["kind"] == "thread").to_numpy() & (threads == "both").to_numpy()
+    return rows[~main_thread]
 
 
 def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
@@ -68,7 +83,7 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
     out = {}
     for pid in sorted(set(mine["pid"].tolist())):
         rows = mine[mine["pid"] == pid]
-        seen = "at_end" if (rows["what"] == "end").all() else "at_attach"
+        seen = PROVENANCE.get(str(rows["what"].iloc[0]), "at_attach")  # one kind of scan
         threads = rows[rows["kind"] == "thread"]
         processes = rows[rows["kind"] == "process"]
         routines = rows[rows["kind"] == "goroutine"]

@@ -4,10 +4,11 @@ connections cost in memory, measured beside the events.
 While recording: the kernel memory of the targets' sockets (sock_diag), the allocation
 holding each buffer that matters (posted, parked, last data), looked up by walking the
 allocator's own structures unless the allocator is probed (--alloc-probes), and memory points
-(sockets held, heap in use, resident memory) whenever a target's open files change. As the
-recording ends, while the targets still run: how much of those buffers is resident, every
-buffer (and what writes were sent from) looked up again, and the stacks that allocated or
-posted them, symbolized.
+(sockets held, heap in use, resident memory) whenever a target's open files change, and
+the waiters followed (paced scans, only their changes written). As the recording ends,
+while the targets still run: how much of those buffers is resident, every buffer (and what
+writes were sent from) looked up again, and the stacks that allocated or posted them,
+symbolized.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from probes.attach.blocked import is_socket
 from probes.batches import write_rows
 from probes.format import schema
 from probes.format.meta import Allocator, MemoryOptions, Meta
+from probes.launch import alive
 from probes.process_memory import MemoryReadError
 from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler, socket_inodes
@@ -45,6 +47,10 @@ PROBED = "the allocator is probed: allocations give the heap"
 # each) held the recorder in one flush for a minute, deaf to SIGINT. The targets not walked
 # are walked first at the next rounds.
 ROUND_WALK_S = 0.2
+# Waiters are scanned live (at a flush) no sooner than this many times the last live scan's
+# duration after it ended: the scans take at most ~2% of the recorder's time however many
+# threads the targets have (1,000 waiting threads: ~0.1 s a scan, one every ~5 s).
+LIVE_SCAN_PACE = 50
 
 
 def open_fds(pid: int) -> list[int]:
@@ -85,6 +91,11 @@ class MemorySide:
         self._heap_sum: dict[int, tuple[float, float]] = {}
         # pid -> fd -> the user_data of its latest io_uring request (a root of its state)
         self._user_data: dict[int, dict[int, int]] = {}
+        # waiters: each target's as its last scan written found them ((kind, tid) -> row),
+        # the targets with live rows written, and when the next live scan may begin
+        self._waiting: dict[int, dict[tuple[str, int], dict]] = {}
+        self._live_written: set[int] = set()
+        self._live_scan_at = 0.0
 
     def attach(self, pid: int) -> None:
         """A new target: its allocator probed if asked to (--alloc-probes), its sockets, and
@@ -122,9 +133,16 @@ class MemorySide:
             self._walk_heaps("flush")
 
     def flush(self, pids: list[int]) -> None:
-        """At every flush: the targets' sockets sampled, and a memory point for each."""
+        """At every flush: the targets' sockets sampled, and a memory point for each; the
+        waiters scanned again when their pace allows (so that a recording that ends badly -
+        a recorder killed, a target gone - still knows them as of its latest look)."""
         write_rows(self._writer, schema.SOCKETS, self._sockets.sample(pids, self._now_ns()))
         self._memory_points(pids)
+        began = time.perf_counter()
+        if began >= self._live_scan_at:
+            self._waiters(pids, "live")
+            ended = time.perf_counter()
+            self._live_scan_at = ended + LIVE_SCAN_PACE * (ended - began)
 
     def sample(self, pids: list[int]) -> None:
         """Between flushes: a memory point for each target whose open files changed."""
@@ -157,35 +175,60 @@ class MemorySide:
 
     def _waiters(self, pids: list[int], what: str) -> None:
         """The threads waiting on one connection each, and the processes that exist for
-        one connection (probes.attach.waiters), now; and the state each connection keeps
-        alive (probes.attach.owned) - a process per connection's is its private memory."""
+        one connection (probes.attach.waiters), now; at attach and at the end, the state
+        each connection keeps alive (probes.attach.owned) - a process per connection's is
+        its private memory. `what`: "attach", "live" (at a flush) or "end"."""
         rows, owned_rows = [], []
         for pid in pids:
             now = self._now_ns()
             threads = waiters.thread_waiters(pid)
-            rows += [
-                {"ts_ns": now, "kind": "thread", "what": what, **dataclasses.asdict(w)}
-                for w in threads
-            ]
-            if what == "end":  # goroutines parked in reads: walked once, at the end
+            found = [{"kind": "thread", **dataclasses.asdict(w)} for w in threads]
+            # goroutines parked in reads: walked once, at the end (a walk parses the binary's
+            # DWARF and unwinds every goroutine's stack: not for every flush)
+            if what == "end":
                 scan = goroutines.parked_reads(pid, functools.partial(is_socket, pid))
-                rows += [
-                    {"ts_ns": now, "kind": "goroutine", "what": what, "pid": pid,
-                     "tid": r.goid & 0xFFFFFFFF, "fd": r.fd, "call": -1,
-                     "stack_bytes": r.stack_bytes, "stack_size": r.stack_bytes,
+                found += [
+                    {"kind": "goroutine", "pid": pid, "tid": r.goid & 0xFFFFFFFF, "fd": r.fd,
+                     "call": -1, "stack_bytes": r.stack_bytes, "stack_size": r.stack_bytes,
                      "g_bytes": r.g_bytes}
                     for r in scan.reads
                 ]  # fmt: skip
             process = waiters.process_waiter(pid, set(pids))
             if process is not None:
-                rows.append(
-                    {"ts_ns": now, "kind": "process", "what": what, "tid": pid, "call": -1,
-                     "stack_bytes": 0, "stack_size": 0, **dataclasses.asdict(process)}
+                found.append(
+                    {"kind": "process", "tid": pid, "call": -1, "stack_bytes": 0,
+                     "stack_size": 0, **dataclasses.asdict(process)}
                 )  # fmt: skip
-            else:
+            elif what != "live":  # owned state: walked at attach and at the end only
                 owned_rows += self._owned(pid, threads, what)
+            if not alive(pid):  # gone while scanned: it keeps its latest scan
+                continue
+            rows += [{"ts_ns": now, "what": what, **r} for r in self._changes(pid, found, what)]
         write_rows(self._writer, schema.WAITERS, rows)
         write_rows(self._writer, schema.OWNED, owned_rows)
+
+    def _changes(self, pid: int, found: list[dict], what: str) -> list[dict]:
+        """The rows a scan of `pid` writes: the whole scan at attach, at the end and at its
+        first live rows; at later live scans only the waiters new or changed since the last
+        scan. Either way, a waiter the last scan had and this one does not gets a row with
+        fd -1 (it waits no more), so that the latest rows of each kind of scan always
+        say the waiters as of the latest look (analysis.waiters.latest_waiters)."""
+        scan = {(r["kind"], r["tid"]): r for r in found}
+        last = self._waiting.get(pid, {})
+        self._waiting[pid] = scan
+        if what == "live" and pid in self._live_written:
+            out = [r for key, r in scan.items() if last.get(key) != r]
+        else:
+            out = list(scan.values())
+        out += [
+            {"kind": kind, "pid": pid, "tid": tid, "fd": -1, "call": -1, "stack_bytes": 0,
+             "stack_size": 0}
+            for kind, tid in last
+            if (kind, tid) not in scan
+        ]  # fmt: skip
+        if what == "live" and out:
+            self._live_written.add(pid)
+        return out
 
     def _owned(self, pid: int, threads: list[waiters.Waiter], what: str) -> list[dict]:
         """The state each connection of `pid` keeps alive, walked where a connection has

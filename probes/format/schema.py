@@ -68,8 +68,9 @@ from probes.format.tables import (
 from probes.format.wire import C_TYPES, WIRE_EVENT, Field, Record, c_header, wire_records
 
 FORMAT_NAME = "idlebuf-trace"
-# 2: the waiters table, meta.json's kernel_stack_bytes; 3: the owned table
-FORMAT_VERSION = 3
+# 2: the waiters table, meta.json's kernel_stack_bytes; 3: the owned table; 4: waiters
+# scanned while recording too (what "live"), only changes written, fd -1: waits no more
+FORMAT_VERSION = 4
 
 __all__ = [
     "FORMAT_NAME",

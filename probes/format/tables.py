@@ -365,11 +365,15 @@ PROCESSES = Table(
 )
 
 # What carries each connection's wait (record --memory; probes.attach.waiters), read from
-# /proc at attach and at the end: a thread blocked on one connection alone (in a read, or in
-# poll/select/epoll_wait watching it alone), its user stack's resident bytes and reservation;
+# /proc at attach, at the end and while recording (paced; format 4): a thread blocked on one
+# connection alone (in a read, or in poll/select/epoll_wait watching it alone), its user
+# stack's resident bytes and reservation;
 # a process that exists for one connection (a forked child holding it alone), its private
 # memory, page tables, mappings and threads. The kernel's part of a thread or process (its
-# kernel stack, its task_struct...) is the analysis's, from meta.json.
+# kernel stack, its task_struct...) is the analysis's, from meta.json. A scan writes a
+# waiter's row when it is new or changed since the target's last scan (attach and end, and a
+# target's first live rows: the whole scan) and a row with fd -1 for a waiter it no longer
+# finds (analysis.waiters.latest_waiters puts them together).
 WAITERS = Table(
     "waiters",
     (
@@ -388,7 +392,7 @@ WAITERS = Table(
         Column("g_bytes", pa.uint32(), default=0),  # a goroutine: its runtime.g
         # a process: its mappings holding anonymous pages (an anon_vma and its chain links)
         Column("anon_mappings", pa.uint32(), default=0),
-        Column("what", pa.string()),  # "attach" or "end"
+        Column("what", pa.string()),  # "attach", "live" (at a flush, format 4) or "end"
     ),
 )
 
@@ -422,7 +426,7 @@ OWNED = Table(
         Column("raced", pa.uint32(), default=0),
         Column("took_ms", pa.uint32(), default=0),
         Column("cpu_ms", pa.uint32(), default=0),
-        Column("what", pa.string()),  # "attach" or "end"
+        Column("what", pa.string()),  # "attach", "live" (at a flush, format 4) or "end"
     ),
 )
 
