@@ -19,8 +19,11 @@ itself (its TLS's dtv, its tcache). Three servers:
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import pytest
 from probes.format import schema
 from probes.format.reader import read_meta, read_table
 from tests.helpers import (
+    ROOT,
     RecorderProcess,
     compiled_c,
     finish_recording,
@@ -194,3 +198,70 @@ def test_io_uring_user_data_roots_each_connection_s_state(
     cost = proc_row["memory"]["per_idle_connection"]
     assert (cost["owned_how"], cost["owned_connections"]) == ("reachable", CONNECTIONS)
     assert cost["owned_bytes"] == round(sum(t["owned"] for t in truth.values()) / CONNECTIONS, 1)
+
+
+def test_a_python_thread_per_connection_server_s_whole_cost_is_known(tmp_path: Path) -> None:
+    """The demo's threaded server (workloads/threaded_server.py, CPython) attached late with
+    23 idle connections, each a thread blocked in recv() into a 16 KiB bytearray: its
+    objects live in pymalloc's pools and its frames in the thread's data-stack chunk, both
+    walked, so the whole cost is known. The truth is CPython's own count of what it
+    allocated (tracemalloc) as the connections were set up, less the buffer (the buffer
+    part); the owned state adds each thread's frame chunk, as resident pages (at most 16
+    KiB), which tracemalloc does not trace."""
+    env = dict(os.environ, PYTHONTRACEMALLOC="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workloads.threaded_server", "--port", "0"],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    clients: list[socket.socket] = []
+    trace = tmp_path / "trace"
+    try:
+        assert proc.stdout is not None
+        port = read_event(proc.stdout, "listening", 30)["port"]
+
+        def traced() -> int:
+            proc.send_signal(signal.SIGUSR1)
+            assert proc.stdout is not None
+            return int(read_event(proc.stdout, "ground_truth", 30)["python_traced_bytes"])
+
+        before = traced()
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
+        deadline = time.monotonic() + 10
+        while threads_in_recv(proc.pid) < CONNECTIONS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grown = (traced() - before) / CONNECTIONS
+        done = idlebuf(
+            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", "2"
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        for c in clients:
+            c.close()
+        stop(proc)
+    rows = read_table(trace, schema.OWNED, read_meta(trace))
+    end = rows[(rows["what"] == "end") & (rows["fd"] >= 0)]
+    (process,) = rows[(rows["what"] == "end") & (rows["fd"] < 0)].to_dict("records")
+    assert (process["allocator"], process["why"]) == ("glibc+pymalloc", ""), process
+    assert len(end) == CONNECTIONS and set(end["why"]) == {""}
+    assert set(end["buffer_bytes"]) == {16384 + 16}  # the bytearray's glibc chunk
+    objects = grown - (16384 + 57)  # tracemalloc counts the bytearray's request
+    typical = float(end["owned_bytes"].median())
+    assert objects <= typical <= objects + 16384, (typical, objects)
+    (proc_row,) = report_json(trace)["processes"]
+    cost = proc_row["memory"]["per_idle_connection"]
+    assert (cost["owned_how"], cost["owned_connections"]) == ("reachable", CONNECTIONS)
+    assert cost["total_bytes"] is not None and cost["whole_unknown"] == []
+
+
+def threads_in_recv(pid: int) -> int:
+    """Threads of `pid` blocked in recvfrom (45)."""
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                count += f.read().split(" ", 1)[0] == "45"
+        except OSError:
+            pass
+    return count
