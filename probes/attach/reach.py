@@ -19,6 +19,7 @@ here (probes.attach.owned reads the process).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class Nodes:
     def __len__(self) -> int:
         return len(self.lo)
 
+    @functools.cached_property
+    def top(self) -> np.uint64:
+        """The end of the highest user area (computed once: a walk asks per word run)."""
+        return self.hi.max() if len(self.hi) else np.uint64(0)
+
     def holding(self, values: np.ndarray, words: bool = False) -> np.ndarray:
         """The node each value points into (int64), -1 where none; with `words`, the node
         whose words hold each address."""
@@ -63,8 +69,7 @@ def candidates(words: np.ndarray, nodes: Nodes) -> np.ndarray:
     """Indices of `words` whose value falls in the span of `nodes` (a cheap first filter)."""
     if not len(nodes):
         return np.zeros(0, np.int64)
-    lo, hi = nodes.lo[0], nodes.hi.max()
-    return np.flatnonzero((words >= lo) & (words < hi))
+    return np.flatnonzero((words >= nodes.lo[0]) & (words < nodes.top))
 
 
 def targets(words: np.ndarray, nodes: Nodes) -> np.ndarray:
@@ -124,7 +129,8 @@ def resolve(dst: np.ndarray, lab: np.ndarray, conns: int) -> tuple[np.ndarray, n
     one connection alone -> it (a tie with global data or shared state goes to it); two
     connections or more -> shared; shared and global -> shared; global alone -> global."""
     key = dst.astype(np.int64) * (conns + 2) + lab
-    key = np.unique(key)
+    key.sort()  # distinct keys by sorting (numpy's unique hashes first, then sorts: 2x)
+    key = key[np.r_[True, key[1:] != key[:-1]]]
     node, label = key // (conns + 2), key % (conns + 2)
     first = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
     lowest = label[first]  # sorted: each node's smallest label first
