@@ -265,7 +265,11 @@ def _owned(owned: dict[str, OwnedWalkRun]) -> str:
         ]
         for mode, r in owned.items()
     ]
-    return "The owned-state walk, attached to an idle server (workloads/c/owned_state.c)\n" + (
+    title = (
+        "The owned-state walk, attached to an idle server (workloads/c/owned_state.c; go: "
+        "workloads/go_server, exact = at the median figure)\n"
+    )
+    return title + (
         table(["server", "conns", "heap", "chunks", "wall s", "CPU s", "exact", "raced"], rows)
     )
 
@@ -329,11 +333,14 @@ def run_part(
         from idlebuf.bench import owned_walk
 
         results.owned = {}
-        for mode in ("threads", "epoll"):
+        budget = owned_walk.owned.DEFAULT_BUDGET_S
+        for mode in ("threads", "epoll", "go"):
             conns, heap = args.owned_connections, args.owned_heap_mb
             log(f"owned: {conns:,} connections, {mode}, a {heap} MB heap")
-            results.owned[mode] = owned_walk.run(
-                mode, args.owned_connections, args.owned_heap_mb, owned_walk.owned.DEFAULT_BUDGET_S
+            results.owned[mode] = (
+                owned_walk.run_go(conns, heap, budget)
+                if mode == "go"
+                else owned_walk.run(mode, conns, heap, budget)
             )
 
 
