@@ -340,8 +340,10 @@ class Recorder:
             self._started = True
             if self.meta.alternations is not None:  # the first traced stretch
                 self.meta.alternations.append(Switch(self.meta.tracing_since_ns, _now_ns(), True))
+            # --duration counts from here: the walks at attach (seconds on a big server) do
+            # not eat into the time recorded after them
             stop_reason = session.run(
-                probes, self, lambda: stop.reason, cfg.pacing(), self.clock, started
+                probes, self, lambda: stop.reason, cfg.pacing(), self.clock, self.clock.monotonic()
             )
             # A final drain after the loop: what the kernel emitted up to the stop.
             self.take(probes.drain())

@@ -36,7 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="trace this process, all its threads (repeatable)",
     )
     p.add_argument(
-        "--duration", type=number(float, 0, above=True), help="stop after this many seconds"
+        "--duration",
+        type=number(float, 0, above=True),
+        help="stop after this many seconds, counted once the targets are attached (what was "
+        "already waiting is found first)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing trace directory")
     p.add_argument(
