@@ -44,6 +44,7 @@ class Waiting:
     anon_mappings: int = 0  # their mappings holding anonymous pages
     process_threads: int = 0
     read: bool = True  # False: the recording did not look (made before waiters were read)
+    why: str = ""  # the recording looked, and what its threads wait in could not be read
 
 
 def latest_waiters(rows: pd.DataFrame) -> pd.DataFrame:
@@ -65,7 +66,12 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
     if waiters.empty or idle.empty:
         return {}
     mine = waiters.merge(idle[["pid", "fd"]].drop_duplicates(), on=["pid", "fd"])
-    out = {}
+    out: dict[int, Waiting] = {}
+    unreadable = waiters[(waiters["kind"] == "unreadable") & waiters["pid"].isin(idle["pid"])]
+    for row in unreadable.to_dict("records"):  # one a process (latest_waiters)
+        seen = "at_end" if row["what"] == "end" else "at_attach"
+        why = str(row.get("why") or "what its threads wait in could not be read")
+        out[int(row["pid"])] = Waiting(provenance=seen, why=why)
     for pid in sorted(set(mine["pid"].tolist())):
         rows = mine[mine["pid"] == pid]
         seen = "at_end" if (rows["what"] == "end").all() else "at_attach"
@@ -85,6 +91,7 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
             goroutines=len(routines),
             goroutine_stack_bytes=int(routines["stack_bytes"].sum()),
             g_bytes=int(routines["g_bytes"].sum()),
+            why=out[int(pid)].why if int(pid) in out else "",
         )
     return out
 
@@ -99,6 +106,8 @@ def waiter_parts(
     why = None
     if not waiting.read:
         why = "the recording did not read what waits on each connection (made before idlebuf did)"
+    if waiting.why:  # any of its threads may be a connection's waiter
+        why = waiting.why
     if waiting.parked > waiting.goroutines:
         why = (
             f"{waiting.parked - waiting.goroutines:,} idle connections wait in reads parked "

@@ -12,7 +12,6 @@ posted them, symbolized.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -24,13 +23,13 @@ import numpy as np
 
 from probes import kernel_objects, residency
 from probes.allocators import HeapWalker
-from probes.allocators.base import Allocation, Mappings
+from probes.allocators.base import Allocation, Mapping, Mappings
 from probes.attach import goroutines, owned, process, waiters
 from probes.attach.blocked import is_socket
 from probes.batches import write_rows
 from probes.format import schema
 from probes.format.meta import Allocator, MemoryOptions, Meta
-from probes.process_memory import MemoryReadError
+from probes.process_memory import MemoryReadError, ProcessMemory
 from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler, socket_inodes
 
@@ -54,6 +53,25 @@ def open_fds(pid: int) -> list[int]:
         return []
 
 
+def walk_owned(
+    pid: int,
+    mem: ProcessMemory,
+    mappings: list[Mapping],
+    roots: list[owned.Roots],
+    others: list[tuple[int, int, int]],
+    budget_s: float,
+) -> owned.Walked:
+    """owned.walk(), unknown with why when the process's memory went away during it (it
+    exited, or exec'd): its reads that failed then read as zeros, which were never there."""
+    walked = owned.walk(pid, mem, mappings, roots, others, budget_s)
+    if walked.raced and mem.gone():
+        walked.why = walked.why or (
+            f"the process's memory went away during the walk ({walked.raced:,} reads "
+            "failed): it exited or ran another program"
+        )
+    return walked
+
+
 class MemorySide:
     """The memory side of one recording, made when its first target is attached; it writes
     its own tables and keeps meta.json's `memory` up to date."""
@@ -75,6 +93,8 @@ class MemorySide:
         # without allocator probes: each target's heap walker (made at its first walk: a
         # launched command must have exec'd), and the buffers looked up so far
         self._walkers: dict[int, HeapWalker | None] = {}
+        # why a process's memory cannot be read (it exists, its walker could not be made)
+        self._unreadable: dict[int, str] = {}
         self._looked_up: set[tuple[int, int]] = set()
         self._write_buffers: set[tuple[int, int]] = set()  # (pid, addr) writes were sent from
         # (kind, pid, stack id + 1) of allocations ("alloc") and of posted reads ("post")
@@ -154,11 +174,17 @@ class MemorySide:
         rows, owned_rows = [], []
         for pid in pids:
             now = self._now_ns()
-            threads = waiters.thread_waiters(pid)
+            threads, unreadable = waiters.waiters_of(pid)
             rows += [
                 {"ts_ns": now, "kind": "thread", "what": what, **dataclasses.asdict(w)}
                 for w in threads
             ]
+            if unreadable:  # its connections' waiters: unknown, not none
+                rows.append(
+                    {"ts_ns": now, "kind": "unreadable", "what": what, "pid": pid, "tid": 0,
+                     "fd": -1, "call": -1, "stack_bytes": 0, "stack_size": 0,
+                     "why": unreadable}
+                )  # fmt: skip
             if what == "end":  # goroutines parked in reads: walked once, at the end
                 scan = goroutines.parked_reads(pid, functools.partial(is_socket, pid))
                 rows += [
@@ -195,9 +221,12 @@ class MemorySide:
         if not roots and what != "end":
             return []
         walker = self._walker(pid)
-        if walker is None:
-            return []
         now = self._now_ns()
+        if walker is None:
+            unreadable = self._unreadable.get(pid)
+            if unreadable is None:
+                return []  # gone, or its allocator probed
+            return owned.Walked(pid, "unknown", why=unreadable).rows(now, what)[:1]
         if walker.go is not None or walker.go_why:
             why = "a Go program: its heap is Go's, not glibc's (not walked for owned state)"
             return owned.Walked(pid, "go", why=why).rows(now, what)[:1]
@@ -209,8 +238,7 @@ class MemorySide:
             why = "no connection has roots of its own (a waiter thread, an epoll pointer)"
             return owned.Walked(pid, why=why).rows(now, what)[:1]
         budget = self._probes.options.owned_budget_s
-        walked = owned.walk(pid, walker.mem, mappings, roots, others, budget)
-        return walked.rows(now, what)
+        return walk_owned(pid, walker.mem, mappings, roots, others, budget).rows(now, what)
 
     def close(self) -> None:
         self._sockets.close()
@@ -263,7 +291,7 @@ class MemorySide:
         if walker is None:
             if any(a.pid == pid for a in self.memory.allocators if a.method == "probes"):
                 return PROBED
-            return "the process is gone"
+            return self._unreadable.get(pid, "the process is gone")
         began = time.perf_counter()
         last = self._heap_sum.get(pid)
         if last is not None and began - last[0] < 5 * last[1]:
@@ -278,8 +306,11 @@ class MemorySide:
         if pid in self._walkers:
             return self._walkers[pid]
         walker: HeapWalker | None = None
-        with contextlib.suppress(MemoryReadError):  # gone
+        try:
             walker = HeapWalker(pid)
+        except MemoryReadError as exc:  # gone, or its memory may not be read
+            if os.path.exists(f"/proc/{pid}"):
+                self._unreadable[pid] = str(exc)
         probed = self._probes.options.alloc_probes
         if walker is not None and not walker.walks:
             walker.close()
