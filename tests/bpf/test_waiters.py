@@ -138,23 +138,27 @@ def vm_counters() -> dict[str, int]:
     (/proc/loadavg)."""
     Path("/proc/sys/vm/stat_refresh").write_text("1")
     counters = meminfo(*KERNEL)
-    counters["tasks"] = int(Path("/proc/loadavg").read_text().split()[3].split("/")[1])
+    counters["tasks"] = tasks()
     return counters
 
 
+def tasks() -> int:
+    return int(Path("/proc/loadavg").read_text().split()[3].split("/")[1])
+
+
 def still_counters(timeout: float = 2.0) -> dict[str, int]:
-    """vm_counters() at a moment the machine holds still - three readings 10 ms apart alike:
-    no task started or ended, no kernel stack or page table taken or freed for 20 ms - or
-    the last reading once `timeout` has passed."""
+    """vm_counters() at a moment the machine holds still - its task count alike in three
+    readings 10 ms apart: no task started or ended for 20 ms - or once `timeout` has
+    passed. (The task count is cheap to read; folding the counters, stat_refresh, makes
+    every CPU run a kernel worker: not a hundred times a second beside the recorder.)"""
     deadline = time.monotonic() + timeout
-    readings = [vm_counters()]
-    while True:
+    readings = [tasks()]
+    while time.monotonic() < deadline:
         time.sleep(0.01)
-        readings = [*readings[-2:], vm_counters()]
+        readings = [*readings[-2:], tasks()]
         if len(readings) == 3 and readings[0] == readings[1] == readings[2]:
-            return readings[-1]
-        if time.monotonic() > deadline:
-            return readings[-1]
+            break
+    return vm_counters()
 
 
 CALLS = {"recv": "45", "poll": "7"}  # recvfrom, poll (x86_64)
