@@ -63,17 +63,17 @@ def test_a_thread_per_connection_is_each_connection_s_waiter(
         stdout = recorder.proc.stdout
         assert stdout is not None
         listening = read_event(stdout, "listening", 60)
-        server = listening["pid"]
+        pid = listening["pid"]
         # each thread's kernel stack as KernelStack grew when it started, in a window opened
         # when the machine held still and in which the machine's tasks grew by one, the
         # thread (test_a_process_per_connection_...: another process's threads, the
         # recorder's and this one's included, cannot move it then)
         stacks: list[int] = []
-        threads = tasks_of(server)
+        threads = tasks_of(pid)
         for _ in range(CONNECTIONS):
             before = still_counters()
             clients.append(socket.create_connection(("127.0.0.1", listening["port"])))
-            threads.add(waiting(lambda: tasks_of(server), threads, (waits_in,)))
+            threads.add(waiting(lambda: tasks_of(pid), threads, (waits_in,)))
             after = vm_counters()
             if after["tasks"] - before["tasks"] == 1:
                 stacks.append(after["KernelStack"] - before["KernelStack"])
