@@ -45,6 +45,7 @@ class Waiting:
     anon_mappings: int = 0  # their mappings holding anonymous pages
     process_threads: int = 0
     read: bool = True  # False: the recording did not look (made before waiters were read)
+    why: str = ""  # the recording looked, and what its threads wait in could not be read
 
 
 # the kinds of scan, latest last: a process's waiters are those of its latest kind of scan
@@ -67,7 +68,8 @@ def latest_waiters(rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows.sort_values("ts_ns", kind="stable").drop_duplicates(
         ["pid", "kind", "tid"], keep="last"
     )
-    rows = rows[rows["fd"] >= 0]
+    # (a process whose threads could not be read says so in a row of its own, fd -1 too)
+    rows = rows[(rows["fd"] >= 0) | ((rows["kind"] == "unreadable") & (rows["why"] != ""))]
     processes = rows.loc[rows["kind"] == "process", ["pid", "tid"]].drop_duplicates()
     threads = rows[["pid", "tid"]].merge(processes, how="left", indicator=True)["_merge"]
     main_thread = (rows["kind"] == "thread").to_numpy() & (threads == "both").to_numpy()
@@ -80,7 +82,12 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
     if waiters.empty or idle.empty:
         return {}
     mine = waiters.merge(idle[["pid", "fd"]].drop_duplicates(), on=["pid", "fd"])
-    out = {}
+    out: dict[int, Waiting] = {}
+    unreadable = waiters[(waiters["kind"] == "unreadable") & waiters["pid"].isin(idle["pid"])]
+    for row in unreadable.to_dict("records"):  # one a process (latest_waiters)
+        seen = PROVENANCE.get(str(row["what"]), "at_attach")
+        why = str(row.get("why") or "what its threads wait in could not be read")
+        out[int(row["pid"])] = Waiting(provenance=seen, why=why)
     for pid in sorted(set(mine["pid"].tolist())):
         rows = mine[mine["pid"] == pid]
         seen = PROVENANCE.get(str(rows["what"].iloc[0]), "at_attach")  # one kind of scan
@@ -100,6 +107,7 @@ def waiting_of(waiters: pd.DataFrame, idle: pd.DataFrame) -> dict[int, Waiting]:
             goroutines=len(routines),
             goroutine_stack_bytes=int(routines["stack_bytes"].sum()),
             g_bytes=int(routines["g_bytes"].sum()),
+            why=out[int(pid)].why if int(pid) in out else "",
         )
     return out
 
@@ -114,6 +122,8 @@ def waiter_parts(
     why = None
     if not waiting.read:
         why = "the recording did not read what waits on each connection (made before idlebuf did)"
+    if waiting.why:  # any of its threads may be a connection's waiter
+        why = waiting.why
     if waiting.parked > waiting.goroutines:
         why = (
             f"{waiting.parked - waiting.goroutines:,} idle connections wait in reads parked "

@@ -85,6 +85,18 @@ def has_tracing_privileges() -> bool:
     return bpf_ok and has(CAP_SYS_PTRACE)
 
 
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace of its own (unshare --user, a rootless
+    container): its capabilities hold there only, and the kernel loads BPF programs and
+    lets other processes' memory be read for capabilities in the initial namespace. The
+    initial namespace maps every uid to itself."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 def tracefs() -> Path | None:
     for candidate in TRACEFS_CANDIDATES:
         with contextlib.suppress(OSError):  # not mounted, or not ours to look at
@@ -139,6 +151,16 @@ def _kernel_check() -> Check:
 
 
 def _privileges_check() -> Check:
+    if in_user_namespace():
+        return Check(
+            "privileges",
+            False,
+            "in a user namespace: its root is not the kernel's",
+            "cannot load probes: run as root outside the user namespace",
+            refusal="recording needs root in the initial user namespace: this process runs "
+            "in a user namespace of its own (unshare --user, a rootless container), whose "
+            "root the kernel does not let load BPF programs",
+        )
     privileged = has_tracing_privileges()
     return Check(
         "privileges",

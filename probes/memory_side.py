@@ -13,7 +13,6 @@ symbolized.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -25,14 +24,14 @@ import numpy as np
 
 from probes import kernel_objects, residency
 from probes.allocators import HeapWalker
-from probes.allocators.base import Allocation, Mappings
+from probes.allocators.base import Allocation, Mapping, Mappings
 from probes.attach import goroutines, owned, owned_go, process, waiters
 from probes.attach.blocked import is_socket
 from probes.batches import write_rows
 from probes.format import schema
 from probes.format.meta import Allocator, MemoryOptions, Meta
 from probes.launch import alive
-from probes.process_memory import MemoryReadError
+from probes.process_memory import MemoryReadError, ProcessMemory
 from probes.residency import BufferTracker
 from probes.socket_memory import SocketSampler, socket_inodes
 
@@ -60,6 +59,25 @@ def open_fds(pid: int) -> list[int]:
         return []
 
 
+def walk_owned(
+    pid: int,
+    mem: ProcessMemory,
+    mappings: list[Mapping],
+    roots: list[owned.Roots],
+    others: list[tuple[int, int, int]],
+    budget_s: float,
+) -> owned.Walked:
+    """owned.walk(), unknown with why when the process's memory went away during it (it
+    exited, or exec'd): its reads that failed then read as zeros, which were never there."""
+    walked = owned.walk(pid, mem, mappings, roots, others, budget_s)
+    if walked.raced and mem.gone():
+        walked.why = walked.why or (
+            f"the process's memory went away during the walk ({walked.raced:,} reads "
+            "failed): it exited or ran another program"
+        )
+    return walked
+
+
 class MemorySide:
     """The memory side of one recording, made when its first target is attached; it writes
     its own tables and keeps meta.json's `memory` up to date."""
@@ -81,6 +99,8 @@ class MemorySide:
         # without allocator probes: each target's heap walker (made at its first walk: a
         # launched command must have exec'd), and the buffers looked up so far
         self._walkers: dict[int, HeapWalker | None] = {}
+        # why a process's memory cannot be read (it exists, its walker could not be made)
+        self._unreadable: dict[int, str] = {}
         self._looked_up: set[tuple[int, int]] = set()
         self._write_buffers: set[tuple[int, int]] = set()  # (pid, addr) writes were sent from
         # (kind, pid, stack id + 1) of allocations ("alloc") and of posted reads ("post")
@@ -181,8 +201,13 @@ class MemorySide:
         rows, owned_rows = [], []
         for pid in pids:
             now = self._now_ns()
-            threads = waiters.thread_waiters(pid)
+            threads, unreadable = waiters.waiters_of(pid)
             found = [{"kind": "thread", **dataclasses.asdict(w)} for w in threads]
+            if unreadable:  # its connections' waiters: unknown, not none
+                found.append(
+                    {"kind": "unreadable", "pid": pid, "tid": 0, "fd": -1, "call": -1,
+                     "stack_bytes": 0, "stack_size": 0, "why": unreadable}
+                )  # fmt: skip
             # goroutines parked in reads: walked once, at the end (a walk parses the binary's
             # DWARF and unwinds every goroutine's stack: not for every flush)
             if what == "end":
@@ -256,9 +281,12 @@ class MemorySide:
         if not roots and what != "end":
             return []
         walker = self._walker(pid)
-        if walker is None:
-            return []
         now = self._now_ns()
+        if walker is None:
+            unreadable = self._unreadable.get(pid)
+            if unreadable is None:
+                return []  # gone, or its allocator probed
+            return owned.Walked(pid, "unknown", why=unreadable).rows(now, what)[:1]
         if walker.go_why:
             return owned.Walked(pid, "go", why=walker.go_why).rows(now, what)[:1]
         if not walker.walks:
@@ -271,8 +299,7 @@ class MemorySide:
             )
             return owned.Walked(pid, why=why).rows(now, what)[:1]
         budget = self._probes.options.owned_budget_s
-        walked = owned.walk(pid, walker.mem, mappings, roots, others, budget)
-        return walked.rows(now, what)
+        return walk_owned(pid, walker.mem, mappings, roots, others, budget).rows(now, what)
 
     def close(self) -> None:
         self._sockets.close()
@@ -325,7 +352,7 @@ class MemorySide:
         if walker is None:
             if any(a.pid == pid for a in self.memory.allocators if a.method == "probes"):
                 return PROBED
-            return "the process is gone"
+            return self._unreadable.get(pid, "the process is gone")
         began = time.perf_counter()
         last = self._heap_sum.get(pid)
         if last is not None and began - last[0] < 5 * last[1]:
@@ -340,8 +367,11 @@ class MemorySide:
         if pid in self._walkers:
             return self._walkers[pid]
         walker: HeapWalker | None = None
-        with contextlib.suppress(MemoryReadError):  # gone
+        try:
             walker = HeapWalker(pid)
+        except MemoryReadError as exc:  # gone, or its memory may not be read
+            if os.path.exists(f"/proc/{pid}"):
+                self._unreadable[pid] = str(exc)
         probed = self._probes.options.alloc_probes
         if walker is not None and not walker.walks:
             walker.close()

@@ -64,6 +64,15 @@ class ProcessMemory:
         except OSError:
             return 0
 
+    def gone(self) -> bool:
+        """Whether the memory this reads is gone: the process exited, or ran another
+        program (exec). Its reads then give nothing, where an address it does not map
+        fails (EIO)."""
+        try:
+            return os.pread(self._fd, 1, 0) == b""
+        except OSError:
+            return False
+
     def u64(self, addr: int) -> int:
         return int(struct.unpack("<Q", self.read(addr, 8))[0])
 

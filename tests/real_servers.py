@@ -102,6 +102,11 @@ class MemoryGroup:
         group was charged, plus each accepted socket's TCP object, which it is not."""
         return (self.kernel() - before) / connections + slab_object_size("TCP")
 
+    def anon(self) -> int:
+        """Its anonymous pages (memory.stat's rss)."""
+        stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+        return int(stat["rss"])
+
     def user(self) -> int:
         """Its anonymous and file pages (memory.stat's rss + cache)."""
         stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())

@@ -17,7 +17,6 @@ the process is never stopped.
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 import os
 import struct
@@ -48,10 +47,22 @@ class Waiter:
 
 
 def blocked_call(pid: int, tid: int) -> tuple[int, list[int], int] | None:
-    """(nr, arguments, stack pointer) of the call a thread is blocked in; None if running."""
+    """(nr, arguments, stack pointer) of the call a thread is blocked in; None if running
+    (or if that cannot be read)."""
+    try:
+        return _blocked_call(pid, tid)
+    except PermissionError:
+        return None
+
+
+def _blocked_call(pid: int, tid: int) -> tuple[int, list[int], int] | None:
+    """blocked_call(), but PermissionError when the thread's call may not be read (it
+    needs ptrace access to the process: Yama's ptrace_scope 3 refuses even root)."""
     try:
         with open(f"/proc/{pid}/task/{tid}/syscall", encoding="ascii") as f:
             fields = f.read().split()
+    except PermissionError:
+        raise
     except OSError:
         return None
     if len(fields) < 9 or not fields[0].isdigit():
@@ -121,23 +132,40 @@ def _pread(fd: int, addr: int, length: int) -> bytes:
 def thread_waiters(pid: int) -> list[Waiter]:
     """The threads of `pid` blocked on one connection each, with their stacks' resident
     bytes. Threads that exit meanwhile, or whose memory cannot be read, are left out."""
+    return waiters_of(pid)[0]
+
+
+def waiters_of(pid: int) -> tuple[list[Waiter], str]:
+    """thread_waiters(`pid`), and why what its threads wait in cannot be read ("" when it
+    can): then none are given, as any thread may be a connection's waiter. A thread that
+    exits meanwhile is left out; so is one whose stack's residency cannot be read."""
     try:
         tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError:
-        return []
+        return [], ""
     out: list[Waiter] = []
     stacks: _Stacks | None = None
     mem_fd = pagemap_fd = -1
+
+    def mem(addr: int, length: int) -> bytes:
+        nonlocal mem_fd
+        if mem_fd < 0:  # opened once a thread waits in a call whose arguments are in memory
+            mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return _pread(mem_fd, addr, length)
+
     try:
         for tid in tids:
-            blocked = blocked_call(pid, tid)
+            try:
+                blocked = _blocked_call(pid, tid)
+            except PermissionError as exc:
+                return [], _unreadable(f"/proc/{pid}/task/{tid}/syscall", exc)
             if blocked is None:
                 continue
             nr, args, sp = blocked
-            if mem_fd < 0:
-                mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fd = watched_alone(pid, nr, args, functools.partial(_pread, mem_fd))
+                fd = watched_alone(pid, nr, args, mem)
+            except PermissionError as exc:
+                return [], _unreadable(f"/proc/{pid}/mem", exc)
             except (OSError, struct.error):
                 continue
             if fd < 0 or not is_socket(pid, fd):
@@ -155,12 +183,16 @@ def thread_waiters(pid: int) -> list[Waiter]:
                     continue
             out.append(Waiter(pid, tid, fd, nr, resident, size))
     except OSError:  # the process went away
-        return out
+        return out, ""
     finally:
         for fd_ in (mem_fd, pagemap_fd):
             if fd_ >= 0:
                 os.close(fd_)
-    return out
+    return out, ""
+
+
+def _unreadable(path: str, exc: OSError) -> str:
+    return f"what its threads wait in cannot be read ({path}: {exc.strerror})"
 
 
 def kernel_stack_bytes() -> tuple[int | None, str | None]:

@@ -381,7 +381,9 @@ WAITERS = Table(
         Column("pid", pa.uint32()),
         Column("tid", pa.uint32()),
         Column("fd", pa.int32()),  # the connection it waits on
-        Column("kind", pa.string()),  # "thread", "process" or "goroutine" (tid: its goid)
+        # "thread", "process" or "goroutine" (tid: its goid); "unreadable" (fd -1): what the
+        # process's threads wait in could not be read, `why`
+        Column("kind", pa.string()),
         Column("call", pa.int32()),  # a thread: the syscall it is blocked in
         Column("stack_bytes", pa.uint64()),  # a thread: resident bytes of its stack mapping
         Column("stack_size", pa.uint64()),  # ... the mapping's size
@@ -393,6 +395,8 @@ WAITERS = Table(
         # a process: its mappings holding anonymous pages (an anon_vma and its chain links)
         Column("anon_mappings", pa.uint32(), default=0),
         Column("what", pa.string()),  # "attach", "live" (at a flush, format 4) or "end"
+        # kind "unreadable" (fd -1): what the process's threads wait in could not be read
+        Column("why", pa.string(), default=""),
     ),
 )
 

@@ -14,6 +14,7 @@ from probes.recorder import RecordConfig, Recorder, RecordError
 def capable(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Pretend every check passes, so one test can break exactly one thing."""
     monkeypatch.setattr(features, "has_tracing_privileges", lambda: True)
+    monkeypatch.setattr(features, "in_user_namespace", lambda: False)
     monkeypatch.setattr(features, "tracefs", lambda: Path("/sys/kernel/tracing"))
     monkeypatch.setattr(features, "tracepoint_present", lambda name, root=None: True)
     monkeypatch.setattr(features, "kernel_version", lambda: (6, 18))
@@ -50,6 +51,14 @@ def test_tracefs_not_mounted(capable: pytest.MonkeyPatch, tmp_path: Path) -> Non
 def test_not_privileged(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
     capable.setattr(features, "has_tracing_privileges", lambda: False)
     with pytest.raises(RecordError, match="needs root"):
+        preflight(tmp_path)
+
+
+def test_in_a_user_namespace(capable: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Root in a user namespace of its own has every capability there, none the kernel
+    honours for BPF: refused in one sentence that says so, not a failure to load."""
+    capable.setattr(features, "in_user_namespace", lambda: True)
+    with pytest.raises(RecordError, match="^recording needs root in the initial user namespace"):
         preflight(tmp_path)
 
 
