@@ -69,7 +69,8 @@ def latest_waiters(rows: pd.DataFrame) -> pd.DataFrame:
         ["pid", "kind", "tid"], keep="last"
     )
     # (a process whose threads could not be read says so in a row of its own, fd -1 too)
-    rows = rows[(rows["fd"] >= 0) | ((rows["kind"] == "unreadable") & (rows["why"] != ""))]
+    why = rows["why"] if "why" in rows else pd.Series("", index=rows.index)
+    rows = rows[(rows["fd"] >= 0) | ((rows["kind"] == "unreadable") & (why != ""))]
     processes = rows.loc[rows["kind"] == "process", ["pid", "tid"]].drop_duplicates()
     threads = rows[["pid", "tid"]].merge(processes, how="left", indicator=True)["_merge"]
     main_thread = (rows["kind"] == "thread").to_numpy() & (threads == "both").to_numpy()
