@@ -117,15 +117,18 @@ class MemorySide:
         self._live_written: set[int] = set()
         self._live_scan_at = 0.0
 
-    def attach(self, pid: int) -> None:
-        """A new target: its allocator probed if asked to (--alloc-probes), its sockets, and
-        the threads already waiting on its connections."""
+    def attach(self, pids: list[int]) -> None:
+        """New targets, attached together: each one's allocator probed if asked to
+        (--alloc-probes), their sockets (one sample for all: it lists the machine's), and
+        the threads already waiting on their connections - and the processes, where a
+        child of one of them holds a single connection (`record -p PID --tree`)."""
         if self._probes.options.alloc_probes:
-            self.memory.allocators.append(self._probes.attach_allocator(pid))
-        # its sockets as found, before the walks (seconds on a big heap): a connection
+            for pid in pids:
+                self.memory.allocators.append(self._probes.attach_allocator(pid))
+        # their sockets as found, before the walks (seconds on a big heap): a connection
         # silent since then is idle, however short the recording after them
-        write_rows(self._writer, schema.SOCKETS, self._sockets.sample([pid], self._now_ns()))
-        self._waiters([pid], "attach")
+        write_rows(self._writer, schema.SOCKETS, self._sockets.sample(pids, self._now_ns()))
+        self._waiters(pids, "attach")
 
     def note(self, by_kind: dict[int, np.ndarray], sampling: bool) -> None:
         """A flushed batch (split by kind): the buffers and stacks it names; with the

@@ -1,12 +1,13 @@
 """A recording: attach the probes to target processes and stream their events to a trace
 directory, with the state found at attach and the measurements taken at the end.
 
-Targets are live processes (`pids`, all their threads, including threads created later) or a
-command the recorder launches (probes.launch) and traces from its first instruction, children
-included. The loop (probes.session) stops on the duration, on SIGINT/SIGTERM or when every
-target has exited; the trace is finalized in every case, and a bug keeps what was recorded.
-What the targets held before tracing began comes from probes.attach.seeding; the memory
-side (`--memory`) is probes.memory_side's.
+Targets are live processes (`pids`, all their threads, including threads created later;
+with `tree`, every descendant too: those found at attach (probes.attach.tree) and those
+forked while recording) or a command the recorder launches (probes.launch) and traces from
+its first instruction, children included. The loop (probes.session) stops on the duration,
+on SIGINT/SIGTERM or when every target has exited; the trace is finalized in every case,
+and a bug keeps what was recorded. What the targets held before tracing began comes from
+probes.attach.seeding; the memory side (`--memory`) is probes.memory_side's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Union
 import numpy as np
 
 from probes import features, session
-from probes.attach import process, seeding
+from probes.attach import process, seeding, tree
 from probes.batches import split_by_kind, write_records, write_rows
 from probes.btf import BTF
 from probes.buffer_rings import BufferRingWatcher
@@ -49,6 +50,8 @@ _Handler = Union[Callable[[int, Union[FrameType, None]], object], int, signal.Ha
 class RecordConfig:
     output: Path
     pids: list[int] = field(default_factory=list)
+    # with pids: every descendant of each is a target too (at attach and forked later)
+    tree: bool = False
     command: list[str] = field(default_factory=list)
     duration: float | None = None
     force: bool = False
@@ -136,6 +139,8 @@ class Recorder:
         cfg = self.config
         if bool(cfg.pids) == bool(cfg.command):
             raise RecordError("give either -p PID or -- COMMAND (not both, not neither)")
+        if cfg.tree and not cfg.pids:
+            raise RecordError("--tree applies to -p PID targets only")
         features.preflight()
         check_targets(cfg.pids)
         if cfg.command and shutil.which(cfg.command[0]) is None:
@@ -195,6 +200,8 @@ class Recorder:
     def targets_exited(self) -> bool:
         if self._child is not None:
             return self._child.poll() is not None
+        if self.config.tree:  # a tree whose root exits goes on with the rest
+            return not self._live_targets()
         return not any(alive(p) for p in self.config.pids)
 
     def switch_tracing(self) -> None:
@@ -279,7 +286,9 @@ class Recorder:
             host=features.host_facts(),
             features={c.name: c.ok for c in features.run_checks(btf)},
             clock=Clock(_now_ns(), time.time_ns()),
-            targets=Targets(list(cfg.pids), list(cfg.command)),
+            targets=Targets(
+                list(cfg.pids), list(cfg.command), tree=list(cfg.pids) if cfg.tree else []
+            ),
             alternate_s=cfg.alternate,
             alternations=[] if cfg.alternate else None,
         )
@@ -313,7 +322,7 @@ class Recorder:
         cfg = self.config
         self._write_meta()
         options = cfg.probe_options
-        if cfg.command:
+        if cfg.command or cfg.tree:
             options = ProbeOptions(**{**options.__dict__, "follow_children": True})
         probes = LoadedProbes(options, btf)
         started = self.clock.monotonic()
@@ -323,14 +332,15 @@ class Recorder:
         try:
             self._probes = probes
             if cfg.command:
-                self._child = launch_paused(cfg.command, lambda pid: self._attach(probes, pid))
+                self._child = launch_paused(cfg.command, lambda pid: self._attach(probes, [pid]))
                 self._note_process(self._child.pid, _now_ns())
             else:
-                for pid in cfg.pids:
-                    self._attach(probes, pid)
+                pids = self._given_targets(probes)
+                self._attach(probes, pids)
+                for pid in pids:
                     self._note_process(pid, _now_ns())
                 self.meta.at_attach += seeding.seed(
-                    probes, btf, cfg.pids, self.take, self._rings, _now_ns
+                    probes, btf, pids, self.take, self._rings, _now_ns
                 )
                 self.meta.uring_before_attach = [
                     f.pid for f in self.meta.at_attach if any(r.how != "walked" for r in f.rings)
@@ -406,16 +416,29 @@ class Recorder:
             pids |= {p for p in self._probes.target_pids() if is_process(p)}
         return sorted(p for p in pids if alive(p))
 
-    def _attach(self, probes: LoadedProbes, pid: int) -> None:
-        """Make `pid` a target; with the memory side, probe its allocator if asked to
-        (--alloc-probes), else look its buffers' allocations up when needed."""
-        probes.add_target(pid)
-        self._target_pids.append(pid)
+    def _given_targets(self, probes: LoadedProbes) -> list[int]:
+        """The -p processes, each once; with --tree, and all their descendants now, each
+        made a target in the kernel as it is found (so that what it forks from then on is
+        followed there), parents first."""
+        cfg = self.config
+        if not cfg.tree:
+            return list(dict.fromkeys(cfg.pids))
+        pids = tree.walk(cfg.pids, probes.add_target)
+        given = set(cfg.pids)
+        self.meta.targets.descendants = [p for p in pids if p not in given]
+        return pids
+
+    def _attach(self, probes: LoadedProbes, pids: list[int]) -> None:
+        """Make `pids` targets; with the memory side, probe their allocators if asked to
+        (--alloc-probes), else look their buffers' allocations up when needed."""
+        for pid in pids:
+            probes.add_target(pid)
+            self._target_pids.append(pid)
         if not probes.options.memory:
             return
         if self._memory is None:
             self._memory = MemorySide(probes, self._writer, self.meta, _now_ns)
-        self._memory.attach(pid)
+        self._memory.attach(pids)
 
     def _status(self, elapsed: float, probes: LoadedProbes) -> str:
         drops = sum(v for k, v in probes.counter_values().items() if k.endswith("_full"))

@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "its buffer, into a trace directory. Stops on --duration, Ctrl-C, SIGTERM, or when "
         "the targets exit; the trace is finalized in every case.",
         epilog="examples:\n  idlebuf record -o trace -p 1234 --duration 10\n"
+        "  idlebuf record -o trace -p 1234 --tree --memory --duration 10\n"
         "  idlebuf record -o trace -- python3 -m workloads.threaded_server",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,6 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         help="trace this process, all its threads (repeatable)",
+    )
+    p.add_argument(
+        "--tree",
+        action="store_true",
+        help="with -p: trace every descendant of each process too - those running at attach "
+        "and those forked while recording (a server with a process per connection: "
+        "PostgreSQL's postmaster and its backends). A process reached twice is traced once",
     )
     p.add_argument(
         "--duration",
@@ -146,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         command = command[1:]
     if command and not command[0]:
         raise UsageError("the command to run is empty")
+    if args.tree and not args.pids:
+        raise UsageError("--tree applies to -p PID: give the process whose tree to trace")
     if args.alloc_probes and not args.memory:
         raise UsageError("--alloc-probes applies to --memory recordings only")
     if args.wait_hooks != "auto" and not args.min_wait:
@@ -168,12 +178,13 @@ def run(args: argparse.Namespace) -> int:
         from probes.btf import BTF
         from probes.loader import Program
 
-        options = replace(options, follow_children=bool(command))
+        options = replace(options, follow_children=bool(command) or args.tree)
         print(Program.for_options(options, BTF.load()).rendered())
         return 0
     config = RecordConfig(
         output=args.output,
         pids=args.pids,
+        tree=args.tree,
         command=command,
         duration=args.duration,
         force=args.force,

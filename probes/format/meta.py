@@ -45,6 +45,10 @@ class Clock:
 class Targets:
     pids: list[int] = field(default_factory=list)  # given with -p
     command: list[str] = field(default_factory=list)  # launched (-- COMMAND ARGS)
+    # given with -p and --tree: their descendants are targets too, those found at attach
+    # (`descendants`) and those forked while recording (absent before --tree: none)
+    tree: list[int] = field(default_factory=list)
+    descendants: list[int] = field(default_factory=list)
 
 
 @dataclass
