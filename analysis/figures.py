@@ -42,6 +42,7 @@ from analysis.memory import (
 from analysis.owned import latest_walks, owned_columns, owning_of
 from analysis.reading import ReadsAtEnd
 from analysis.results import (
+    QUIET,
     Allocations,
     Buffers,
     BufferSite,
@@ -151,7 +152,7 @@ def quiet_unknowns(connections: pd.DataFrame, late: bool) -> dict[int, list[Unkn
     quiet &= connections["posted_bytes"] == 0
     counts = connections[quiet].groupby("pid").size()
     return {
-        int(pid): [Unknown(int(n), "idle connections with no data since the attach")]
+        int(pid): [Unknown(int(n), QUIET)]
         for pid, n in zip(counts.index.tolist(), counts.tolist())
         if n
     }

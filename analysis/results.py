@@ -53,6 +53,10 @@ class Result:
         return _fields_json(self)
 
 
+# why the buffers of idle connections attached late are not seen: nothing read since
+QUIET = "idle connections with no data since the attach"
+
+
 @dataclass
 class Unknown(Result):
     """A part of a figure that cannot be known: how many connections (or reads) it concerns,

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 from analysis.comparison import ComparisonRow
 from analysis.results import (
+    QUIET,
     ConnectionFit,
     MemoryFigures,
+    PerIdleConnection,
     ProcessSummary,
     ReadCounts,
     TimelinePoint,
@@ -320,7 +322,7 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
          + _plus_unknown(cost.resident_bytes, cost.whole_unknown)],
         ["  buffer", known(cost.buffer_bytes),
          f"the allocations holding the buffers ({_plus_unknown(cost.io_buffer_bytes, cost.unknown)}"
-         " posted or kept)"],
+         " posted or kept)" + _not_told_apart(cost)],
         ["  waiter", known(cost.waiter_bytes), printable(waiter_why)],
         ["  owned state", known(cost.owned_bytes), printable(owned_why)],
         ["  kernel (model)", known(cost.kernel_bytes), printable(kernel_why)],
@@ -339,6 +341,15 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
     if cost.socket_fit is not None:
         rows.append(["  socket queues against them", "", _fit_text(cost.socket_fit)])
     return rows
+
+
+def _not_told_apart(cost: PerIdleConnection) -> str:
+    """Where idle connections read nothing since the attach and their owned state is known:
+    their buffers are in it, not told apart (the total holds them)."""
+    quiet = sum(u.connections for u in cost.unknown if u.why == QUIET)
+    if not quiet or cost.owned_bytes is None:
+        return ""
+    return f"; {quiet:,} with no data since the attach: in the owned state, not told apart"
 
 
 def _totals_row(proc: ProcessSummary) -> list[str]:
