@@ -525,6 +525,7 @@ def server_cost(processes: list[MemoryFigures]) -> PerIdleConnection | None:
         f"event loop; a pool of one buffer per active connection ({active:,})"
     )
     out.whole_unknown = merged_unknowns([u for c, _ in costs for u in c.whole_unknown])
+    out.unknown = merged_unknowns([u for c, _ in costs for u in c.unknown])
     return out
 
 

@@ -119,6 +119,9 @@ def render_report(summary: TraceSummary, title: str) -> str:
                     ],
                 )
             )
+    server = _server_cost(summary)
+    if server:
+        out += ["", server]
     if summary.timeline:
         out.append("")
         out.append(render_timeline(summary.timeline))
@@ -284,9 +287,28 @@ def _fit_text(fit: ConnectionFit) -> str:
 
 
 def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
-    """IO buffer + other user memory + kernel = the whole cost of an idle connection."""
-    cost = memory.per_idle_connection
-    idle = memory.connections.idle
+    """IO buffer + other user memory + kernel = the whole cost of an idle connection (none
+    where the process holds no idle connection: a server's helper processes)."""
+    if not memory.connections.idle:
+        return []
+    return _cost_rows(memory.per_idle_connection, memory.connections.idle)
+
+
+def _server_cost(summary: TraceSummary) -> str | None:
+    """The recording's targets as one server (a postmaster and its backends): the whole
+    cost per idle connection over all of them, where there are several."""
+    cost = summary.per_idle_connection
+    mems = [p.memory for p in summary.processes if p.memory is not None]
+    idle = sum(m.connections.idle for m in mems)
+    if cost is None or len(summary.processes) < 2 or not idle:
+        return None
+    title = f"all {len(summary.processes):,} processes as one server ({idle:,} idle connections)"
+    unknowns = [_unknown("whole cost", u) for u in cost.whole_unknown]
+    return "\n".join([table([title, "", ""], _cost_rows(cost, idle)), *unknowns])
+
+
+def _cost_rows(cost: PerIdleConnection, idle: int) -> list[list[str]]:
+    """The rows of a whole cost per idle connection (`idle` of them)."""
 
     def known(n: float | None) -> str:
         return "unknown" if n is None else human_bytes(n)
@@ -316,7 +338,7 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
     rows = [
         ["per idle connection (whole)",
          known(cost.total_bytes) if cost.total_bytes is None
-         else _plus_unknown(cost.total_bytes, cost.unknown),
+         else _plus_unknown(cost.total_bytes, _beyond_owned(cost)),
          "buffer + waiter + owned state + kernel (committed); at least "
          + human_bytes(cost.total_at_least_bytes) + "; resident "
          + _plus_unknown(cost.resident_bytes, cost.whole_unknown)],
@@ -341,6 +363,12 @@ def _whole_cost_rows(memory: MemoryFigures) -> list[list[str]]:
     if cost.socket_fit is not None:
         rows.append(["  socket queues against them", "", _fit_text(cost.socket_fit)])
     return rows
+
+
+def _beyond_owned(cost: PerIdleConnection) -> list[Unknown]:
+    """What the total does not hold: the connections' unknowns, less the buffers of those
+    quiet since the attach where the owned state (which holds them) is known."""
+    return [u for u in cost.unknown if u.why != QUIET or cost.owned_bytes is None]
 
 
 def _not_told_apart(cost: PerIdleConnection) -> str:

@@ -144,6 +144,11 @@ def test_tree_finds_every_child_s_read_attached_late(tmp_path: Path, forking: Pa
     assert whole["waiter_reason"] is None and whole["whole_unknown"] == []
     assert {w["waiter"] for w in whole["waiter_parts"]} == {"process"}
     assert whole["total_bytes"] is not None and whole["total_bytes"] > PRIVATE + BUFFER
+    # the text report: the whole cost of each child, and of the tree as one server; the
+    # parent, which holds no idle connection, has none
+    text = idlebuf("report", str(trace)).stdout
+    assert text.count("per idle connection (whole)") == BEFORE + 1
+    assert f"all {BEFORE + 1} processes as one server ({BEFORE} idle connections)" in text
 
 
 def test_tree_follows_children_forked_while_recording(tmp_path: Path, forking: Path) -> None:
