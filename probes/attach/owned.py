@@ -32,7 +32,6 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -47,6 +46,7 @@ from probes.allocators.glibc import (
 )
 from probes.attach import reach
 from probes.attach.waiters import Waiter, blocked_call
+from probes.attach.walked import Found, Walked, credit
 from probes.format.schema import SYSCALLS
 from probes.process_memory import PAGE, MemoryReadError, ProcessMemory
 
@@ -85,65 +85,6 @@ class Roots:
     def kind(self) -> str:
         kinds = (("stack", self.stack), ("epoll", self.pointers), ("uring", self.user_data))
         return "+".join(k for k, has in kinds if has)
-
-
-@dataclass
-class Found:
-    """What one connection owns: bytes and allocations beyond its buffers' allocations
-    (`buffer_bytes`: those among what it reaches alone, counted in the buffer part)."""
-
-    fd: int
-    tid: int
-    root: str
-    owned_bytes: int = 0
-    allocations: int = 0
-    buffer_bytes: int = 0
-    why: str = ""  # not known (or a lower bound), and why
-
-
-@dataclass
-class Walked:
-    """One process's walk: each connection's owned state, and the rest of its heap."""
-
-    pid: int
-    allocator: str = "glibc"
-    connections: list[Found] = field(default_factory=list)
-    heap_bytes: int = 0  # in use, walked
-    chunks: int = 0
-    shared_bytes: int = 0  # reached at the same depth by several connections first
-    global_bytes: int = 0  # the program's
-    unreached_bytes: int = 0  # reached by no root (leaked, or held where this cannot see)
-    raced: int = 0  # reads that raced with the process (short, or the heap changed)
-    took_s: float = 0.0
-    cpu_s: float = 0.0
-    levels: int = 0
-    why: str = ""  # the walk could not be made, and why
-
-    def rows(self, ts_ns: int, what: str) -> list[dict[str, Any]]:
-        """Rows of the trace's `owned` table: the process's own (fd -1), then one per
-        connection."""
-        base = {"ts_ns": ts_ns, "pid": self.pid, "what": what, "allocator": self.allocator}
-        rows = [
-            base
-            | {
-                "fd": -1, "tid": 0, "root": "", "owned_bytes": 0, "allocations": 0,
-                "buffer_bytes": 0, "how": "", "why": self.why, "heap_bytes": self.heap_bytes,
-                "chunks": self.chunks, "shared_bytes": self.shared_bytes,
-                "global_bytes": self.global_bytes, "unreached_bytes": self.unreached_bytes,
-                "raced": self.raced, "took_ms": round(self.took_s * 1000),
-                "cpu_ms": round(self.cpu_s * 1000),
-            }
-        ]  # fmt: skip
-        for c in self.connections:
-            rows.append(
-                base
-                | {
-                    "fd": c.fd, "tid": c.tid, "root": c.root, "owned_bytes": c.owned_bytes,
-                    "allocations": c.allocations, "buffer_bytes": c.buffer_bytes,
-                    "how": "reachable", "why": c.why or self.why,
-                }
-            )  # fmt: skip
-        return rows
 
 
 # --- the roots, from /proc -----------------------------------------------------------------
@@ -557,33 +498,11 @@ def walk(
             global_words += [w for _, w in reader.sparse(lo, hi)]
     for _lo, sp, hi in others:  # other threads' live stacks (their dead parts left out)
         global_words += [w for _, w in reader.sparse(sp, hi)]
-    global_seeds = (
-        reach.targets(np.concatenate(global_words), nodes)
-        if global_words
-        else np.zeros(0, np.int64)
-    )
-    del global_words
-    if time.monotonic() > deadline:
+    cut = credit(out, nodes, (indptr, indices), seeds, global_words, [r.buffers for r in roots],
+                 deadline, budget_s)  # fmt: skip
+    if cut is None:
         return done(f"time budget: {budget_s:g} s ran out reading the roots")
-    assigned = reach.assign(indptr, indices, seeds, global_seeds, deadline)
-    out.levels = assigned.levels
-    conns = len(roots)
-    size, count = reach.totals(assigned.labels, nodes, conns)
-    out.shared_bytes, out.global_bytes = int(size[conns]), int(size[conns + 1])
-    out.unreached_bytes = int(size[conns + 2])
-    cut = (
-        ""
-        if assigned.done
-        else f"time budget: {budget_s:g} s ran out {assigned.levels} levels down the walk "
-        "(what it found is a lower bound)"
-    )
     for c, (r, found) in enumerate(zip(roots, out.connections)):
-        mine = nodes.holding(np.asarray(sorted(r.buffers), np.uint64))
-        mine = np.unique(mine[mine >= 0])
-        mine = mine[assigned.labels[mine] == c]
-        found.buffer_bytes = int(nodes.bytes[mine].sum())
-        found.owned_bytes = int(size[c]) - found.buffer_bytes
-        found.allocations = int(count[c]) - len(mine)
         # a stack that points to no allocation owns none; an epoll pointer that is none is
         # no root at all
         found.why = (whys[c] if r.stack is None else "") or cut

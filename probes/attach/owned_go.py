@@ -25,7 +25,8 @@ import numpy as np
 from probes.allocators.go import GoHeap
 from probes.attach import reach
 from probes.attach.goroutines import ParkedRead
-from probes.attach.owned import Found, Walked, _Reader
+from probes.attach.owned import _Reader
+from probes.attach.walked import Found, Walked, credit
 from probes.golang import GoLayoutError
 from probes.process_memory import MemoryReadError
 
@@ -85,31 +86,10 @@ def walk(pid: int, go: GoHeap, reads: Sequence[ParkedRead], budget_s: float) -> 
     except (GoLayoutError, MemoryReadError) as exc:
         return done(f"the Go runtime's roots could not be read: {exc}")
     global_words = [w for lo, hi in ranges for _, w in reader.sparse(lo & ~7, hi & ~7)]
-    global_seeds = (
-        reach.targets(np.concatenate(global_words), nodes)
-        if global_words
-        else np.zeros(0, np.int64)
-    )
-    del global_words
-    if time.monotonic() > deadline:
+    buffers = [[r.addr] for r in reads]
+    cut = credit(out, nodes, (indptr, indices), seeds, global_words, buffers, deadline, budget_s)
+    if cut is None:
         return done(f"time budget: {budget_s:g} s ran out reading the roots")
-    assigned = reach.assign(indptr, indices, seeds, global_seeds, deadline)
-    out.levels = assigned.levels
-    conns = len(reads)
-    size, count = reach.totals(assigned.labels, nodes, conns)
-    out.shared_bytes, out.global_bytes = int(size[conns]), int(size[conns + 1])
-    out.unreached_bytes = int(size[conns + 2])
-    cut = (
-        ""
-        if assigned.done
-        else f"time budget: {budget_s:g} s ran out {assigned.levels} levels down the walk "
-        "(what it found is a lower bound)"
-    )
-    for c, (r, found) in enumerate(zip(reads, out.connections)):
-        held = nodes.holding(np.asarray([r.addr], np.uint64))
-        held = held[(held >= 0) & (assigned.labels[np.maximum(held, 0)] == c)]
-        found.buffer_bytes = int(nodes.bytes[held].sum())
-        found.owned_bytes = int(size[c]) - found.buffer_bytes
-        found.allocations = int(count[c]) - len(held)
+    for found in out.connections:
         found.why = cut
     return done()
