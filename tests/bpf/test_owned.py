@@ -119,12 +119,11 @@ def test_each_connection_owns_exactly_what_its_roots_alone_reach(
     }
 
 
-def test_attached_late_the_walk_at_attach_finds_the_same(tmp_path: Path, server: Path) -> None:
-    """`record -p` on a server whose 23 connections sit idle already: the walk at attach
-    (before any event) and the one at the end both find every connection's state exactly."""
-    proc = subprocess.Popen([str(server), "0", str(CONNECTIONS), "threads"], stdout=subprocess.PIPE)
+def record_late(trace: Path, command: list[str], duration: str) -> dict[int, dict]:
+    """`record -p --memory` for `duration` seconds on a server (workloads/c/*_state.c)
+    whose 23 connections sit idle already; its truth per fd (its "connection" lines)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
     clients: list[socket.socket] = []
-    trace = tmp_path / "trace"
     try:
         assert proc.stdout is not None
         listening = read_event(proc.stdout, "listening", 60)
@@ -134,16 +133,25 @@ def test_attached_late_the_walk_at_attach_finds_the_same(tmp_path: Path, server:
         truth = {}
         for _ in range(CONNECTIONS):
             event = read_event(proc.stdout, "connection", 30)
-            truth[event["fd"]] = event["owned"]
+            truth[event["fd"]] = event
         read_event(proc.stdout, "ground_truth", 30)
         done = idlebuf(
-            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", "1.5"
+            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", duration
         )
         assert done.returncode == 0, done.stderr
     finally:
         for c in clients:
             c.close()
         stop(proc)
+    return truth
+
+
+def test_attached_late_the_walk_at_attach_finds_the_same(tmp_path: Path, server: Path) -> None:
+    """`record -p` on a server whose 23 connections sit idle already: the walk at attach
+    (before any event) and the one at the end both find every connection's state exactly."""
+    trace = tmp_path / "trace"
+    events = record_late(trace, [str(server), "0", str(CONNECTIONS), "threads"], "1.5")
+    truth = {fd: e["owned"] for fd, e in events.items()}
     rows = read_table(trace, schema.OWNED, read_meta(trace))
     for what in ("attach", "end"):
         walk = rows[(rows["what"] == what) & (rows["fd"] >= 0)]
@@ -164,28 +172,8 @@ def test_io_uring_user_data_roots_each_connection_s_state(
     attach in the ring's cancel table, each request's user_data roots its connection's state
     (its struct and 3 allocations; its buffer, a RECV's, is the buffer part), exactly as
     glibc counted it - though a global array points at every struct too."""
-    proc = subprocess.Popen([str(uring_server), "0", str(CONNECTIONS)], stdout=subprocess.PIPE)
-    clients: list[socket.socket] = []
     trace = tmp_path / "trace"
-    try:
-        assert proc.stdout is not None
-        listening = read_event(proc.stdout, "listening", 60)
-        clients = [
-            socket.create_connection(("127.0.0.1", listening["port"])) for _ in range(CONNECTIONS)
-        ]
-        truth = {}
-        for _ in range(CONNECTIONS):
-            event = read_event(proc.stdout, "connection", 30)
-            truth[event["fd"]] = event
-        read_event(proc.stdout, "ground_truth", 30)
-        done = idlebuf(
-            "record", "-o", str(trace), "-p", str(proc.pid), "--memory", "--duration", "2"
-        )
-        assert done.returncode == 0, done.stderr
-    finally:
-        for c in clients:
-            c.close()
-        stop(proc)
+    truth = record_late(trace, [str(uring_server), "0", str(CONNECTIONS)], "2")
     rows = read_table(trace, schema.OWNED, read_meta(trace))
     end = rows[(rows["what"] == "end") & (rows["fd"] >= 0)]
     found = {r["fd"]: r for r in end.to_dict("records")}
@@ -194,7 +182,7 @@ def test_io_uring_user_data_roots_each_connection_s_state(
         r = found[fd]
         assert (r["root"], r["how"], r["why"]) == ("uring", "reachable", ""), r
         assert (r["owned_bytes"], r["buffer_bytes"]) == (t["owned"], t["buffer"]), (r, t)
-    (proc_row,) = [p for p in report_json(trace)["processes"] if p["pid"] == proc.pid]
+    (proc_row,) = report_json(trace)["processes"]
     cost = proc_row["memory"]["per_idle_connection"]
     assert (cost["owned_how"], cost["owned_connections"]) == ("reachable", CONNECTIONS)
     assert cost["owned_bytes"] == round(sum(t["owned"] for t in truth.values()) / CONNECTIONS, 1)
